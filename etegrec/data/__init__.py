@@ -1,0 +1,27 @@
+"""Data: readers, k-core filtering, leave-one-out splits and the prepared-data cache.
+
+``load_dataset("ml-100k")`` gives a :class:`SequenceData`; ``python -m etegrec.data`` prepares a
+dataset and prints its statistics. This package imports nothing else of etegrec.
+"""
+from __future__ import annotations
+
+from .prepare import SequenceData, k_core, pad_histories, prepare_interactions, prepare_splits
+from .readers import FORMATS, DataError, Interactions, PreparedSplits, detect_format, read_interactions, read_prepared
+from .sources import data_home, load_dataset
+
+__all__ = [
+    "FORMATS",
+    "DataError",
+    "Interactions",
+    "PreparedSplits",
+    "SequenceData",
+    "data_home",
+    "detect_format",
+    "k_core",
+    "load_dataset",
+    "pad_histories",
+    "prepare_interactions",
+    "prepare_splits",
+    "read_interactions",
+    "read_prepared",
+]

@@ -1,0 +1,248 @@
+"""Readers for the interaction formats etegrec understands.
+
+Every reader returns :class:`Interactions` in file order (the chronological sort happens later and
+is stable, so file order breaks timestamp ties). ETEGRec-style prepared splits are already split
+and are read by :func:`read_prepared` into a :class:`PreparedSplits`.
+
+Bad input raises :class:`DataError` with one sentence naming the file, the line and what was
+expected; the command line prints it without a traceback.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "FORMATS",
+    "DataError",
+    "Interactions",
+    "PreparedSplits",
+    "detect_format",
+    "prepared_prefix",
+    "read_interactions",
+    "read_prepared",
+]
+
+FORMATS = ("inter", "movielens", "amazon2023", "amazon2014", "prepared")
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file and what was wrong."""
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """Raw interactions in file order: user and item tokens and a timestamp per row."""
+
+    users: np.ndarray  # (n,) str
+    items: np.ndarray  # (n,) str
+    timestamps: np.ndarray  # (n,) float64
+
+
+@dataclass(frozen=True)
+class PreparedSplits:
+    """ETEGRec-style prepared splits: one sample per line, item ids already numbered."""
+
+    train: tuple[list[list[int]], list[int]]  # (histories, targets)
+    valid: tuple[list[list[int]], list[int]]
+    test: tuple[list[list[int]], list[int]]
+    item_map: dict[str, int] | None  # raw item token -> id used in the files
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def prepared_prefix(path: Path) -> Path | None:
+    """``dir/name.train.jsonl`` or a directory holding one -> ``dir/name``."""
+    if path.is_dir():
+        found = sorted(path.glob("*.train.jsonl"))
+        return Path(str(found[0])[: -len(".train.jsonl")]) if found else None
+    if path.name.endswith(".train.jsonl"):
+        return Path(str(path)[: -len(".train.jsonl")])
+    return None
+
+
+def detect_format(path: Path) -> str:
+    """Recognise the format of ``path`` from its name and first line (see :data:`FORMATS`)."""
+    if prepared_prefix(path) is not None:
+        return "prepared"
+    if path.is_dir():
+        raise DataError(f"{str(path)!r} is a directory without a '<name>.train.jsonl' prepared split; "
+                        "pass the interaction file itself with --data-path")
+    if path.suffix == ".inter":
+        return "inter"
+    with _open_text(path) as f:
+        first = f.readline().strip()
+    if first.startswith("{"):
+        try:
+            keys = json.loads(first).keys()
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line 1 is not valid JSON ({exc.msg})") from None
+        if "parent_asin" in keys:
+            return "amazon2023"
+        if "reviewerID" in keys or "asin" in keys:
+            return "amazon2014"
+        raise DataError(f"{path}: line 1 has keys {sorted(keys)}; expected Amazon 2023 reviews "
+                        "(user_id, parent_asin, timestamp) or 2014/2018 ones (reviewerID, asin, unixReviewTime)")
+    fields = first.split("\t")
+    if any(":" in f for f in fields):
+        return "inter"
+    if len(first.split()) == 4:
+        return "movielens"
+    raise DataError(f"{path}: cannot tell its format from line 1 ({first[:60]!r}); "
+                    f"pass one of {', '.join(FORMATS)} explicitly")
+
+
+def _read_inter(path: Path) -> Interactions:
+    users, items, times = [], [], []
+    with _open_text(path) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        names = [h.split(":", 1)[0] for h in header]
+        columns = {}
+        for want in ("user_id", "item_id", "timestamp"):
+            if want not in names:
+                raise DataError(f"{path}: no {want!r} column in the header; found {names}")
+            columns[want] = names.index(want)
+        ui, ii, ti = columns["user_id"], columns["item_id"], columns["timestamp"]
+        for lineno, line in enumerate(f, start=2):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) != len(names):
+                raise DataError(f"{path}: line {lineno}: expected {len(names)} tab-separated fields "
+                                f"({', '.join(header)}), found {len(fields)}")
+            try:
+                t = float(fields[ti])
+            except ValueError:
+                raise DataError(f"{path}: line {lineno}: timestamp {fields[ti]!r} is not a number") from None
+            users.append(fields[ui])
+            items.append(fields[ii])
+            times.append(t)
+    return _as_arrays(users, items, times)
+
+
+def _read_movielens(path: Path) -> Interactions:
+    """GroupLens ``u.data``: ``user item rating timestamp``, whitespace-separated, no header."""
+    users, items, times = [], [], []
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            if len(fields) != 4:
+                raise DataError(f"{path}: line {lineno}: expected 4 fields (user item rating timestamp), "
+                                f"found {len(fields)}")
+            try:
+                t = float(fields[3])
+            except ValueError:
+                raise DataError(f"{path}: line {lineno}: timestamp {fields[3]!r} is not a number") from None
+            users.append(fields[0])
+            items.append(fields[1])
+            times.append(t)
+    return _as_arrays(users, items, times)
+
+
+def _json_lines(path: Path):
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: line {lineno} is a JSON {type(record).__name__}, expected an object")
+            yield lineno, record
+
+
+def _read_json_reviews(path: Path, user_key: str, item_key: str, time_key: str) -> Interactions:
+    users, items, times = [], [], []
+    for lineno, record in _json_lines(path):
+        missing = [k for k in (user_key, item_key, time_key) if k not in record]
+        if missing:
+            raise DataError(f"{path}: line {lineno} has no {missing[0]!r} field; found {sorted(record)}")
+        try:
+            t = float(record[time_key])
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: line {lineno}: {time_key} {record[time_key]!r} is not a number") from None
+        users.append(str(record[user_key]))
+        items.append(str(record[item_key]))
+        times.append(t)
+    return _as_arrays(users, items, times)
+
+
+def _as_arrays(users, items, times) -> Interactions:
+    return Interactions(np.asarray(users, dtype=str), np.asarray(items, dtype=str),
+                        np.asarray(times, dtype=np.float64))
+
+
+def read_interactions(path: str | Path, fmt: str | None = None) -> Interactions:
+    """Read an interaction file in file order; ``fmt`` forces a format, else it is detected.
+
+    Amazon 2023 timestamps are milliseconds and 2014/2018 ones seconds; only their order matters.
+
+    Raises:
+        DataError: missing file, unknown format, malformed line or missing column.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {str(path)!r} does not exist; check --data-path")
+    fmt = fmt or detect_format(path)
+    if fmt == "inter":
+        return _read_inter(path)
+    if fmt == "movielens":
+        return _read_movielens(path)
+    if fmt == "amazon2023":
+        return _read_json_reviews(path, "user_id", "parent_asin", "timestamp")
+    if fmt == "amazon2014":
+        return _read_json_reviews(path, "reviewerID", "asin", "unixReviewTime")
+    if fmt == "prepared":
+        raise DataError(f"{path} holds prepared splits; read it with read_prepared")
+    raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _read_split(path: Path) -> tuple[list[list[int]], list[int]]:
+    histories, targets = [], []
+    for lineno, record in _json_lines(path):
+        hist, target = record.get("inter_history"), record.get("target_id")
+        if hist is None or target is None:
+            key = "inter_history" if hist is None else "target_id"
+            raise DataError(f"{path}: line {lineno} has no {key!r} field; found {sorted(record)}")
+        if not isinstance(hist, list) or not all(isinstance(i, int) for i in hist) or not isinstance(target, int):
+            raise DataError(f"{path}: line {lineno}: inter_history must be a list of integers "
+                            "and target_id an integer")
+        histories.append(hist)
+        targets.append(target)
+    return histories, targets
+
+
+def read_prepared(path: str | Path) -> PreparedSplits:
+    """Read ``<name>.train/valid/test.jsonl`` (and ``<name>.emb_map.json`` or ``<name>.item2id.json``)."""
+    path = Path(path)
+    prefix = prepared_prefix(path)
+    if prefix is None:
+        raise DataError(f"{str(path)!r} is not a prepared split ('<name>.train.jsonl' or a directory holding one)")
+    splits = {}
+    for split in ("train", "valid", "test"):
+        file = Path(f"{prefix}.{split}.jsonl")
+        if not file.exists():
+            raise DataError(f"prepared split {str(file)!r} is missing (needed beside {prefix.name}.train.jsonl)")
+        splits[split] = _read_split(file)
+    item_map = None
+    for suffix in (".emb_map.json", ".item2id.json"):
+        file = Path(f"{prefix}{suffix}")
+        if file.exists():
+            try:
+                item_map = {str(k): int(v) for k, v in json.loads(file.read_text()).items()}
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+                raise DataError(f"{file}: expected a JSON object mapping item tokens to integer ids") from None
+            break
+    return PreparedSplits(item_map=item_map, **splits)

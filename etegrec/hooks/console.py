@@ -1,0 +1,60 @@
+"""The console subscriber: one readable line per event, on the main rank only."""
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+from .base import Subscriber
+
+__all__ = ["ConsoleSubscriber"]
+
+
+def _fmt(values: dict, digits: int = 4) -> str:
+    return " ".join(f"{k}={v:.{digits}g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+class ConsoleSubscriber(Subscriber):
+    """Prints through ``tqdm.write`` so that lines do not tear progress bars."""
+
+    main_process_only = True
+
+    def __init__(self, *, file=None, codebooks: bool = True) -> None:
+        super().__init__()
+        self.file = file
+        self.codebooks = codebooks
+
+    def _print(self, text: str) -> None:
+        tqdm.write(text, file=self.file or sys.stderr)
+
+    def on_run_started(self, sender, *, stage, run_dir, world_size=1, resumed=False, **extra):
+        how = "resumed" if resumed else "started"
+        self._print(f"[{stage}] run {how} in {run_dir} ({world_size} process{'es' if world_size > 1 else ''})")
+
+    def on_epoch_end(self, sender, *, stage, phase, epoch, losses, lr=None, seconds=0.0,
+                     samples_per_second=0.0, **extra):
+        lr_text = f" | lr {_fmt(lr, 3)}" if lr else ""
+        self._print(f"[{stage}] epoch {epoch} {phase}: {_fmt(losses)}{lr_text} | {seconds:.1f} s, "
+                    f"{samples_per_second:.0f} samples/s")
+
+    def on_codes_assigned(self, sender, *, epoch, max_conflict, max_conflict_before, collision_rate,
+                          changed, codes=None, seconds=0.0, **extra):
+        n = len(codes) if codes is not None else 0
+        self._print(f"[codes] epoch {epoch}: max_conflict {max_conflict} (before FORGE {max_conflict_before}), "
+                    f"collision rate {collision_rate:.2%}, {changed}/{n} changed, {seconds:.2f} s")
+
+    def on_evaluated(self, sender, *, stage, split, epoch, metrics, **extra):
+        self._print(f"[{stage}] {split} @ epoch {epoch}: {_fmt(metrics)}")
+
+    def on_codebook_usage(self, sender, *, stage, epoch, layer, utilization, perplexity, gini,
+                          dead_codes, **extra):
+        if self.codebooks:
+            self._print(f"[{stage}] epoch {epoch} codebook layer {layer}: utilization {utilization:.1%}, "
+                        f"perplexity {perplexity:.1f}, gini {gini:.3f}, {dead_codes} dead")
+
+    def on_checkpoint_saved(self, sender, *, stage, epoch, path, is_best=False, **extra):
+        self._print(f"[{stage}] checkpoint {'(best) ' if is_best else ''}epoch {epoch}: {path}")
+
+    def on_run_finished(self, sender, *, stage, status="completed", best_metrics=None, seconds=0.0, **extra):
+        best = f"; best {_fmt(best_metrics)}" if best_metrics else ""
+        self._print(f"[{stage}] run {status} in {seconds:.1f} s{best}")

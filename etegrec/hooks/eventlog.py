@@ -1,0 +1,100 @@
+"""The local event log: every signal as one JSON line in ``<run_dir>/events.jsonl``."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from etegrec import signals
+
+from .base import Subscriber
+
+__all__ = ["EventLog", "read_events", "to_jsonable"]
+
+MAX_LIST_ELEMENTS = 100_000  # larger arrays are summarised instead of written out
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert numpy/torch values, paths and non-finite floats into plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        if value.size > MAX_LIST_ELEMENTS:
+            return {"shape": list(value.shape), "dtype": str(value.dtype),
+                    "min": to_jsonable(value.min()), "max": to_jsonable(value.max())}
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan", "inf": keeps the line valid JSON and the problem visible
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    return repr(value)
+
+
+class EventLog(Subscriber):
+    """Appends one object per signal: ``signal``, ``time``, ``rank``, then the payload.
+
+    Written by the main rank only and flushed per line, so a crash loses at most the line being
+    written (and :func:`read_events` skips such a torn last line).
+    """
+
+    main_process_only = True
+
+    def __init__(self, path: str | Path, *, rank: int = 0) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.rank = rank
+        self._file = None
+
+    def handlers(self):
+        def bind(name):
+            return lambda sender, **payload: self.write(name, payload)
+        return [(sig, bind(sig.name)) for sig in signals.ALL_SIGNALS]
+
+    def start(self) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, name: str, payload: dict[str, Any]) -> None:
+        if self._file is None:
+            self.start()
+        record = {"signal": name, "time": time.time(), "rank": self.rank, **to_jsonable(payload)}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def finish(self, status: str = "completed") -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    """Read an event log back; a torn (unterminated, unparsable) last line from a kill is skipped.
+
+    Raises:
+        ValueError: a malformed line anywhere but at the end, naming the file and line.
+    """
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    events = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            if lineno == len(lines):  # the last line has no newline: torn by a kill
+                break
+            raise ValueError(f"{path}: line {lineno} is not valid JSON") from None
+    return events
