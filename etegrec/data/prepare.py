@@ -14,7 +14,7 @@ import numpy as np
 
 from .readers import DataError, Interactions, PreparedSplits
 
-__all__ = ["SequenceData", "k_core", "pad_histories", "prepare_interactions", "prepare_splits"]
+__all__ = ["SequenceData", "first_users", "k_core", "pad_histories", "prepare_interactions", "prepare_splits"]
 
 _SPLITS = ("train", "valid", "test")
 
@@ -93,6 +93,14 @@ def k_core(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
         keep = new_keep
 
 
+def first_users(inter: Interactions, n: int) -> Interactions:
+    """The interactions of the first ``n`` distinct users in file order (a slice for smoke runs)."""
+    _, first = np.unique(inter.users, return_index=True)
+    keep_users = inter.users[np.sort(first)[:n]]
+    keep = np.isin(inter.users, keep_users)
+    return Interactions(inter.users[keep], inter.items[keep], inter.timestamps[keep])
+
+
 def pad_histories(histories: list[np.ndarray] | list[list[int]], max_his_len: int) -> np.ndarray:
     """Left-pad (with 0) the last ``max_his_len`` items of each history into ``[n, max_his_len]``."""
     out = np.zeros((len(histories), max_his_len), dtype=np.int64)
@@ -142,6 +150,9 @@ def prepare_interactions(inter: Interactions, *, name: str, min_count: int = 5,
     """
     if max_his_len < 1:
         raise DataError(f"max_his_len must be at least 1, got {max_his_len!r}")
+    if min_count < 3:  # shorter users would take their valid/test targets from the previous user
+        raise DataError(f"min_count must be at least 3 (each user needs a history item, a validation and "
+                        f"a test target), got {min_count!r}; use --min-count 3 or more")
     user_codes, _ = _first_appearance_codes(inter.users)
     item_codes_raw, _ = _first_appearance_codes(inter.items)
     keep = k_core(user_codes, item_codes_raw, min_count) if len(user_codes) else np.zeros(0, bool)

@@ -78,8 +78,11 @@ def detect_format(path: Path) -> str:
                         "pass the interaction file itself with --data-path")
     if path.suffix == ".inter":
         return "inter"
-    with _open_text(path) as f:
-        first = f.readline().strip()
+    try:
+        with _open_text(path) as f:
+            first = f.readline().strip()
+    except (UnicodeDecodeError, EOFError, OSError) as exc:
+        raise _unreadable(path, exc) from None
     if first.startswith("{"):
         try:
             keys = json.loads(first).keys()
@@ -98,6 +101,11 @@ def detect_format(path: Path) -> str:
         return "movielens"
     raise DataError(f"{path}: cannot tell its format from line 1 ({first[:60]!r}); "
                     f"pass one of {', '.join(FORMATS)} explicitly")
+
+
+def _unreadable(path: Path, exc: Exception) -> DataError:
+    return DataError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); expected UTF-8 text, "
+                     "gzip-compressed when the name ends in .gz")
 
 
 def _read_inter(path: Path) -> Interactions:
@@ -196,17 +204,20 @@ def read_interactions(path: str | Path, fmt: str | None = None) -> Interactions:
     if not path.exists():
         raise DataError(f"data file {str(path)!r} does not exist; check --data-path")
     fmt = fmt or detect_format(path)
-    if fmt == "inter":
-        return _read_inter(path)
-    if fmt == "movielens":
-        return _read_movielens(path)
-    if fmt == "amazon2023":
-        return _read_json_reviews(path, "user_id", "parent_asin", "timestamp")
-    if fmt == "amazon2014":
-        return _read_json_reviews(path, "reviewerID", "asin", "unixReviewTime")
+    readers = {
+        "inter": _read_inter,
+        "movielens": _read_movielens,
+        "amazon2023": lambda p: _read_json_reviews(p, "user_id", "parent_asin", "timestamp"),
+        "amazon2014": lambda p: _read_json_reviews(p, "reviewerID", "asin", "unixReviewTime"),
+    }
     if fmt == "prepared":
         raise DataError(f"{path} holds prepared splits; read it with read_prepared")
-    raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt not in readers:
+        raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    try:
+        return readers[fmt](path)
+    except (UnicodeDecodeError, EOFError, OSError) as exc:  # gzip.BadGzipFile is an OSError
+        raise _unreadable(path, exc) from None
 
 
 def _read_split(path: Path) -> tuple[list[list[int]], list[int]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .prepare import SequenceData, prepare_interactions, prepare_splits
+from .prepare import SequenceData, first_users, prepare_interactions, prepare_splits
 from .readers import DataError, prepared_prefix, detect_format, read_interactions, read_prepared
 
 __all__ = ["CACHE_VERSION", "data_home", "fetch_ml100k", "load_dataset", "resolve_source"]
@@ -80,10 +80,15 @@ def resolve_source(dataset: str, data_path: str | Path | None) -> Path:
 
 
 def _source_digest(path: Path) -> str:
-    files = ([Path(f"{prepared_prefix(path)}.{s}.jsonl") for s in ("train", "valid", "test")]
-             if prepared_prefix(path) else [path])
+    prefix = prepared_prefix(path)
+    files = [path]
+    if prefix:  # the item map changes the item ids and tokens too, so it is part of the source
+        files = [Path(f"{prefix}.{s}.jsonl") for s in ("train", "valid", "test")]
+        files += [m for m in (Path(f"{prefix}.emb_map.json"), Path(f"{prefix}.item2id.json")) if m.exists()][:1]
     digest = hashlib.sha256()
     for file in files:
+        if not file.exists():  # a missing split: read_prepared reports it with a clear message
+            continue
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
@@ -108,7 +113,8 @@ def _load(folder: Path) -> SequenceData:
 
 
 def load_dataset(dataset: str = "ml-100k", *, data_path: str | Path | None = None, fmt: str | None = None,
-                 min_count: int = 5, max_his_len: int = 20, use_cache: bool = True) -> SequenceData:
+                 min_count: int = 5, max_his_len: int = 20, max_users: int | None = None,
+                 use_cache: bool = True) -> SequenceData:
     """Load a prepared dataset, preparing and caching it on first use.
 
     Args:
@@ -117,6 +123,8 @@ def load_dataset(dataset: str = "ml-100k", *, data_path: str | Path | None = Non
         fmt: force a reader (see ``etegrec.data.FORMATS``); detected from the file otherwise.
         min_count: k of the iterative k-core filter.
         max_his_len: history length kept (most recent items).
+        max_users: keep only the first ``max_users`` users of the file before filtering (a small
+            slice for smoke runs); ``None`` keeps all.
 
     Raises:
         DataError: missing or malformed data, or nothing left after filtering.
@@ -124,7 +132,7 @@ def load_dataset(dataset: str = "ml-100k", *, data_path: str | Path | None = Non
     source = resolve_source(dataset, data_path)
     fmt = fmt or detect_format(source)
     params = {"version": CACHE_VERSION, "format": fmt, "min_count": min_count, "max_his_len": max_his_len,
-              "source": _source_digest(source)}
+              "max_users": max_users, "source": _source_digest(source)}
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     folder = data_home() / "prepared" / f"{dataset}-{key}"
     if use_cache and (folder / "data.npz").exists():
@@ -133,7 +141,10 @@ def load_dataset(dataset: str = "ml-100k", *, data_path: str | Path | None = Non
     if fmt == "prepared":
         data = prepare_splits(read_prepared(source), name=dataset, max_his_len=max_his_len)
     else:
-        data = prepare_interactions(read_interactions(source, fmt), name=dataset, min_count=min_count,
+        inter = read_interactions(source, fmt)
+        if max_users is not None:
+            inter = first_users(inter, max_users)
+        data = prepare_interactions(inter, name=dataset, min_count=min_count,
                                     max_his_len=max_his_len, source=str(source))
     if use_cache:
         if folder.exists():  # an unusable leftover; replace it

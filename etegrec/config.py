@@ -1,0 +1,216 @@
+"""Configuration: one dataclass per component, loaded from packaged named configs or YAML files.
+
+A config file has one section per component (``data``, ``embed``, ``tokenizer``, ``rqvae``,
+``run``); a section may list only the keys it changes. ``--set section.key=value`` overrides one
+key; values are parsed as YAML (``--set rqvae.lr=1e-3``). Unknown keys, wrong types and
+non-positive sizes are errors naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "CONFIG_DIR",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EmbedConfig",
+    "RQVAEConfig",
+    "RunConfig",
+    "TokenizerConfig",
+    "load_config",
+]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key, value or file that cannot be used."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "ml-100k"
+    data_path: str | None = None
+    format: str | None = None
+    min_count: int = 5
+    max_his_len: int = 20
+    max_users: int | None = None  # keep only the first N users of the file (smoke runs)
+
+
+@dataclass
+class EmbedConfig:
+    """SASRec that produces the collaborative item embeddings (and the project's SASRec baseline)."""
+
+    hidden: int = 256
+    n_layers: int = 2
+    n_heads: int = 2
+    dropout: float = 0.2
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    epochs: int = 200
+    patience: int = 10
+    eval_step: int = 1
+
+
+@dataclass
+class TokenizerConfig:
+    """The RQ-VAE item tokenizer."""
+
+    hidden_dims: list[int] = field(default_factory=lambda: [512, 256])
+    e_dim: int = 128
+    num_layers: int = 3
+    codebook_size: int = 256
+    beta: float = 0.25
+    dropout: float = 0.0
+    kmeans_init: bool = True
+
+
+@dataclass
+class RQVAEConfig:
+    """Tokenizer pretraining."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 1024
+    epochs: int = 1000
+    eval_step: int = 50
+    patience: int = 10
+
+
+@dataclass
+class RunConfig:
+    seed: int = 2024
+    name: str = "experiment"
+    log_every: int = 0  # emit step_end every N steps; 0 = never
+    num_threads: int = 0  # torch threads; 0 = torch's default
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    rqvae: RQVAEConfig = field(default_factory=RQVAEConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def keys(self) -> list[str]:
+        """Every settable ``section.key``."""
+        return [f"{s.name}.{f.name}" for s in dataclasses.fields(self)
+                for f in dataclasses.fields(getattr(self, s.name))]
+
+    def set(self, key: str, value: Any, *, origin: str = "--set") -> None:
+        """Set ``section.key`` to ``value`` after checking that the key exists and the type fits."""
+        section_name, _, name = key.partition(".")
+        section = getattr(self, section_name, None) if section_name in _section_names() else None
+        if section is None or name not in {f.name for f in dataclasses.fields(section)}:
+            close = difflib.get_close_matches(key, self.keys(), n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ConfigError(f"{origin}: unknown config key {key!r}; {hint}valid keys: {', '.join(self.keys())}")
+        hint = typing.get_type_hints(type(section))[name]
+        setattr(section, name, _coerce(value, hint, key, origin))
+
+    def validate(self) -> Config:
+        """Check sizes and ranges that the types alone do not catch."""
+        for key in self.keys():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            positive = any(name.startswith(p) or name.endswith(p) for p in
+                           ("batch_size", "epochs", "hidden", "n_layers", "n_heads", "e_dim", "num_layers",
+                            "codebook_size", "max_his_len", "min_count", "eval_step", "patience", "max_users"))
+            if positive and value is not None and (isinstance(value, (int, float)) and value <= 0):
+                raise ConfigError(f"config key {key!r} must be positive, got {value!r}")
+            if name in ("lr", "dropout", "beta", "weight_decay") and value < 0:
+                raise ConfigError(f"config key {key!r} must not be negative, got {value!r}")
+            if name == "hidden_dims" and (not value or any(v <= 0 for v in value)):
+                raise ConfigError(f"config key {key!r} must be a non-empty list of positive sizes, got {value!r}")
+        return self
+
+
+def _section_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(Config)}
+
+
+def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
+    """Check ``value`` against the annotation ``hint`` (int, float, str, bool, list[int], X | None)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    origin_type = typing.get_origin(hint) or hint
+    ok = (isinstance(value, bool) if origin_type is bool
+          else isinstance(value, (int, float)) and not isinstance(value, bool) if origin_type is float
+          else isinstance(value, int) and not isinstance(value, bool) if origin_type is int
+          else isinstance(value, origin_type))
+    if not ok:
+        raise ConfigError(f"{origin}: config key {key!r} expects {_type_name(hint)}, got {value!r}")
+    if origin_type is float:
+        return float(value)
+    if origin_type is list:
+        item = typing.get_args(hint)[0]
+        return [_coerce(v, item, key, origin) for v in value]
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint)).replace("typing.", "")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({exc})") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"config file {str(path)!r} must map section names to keys, got a {type(content).__name__}")
+    return content
+
+
+def named_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str = "ml-100k", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a :class:`Config` from a packaged name (``ml-100k``, ``paper``, ``tiny``) or a YAML path.
+
+    Args:
+        name_or_path: a packaged config name or a YAML file.
+        overrides: ``section.key=value`` strings, applied in order.
+
+    Raises:
+        ConfigError: missing file, unknown key, wrong type or invalid value.
+    """
+    path = Path(name_or_path)
+    if not path.suffix and (CONFIG_DIR / f"{name_or_path}.yaml").exists():
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise ConfigError(f"config {name_or_path!r} is neither a packaged config ({', '.join(named_configs())}) "
+                          "nor an existing YAML file")
+    config = Config()
+    for section, values in _read_yaml(path).items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping of keys to values")
+        for key, value in values.items():
+            config.set(f"{section}.{key}", value, origin=str(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        config.set(key.strip(), value)
+    return config.validate()

@@ -1,0 +1,72 @@
+"""The command-line options every stage shares (SPEC §5) and the way errors reach the user."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from etegrec.config import Config, ConfigError, load_config
+from etegrec.data import DataError
+from etegrec.hooks import SubscriberError
+
+__all__ = ["StageArgs", "common_parser", "parse_stage_args", "run_main"]
+
+# errors that are the user's input: one sentence, no traceback, exit status 2
+USER_ERRORS = (ConfigError, DataError, SubscriberError, FileNotFoundError)
+
+
+@dataclass
+class StageArgs:
+    config: Config
+    output_dir: str | None
+    wandb_mode: str | None
+    subscribers: list[str]
+    resume: bool
+
+
+def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", default="ml-100k",
+                        help="packaged config (ml-100k, paper, tiny) or a YAML file (default ml-100k)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set rqvae.lr=1e-3 (repeatable)")
+    parser.add_argument("--dataset", help="dataset name (default: the config's, ml-100k)")
+    parser.add_argument("--data-path", help="interaction file or prepared split to use")
+    parser.add_argument("--output-dir", help="run directory (default runs/<stage>-<dataset>-<time>)")
+    parser.add_argument("--wandb-mode", choices=("online", "offline", "disabled"),
+                        help="W&B mode (default: offline unless an API key is configured)")
+    parser.add_argument("--subscriber", dest="subscribers", action="append", default=[],
+                        metavar="MODULE:CALLABLE", help="attach a subscriber of yours (repeatable)")
+    parser.add_argument("--seed", type=int, help="random seed (default: the config's run.seed)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    return parser
+
+
+def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> StageArgs:
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.dataset:
+        overrides.append(f"data.dataset={args.dataset}")
+    if args.data_path:
+        overrides.append(f"data.data_path={args.data_path}")
+    if args.seed is not None:
+        overrides.append(f"run.seed={args.seed}")
+    config = load_config(args.config, overrides)
+    return StageArgs(config=config, output_dir=args.output_dir, wandb_mode=args.wandb_mode,
+                     subscribers=args.subscribers, resume=args.resume)
+
+
+def run_main(body: Callable[[], object]) -> int:
+    """Run a stage's command-line body: user errors print one line, Ctrl-C exits with 130."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        body()
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

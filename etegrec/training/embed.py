@@ -1,0 +1,150 @@
+"""Stage 1: SASRec collaborative item embeddings (``python -m etegrec.training.embed``).
+
+A SASRec trained with full-softmax cross-entropy at every position of windows cut from each
+user's training sequence; early stopping on validation NDCG@10. Writes the item embedding matrix
+``embeddings.npy`` ``[n_items + 1, hidden]`` (row 0 = padding), the item map and the
+valid/test metrics of the best epoch. This stage is also the project's SASRec baseline.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+
+from etegrec import signals
+from etegrec.config import Config
+from etegrec.data import SequenceData
+from etegrec.models import SASRec
+
+from .cli import common_parser, parse_stage_args, run_main
+from .evaluation import evaluate_full_ranking
+from .loop import shuffled_batches, train_epoch
+from .run import Run, atomic_write_bytes, atomic_write_text
+from .stages import load_stage_data
+
+__all__ = ["EmbedTrainer", "make_windows", "main"]
+
+
+def make_windows(sequences: list[np.ndarray], length: int) -> np.ndarray:
+    """Cut sequences into left-padded windows of ``length`` items, from the end backwards.
+
+    Consecutive windows overlap by one item, so every item after a sequence's first is a target
+    exactly once (``window_loss`` predicts ``w[1:]`` from ``w[:-1]``).
+    """
+    rows = []
+    for seq in sequences:
+        end = len(seq)
+        while end > 1:
+            window = seq[max(0, end - length):end]
+            rows.append(np.pad(window, (length - len(window), 0)))
+            end -= length - 1
+    return np.asarray(rows, dtype=np.int64).reshape(-1, length)
+
+
+class EmbedTrainer:
+    """Trains SASRec on one dataset and reports through the signals."""
+
+    stage = "embed"
+
+    def __init__(self, config: Config, run: Run, data: SequenceData) -> None:
+        self.config, self.run, self.data = config, run, data
+        cfg = config.embed
+        self.model = SASRec(n_items=data.n_items, hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                            dropout=cfg.dropout, max_len=data.max_his_len)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model, self.optimizer = run.accelerator.prepare(self.model, self.optimizer)
+        self.windows = torch.as_tensor(make_windows(data.train_sequences(), data.max_his_len + 1))
+
+    @property
+    def sasrec(self) -> SASRec:
+        return self.run.accelerator.unwrap_model(self.model)
+
+    def _loss(self, index: np.ndarray) -> dict[str, torch.Tensor]:
+        return {"loss": self.model.window_loss(self.windows[index].to(self.run.accelerator.device))}
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        self.model.eval()
+        history, target = self.data.split(split)
+        metrics = evaluate_full_ranking(self.sasrec.score, history, target, accelerator=self.run.accelerator)
+        self.model.train()
+        return metrics
+
+    def _state(self, epoch: int, best: float) -> dict:
+        return {"model": self.sasrec.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "epoch": epoch, "best_ndcg": best}
+
+    def fit(self) -> dict[str, dict[str, float]]:
+        cfg, acc, run = self.config.embed, self.run.accelerator, self.run
+        start = time.perf_counter()
+        signals.run_started.send(self, stage=self.stage, config=self.config.to_dict(), run_dir=str(run.run_dir),
+                                 rank=acc.process_index, world_size=acc.num_processes, resumed=False,
+                                 start_epoch=0)
+        best, best_epoch, best_valid, bad = -1.0, -1, {}, 0
+        self.model.train()
+        for epoch in range(cfg.epochs):
+            batches = shuffled_batches(len(self.windows), cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
+                                       rank=acc.process_index, world_size=acc.num_processes)
+            result = train_epoch(sender=self, stage=self.stage, phase="embed", epoch=epoch, batches=batches,
+                                 loss_fn=self._loss, optimizers=[self.optimizer], accelerator=acc,
+                                 log_every=self.config.run.log_every)
+            signals.epoch_end.send(self, stage=self.stage, phase="embed", epoch=epoch, losses=result.losses,
+                                   lr={"lr": self.optimizer.param_groups[0]["lr"]}, seconds=result.seconds,
+                                   samples_per_second=result.samples_per_second)
+            if (epoch + 1) % cfg.eval_step and epoch + 1 != cfg.epochs:
+                continue
+            valid = self.evaluate("valid")
+            signals.evaluated.send(self, stage=self.stage, split="valid", epoch=epoch, metrics=valid)
+            if valid["ndcg@10"] > best:
+                best, best_epoch, best_valid, bad = valid["ndcg@10"], epoch, valid, 0
+                run.save_checkpoint(self, self._state(epoch, best), "best", epoch=epoch, is_best=True)
+            else:
+                bad += 1
+                if bad >= cfg.patience:
+                    break
+        return self._finish(best_epoch, best_valid, start)
+
+    def _finish(self, best_epoch: int, best_valid: dict, start: float) -> dict[str, dict[str, float]]:
+        run, acc = self.run, self.run.accelerator
+        acc.wait_for_everyone()
+        best_path = run.checkpoint_dir / "best.pt"
+        state = torch.load(best_path, map_location="cpu", weights_only=True)
+        self.sasrec.load_state_dict(state["model"])
+        test = self.evaluate("test")
+        signals.evaluated.send(self, stage=self.stage, split="test", epoch=best_epoch, metrics=test)
+        if run.is_main:
+            save_embeddings(run.run_dir, self.sasrec.item_embeddings().detach().cpu().numpy(), self.data)
+        run.write_metrics({"valid": best_valid, "test": test, "best_epoch": best_epoch})
+        signals.run_finished.send(self, stage=self.stage, status="completed", best_metrics=best_valid,
+                                  best_checkpoint=str(best_path), seconds=time.perf_counter() - start)
+        return {"valid": best_valid, "test": test}
+
+
+def save_embeddings(run_dir: Path, embeddings: np.ndarray, data: SequenceData) -> None:
+    """``embeddings.npy`` ``[n_items + 1, d]`` and ``item_map.json`` (row i = item i = item_map[i-1])."""
+    import io
+    buffer = io.BytesIO()
+    np.save(buffer, embeddings.astype(np.float32))
+    atomic_write_bytes(run_dir / "embeddings.npy", buffer.getvalue())
+    atomic_write_text(run_dir / "item_map.json", json.dumps({"dataset": data.name, "items": list(data.item_map)}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common_parser("python -m etegrec.training.embed", __doc__.splitlines()[0])
+
+    def body():
+        args = parse_stage_args(parser, argv)
+        set_seed(args.config.run.seed)
+        data = load_stage_data(args.config)
+        with Run(args.config, stage="embed", output_dir=args.output_dir, wandb_mode=args.wandb_mode,
+                 subscribers=args.subscribers) as run:
+            EmbedTrainer(args.config, run, data).fit()
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Full-ranking evaluation shared by the stages (PROTOCOL.md).
+
+Every user of a split is scored exactly once, whatever the number of processes: rows are split
+into contiguous shards without padding, and ranks are gathered back in order.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from etegrec.metrics import ranking_metrics
+
+__all__ = ["rank_of_targets", "shard_bounds", "evaluate_full_ranking"]
+
+
+def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each target among all items; ties are counted against the target.
+
+    ``scores`` (batch, n_items + 1) with column 0 (padding) at -inf; ``targets`` (batch,).
+    """
+    target_scores = scores.gather(1, targets[:, None])  # (batch, 1)
+    return (scores >= target_scores).sum(dim=1)  # the target itself counts once: rank >= 1
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous, non-overlapping ``[start, stop)`` of ``n`` rows for process ``rank``."""
+    per = -(-n // world_size)
+    return min(rank * per, n), min((rank + 1) * per, n)
+
+
+@torch.no_grad()
+def evaluate_full_ranking(score_fn: Callable[[torch.Tensor], torch.Tensor], history: np.ndarray,
+                          target: np.ndarray, *, batch_size: int = 512, accelerator=None) -> dict[str, float]:
+    """Recall@{1,5,10} and NDCG@{5,10} of ``score_fn(history_batch) -> (batch, n_items + 1)``."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else torch.device("cpu")
+    start, stop = shard_bounds(len(target), rank, world)
+    ranks = []
+    for lo in range(start, stop, batch_size):
+        hi = min(lo + batch_size, stop)
+        h = torch.as_tensor(history[lo:hi], device=device)
+        t = torch.as_tensor(target[lo:hi], device=device)
+        ranks.append(rank_of_targets(score_fn(h), t))
+    local = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=device)
+    if world > 1:
+        from accelerate.utils import gather_object
+        all_ranks = np.concatenate(gather_object([local.cpu().numpy()]))
+    else:
+        all_ranks = local.cpu().numpy()
+    return ranking_metrics(all_ranks)

@@ -1,0 +1,155 @@
+"""What every stage needs around its training loop: the run directory, the Accelerator, the
+subscribers and atomic writes.
+
+Layout of a run directory (SPEC §5): ``config.yaml``, ``events.jsonl``, ``wandb/``,
+``checkpoints/`` and ``metrics.json``. Only the main rank writes into it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from etegrec import signals
+from etegrec.config import Config
+from etegrec.hooks import ConsoleSubscriber, EventLog, Subscriber, resolve_subscriber
+
+__all__ = ["Run", "atomic_write_bytes", "atomic_write_text", "default_run_dir", "wandb_mode_from_env"]
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename: never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def default_run_dir(stage: str, config: Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stage}-{config.data.dataset}-{stamp}"
+
+
+def wandb_mode_from_env(mode: str | None) -> str:
+    """``mode`` if given; otherwise online with an API key (env or netrc), offline without."""
+    if mode:
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+class Run:
+    """A stage's run: accelerator, run directory, subscribers, checkpoints and final metrics.
+
+    Use as a context manager around the stage's ``fit``: it writes ``config.yaml``, starts and
+    connects the subscribers (event log and console on the main rank, W&B on the main rank when a
+    project is given, user subscribers on every rank unless they say ``main_process_only``) and
+    finishes them, failed or not.
+    """
+
+    def __init__(self, config: Config, *, stage: str, output_dir: str | Path | None = None,
+                 wandb_mode: str | None = None, wandb_project: str | None = None,
+                 wandb_run_name: str | None = None, subscribers: list[str] | tuple[str, ...] = (),
+                 extra_subscribers: list[Subscriber] | tuple[Subscriber, ...] = (),
+                 console: bool = True, accelerator=None) -> None:
+        from accelerate import Accelerator
+
+        self.config = config
+        self.stage = stage
+        self.run_dir = Path(output_dir) if output_dir else default_run_dir(stage, config)
+        self.wandb_mode = wandb_mode_from_env(wandb_mode) if wandb_project else "disabled"
+        use_wandb = self.wandb_mode != "disabled"
+        # cpu=True without a GPU: otherwise torchrun's CPU processes each see a world of one
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
+                                                      log_with="wandb" if use_wandb else None)
+        self.is_main = self.accelerator.is_main_process
+        self.subscribers: list[Subscriber] = []
+        if self.is_main:
+            self.subscribers.append(EventLog(self.run_dir / "events.jsonl", rank=self.accelerator.process_index))
+            if console:
+                self.subscribers.append(ConsoleSubscriber())
+            if use_wandb:
+                from etegrec.hooks.wandb import WandbSubscriber
+                self.subscribers.append(WandbSubscriber(
+                    accelerator=self.accelerator, project=wandb_project, stage=stage,
+                    run_name=wandb_run_name or config.run.name, config=config.to_dict(),
+                    run_dir=self.run_dir, mode=self.wandb_mode))
+        user = [resolve_subscriber(spec) for spec in subscribers] + list(extra_subscribers)
+        self.subscribers += [s for s in user if self.is_main or not s.main_process_only]
+        self.status = "completed"
+        self._start = time.perf_counter()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def __enter__(self) -> Run:
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml",
+                              yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        for sub in self.subscribers:
+            sub.start()
+            sub.connect()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is KeyboardInterrupt:
+            self.status = "interrupted"
+        elif exc_type is not None:
+            self.status = "failed"
+        if exc_type is not None:  # the trainer could not say it; say it for it
+            signals.run_finished.send(self, stage=self.stage, status=self.status, best_metrics={},
+                                      best_checkpoint=None, seconds=time.perf_counter() - self._start)
+        for sub in self.subscribers:
+            sub.disconnect()
+            try:
+                sub.finish(self.status)
+            except Exception:  # a subscriber's cleanup must not hide the run's own outcome
+                log.exception("subscriber %s failed to finish", type(sub).__name__)
+
+    def save_checkpoint(self, sender: Any, state: dict[str, Any], name: str, *, epoch: int,
+                        is_best: bool = False) -> Path | None:
+        """Write ``checkpoints/<name>.pt`` atomically on the main rank and emit ``checkpoint_saved``."""
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return None
+        path = self.checkpoint_dir / f"{name}.pt"
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+        signals.checkpoint_saved.send(sender, stage=self.stage, epoch=epoch, path=str(path), is_best=is_best)
+        return path
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        """Write ``metrics.json`` (stage, valid, test, ...) atomically on the main rank."""
+        if self.is_main:
+            atomic_write_text(self.run_dir / "metrics.json", json.dumps({"stage": self.stage, **metrics}, indent=2))

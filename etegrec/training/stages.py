@@ -1,0 +1,64 @@
+"""How stages find the output of earlier ones: a cache of finished runs keyed by their config.
+
+``python -m etegrec.training.rqvae`` needs item embeddings; when none are given it looks under
+``$ETEGREC_HOME/stages/`` for an embed run made with the same data, embed config and seed, and
+trains one there (a complete run directory of its own) when there is none.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from etegrec.config import Config
+from etegrec.data import DataError, SequenceData, data_home, load_dataset
+
+__all__ = ["ensure_embeddings", "load_embeddings", "load_stage_data", "stage_dir"]
+
+
+def load_stage_data(config: Config) -> SequenceData:
+    d = config.data
+    return load_dataset(d.dataset, data_path=d.data_path, fmt=d.format, min_count=d.min_count,
+                        max_his_len=d.max_his_len, max_users=d.max_users)
+
+
+def stage_dir(config: Config, stage: str, sections: tuple[str, ...]) -> Path:
+    """``$ETEGREC_HOME/stages/<stage>-<dataset>-<key>``; the key hashes the given config sections."""
+    payload = {s: dataclasses.asdict(getattr(config, s)) for s in ("data", *sections)}
+    payload["seed"] = config.run.seed
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    return data_home() / "stages" / f"{stage}-{config.data.dataset}-{key}"
+
+
+def load_embeddings(run_dir: Path, data: SequenceData) -> np.ndarray:
+    """Read ``embeddings.npy`` of an embed run and check it matches ``data``'s items.
+
+    Raises:
+        DataError: missing file or a row count that does not match the item map.
+    """
+    path = Path(run_dir) / "embeddings.npy"
+    if not path.exists():
+        raise DataError(f"item embeddings {str(path)!r} do not exist; run python -m etegrec.training.embed first")
+    emb = np.load(path)
+    if emb.ndim != 2 or emb.shape[0] != data.n_items + 1:
+        raise DataError(f"item embeddings {str(path)!r} have shape {emb.shape}, expected "
+                        f"[{data.n_items + 1}, d] for {data.n_items} items plus the padding row; "
+                        "they were made for other data: delete them to rebuild")
+    return emb
+
+
+def ensure_embeddings(config: Config, data: SequenceData, accelerator) -> tuple[np.ndarray, Path]:
+    """The cached embed run's embeddings for this config, training them first when missing."""
+    folder = stage_dir(config, "embed", ("embed",))
+    if not (folder / "embeddings.npy").exists():
+        from .embed import EmbedTrainer
+        from .run import Run
+        if accelerator.is_main_process:
+            print(f"[embed] no cached item embeddings for this config; training SASRec in {folder}")
+        with Run(config, stage="embed", output_dir=folder, accelerator=accelerator) as run:
+            EmbedTrainer(config, run, data).fit()
+        accelerator.wait_for_everyone()
+    return load_embeddings(folder, data), folder
