@@ -113,7 +113,7 @@ class BusSignal(NamedSignal):
     set_class = _OrderedIdSet
 
     def send(self, sender: Any = None, /, **payload: Any) -> list[tuple[Any, Any]]:
-        if not self.receivers:
+        if not self.receivers or self.is_muted:
             return []
         results = []
         for receiver in self.receivers_for(sender):
@@ -168,7 +168,7 @@ Fired by ``etegrec.forge.get_code`` each time the item codes are (re)computed.
 
 Payload: epoch (int), codes (np.ndarray [n_items, L+1], row i = item i+1), use_forge (bool),
 policy (str), max_conflict (int, largest suffix + 1), max_conflict_before (int, the same
-without FORGE), collision_rate (float, share of items sharing all L RQ codes with another),
+without FORGE), collision_rate (float, (n_items - distinct L-code tuples) / n_items after FORGE),
 changed (int, items whose code differs from the previous call; n_items on the first call),
 seconds (float).""")
 

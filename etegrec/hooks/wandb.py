@@ -1,0 +1,332 @@
+"""The Weights & Biases subscriber, on top of Accelerate's tracking API (main rank only).
+
+It turns the bus's payloads into the keys of SPEC section 4, one small :class:`KeyMap` per stage,
+and owns the W&B run: :meth:`WandbSubscriber.start` calls ``accelerator.init_trackers`` and
+declares ``epoch`` as the x-axis of every chart, :meth:`WandbSubscriber.finish` ends the run with
+a bounded timeout and marks it failed unless the status is ``"completed"``.
+
+Two W&B traps it avoids:
+
+* Steps. Rows are logged *without* ``step=``: W&B's own step then only increases, while every row
+  carries ``epoch`` and ``define_metric("*", step_metric="epoch")`` puts it on the x-axis. Passing
+  the epoch as ``step=`` would make W&B silently drop any row whose step goes backwards (a test
+  evaluation of the best epoch after the last epoch, or validation logged after training rows).
+* Media. Histograms go to the W&B run only; every other Accelerate tracker (TensorBoard, ...)
+  gets the scalar part of the same row through its own ``log`` with ``step=epoch``, since those
+  backends take scalars only and need an explicit step.
+
+The trainer still calls ``accelerator.end_training()`` at the very end (it finishes the other
+trackers and destroys the process group); the W&B run is already finished by then, and finishing
+it again is a no-op.
+"""
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from .base import Subscriber
+
+__all__ = [
+    "JOINT_PROJECT",
+    "KEY_MAPS",
+    "KeyMap",
+    "PRETRAIN_PROJECT",
+    "WandbSubscriber",
+    "resolve_mode",
+    "usage_histogram",
+]
+
+log = logging.getLogger(__name__)
+
+PRETRAIN_PROJECT = "ETEGRec-RQVAE-Pretrain"
+JOINT_PROJECT = "ETEGRec-Joint"
+MODES = ("online", "offline", "disabled")
+MAX_HISTOGRAM_BINS = 512  # wandb.Histogram's limit
+
+
+# --- what each stage's payloads are called on W&B -------------------------------------------
+
+def _plain_loss_key(phase: str, name: str) -> str:
+    return f"train/{name}"  # rqvae: loss_total -> train/loss_total
+
+
+def _phase_loss_key(phase: str, name: str) -> str:
+    # joint: (rec, loss) -> train/rec_loss_total, (id, vq_loss) -> train/id_vq_loss
+    return f"train/{phase}_{'loss_total' if name == 'loss' else name}"
+
+
+def _lr_key(phase: str, name: str) -> str:
+    # optimiser "rec" -> lr/rec_lr; a bare "lr" is named after the phase
+    name = phase if name == "lr" else name.removesuffix("_lr")
+    return f"lr/{name}_lr"
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """How one stage's ``epoch_end`` losses and ``evaluated`` metrics are keyed on W&B.
+
+    ``codes_assigned`` (``monitor/...``) and ``codebook_usage`` (``codebook/layer{i}/...``) are
+    keyed the same way in every stage.
+    """
+
+    loss_key: Callable[[str, str], str]  # (phase, loss name) -> key
+    split_prefix: Mapping[str, str]  # evaluated split -> key prefix; other splits use their name
+
+    def epoch_end(self, *, phase: str, losses: Mapping[str, float], lr: Mapping[str, float] | None,
+                  seconds: float | None, samples_per_second: float | None) -> dict[str, float]:
+        row = {self.loss_key(phase, name): float(v) for name, v in losses.items()}
+        row.update({_lr_key(phase, name): float(v) for name, v in (lr or {}).items()})
+        if seconds is not None:
+            row[f"perf/{phase}_epoch_seconds"] = float(seconds)
+        if samples_per_second is not None:
+            row[f"perf/{phase}_samples_per_second"] = float(samples_per_second)
+        return row
+
+    def evaluated(self, *, split: str, metrics: Mapping[str, float]) -> dict[str, float]:
+        prefix = self.split_prefix.get(split, split)
+        return {f"{prefix}/{name}": float(v) for name, v in metrics.items()}
+
+
+KEY_MAPS: dict[str, KeyMap] = {
+    "rqvae": KeyMap(loss_key=_plain_loss_key, split_prefix={"valid": "val", "test": "test"}),
+    "joint": KeyMap(loss_key=_phase_loss_key, split_prefix={"valid": "eval", "test": "test"}),
+    "embed": KeyMap(loss_key=_phase_loss_key, split_prefix={"valid": "val", "test": "test"}),
+}
+
+
+def codes_assigned_row(*, codes: Any, max_conflict: int, max_conflict_before: int,
+                       collision_rate: float, changed: int) -> dict[str, float]:
+    """``monitor/...`` keys of a ``codes_assigned`` payload; ``codes_changed`` is a share of items."""
+    n_items = len(codes) if codes is not None else 0
+    return {
+        "monitor/max_conflict": int(max_conflict),
+        "monitor/max_conflict_before_forge": int(max_conflict_before),
+        "monitor/collision_rate": float(collision_rate),
+        "monitor/codes_changed": float(changed) / n_items if n_items else 0.0,
+    }
+
+
+def usage_histogram(counts: Any, max_bins: int = MAX_HISTOGRAM_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, bin_edges)`` of a per-code usage histogram with at most ``max_bins`` bins.
+
+    Code c is the bin ``[c, c + 1)``; when K > ``max_bins``, runs of ``ceil(K / max_bins)``
+    adjacent codes are merged into one bin (the last one may be narrower). Totals are preserved.
+    """
+    c = np.asarray(counts).reshape(-1)
+    k = c.size
+    width = max(1, -(-k // max_bins))
+    n_bins = -(-k // width)
+    padded = np.zeros(n_bins * width, dtype=c.dtype)
+    padded[:k] = c
+    values = padded.reshape(n_bins, width).sum(axis=1)  # (n_bins,)
+    edges = np.minimum(np.arange(n_bins + 1) * width, k)  # (n_bins + 1,)
+    return values, edges
+
+
+def resolve_mode(mode: str | None = None, *, environ: Mapping[str, str] = os.environ) -> str:
+    """The W&B mode to run in.
+
+    An explicit ``mode`` wins; then ``WANDB_MODE`` from the environment; then ``"online"`` when an
+    API key is available (``WANDB_API_KEY`` or a netrc entry for the W&B host), else ``"offline"``
+    so that a machine without credentials or network never tries to reach W&B.
+
+    Raises:
+        ValueError: ``mode`` is not one of online, offline, disabled.
+    """
+    if mode is not None:
+        if mode not in MODES:
+            raise ValueError(f"wandb mode {mode!r} is not one of {', '.join(MODES)}; pass one of them or None.")
+        return mode
+    if environ.get("WANDB_MODE"):
+        return environ["WANDB_MODE"]
+    if environ.get("WANDB_API_KEY") or _netrc_has_key(environ):
+        return "online"
+    return "offline"
+
+
+def _netrc_has_key(environ: Mapping[str, str]) -> bool:
+    host = urlparse(environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = environ.get("NETRC") or Path.home() / ".netrc"
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+# --- the subscriber --------------------------------------------------------------------------
+
+class WandbSubscriber(Subscriber):
+    """Logs the bus to one W&B run through ``accelerator``'s trackers, on the main process only.
+
+    Construction only stores its arguments (no W&B import, no distributed state). :meth:`start`
+    initialises the trackers on the main process; :meth:`connect` attaches the handlers there (and
+    does nothing elsewhere); ``run_finished`` (or :meth:`finish`) ends the run. Only payloads whose
+    ``stage`` is this subscriber's stage are logged, so an earlier stage run in the same process
+    never lands in this run. If W&B raises while logging, the error is logged once as a warning and
+    the subscriber stops logging; training goes on.
+
+    Args:
+        accelerator: an ``accelerate.Accelerator`` built with ``log_with`` including ``"wandb"``.
+        project: W&B project (:data:`PRETRAIN_PROJECT` or :data:`JOINT_PROJECT`).
+        run_name: W&B run name.
+        config: the fully resolved config, stored as the run config.
+        run_dir: the run directory; W&B writes under ``run_dir/"wandb"``.
+        stage: the stage whose payloads are logged ("rqvae", "joint", "embed"); picks the key map.
+        mode: "online", "offline", "disabled" or None (see :func:`resolve_mode`).
+        key_map: overrides the stage's :data:`KEY_MAPS` entry.
+        finish_timeout: seconds ``finish`` may wait for W&B to flush (W&B's ``finish_timeout``).
+
+    Raises:
+        ValueError: the accelerator does not log with wandb, the stage is unknown without a
+            ``key_map``, or the mode is invalid.
+    """
+
+    main_process_only = True
+
+    def __init__(self, *, accelerator: Any, project: str, run_name: str, config: Mapping[str, Any],
+                 run_dir: str | os.PathLike, stage: str, mode: str | None = None,
+                 key_map: KeyMap | None = None, finish_timeout: float = 60.0) -> None:
+        super().__init__()
+        if "wandb" not in {str(t) for t in accelerator.log_with}:
+            raise ValueError(
+                f"WandbSubscriber needs an Accelerator that logs with wandb, got log_with="
+                f"{[str(t) for t in accelerator.log_with]!r}; build it with Accelerator(log_with='wandb')."
+            )
+        if key_map is None and stage not in KEY_MAPS:
+            raise ValueError(f"no W&B key map for stage {stage!r}; use one of {sorted(KEY_MAPS)} or pass key_map.")
+        self.accelerator = accelerator
+        self.project = project
+        self.run_name = run_name
+        self.config = dict(config)
+        self.run_dir = Path(run_dir)
+        self.stage = stage
+        self.mode = resolve_mode(mode)
+        self.key_map = key_map or KEY_MAPS[stage]
+        self.finish_timeout = finish_timeout
+        self.run = None  # the wandb Run, on the main process once started
+        self._logging = False
+
+    # lifecycle
+
+    def start(self) -> None:
+        """Initialise the trackers and the W&B run on the main process; do nothing elsewhere.
+
+        A W&B failure here is logged as a warning and leaves the subscriber inert.
+        """
+        if self.run is not None or not self.accelerator.is_main_process:
+            return
+        import wandb
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.accelerator.init_trackers(
+                project_name=self.project,
+                config=self.config,
+                init_kwargs={"wandb": {
+                    "name": self.run_name,
+                    "dir": str(self.run_dir),  # W&B appends "wandb/" itself
+                    "mode": self.mode,
+                    "settings": wandb.Settings(finish_timeout=self.finish_timeout),
+                }},
+            )
+            self.run = self.accelerator.get_tracker("wandb", unwrap=True)
+            self.run.define_metric("epoch")
+            self.run.define_metric("*", step_metric="epoch")
+        except Exception as exc:
+            log.warning("W&B could not start (%s: %s); the run goes on without W&B", type(exc).__name__, exc)
+            return
+        self._logging = True
+
+    def connect(self) -> WandbSubscriber:
+        """Attach the handlers (held strongly) on the main process only."""
+        if self.accelerator.is_main_process:
+            super().connect()
+        return self
+
+    def finish(self, status: str = "completed") -> None:
+        """Disconnect and finish the W&B run: failed (exit code 1) unless ``status == "completed"``.
+
+        Bounded by ``finish_timeout``; safe to call twice; never raises.
+        """
+        self.disconnect()
+        run, self.run, self._logging = self.run, None, False
+        if run is None:
+            return
+        try:
+            run.finish(exit_code=0 if status == "completed" else 1)
+        except Exception as exc:
+            log.warning("W&B run did not finish cleanly (%s: %s)", type(exc).__name__, exc)
+
+    # handlers
+
+    def on_epoch_end(self, sender, *, stage, phase, epoch, losses, lr=None, seconds=None,
+                     samples_per_second=None, **extra):
+        if stage == self.stage:
+            self._log(epoch, self.key_map.epoch_end(phase=phase, losses=losses, lr=lr, seconds=seconds,
+                                                    samples_per_second=samples_per_second))
+
+    def on_evaluated(self, sender, *, stage, split, epoch, metrics, **extra):
+        if stage == self.stage:
+            self._log(epoch, self.key_map.evaluated(split=split, metrics=metrics))
+
+    def on_codes_assigned(self, sender, *, epoch, codes, max_conflict, max_conflict_before,
+                          collision_rate, changed, **extra):
+        self._log(epoch, codes_assigned_row(codes=codes, max_conflict=max_conflict,
+                                            max_conflict_before=max_conflict_before,
+                                            collision_rate=collision_rate, changed=changed))
+
+    def on_codebook_usage(self, sender, *, stage, epoch, layer, counts, utilization, perplexity, gini,
+                          dead_codes, **extra):
+        if stage != self.stage:
+            return
+        prefix = f"codebook/layer{layer}"
+        self._log(epoch, {
+            f"{prefix}/utilization": float(utilization),
+            f"{prefix}/perplexity": float(perplexity),
+            f"{prefix}/gini": float(gini),
+            f"{prefix}/dead_codes": int(dead_codes),
+        }, histograms={f"{prefix}/usage": usage_histogram(counts)})
+
+    def on_run_finished(self, sender, *, stage, status="completed", best_metrics=None, **extra):
+        if stage != self.stage:
+            return
+        if self._logging and best_metrics:
+            self._guarded(lambda: self.run.summary.update(
+                {f"best/{k}": float(v) for k, v in best_metrics.items()}))
+        self.finish(status)
+
+    # logging
+
+    def _log(self, epoch: int, scalars: dict[str, float],
+             histograms: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+        if not self._logging:
+            return
+        row = {"epoch": int(epoch), **scalars}
+
+        def send():
+            import wandb
+
+            for tracker in self.accelerator.trackers:
+                if tracker.name == "wandb":
+                    media = {k: wandb.Histogram(np_histogram=h) for k, h in (histograms or {}).items()}
+                    self.run.log({**row, **media})  # no step=: see the module docstring
+                else:
+                    tracker.log(row, step=int(epoch))
+        self._guarded(send)
+
+    def _guarded(self, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            self._logging = False
+            log.warning("W&B logging failed (%s: %s); W&B logging is off for the rest of this run, "
+                        "training goes on", type(exc).__name__, exc)

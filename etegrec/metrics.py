@@ -1,0 +1,134 @@
+"""Pure metrics of arrays: codebook usage, code collisions and ranking quality.
+
+Every function takes array-likes (numpy arrays, lists, or CPU/GPU torch tensors) and returns plain
+Python numbers; nothing here touches a model, a logger or a file. Conventions:
+
+* A *usage histogram* ``counts`` is a 1-d array of K non-negative counts, one per code.
+* ``codes`` is an integer array ``[n_items, L]``, one row of L codes per item.
+* ``ranks`` holds, per user, the 1-based rank of the single relevant item in the returned list,
+  and **0 when it was not returned at all**.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "collision_rate",
+    "dead_codes",
+    "gini",
+    "perplexity",
+    "ranking_metrics",
+    "utilization",
+]
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, possibly on the GPU; no torch import needed
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _usage(counts: Any) -> np.ndarray:
+    c = _as_numpy(counts)
+    if c.ndim != 1 or c.size == 0:
+        raise ValueError(
+            f"counts must be a non-empty 1-d usage histogram (one count per code), got shape {c.shape!r}"
+        )
+    if np.any(c < 0):
+        raise ValueError(f"counts must be non-negative, got minimum {c.min()!r}")
+    return c.astype(np.float64)
+
+
+def gini(counts: Any) -> float:
+    """Gini coefficient of a usage histogram: 0 for uniform usage, (K-1)/K when one code is used.
+
+    Uses the sorted-sample formula ``G = 2 * sum(i * x_i) / (n * sum(x)) - (n + 1) / n`` with
+    ``x`` sorted ascending and ``i = 1..n``. An all-zero histogram (nothing counted) has no
+    inequality and gives 0.0.
+    """
+    x = np.sort(_usage(counts))
+    n, total = x.size, x.sum()
+    if total == 0:
+        return 0.0
+    i = np.arange(1, n + 1, dtype=np.float64)
+    return float(2.0 * np.dot(i, x) / (n * total) - (n + 1) / n)
+
+
+def perplexity(counts: Any) -> float:
+    """exp of the entropy of the normalised usage: K for uniform usage, 1 for a single code.
+
+    Codes with zero count contribute nothing. An all-zero histogram gives 0.0 ("no usage"), which
+    no real distribution can produce, so it stands out on a chart.
+    """
+    c = _usage(counts)
+    total = c.sum()
+    if total == 0:
+        return 0.0
+    p = c[c > 0] / total
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def utilization(counts: Any) -> float:
+    """Share of the K codes used at least once."""
+    c = _usage(counts)
+    return float(np.count_nonzero(c) / c.size)
+
+
+def dead_codes(counts: Any) -> int:
+    """Number of codes never used."""
+    c = _usage(counts)
+    return int(c.size - np.count_nonzero(c))
+
+
+def collision_rate(codes: Any) -> float:
+    """``(n_items - distinct rows) / n_items`` of an integer code array ``[n_items, L]``.
+
+    That is the share of items that would have to move for every full code to be unique (two
+    items sharing a code count once). 0.0 when there are no items.
+    """
+    c = _as_numpy(codes)
+    if c.ndim != 2:
+        raise ValueError(f"codes must be a 2-d array [n_items, code_len], got shape {c.shape!r}")
+    n = c.shape[0]
+    if n == 0:
+        return 0.0
+    distinct = np.unique(c, axis=0).shape[0]
+    return float((n - distinct) / n)
+
+
+def ranking_metrics(
+    ranks: Any, ks: Iterable[int] = (1, 5, 10), ndcg_ks: Iterable[int] = (5, 10)
+) -> dict[str, float]:
+    """Recall@K and NDCG@K for one relevant item per user, averaged over users.
+
+    Args:
+        ranks: ``[n_users]`` 1-based rank of the relevant item in the returned list, 0 when it was
+            not returned (a miss at every K).
+        ks: the cut-offs of ``recall@K`` (hit rate, since there is one relevant item).
+        ndcg_ks: the cut-offs of ``ndcg@K``; a hit at rank r gains ``1 / log2(r + 1)``.
+
+    Returns:
+        ``{"recall@1": ..., "recall@5": ..., "recall@10": ..., "ndcg@5": ..., "ndcg@10": ...}``.
+
+    Raises:
+        ValueError: when ``ranks`` is empty, not 1-d, or holds negative or non-integer values.
+    """
+    r = _as_numpy(ranks)
+    if r.ndim != 1 or r.size == 0:
+        raise ValueError(f"ranks must be a non-empty 1-d array (one rank per user), got shape {r.shape!r}")
+    if not np.all(np.isfinite(r)) or np.any(r < 0) or np.any(r != np.floor(r)):
+        raise ValueError("ranks must be integers >= 1 for a hit and 0 for a miss (not inf or -1)")
+    r = r.astype(np.int64)
+    hit = r >= 1
+    gain = np.zeros(r.size, dtype=np.float64)
+    gain[hit] = 1.0 / np.log2(r[hit] + 1.0)
+
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"recall@{k}"] = float(np.mean(hit & (r <= k)))
+    for k in ndcg_ks:
+        out[f"ndcg@{k}"] = float(np.mean(np.where(r <= k, gain, 0.0)))
+    return out

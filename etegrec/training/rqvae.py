@@ -1,0 +1,151 @@
+"""Stage 2: RQ-VAE tokenizer pretraining (``python -m etegrec.training.rqvae``).
+
+Trains the RQ-VAE on the SASRec item embeddings (built first, and cached, when missing). Every
+``eval_step`` epochs it tokenizes all items and reports the collision rate and the Gini
+coefficient of code usage per layer; keeps the best-collision and the last checkpoint; stops after
+``patience`` evaluations without improvement. W&B project ``ETEGRec-RQVAE-Pretrain``.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+
+from etegrec import metrics, signals
+from etegrec.config import Config
+from etegrec.hooks.codebook import CodebookHooks
+from etegrec.models import RQVAE
+
+from .cli import common_parser, parse_stage_args, run_main
+from .loop import shuffled_batches, train_epoch
+from .run import Run
+from .stages import ensure_embeddings, load_stage_data
+
+__all__ = ["RQVAETrainer", "build_tokenizer", "main", "tokenize_all"]
+
+WANDB_PROJECT = "ETEGRec-RQVAE-Pretrain"
+
+
+def build_tokenizer(config: Config, in_dim: int) -> RQVAE:
+    t = config.tokenizer
+    return RQVAE(in_dim=in_dim, hidden_dims=t.hidden_dims, e_dim=t.e_dim, num_layers=t.num_layers,
+                 codebook_size=t.codebook_size, beta=t.beta, dropout=t.dropout, kmeans_init=t.kmeans_init)
+
+
+@torch.no_grad()
+def tokenize_all(model: RQVAE, items: torch.Tensor, batch_size: int = 4096) -> np.ndarray:
+    """RQ codes ``[n, L]`` of every row of ``items`` in eval mode (the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    codes = torch.cat([model(items[i:i + batch_size]).codes for i in range(0, len(items), batch_size)])
+    model.train(was_training)
+    return codes.cpu().numpy()
+
+
+def code_quality(codes: np.ndarray, codebook_sizes: list[int]) -> dict[str, float]:
+    """Collision rate of the full codes and the Gini of each layer's usage, plus their mean."""
+    ginis = [metrics.gini(np.bincount(codes[:, i], minlength=k)) for i, k in enumerate(codebook_sizes)]
+    out = {"collision_rate": metrics.collision_rate(codes), "gini_coefficient": float(np.mean(ginis))}
+    out.update({f"gini_layer{i}": g for i, g in enumerate(ginis)})
+    return out
+
+
+class RQVAETrainer:
+    """Pretrains the tokenizer on fixed item embeddings and reports through the signals."""
+
+    stage = "rqvae"
+
+    def __init__(self, config: Config, run: Run, embeddings: np.ndarray) -> None:
+        self.config, self.run = config, run
+        device = run.accelerator.device
+        self.items = torch.as_tensor(embeddings[1:], dtype=torch.float32, device=device)  # row 0 = padding
+        self.model = build_tokenizer(config, self.items.shape[1]).to(device)
+        if config.tokenizer.kmeans_init:
+            self.model.kmeans_init_from(self.items)  # same seed on every rank: same codebooks
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.rqvae.lr,
+                                           weight_decay=config.rqvae.weight_decay)
+        self.model, self.optimizer = run.accelerator.prepare(self.model, self.optimizer)
+
+    @property
+    def tokenizer(self) -> RQVAE:
+        return self.run.accelerator.unwrap_model(self.model)
+
+    def _loss(self, index: np.ndarray) -> dict[str, torch.Tensor]:
+        out = self.model(self.items[torch.as_tensor(index, device=self.items.device)])
+        return {"loss": out.loss, "loss_recon": out.recon_loss, "loss_commit": out.quant_loss}
+
+    def _state(self, epoch: int, quality: dict[str, float]) -> dict:
+        return {"model": self.tokenizer.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
+                "quality": quality, "codes": tokenize_all(self.tokenizer, self.items),
+                "config": self.config.to_dict()}
+
+    def fit(self) -> dict[str, dict[str, float]]:
+        cfg, acc, run = self.config.rqvae, self.run.accelerator, self.run
+        start = time.perf_counter()
+        signals.run_started.send(self, stage=self.stage, config=self.config.to_dict(), run_dir=str(run.run_dir),
+                                 rank=acc.process_index, world_size=acc.num_processes, resumed=False,
+                                 start_epoch=0)
+        best, best_quality, bad, epoch = float("inf"), {}, 0, -1
+        with CodebookHooks(self.tokenizer, stage=self.stage, sender=self) as hooks:
+            for epoch in range(cfg.epochs):
+                batches = shuffled_batches(len(self.items), cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
+                                           rank=acc.process_index, world_size=acc.num_processes)
+                result = train_epoch(sender=self, stage=self.stage, phase="rqvae", epoch=epoch, batches=batches,
+                                     loss_fn=self._loss, optimizers=[self.optimizer], accelerator=acc,
+                                     log_every=self.config.run.log_every, show_progress=False)
+                hooks.epoch_end(epoch)
+                losses = {"loss_total": result.losses["loss"], "loss_recon": result.losses["loss_recon"],
+                          "loss_commit": result.losses["loss_commit"]}
+                signals.epoch_end.send(self, stage=self.stage, phase="rqvae", epoch=epoch, losses=losses,
+                                       lr={"lr": self.optimizer.param_groups[0]["lr"]}, seconds=result.seconds,
+                                       samples_per_second=result.samples_per_second)
+                if (epoch + 1) % cfg.eval_step and epoch + 1 != cfg.epochs:
+                    continue
+                with hooks.pause():
+                    quality = code_quality(tokenize_all(self.tokenizer, self.items), self.tokenizer.codebook_sizes)
+                signals.evaluated.send(self, stage=self.stage, split="valid", epoch=epoch, metrics=quality)
+                if quality["collision_rate"] < best:
+                    best, best_quality, bad = quality["collision_rate"], quality, 0
+                    run.save_checkpoint(self, self._state(epoch, quality), "best", epoch=epoch, is_best=True)
+                else:
+                    bad += 1
+                run.save_checkpoint(self, self._state(epoch, quality), "last", epoch=epoch)
+                if bad >= cfg.patience:
+                    break
+        best_path = run.checkpoint_dir / "best.pt"
+        run.write_metrics({"valid": best_quality, "best_checkpoint": str(best_path)})
+        signals.run_finished.send(self, stage=self.stage, status="completed", best_metrics=best_quality,
+                                  best_checkpoint=str(best_path), seconds=time.perf_counter() - start)
+        return {"valid": best_quality}
+
+
+def run_rqvae(config: Config, *, output_dir=None, wandb_mode=None, subscribers=(), accelerator=None):
+    """Build (or reuse) the embeddings, then pretrain the tokenizer in its own run directory."""
+    set_seed(config.run.seed)
+    if config.run.num_threads:
+        torch.set_num_threads(config.run.num_threads)
+    data = load_stage_data(config)
+    t = config.tokenizer
+    run = Run(config, stage="rqvae", output_dir=output_dir, wandb_mode=wandb_mode, wandb_project=WANDB_PROJECT,
+              wandb_run_name=f"{config.data.dataset}_layers{t.num_layers}_edim{t.e_dim}",
+              subscribers=subscribers, accelerator=accelerator)
+    embeddings, _ = ensure_embeddings(config, data, run.accelerator)
+    set_seed(config.run.seed)
+    with run:
+        return RQVAETrainer(config, run, embeddings).fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common_parser("python -m etegrec.training.rqvae", __doc__.splitlines()[0])
+
+    def body():
+        args = parse_stage_args(parser, argv)
+        run_rqvae(args.config, output_dir=args.output_dir, wandb_mode=args.wandb_mode, subscribers=args.subscribers)
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
