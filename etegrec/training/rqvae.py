@@ -77,10 +77,9 @@ class RQVAETrainer:
         out = self.model(self.items[torch.as_tensor(index, device=self.items.device)])
         return {"loss": out.loss, "loss_recon": out.recon_loss, "loss_commit": out.quant_loss}
 
-    def _state(self, epoch: int, quality: dict[str, float]) -> dict:
+    def _state(self, epoch: int, quality: dict[str, float], codes: np.ndarray) -> dict:
         return {"model": self.tokenizer.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
-                "quality": quality, "codes": tokenize_all(self.tokenizer, self.items),
-                "config": self.config.to_dict()}
+                "quality": quality, "codes": codes, "config": self.config.to_dict()}
 
     def fit(self) -> dict[str, dict[str, float]]:
         cfg, acc, run = self.config.rqvae, self.run.accelerator, self.run
@@ -104,15 +103,16 @@ class RQVAETrainer:
                                        samples_per_second=result.samples_per_second)
                 if (epoch + 1) % cfg.eval_step and epoch + 1 != cfg.epochs:
                     continue
-                with hooks.pause():
-                    quality = code_quality(tokenize_all(self.tokenizer, self.items), self.tokenizer.codebook_sizes)
+                with hooks.pause():  # evaluation forwards are not training usage
+                    codes = tokenize_all(self.tokenizer, self.items)
+                quality = code_quality(codes, self.tokenizer.codebook_sizes)
                 signals.evaluated.send(self, stage=self.stage, split="valid", epoch=epoch, metrics=quality)
                 if quality["collision_rate"] < best:
                     best, best_quality, bad = quality["collision_rate"], quality, 0
-                    run.save_checkpoint(self, self._state(epoch, quality), "best", epoch=epoch, is_best=True)
+                    run.save_checkpoint(self, self._state(epoch, quality, codes), "best", epoch=epoch, is_best=True)
                 else:
                     bad += 1
-                run.save_checkpoint(self, self._state(epoch, quality), "last", epoch=epoch)
+                run.save_checkpoint(self, self._state(epoch, quality, codes), "last", epoch=epoch)
                 if bad >= cfg.patience:
                     break
         best_path = run.checkpoint_dir / "best.pt"

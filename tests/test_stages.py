@@ -1,0 +1,163 @@
+"""Tiny real runs of the embed and RQ-VAE stages, checked through their signals and run directory."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from etegrec import metrics, signals
+from etegrec.config import load_config
+from etegrec.hooks import read_events
+from etegrec.training.rqvae import run_rqvae
+from etegrec.training.stages import stage_dir
+
+WANDB = str(Path(sys.executable).with_name("wandb"))
+
+
+def write_structured_inter(path: Path, n_users: int = 40, n_items: int = 48) -> Path:
+    """Users walk through items in small strides, so sequences carry a learnable next-item signal."""
+    rng = np.random.default_rng(0)
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for u in range(n_users):
+        item, stride = int(rng.integers(n_items)), 1 + u % 3
+        for k in range(8 + u % 6):
+            lines.append(f"u{u}\ti{item}\t4\t{1_000_000 + 60 * k + u}")
+            item = (item + stride) % n_items
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    inter = write_structured_inter(tmp_path / "structured.inter")
+    return load_config("tiny", [f"data.data_path={inter}", "data.dataset=structured", "data.max_users=null",
+                                "embed.epochs=2", "rqvae.epochs=4", "rqvae.eval_step=2"])
+
+
+def _of_stage(events, stage):
+    return [e for e in events if e.payload.get("stage") == stage or
+            (e.signal == "checkpoint_saved" and e.payload["stage"] == stage)]
+
+
+@pytest.fixture
+def rqvae_run(tiny_config, tmp_path):
+    out = tmp_path / "rqvae-run"
+    with signals.recording() as events:
+        result = run_rqvae(tiny_config, output_dir=out, wandb_mode="offline")
+    return tiny_config, out, events, result
+
+
+def test_rqvae_stage_signals_come_in_order_with_contiguous_epochs(rqvae_run):
+    _, _, events, _ = rqvae_run
+    mine = _of_stage(events, "rqvae")
+    assert mine[0].signal == "run_started" and mine[-1].signal == "run_finished"
+    epochs = [e.payload["epoch"] for e in mine if e.signal == "epoch_end"]
+    assert epochs == [0, 1, 2, 3]
+    assert [e.payload["epoch"] for e in mine if e.signal == "evaluated"] == [1, 3]
+    assert mine[-1].payload["status"] == "completed"
+
+
+def test_rqvae_epoch_losses_are_finite_and_named(rqvae_run):
+    _, _, events, _ = rqvae_run
+    for e in _of_stage(events, "rqvae"):
+        if e.signal == "epoch_end":
+            assert e.payload["phase"] == "rqvae"
+            assert set(e.payload["losses"]) == {"loss_total", "loss_recon", "loss_commit"}
+            assert all(math.isfinite(v) for v in e.payload["losses"].values())
+            assert e.payload["losses"]["loss_total"] == pytest.approx(
+                e.payload["losses"]["loss_recon"] + e.payload["losses"]["loss_commit"], rel=1e-5)
+
+
+def test_codebook_usage_counts_every_item_once_per_epoch(rqvae_run):
+    config, _, events, _ = rqvae_run
+    usage = [e.payload for e in events if e.signal == "codebook_usage"]
+    n_epochs = 4
+    assert len(usage) == n_epochs * config.tokenizer.num_layers
+    totals = {int(np.sum(p["counts"])) for p in usage}
+    assert len(totals) == 1  # every layer of every epoch saw the same items
+    n_items = totals.pop()
+    assert n_items > config.tokenizer.codebook_size
+    for p in usage:
+        assert p["utilization"] == pytest.approx(metrics.utilization(p["counts"]))
+        assert p["gini"] == pytest.approx(metrics.gini(p["counts"]))
+
+
+def test_reported_collision_rate_matches_the_checkpoint_codes(rqvae_run):
+    _, out, events, _ = rqvae_run
+    last_eval = [e for e in events if e.signal == "evaluated" and e.payload["stage"] == "rqvae"][-1]
+    ckpt = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    codes = np.asarray(ckpt["codes"])
+    assert last_eval.payload["metrics"]["collision_rate"] == pytest.approx(metrics.collision_rate(codes))
+    ginis = [metrics.gini(np.bincount(codes[:, i], minlength=16)) for i in range(codes.shape[1])]
+    assert last_eval.payload["metrics"]["gini_coefficient"] == pytest.approx(np.mean(ginis))
+
+
+def test_rqvae_run_directory_holds_config_events_metrics_and_checkpoints(rqvae_run):
+    _, out, events, result = rqvae_run
+    assert (out / "config.yaml").exists()
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {"best.pt", "last.pt"}
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["stage"] == "rqvae" and saved["valid"] == pytest.approx(result["valid"])
+    logged = read_events(out / "events.jsonl")
+    assert [e["signal"] for e in logged] == [e.signal for e in _of_stage(events, "rqvae")]
+
+
+def test_rqvae_stage_reuses_cached_embeddings(rqvae_run, tmp_path):
+    config, _, _, _ = rqvae_run
+    folder = stage_dir(config, "embed", ("embed",))
+    assert (folder / "embeddings.npy").exists()
+    with signals.recording(signals.run_started) as started:
+        run_rqvae(config, output_dir=tmp_path / "again", wandb_mode="disabled")
+    assert [e.payload["stage"] for e in started] == ["rqvae"]  # no second embed run
+
+
+def test_rqvae_wandb_run_holds_every_key_with_the_event_values(rqvae_run):
+    _, out, events, _ = rqvae_run
+    log_file = next((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    records = [json.loads(line) for line in subprocess.run(
+        [WANDB, "leet", "inspect", "--json", str(log_file)], capture_output=True, text=True, check=True,
+    ).stdout.splitlines() if line.strip()]
+    rows = [r["history"]["item"] for r in records if r["type"] == "history"]
+    run = next(r["run"] for r in records if r["type"] == "run")
+    assert run["project"] == "ETEGRec-RQVAE-Pretrain" and run["display_name"] == "structured_layers3_edim16"
+    by_epoch = {}
+    for row in rows:
+        by_epoch.setdefault(row["epoch"], {}).update(row)
+    for e in _of_stage(events, "rqvae"):
+        row = by_epoch[e.payload.get("epoch")] if "epoch" in e.payload else None
+        if e.signal == "epoch_end":
+            assert row["train/loss_total"] == pytest.approx(e.payload["losses"]["loss_total"])
+            assert row["train/loss_recon"] == pytest.approx(e.payload["losses"]["loss_recon"])
+        elif e.signal == "evaluated":
+            assert row["val/collision_rate"] == pytest.approx(e.payload["metrics"]["collision_rate"])
+            assert row["val/gini_coefficient"] == pytest.approx(e.payload["metrics"]["gini_coefficient"])
+        elif e.signal == "codebook_usage":
+            prefix = f"codebook/layer{e.payload['layer']}"
+            assert row[f"{prefix}/utilization"] == pytest.approx(e.payload["utilization"])
+            assert row[f"{prefix}/perplexity"] == pytest.approx(e.payload["perplexity"])
+            assert sum(row[f"{prefix}/usage.values"]) == int(np.sum(e.payload["counts"]))
+    steps = [r["history"]["step"]["num"] for r in records if r["type"] == "history"]
+    assert steps == sorted(steps)  # W&B's own step never goes backwards
+
+
+def test_embed_stage_writes_embeddings_and_test_metrics(rqvae_run):
+    config, _, events, _ = rqvae_run
+    embed = _of_stage(events, "embed")
+    assert embed[0].signal == "run_started" and embed[-1].signal == "run_finished"
+    assert [e.payload["epoch"] for e in embed if e.signal == "epoch_end"] == [0, 1]
+    assert all(e.payload["phase"] == "embed" for e in embed if e.signal == "epoch_end")
+    splits = [e.payload["split"] for e in embed if e.signal == "evaluated"]
+    assert splits == ["valid", "valid", "test"]
+    folder = stage_dir(config, "embed", ("embed",))
+    emb = np.load(folder / "embeddings.npy")
+    items = json.loads((folder / "item_map.json").read_text())["items"]
+    assert emb.shape == (len(items) + 1, config.embed.hidden)
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert set(saved["test"]) == {"recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+    assert saved["test"] == pytest.approx(embed[-2].payload["metrics"])
