@@ -1,0 +1,137 @@
+"""SASRec: the project's sequential baseline and the source of the collaborative item embeddings.
+
+Histories are LEFT-padded with item id 0: the most recent item sits at the last position. Positions
+are counted from the right end (the last position always gets position embedding ``max_len - 1``),
+so a history shorter than ``max_len`` gives the same output as the same history left-padded to
+``max_len``. Padded positions are masked out as attention keys, so the amount of padding never
+changes the outputs at real positions.
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SASRec"]
+
+
+class SASRec(nn.Module):
+    """Causal self-attention next-item model with a tied item embedding table.
+
+    Args:
+        n_items: number of real items; item ids run 1..n_items, 0 is padding.
+        hidden: embedding and model width.
+        n_layers: transformer blocks.
+        n_heads: attention heads per block.
+        dropout: dropout on the input embeddings, attention and feed-forward layers.
+        max_len: longest history the model accepts (positions available).
+        ffn_dim: inner width of the feed-forward layers; ``None`` means ``hidden`` (original SASRec).
+
+    Raises:
+        ValueError: for a non-positive size or a ``hidden`` not divisible by ``n_heads``.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_items: int,
+        hidden: int = 256,
+        n_layers: int = 2,
+        n_heads: int = 2,
+        dropout: float = 0.2,
+        max_len: int = 20,
+        ffn_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("n_items", n_items), ("hidden", hidden), ("n_layers", n_layers),
+                            ("n_heads", n_heads), ("max_len", max_len)):
+            if value < 1:
+                raise ValueError(f"SASRec {name}={value!r} must be a positive integer.")
+        if hidden % n_heads:
+            raise ValueError(
+                f"SASRec hidden={hidden!r} is not divisible by n_heads={n_heads!r}; "
+                "pick a hidden size that is a multiple of n_heads."
+            )
+        self.n_items = n_items
+        self.hidden = hidden
+        self.n_heads = n_heads
+        self.max_len = max_len
+        self.item_emb = nn.Embedding(n_items + 1, hidden, padding_idx=0)
+        self.pos_emb = nn.Embedding(max_len, hidden)
+        self.emb_norm = nn.LayerNorm(hidden)
+        self.emb_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                d_model=hidden,
+                nhead=n_heads,
+                dim_feedforward=ffn_dim or hidden,
+                dropout=dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(n_layers)
+        )
+        self.final_norm = nn.LayerNorm(hidden)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+    def _attention_mask(self, history: torch.Tensor) -> torch.Tensor:
+        # True = may not attend. Real queries see real keys at or before them; a padded query sees
+        # only itself (a fully masked row would give NaN, which would leak through 0 * NaN).
+        batch, length = history.shape
+        causal = torch.ones(length, length, dtype=torch.bool, device=history.device).tril()
+        allowed = causal & (history != 0)[:, None, :]  # (batch, T, T)
+        allowed |= torch.eye(length, dtype=torch.bool, device=history.device)
+        return (~allowed).repeat_interleave(self.n_heads, dim=0)  # (batch * heads, T, T)
+
+    def forward(self, history: torch.Tensor) -> torch.Tensor:
+        """Hidden state at every position of left-padded ``history`` (batch, T), T <= max_len."""
+        if history.dim() != 2 or history.shape[1] > self.max_len:
+            raise ValueError(
+                f"SASRec expects histories of shape (batch, T) with T <= max_len={self.max_len}, "
+                f"got {tuple(history.shape)!r}; truncate to the last {self.max_len} items."
+            )
+        length = history.shape[1]
+        positions = torch.arange(self.max_len - length, self.max_len, device=history.device)
+        x = self.item_emb(history) + self.pos_emb(positions)  # (batch, T, hidden)
+        x = self.emb_dropout(self.emb_norm(x))
+        mask = self._attention_mask(history)
+        for block in self.blocks:
+            x = block(x, src_mask=mask)
+        return self.final_norm(x)  # (batch, T, hidden)
+
+    def item_embeddings(self) -> torch.Tensor:
+        """The item embedding table (n_items + 1, hidden); row 0 is padding."""
+        return self.item_emb.weight
+
+    def _logits(self, states: torch.Tensor) -> torch.Tensor:
+        logits = states @ self.item_emb.weight.T  # (..., n_items + 1)
+        logits[..., 0] = float("-inf")
+        return logits
+
+    def score(self, history: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, n_items + 1) of the next item after each history; column 0 is -inf."""
+        return self._logits(self.forward(history)[:, -1])
+
+    def window_loss(self, seq: torch.Tensor) -> torch.Tensor:
+        """Mean full-softmax cross-entropy of every next item inside left-padded windows.
+
+        ``seq`` (batch, T + 1) holds T + 1 consecutive items; position t predicts ``seq[:, t + 1]``
+        from ``seq[:, :t + 1]``. Targets that are padding, and targets whose input is padding (an
+        empty history), are ignored.
+        """
+        inputs, targets = seq[:, :-1], seq[:, 1:]  # (batch, T) each
+        targets = targets.masked_fill(inputs == 0, 0)
+        logits = self._logits(self.forward(inputs))  # (batch, T, n_items + 1)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0)

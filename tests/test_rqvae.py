@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from etegrec.models import RQVAE, ResidualQuantizer, VectorQuantizer, kmeans
+
+torch.set_num_threads(1)
+
+
+def _tiny(**overrides) -> RQVAE:
+    kwargs = dict(in_dim=16, hidden_dims=(12, 8), e_dim=4, num_layers=3, codebook_size=8)
+    kwargs.update(overrides)
+    return RQVAE(**kwargs)
+
+
+def test_codes_lie_in_codebook_range():
+    torch.manual_seed(0)
+    out = _tiny(codebook_size=[8, 5, 3], num_layers=None)(torch.randn(32, 16))
+    assert out.codes.dtype == torch.long
+    assert out.codes.shape == (32, 3)
+    for layer, size in enumerate([8, 5, 3]):
+        assert out.codes[:, layer].min() >= 0
+        assert out.codes[:, layer].max() < size
+
+
+def test_codes_to_quantized_matches_forward_in_eval():
+    torch.manual_seed(0)
+    model = _tiny()
+    model.kmeans_init_from(torch.randn(64, 16))
+    model.eval()
+    out = model(torch.randn(10, 16))
+    assert torch.allclose(model.codes_to_quantized(out.codes), out.quantized, atol=1e-5)
+
+
+def test_straight_through_gradient_reaches_encoder():
+    torch.manual_seed(0)
+    model = _tiny()
+    model(torch.randn(8, 16)).recon_loss.backward()
+    first_linear = model.encoder[0]
+    assert first_linear.weight.grad is not None
+    assert first_linear.weight.grad.abs().sum() > 0
+
+
+def test_logits_are_negative_distances_and_argmax_is_the_code():
+    torch.manual_seed(0)
+    model = _tiny()
+    model.kmeans_init_from(torch.randn(64, 16))
+    out = model(torch.randn(10, 16))
+    residual = out.latent.detach()
+    for layer, logits in zip(model.quantizer.layers, out.logits):
+        expected = -torch.cdist(residual, layer.codebook.detach()).pow(2)
+        assert torch.allclose(logits.detach(), expected, atol=1e-4)
+        residual = residual - layer.codebook.detach()[logits.argmax(dim=1)]
+    assert torch.equal(torch.stack([lg.argmax(dim=1) for lg in out.logits], dim=1), out.codes)
+
+
+def test_depth_and_sizes_are_configurable():
+    model = _tiny(num_layers=None, codebook_size=[4, 6])
+    assert model.code_length == 2
+    assert model.codebook_size == 6
+    assert [layer.codebook_size for layer in model.quantizer.layers] == [4, 6]
+    assert all(layer.is_quantizer for layer in model.quantizer.layers)
+
+
+def test_mismatched_layer_count_is_an_error():
+    with pytest.raises(ValueError, match="num_layers=3"):
+        ResidualQuantizer(num_layers=3, codebook_size=[4, 6], dim=4)
+
+
+def test_wrong_input_dim_names_expected_dim():
+    with pytest.raises(ValueError, match=r"\(batch, 16\)"):
+        _tiny()(torch.randn(2, 15))
+
+
+def test_kmeans_init_with_as_many_points_as_codes_uses_the_points():
+    torch.manual_seed(0)
+    data = torch.randn(8, 4) * 10
+    vq = VectorQuantizer(codebook_size=8, dim=4, kmeans_init=True)
+    vq.init_from(data)
+    assert bool(vq.initted)
+    matched = torch.cdist(vq.codebook.detach(), data).min(dim=1).values
+    assert torch.all(matched < 1e-4)
+    assert len({tuple(row.tolist()) for row in vq.codebook.detach()}) == 8
+
+
+def test_kmeans_with_fewer_points_than_codes_samples_points():
+    torch.manual_seed(0)
+    data = torch.randn(3, 4)
+    centers = kmeans(data, 8, iters=5)
+    assert torch.all(torch.cdist(centers, data).min(dim=1).values < 1e-5)
+
+
+def test_kmeans_centers_stay_inside_data_bounds():
+    torch.manual_seed(0)
+    data = torch.rand(200, 3)
+    centers = kmeans(data, 16, iters=5)
+    assert torch.all(centers >= data.min(dim=0).values - 1e-6)
+    assert torch.all(centers <= data.max(dim=0).values + 1e-6)
+
+
+def test_kmeans_is_deterministic_given_seed():
+    data = torch.rand(50, 3, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    first = kmeans(data, 5)
+    torch.manual_seed(7)
+    assert torch.equal(kmeans(data, 5), first)
+
+
+def test_first_training_forward_initialises_codebooks():
+    torch.manual_seed(0)
+    model = _tiny()
+    assert not any(bool(layer.initted) for layer in model.quantizer.layers)
+    model(torch.randn(32, 16))
+    assert all(bool(layer.initted) for layer in model.quantizer.layers)
+
+
+def test_eval_forward_does_not_initialise_codebooks():
+    model = _tiny().eval()
+    model(torch.randn(4, 16))
+    assert not bool(model.quantizer.layers[0].initted)
+
+
+def test_kmeans_init_from_sets_every_layer():
+    torch.manual_seed(0)
+    model = _tiny()
+    model.kmeans_init_from(torch.randn(64, 16))
+    assert all(bool(layer.initted) for layer in model.quantizer.layers)
+    assert model.training
+
+
+def test_loss_is_recon_plus_quant():
+    torch.manual_seed(0)
+    out = _tiny()(torch.randn(8, 16))
+    assert torch.allclose(out.loss, out.recon_loss + out.quant_loss)
+    assert out.commit_loss is out.quant_loss

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from etegrec.models import SASRec
+
+torch.set_num_threads(1)
+
+
+def _tiny(**overrides) -> SASRec:
+    kwargs = dict(n_items=30, hidden=16, n_layers=2, n_heads=2, dropout=0.0, max_len=6)
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return SASRec(**kwargs).eval()
+
+
+def test_output_shapes():
+    model = _tiny()
+    history = torch.tensor([[0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])
+    assert model(history).shape == (2, 6, 16)
+    assert model.score(history).shape == (2, 31)
+    assert model.item_embeddings().shape == (31, 16)
+
+
+def test_later_items_do_not_change_earlier_positions():
+    model = _tiny()
+    history = torch.tensor([[0, 1, 2, 3, 4, 5]])
+    changed = history.clone()
+    changed[0, -1] = 9
+    with torch.no_grad():
+        a, b = model(history), model(changed)
+    assert torch.allclose(a[:, :-1], b[:, :-1], atol=1e-6)
+    assert not torch.allclose(a[:, -1], b[:, -1])
+
+
+def test_more_left_padding_does_not_change_last_output():
+    model = _tiny()
+    with torch.no_grad():
+        short = model(torch.tensor([[0, 7, 8, 9]]))[:, -1]
+        padded = model(torch.tensor([[0, 0, 0, 7, 8, 9]]))[:, -1]
+    assert torch.allclose(short, padded, atol=1e-5)
+
+
+def test_score_column_zero_is_minus_inf():
+    scores = _tiny().score(torch.tensor([[0, 0, 0, 1, 2, 3]]))
+    assert torch.isneginf(scores[:, 0]).all()
+    assert torch.isfinite(scores[:, 1:]).all()
+
+
+def test_window_loss_decreases_when_overfitting():
+    model = _tiny().train()
+    windows = torch.tensor([[0, 0, 1, 2, 3, 4, 5], [0, 6, 7, 8, 9, 10, 11]])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = model.window_loss(windows)
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = model.window_loss(windows)
+        loss.backward()
+        optimizer.step()
+    assert model.window_loss(windows).item() < 0.5 * first.item()
+
+
+def test_window_loss_ignores_targets_after_padding():
+    model = _tiny()
+    full = torch.tensor([[0, 0, 0, 0, 0, 1, 2]])
+    # Only 1 -> 2 is a target; changing the first item's padding-predicted target has no effect.
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model.score(full[:, :-1]), full[:, -1])
+        assert torch.allclose(model.window_loss(full), expected, atol=1e-6)
+
+
+def test_history_longer_than_max_len_is_an_error():
+    with pytest.raises(ValueError, match="max_len=6"):
+        _tiny()(torch.ones(1, 7, dtype=torch.long))
+
+
+def test_hidden_not_divisible_by_heads_is_an_error():
+    with pytest.raises(ValueError, match="hidden=15"):
+        SASRec(n_items=5, hidden=15, n_heads=2)
