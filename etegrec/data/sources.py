@@ -96,13 +96,20 @@ def _source_digest(path: Path) -> str:
 
 
 def _save(data: SequenceData, folder: Path) -> None:
-    tmp = folder.with_name(folder.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # one temporary folder per process: every rank of a multi-process run may prepare at once
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
     arrays = {k: v for k, v in data.__dict__.items() if isinstance(v, np.ndarray)}
     np.savez(tmp / "data.npz", **arrays)
     (tmp / "item_map.json").write_text(json.dumps({"name": data.name, "items": list(data.item_map)}))
     (tmp / "stats.json").write_text(json.dumps(data.stats(), indent=2))
-    tmp.replace(folder)  # a crash before this line leaves no half-written cache behind
+    try:
+        tmp.replace(folder)  # a crash before this line leaves no half-written cache behind
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "data.npz").exists():
+            raise
+        # another process saved the same preparation first; keep its copy
 
 
 def _load(folder: Path) -> SequenceData:
@@ -147,7 +154,7 @@ def load_dataset(dataset: str = "ml-100k", *, data_path: str | Path | None = Non
         data = prepare_interactions(inter, name=dataset, min_count=min_count,
                                     max_his_len=max_his_len, source=str(source))
     if use_cache:
-        if folder.exists():  # an unusable leftover; replace it
-            shutil.rmtree(folder)
+        if folder.exists() and not (folder / "data.npz").exists():  # an unusable leftover; replace it
+            shutil.rmtree(folder, ignore_errors=True)
         _save(data, folder)
     return data

@@ -1,0 +1,46 @@
+"""Shared test setup: strict signals, an isolated data cache per test, and a small dataset.
+
+Set at import so that subprocesses started by the tests inherit them too.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["ETEGREC_STRICT_SIGNALS"] = "1"  # a raising subscriber fails the test instead of being logged
+os.environ.setdefault("WANDB_MODE", "offline")  # nothing ever tries the network
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def etegrec_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point the data cache at a fresh folder, never the user's real ``~/.cache/etegrec``."""
+    home = tmp_path / "etegrec-home"
+    monkeypatch.setenv("ETEGREC_HOME", str(home))
+    return home
+
+
+def write_synthetic_inter(path: Path) -> Path:
+    """Write the deterministic synthetic RecBole ``.inter`` file to ``path`` (see ``inter_file``)."""
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for u in range(30):
+        for k in range(6 + u % 5):
+            item = (5 * u + 7 * k) % 12  # 7 is coprime to 12: a user's items are distinct
+            rating = 1 + (u + k) % 5
+            timestamp = 1_600_000_000 + 3_600 * k + 17 * u  # chronological within each user
+            lines.append(f"u{u}\ti{item}\t{rating}\t{timestamp}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def inter_file(tmp_path: Path) -> Path:
+    """A small RecBole atomic ``.inter`` file with timestamps, in chronological order per user.
+
+    30 users (``u0``..``u29``, user u has 6 + u % 5 interactions), 12 items (``i0``..``i11``, each
+    used at least 16 times), 240 interactions: everything survives the 5-core filter, giving
+    240 - 3 * 30 = 150 training samples and 30 validation and test samples.
+    """
+    return write_synthetic_inter(tmp_path / "synthetic.inter")

@@ -1,0 +1,351 @@
+"""The event log, the console subscriber and ``--subscriber`` resolution."""
+from __future__ import annotations
+
+import gc
+import io
+import json
+import math
+import sys
+import textwrap
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from etegrec import signals
+from etegrec.hooks import (
+    ConsoleSubscriber,
+    EventLog,
+    FunctionSubscriber,
+    Subscriber,
+    SubscriberError,
+    read_events,
+    resolve_subscriber,
+)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_receivers():
+    """Disconnect whatever a test left connected, so signals stay clean for the next one."""
+    before = {sig: set(sig.receivers) for sig in signals.ALL_SIGNALS}
+    yield
+    for sig, ids in before.items():
+        for rid in set(sig.receivers) - ids:
+            receiver = sig.receivers[rid]
+            receiver = receiver() if isinstance(receiver, weakref.ref) else receiver
+            if receiver is not None:
+                sig.disconnect(receiver)
+
+
+@pytest.fixture
+def write_module(tmp_path, monkeypatch, request):
+    """Write ``name.py`` into an importable folder; it is forgotten by ``sys.modules`` afterwards."""
+    folder = tmp_path / "user_code"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+
+    def write(name: str, source: str) -> Path:
+        path = folder / f"{name}.py"
+        path.write_text(textwrap.dedent(source))
+        request.addfinalizer(lambda: sys.modules.pop(name, None))
+        return path
+    return write
+
+
+EPOCH_END = {"stage": "rec", "phase": "rec", "epoch": 2, "losses": {"total": 0.5}, "lr": {"rec": 1e-3},
+             "seconds": 1.5, "samples_per_second": 1000.0}
+
+
+# --------------------------------------------------------------------------------------- EventLog
+
+@pytest.fixture
+def event_log(tmp_path):
+    log = EventLog(tmp_path / "run" / "events.jsonl", rank=0)
+    log.start()
+    log.connect()
+    yield log
+    log.disconnect()
+    log.finish()
+
+
+def lines_of(log: EventLog) -> list[str]:
+    return log.path.read_text().splitlines()
+
+
+def test_event_log_writes_one_line_per_signal(event_log):
+    signals.run_started.send(None, stage="rec", config={}, run_dir="r", rank=0, world_size=1)
+    signals.epoch_end.send(None, **EPOCH_END)
+    signals.run_finished.send(None, stage="rec", best_metrics={}, best_checkpoint=None, seconds=1.0)
+
+    assert [json.loads(line)["signal"] for line in lines_of(event_log)] == ["run_started", "epoch_end", "run_finished"]
+
+
+def test_event_log_line_is_signal_time_rank_then_payload(tmp_path):
+    log = EventLog(tmp_path / "events.jsonl", rank=3)
+    with log:
+        signals.epoch_end.send(None, **EPOCH_END)
+
+    record = json.loads(lines_of(log)[0])
+    assert list(record)[:3] == ["signal", "time", "rank"]
+    assert record["signal"] == "epoch_end"
+    assert record["rank"] == 3
+    assert isinstance(record["time"], float)
+    assert {k: v for k, v in record.items() if k not in ("signal", "time", "rank")} == EPOCH_END
+
+
+def test_event_log_is_flushed_per_line_before_finish(event_log):
+    signals.epoch_end.send(None, **EPOCH_END)
+
+    assert len(lines_of(event_log)) == 1  # read while the file is still open
+
+
+def test_event_log_converts_numpy_and_torch_values(event_log):
+    signals.codebook_usage.send(
+        None, stage="rqvae", epoch=np.int64(4), layer=0, counts=np.arange(4, dtype=np.int32),
+        utilization=np.float32(0.75), perplexity=torch.tensor(2.5), gini=np.float64(0.25),
+        dead_codes=torch.tensor([1, 0]), codes=np.array([[1, 2], [3, 4]]),
+        weights=torch.ones(2, requires_grad=True), flag=np.bool_(True))
+
+    record = json.loads(lines_of(event_log)[0])
+    assert record["epoch"] == 4
+    assert record["counts"] == [0, 1, 2, 3]
+    assert record["utilization"] == 0.75
+    assert record["perplexity"] == 2.5
+    assert record["gini"] == 0.25
+    assert record["dead_codes"] == [1, 0]
+    assert record["codes"] == [[1, 2], [3, 4]]
+    assert record["weights"] == [1.0, 1.0]
+    assert record["flag"] is True
+
+
+def test_event_log_writes_non_finite_floats_as_strings(event_log):
+    signals.epoch_end.send(None, **{**EPOCH_END, "losses": {"nan": math.nan, "inf": np.float32(np.inf),
+                                                           "neg": -math.inf, "arr": np.array([1.0, np.nan])}})
+
+    line = lines_of(event_log)[0]
+    record = json.loads(line)  # strict JSON parsers reject bare NaN and Infinity
+    assert record["losses"] == {"nan": "nan", "inf": "inf", "neg": "-inf", "arr": [1.0, "nan"]}
+    assert "NaN" not in line and "Infinity" not in line
+
+
+def test_read_events_skips_a_torn_last_line(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"signal": "run_started"}\n{"signal": "epoch_end"}\n{"signal": "epo')
+
+    assert read_events(path) == [{"signal": "run_started"}, {"signal": "epoch_end"}]
+
+
+def test_read_events_raises_on_a_malformed_middle_line(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"signal": "run_started"}\n{"signal": \n{"signal": "epoch_end"}\n')
+
+    with pytest.raises(ValueError, match=r"events\.jsonl: line 2 is not valid JSON"):
+        read_events(path)
+
+
+def test_read_events_reads_back_what_the_event_log_wrote(event_log):
+    signals.epoch_end.send(None, **EPOCH_END)
+    signals.epoch_end.send(None, **{**EPOCH_END, "epoch": 3})
+
+    assert [e["epoch"] for e in read_events(event_log.path)] == [2, 3]
+
+
+# --------------------------------------------------------------------------------------- console
+
+CONSOLE_EVENTS = [
+    (signals.run_started, {"stage": "rec", "config": {}, "run_dir": "runs/x", "rank": 0, "world_size": 2}),
+    (signals.epoch_end, EPOCH_END),
+    (signals.codes_assigned, {"epoch": 2, "codes": np.zeros((5, 4), dtype=np.int64), "use_forge": True,
+                              "policy": "sorted", "max_conflict": 12, "max_conflict_before": 40,
+                              "collision_rate": 0.02, "changed": 3, "seconds": 0.1}),
+    (signals.evaluated, {"stage": "rec", "split": "valid", "epoch": 2, "metrics": {"ndcg@10": 0.05}}),
+    (signals.codebook_usage, {"stage": "rqvae", "epoch": 2, "layer": 1, "counts": np.ones(8),
+                              "utilization": 1.0, "perplexity": 8.0, "gini": 0.0, "dead_codes": 0}),
+    (signals.checkpoint_saved, {"stage": "rec", "epoch": 2, "path": "ckpt/best.pt", "is_best": True}),
+    (signals.run_finished, {"stage": "rec", "status": "completed", "best_metrics": {"ndcg@10": 0.05},
+                            "best_checkpoint": "ckpt/best.pt", "seconds": 9.0}),
+]
+
+
+def test_console_prints_one_line_per_event():
+    out = io.StringIO()
+    with ConsoleSubscriber(file=out):
+        for sig, payload in CONSOLE_EVENTS:
+            sig.send(None, **payload)
+
+    lines = out.getvalue().splitlines()
+    assert len(lines) == len(CONSOLE_EVENTS)
+    assert "max_conflict 12 (before FORGE 40)" in lines[2]
+    assert "valid @ epoch 2: ndcg@10=0.05" in lines[3]
+
+
+def test_console_without_codebooks_skips_codebook_lines():
+    out = io.StringIO()
+    with ConsoleSubscriber(file=out, codebooks=False):
+        sig, payload = CONSOLE_EVENTS[4]
+        sig.send(None, **payload)
+
+    assert out.getvalue() == ""
+
+
+# -------------------------------------------------------------------------------------- resolver
+
+PROBE_SOURCE = """
+    RECEIVED = []
+
+    class Probe:
+        def on_epoch_end(self, sender, *, epoch, **extra):
+            RECEIVED.append(epoch)
+"""
+
+
+def test_resolves_module_colon_class(write_module):
+    write_module("probe_cls", PROBE_SOURCE)
+
+    with resolve_subscriber("probe_cls:Probe"):
+        signals.epoch_end.send(None, **EPOCH_END)
+
+    assert sys.modules["probe_cls"].RECEIVED == [2]
+
+
+def test_resolves_a_subscriber_subclass_as_is(write_module):
+    write_module("probe_sub", """
+        from etegrec.hooks import Subscriber
+
+        class Probe(Subscriber):
+            main_process_only = True
+    """)
+
+    sub = resolve_subscriber("probe_sub:Probe")
+
+    assert type(sub).__name__ == "Probe"
+    assert sub.main_process_only
+
+
+def test_resolves_a_file_path_spec(tmp_path, request):
+    path = tmp_path / "probe_file.py"
+    path.write_text(textwrap.dedent(PROBE_SOURCE))
+    request.addfinalizer(lambda: sys.modules.pop("probe_file", None))
+
+    sub = resolve_subscriber(f"{path}:Probe")
+    with sub:
+        signals.epoch_end.send(None, **EPOCH_END)
+
+    assert sub.obj.on_epoch_end.__globals__["RECEIVED"] == [2]
+
+
+def test_plain_function_receives_every_signal_with_its_name(write_module):
+    write_module("probe_fn", """
+        CALLS = []
+
+        def record(sender, *, signal, **payload):
+            CALLS.append((signal, payload))
+    """)
+    sub = resolve_subscriber("probe_fn:record")
+
+    with sub:
+        signals.evaluated.send(None, stage="rec", split="valid", epoch=1, metrics={"ndcg@10": 0.1})
+        signals.checkpoint_saved.send(None, stage="rec", epoch=1, path="p", is_best=False)
+
+    assert isinstance(sub, FunctionSubscriber)
+    assert sys.modules["probe_fn"].CALLS == [
+        ("evaluated", {"stage": "rec", "split": "valid", "epoch": 1, "metrics": {"ndcg@10": 0.1}}),
+        ("checkpoint_saved", {"stage": "rec", "epoch": 1, "path": "p", "is_best": False}),
+    ]
+
+
+def test_object_with_on_signal_methods_is_adapted_with_start_and_finish(write_module):
+    write_module("probe_obj", """
+        class Watch:
+            main_process_only = True
+
+            def __init__(self):
+                self.seen = []
+
+            def start(self):
+                self.seen.append("start")
+
+            def on_evaluated(self, sender, *, split, **extra):
+                self.seen.append(split)
+
+            def finish(self, status):
+                self.seen.append(status)
+
+        watch = Watch()
+    """)
+    sub = resolve_subscriber("probe_obj:watch")
+
+    with sub:
+        signals.evaluated.send(None, stage="rec", split="test", epoch=1, metrics={})
+
+    assert sys.modules["probe_obj"].watch.seen == ["start", "test", "completed"]
+    assert sub.main_process_only
+
+
+def test_zero_argument_factory_is_called_once(write_module):
+    write_module("probe_factory", PROBE_SOURCE + """
+    MADE = []
+
+    def make():
+        MADE.append(1)
+        return Probe()
+""")
+
+    with resolve_subscriber("probe_factory:make"):
+        signals.epoch_end.send(None, **EPOCH_END)
+
+    module = sys.modules["probe_factory"]
+    assert module.MADE == [1]
+    assert module.RECEIVED == [2]
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("probe_missing_colon", r"--subscriber 'probe_missing_colon' is not of the form MODULE:CALLABLE"),
+    ("probe_module_that_does_not_exist:fn",
+     r"cannot import module 'probe_module_that_does_not_exist' .*is it on PYTHONPATH\?"),
+    ("probe_attrs:nope", r"module 'probe_attrs' has no attribute 'nope'"),
+    ("probe_attrs:VALUE", r"'VALUE' gives a int, which is neither callable nor has on_<signal> methods"),
+    ("no/such/file.py:fn", r"file 'no/such/file.py' does not exist"),
+])
+def test_bad_subscriber_spec_is_a_clear_error(write_module, spec, message):
+    write_module("probe_attrs", "VALUE = 42\n")
+
+    with pytest.raises(SubscriberError, match=message):
+        resolve_subscriber(spec)
+
+
+def test_resolved_subscriber_is_held_strongly(write_module):
+    write_module("probe_closure", """
+        RECEIVED = []
+
+        def make():
+            def on_any(sender, *, signal, **payload):  # reachable only through the subscriber
+                RECEIVED.append(signal)
+            return on_any
+    """)
+    sub = resolve_subscriber("probe_closure:make").connect()
+    closure, holder = weakref.ref(sub.fn), weakref.ref(sub)
+    del sub
+    gc.collect()
+
+    signals.epoch_end.send(None, **EPOCH_END)
+
+    assert closure() is not None
+    assert sys.modules["probe_closure"].RECEIVED == ["epoch_end"]
+    holder().disconnect()
+
+
+def test_subscriber_connects_its_on_signal_methods_strongly():
+    seen = []
+
+    class Probe(Subscriber):
+        def on_epoch_end(self, sender, *, epoch, **extra):
+            seen.append(epoch)
+    Probe().connect()
+    gc.collect()
+
+    signals.epoch_end.send(None, **EPOCH_END)
+
+    assert seen == [2]
