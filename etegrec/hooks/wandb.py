@@ -214,6 +214,7 @@ class WandbSubscriber(Subscriber):
         self.finish_timeout = finish_timeout
         self.run = None  # the wandb Run, on the main process once started
         self._logging = False
+        self._pending: list[tuple[int, dict, dict]] = []  # codebook rows waiting for their epoch_end
 
     # lifecycle
 
@@ -258,6 +259,7 @@ class WandbSubscriber(Subscriber):
         Bounded by ``finish_timeout``; safe to call twice; never raises.
         """
         self.disconnect()
+        self._flush_pending()
         run, self.run, self._logging = self.run, None, False
         if run is None:
             return
@@ -289,12 +291,13 @@ class WandbSubscriber(Subscriber):
         if stage != self.stage:
             return
         prefix = f"codebook/layer{layer}"
-        self._log(epoch, {
+        # held back and sent with this epoch's epoch_end row: one W&B call per epoch, not one per layer
+        self._pending.append((int(epoch), {
             f"{prefix}/utilization": float(utilization),
             f"{prefix}/perplexity": float(perplexity),
             f"{prefix}/gini": float(gini),
             f"{prefix}/dead_codes": int(dead_codes),
-        }, histograms={f"{prefix}/usage": usage_histogram(counts)})
+        }, {f"{prefix}/usage": usage_histogram(counts)}))
 
     def on_run_finished(self, sender, *, stage, status="completed", best_metrics=None, **extra):
         if stage != self.stage:
@@ -309,7 +312,25 @@ class WandbSubscriber(Subscriber):
     def _log(self, epoch: int, scalars: dict[str, float],
              histograms: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         if not self._logging:
+            self._pending.clear()
             return
+        histograms = dict(histograms or {})
+        for pending_epoch, pending_scalars, pending_histograms in self._pending:
+            if pending_epoch == epoch:
+                scalars = {**pending_scalars, **scalars}
+                histograms.update(pending_histograms)
+            else:  # no epoch_end came for that epoch: send it on its own
+                self._send(pending_epoch, pending_scalars, pending_histograms)
+        self._pending.clear()
+        self._send(epoch, scalars, histograms)
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            epoch = self._pending[-1][0]
+            self._log(epoch, {})
+
+    def _send(self, epoch: int, scalars: dict[str, float],
+              histograms: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
         row = {"epoch": int(epoch), **scalars}
 
         def send():
