@@ -30,6 +30,8 @@ def to_jsonable(value: Any) -> Any:
         if value.size > MAX_LIST_ELEMENTS:
             return {"shape": list(value.shape), "dtype": str(value.dtype),
                     "min": to_jsonable(value.min()), "max": to_jsonable(value.max())}
+        if value.dtype.kind in "iub" or (value.dtype.kind == "f" and np.isfinite(value).all()):
+            return value.tolist()  # already plain ints/floats/bools: no per-element pass
         return to_jsonable(value.tolist())
     if isinstance(value, np.generic):
         value = value.item()
