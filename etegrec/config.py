@@ -22,7 +22,9 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EmbedConfig",
+    "JointConfig",
     "RQVAEConfig",
+    "RecommenderConfig",
     "RunConfig",
     "TokenizerConfig",
     "load_config",
@@ -87,6 +89,53 @@ class RQVAEConfig:
 
 
 @dataclass
+class RecommenderConfig:
+    """The T5 generative recommender (paper: 6+6 layers, d_model 128, d_ff 512, 4 heads, d_kv 64)."""
+
+    num_layers: int = 2
+    num_decoder_layers: int = 2
+    d_model: int = 128
+    d_ff: int = 512
+    num_heads: int = 4
+    d_kv: int = 64
+    dropout: float = 0.1
+    feed_forward_proj: str = "relu"
+
+
+@dataclass
+class JointConfig:
+    """Joint training: alternating tokenizer (id) and recommender (rec) epochs, then fine-tuning."""
+
+    epochs: int = 12
+    cycle: int = 2  # C: one id epoch then C - 1 rec epochs
+    warm_epoch: int = 2  # alignment losses off for the first warm_epoch epochs
+    batch_size: int = 256
+    sample_fraction: float = 1.0  # share of the training samples drawn per epoch
+    lr_rec: float = 5e-3
+    lr_id: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay, per optimiser
+    max_grad_norm: float = 1.0
+    id_vq_weight: float = 1.0
+    id_code_weight: float = 1.0
+    id_kl_weight: float = 1e-4
+    id_dec_cl_weight: float = 3e-4
+    rec_code_weight: float = 1.0
+    rec_kl_weight: float = 1e-4
+    rec_dec_cl_weight: float = 3e-4
+    cl_temperature: float = 0.07
+    use_forge: bool = True
+    forge_policy: str = "round_robin"
+    eval_step: int = 1
+    patience: int = 5
+    beam_size: int = 20
+    top_k: int = 10
+    constrained: bool = True
+    eval_batch_size: int = 256
+    finetune_epochs: int = 0
+
+
+@dataclass
 class RunConfig:
     seed: int = 2024
     name: str = "experiment"
@@ -100,6 +149,8 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     rqvae: RQVAEConfig = field(default_factory=RQVAEConfig)
+    recommender: RecommenderConfig = field(default_factory=RecommenderConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,16 +177,30 @@ class Config:
         for key in self.keys():
             section, name = key.split(".")
             value = getattr(getattr(self, section), name)
-            positive = any(name.startswith(p) or name.endswith(p) for p in
-                           ("batch_size", "epochs", "hidden", "n_layers", "n_heads", "e_dim", "num_layers",
-                            "codebook_size", "max_his_len", "min_count", "eval_step", "patience", "max_users"))
-            if positive and value is not None and (isinstance(value, (int, float)) and value <= 0):
+            if name in _POSITIVE and value is not None and value <= 0:
                 raise ConfigError(f"config key {key!r} must be positive, got {value!r}")
-            if name in ("lr", "dropout", "beta", "weight_decay") and value < 0:
+            if name in _NON_NEGATIVE and value < 0:
                 raise ConfigError(f"config key {key!r} must not be negative, got {value!r}")
             if name == "hidden_dims" and (not value or any(v <= 0 for v in value)):
                 raise ConfigError(f"config key {key!r} must be a non-empty list of positive sizes, got {value!r}")
+        if not 0 < self.joint.sample_fraction <= 1:
+            raise ConfigError(f"config key 'joint.sample_fraction' must be in (0, 1], got {self.joint.sample_fraction!r}")
+        if self.joint.top_k > self.joint.beam_size:
+            raise ConfigError(f"config key 'joint.top_k' ({self.joint.top_k}) must not exceed joint.beam_size "
+                              f"({self.joint.beam_size})")
         return self
+
+
+_POSITIVE = {
+    "min_count", "max_his_len", "max_users", "hidden", "n_layers", "n_heads", "batch_size", "epochs", "patience",
+    "eval_step", "e_dim", "num_layers", "codebook_size", "num_decoder_layers", "d_model", "d_ff", "num_heads",
+    "d_kv", "cycle", "sample_fraction", "cl_temperature", "beam_size", "top_k", "eval_batch_size",
+}
+_NON_NEGATIVE = {
+    "lr", "lr_rec", "lr_id", "weight_decay", "dropout", "beta", "warm_epoch", "warmup_epochs", "max_grad_norm",
+    "finetune_epochs", "log_every", "num_threads", "id_vq_weight", "id_code_weight", "id_kl_weight",
+    "id_dec_cl_weight", "rec_code_weight", "rec_kl_weight", "rec_dec_cl_weight",
+}
 
 
 def _section_names() -> set[str]:

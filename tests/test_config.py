@@ -1,0 +1,66 @@
+"""Named configs, YAML files and --set overrides."""
+from __future__ import annotations
+
+import pytest
+
+from etegrec.config import ConfigError, load_config, named_configs
+
+
+def test_packaged_configs_are_ml100k_paper_and_tiny():
+    assert {"ml-100k", "paper", "tiny"} <= set(named_configs())
+
+
+def test_paper_config_has_the_paper_model_sizes():
+    c = load_config("paper")
+    r = c.recommender
+    assert (r.num_layers, r.num_decoder_layers, r.d_model, r.d_ff, r.num_heads, r.d_kv) == (6, 6, 128, 512, 4, 64)
+    assert (c.tokenizer.num_layers, c.tokenizer.codebook_size, c.tokenizer.e_dim) == (3, 256, 128)
+    assert c.tokenizer.hidden_dims == [512, 256]
+
+
+def test_set_overrides_a_key_with_a_yaml_typed_value():
+    c = load_config("tiny", ["rqvae.lr=2e-3", "tokenizer.hidden_dims=[8, 4]", "data.max_users=null"])
+    assert c.rqvae.lr == 2e-3 and c.tokenizer.hidden_dims == [8, 4] and c.data.max_users is None
+
+
+def test_an_int_is_accepted_for_a_float_key_and_stored_as_float():
+    assert load_config("tiny", ["rqvae.lr=1"]).rqvae.lr == 1.0
+
+
+def test_unknown_key_lists_close_matches_and_the_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key 'rqvae\.lrr'; did you mean rqvae\.lr.*valid keys: "):
+        load_config("tiny", ["rqvae.lrr=1"])
+
+
+def test_wrong_type_names_the_key_and_the_expected_type():
+    with pytest.raises(ConfigError, match=r"'embed\.epochs' expects int, got 'many'"):
+        load_config("tiny", ["embed.epochs=many"])
+
+
+def test_non_positive_size_is_an_error():
+    with pytest.raises(ConfigError, match=r"'tokenizer\.codebook_size' must be positive, got 0"):
+        load_config("tiny", ["tokenizer.codebook_size=0"])
+
+
+def test_override_without_equals_sign_is_an_error():
+    with pytest.raises(ConfigError, match="not of the form section.key=value"):
+        load_config("tiny", ["rqvae.lr"])
+
+
+def test_yaml_file_with_an_unknown_key_names_the_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("rqvae:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml: unknown config key 'rqvae\.learning_rate'"):
+        load_config(str(path))
+
+
+def test_missing_config_names_the_packaged_ones():
+    with pytest.raises(ConfigError, match=r"'nope' is neither a packaged config \(.*tiny.*\) nor an existing YAML"):
+        load_config("nope")
+
+
+def test_yaml_file_sections_override_only_what_they_name(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("embed:\n  epochs: 7\n")
+    c = load_config(str(path))
+    assert c.embed.epochs == 7 and c.embed.hidden == 256
