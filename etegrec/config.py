@@ -215,6 +215,11 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
             return None
         hint = next(a for a in args if a is not type(None))
     origin_type = typing.get_origin(hint) or hint
+    if origin_type is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     ok = (isinstance(value, bool) if origin_type is bool
           else isinstance(value, (int, float)) and not isinstance(value, bool) if origin_type is float
           else isinstance(value, int) and not isinstance(value, bool) if origin_type is int
