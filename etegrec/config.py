@@ -74,6 +74,7 @@ class TokenizerConfig:
     beta: float = 0.25
     dropout: float = 0.0
     kmeans_init: bool = True
+    standardize: bool = True  # feed the tokenizer z-scored item embeddings (each dimension mean 0, std 1)
 
 
 @dataclass

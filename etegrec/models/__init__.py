@@ -15,6 +15,8 @@ from etegrec.models.rqvae import (
     kmeans,
 )
 from etegrec.models.sasrec import SASRec
+from etegrec.models.recommender import DecoderCache, RecommenderOutput, T5Recommender, code_loss
+from etegrec.models.beam import BeamSearchOutput, CodeTrie, beam_search
 
 __all__ = [
     "QuantizerOutput",
@@ -25,4 +27,11 @@ __all__ = [
     "SASRec",
     "VectorQuantizer",
     "kmeans",
+    "BeamSearchOutput",
+    "CodeTrie",
+    "DecoderCache",
+    "RecommenderOutput",
+    "T5Recommender",
+    "beam_search",
+    "code_loss",
 ]

@@ -342,6 +342,21 @@ class RQVAE(nn.Module):
         """Reconstruction (batch, in_dim) from codes (batch, num_layers)."""
         return self.decode(self.codes_to_quantized(codes))
 
+    def code_logits(self, latent: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer code logits (negative squared distances) of latents (batch, e_dim).
+
+        Residual quantization of an arbitrary latent, e.g. a recommender's projected sequence
+        state (ETEGRec's sequence-item alignment), without the quantizer layers' forward: no
+        codebook initialisation, no loss, and forward hooks do not count it as code usage.
+        Gradients reach ``latent`` and the codebooks through the distances.
+        """
+        logits, residual = [], latent
+        for layer in self.quantizer.layers:
+            distances = layer.distances(residual)  # (batch, K)
+            logits.append(-distances)
+            residual = residual - layer.codebook[distances.detach().argmin(dim=1)].detach()
+        return logits
+
     @torch.no_grad()
     def kmeans_init_from(self, x: torch.Tensor) -> None:
         """Encode all of ``x`` (N, in_dim) once (dropout off) and k-means initialise the codebooks."""

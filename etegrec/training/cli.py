@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 from etegrec.config import Config, ConfigError, load_config
 from etegrec.data import DataError
+from etegrec.forge import CodeOverflowError
 from etegrec.hooks import SubscriberError
 
 __all__ = ["StageArgs", "common_parser", "parse_stage_args", "run_main"]
 
-# errors that are the user's input: one sentence, no traceback, exit status 2
-USER_ERRORS = (ConfigError, DataError, SubscriberError, FileNotFoundError)
+# errors that name what is wrong and the remedy: one sentence, no traceback, exit status 2
+USER_ERRORS = (ConfigError, DataError, SubscriberError, CodeOverflowError, FileNotFoundError)
 
 
 @dataclass

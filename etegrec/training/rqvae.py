@@ -24,7 +24,7 @@ from .loop import shuffled_batches, train_epoch
 from .run import Run
 from .stages import ensure_embeddings, load_stage_data
 
-__all__ = ["RQVAETrainer", "build_tokenizer", "main", "tokenize_all"]
+__all__ = ["RQVAETrainer", "build_tokenizer", "main", "tokenize_all", "tokenizer_inputs"]
 
 WANDB_PROJECT = "ETEGRec-RQVAE-Pretrain"
 
@@ -33,6 +33,21 @@ def build_tokenizer(config: Config, in_dim: int) -> RQVAE:
     t = config.tokenizer
     return RQVAE(in_dim=in_dim, hidden_dims=t.hidden_dims, e_dim=t.e_dim, num_layers=t.num_layers,
                  codebook_size=t.codebook_size, beta=t.beta, dropout=t.dropout, kmeans_init=t.kmeans_init)
+
+
+def tokenizer_inputs(config: Config, embeddings: np.ndarray) -> np.ndarray:
+    """The item embeddings the tokenizer sees, ``[n_items + 1, d]`` with row 0 (padding) zero.
+
+    With ``tokenizer.standardize`` each dimension is z-scored over the items: SASRec embeddings are
+    small (init std 0.02), and an RQ-VAE fed them raw can reconstruct them from almost nothing
+    and collapse onto a few codes.
+    """
+    out = np.asarray(embeddings, dtype=np.float32).copy()
+    if config.tokenizer.standardize:
+        items = out[1:]
+        out[1:] = (items - items.mean(axis=0)) / (items.std(axis=0) + 1e-8)
+    out[0] = 0.0
+    return out
 
 
 @torch.no_grad()
@@ -61,7 +76,8 @@ class RQVAETrainer:
     def __init__(self, config: Config, run: Run, embeddings: np.ndarray) -> None:
         self.config, self.run = config, run
         device = run.accelerator.device
-        self.items = torch.as_tensor(embeddings[1:], dtype=torch.float32, device=device)  # row 0 = padding
+        inputs = tokenizer_inputs(config, embeddings)
+        self.items = torch.as_tensor(inputs[1:], device=device)  # (n_items, d); row 0 = padding dropped
         self.model = build_tokenizer(config, self.items.shape[1]).to(device)
         if config.tokenizer.kmeans_init:
             self.model.kmeans_init_from(self.items)  # same seed on every rank: same codebooks

@@ -16,7 +16,7 @@ import numpy as np
 from etegrec.config import Config
 from etegrec.data import DataError, SequenceData, data_home, load_dataset
 
-__all__ = ["ensure_embeddings", "load_embeddings", "load_stage_data", "stage_dir"]
+__all__ = ["ensure_embeddings", "ensure_tokenizer", "load_embeddings", "load_stage_data", "stage_dir"]
 
 
 def load_stage_data(config: Config) -> SequenceData:
@@ -62,3 +62,25 @@ def ensure_embeddings(config: Config, data: SequenceData, accelerator) -> tuple[
             EmbedTrainer(config, run, data).fit()
         accelerator.wait_for_everyone()
     return load_embeddings(folder, data), folder
+
+
+def ensure_tokenizer(config: Config, embeddings: np.ndarray, accelerator) -> tuple[dict, Path]:
+    """The cached pretrained tokenizer (best-collision checkpoint) for this config, pretraining it when missing.
+
+    Raises:
+        DataError: a cached checkpoint whose shapes do not fit the tokenizer config.
+    """
+    import torch
+
+    folder = stage_dir(config, "rqvae", ("embed", "tokenizer", "rqvae"))
+    best = folder / "checkpoints" / "best.pt"
+    if not best.exists():
+        from .rqvae import RQVAETrainer
+        from .run import Run
+        if accelerator.is_main_process:
+            print(f"[rqvae] no cached tokenizer for this config; pretraining the RQ-VAE in {folder}")
+        with Run(config, stage="rqvae", output_dir=folder, accelerator=accelerator) as run:
+            RQVAETrainer(config, run, embeddings).fit()
+        accelerator.wait_for_everyone()
+    state = torch.load(best, map_location="cpu", weights_only=False)
+    return state["model"], folder

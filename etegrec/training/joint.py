@@ -1,0 +1,292 @@
+"""Stage 3: ETEGRec joint training (``python -m etegrec.training.joint``), the main job.
+
+The tokenizer (RQ-VAE) and a T5 generative recommender are trained in cycles of ``cycle`` epochs:
+the first epoch of a cycle trains the tokenizer with the recommender frozen (phase ``id``), the
+others train the recommender with the tokenizer frozen (phase ``rec``). Item codes come from
+``etegrec.forge.get_code`` (with FORGE) at the start and after every tokenizer epoch. Validation by
+beam search, early stopping on NDCG@10, optional fine-tuning of the recommender alone on fixed
+codes, and a final test with the best checkpoint. With no arguments, the whole pipeline runs on
+ml-100k: item embeddings and the pretrained tokenizer are built first (and cached) when missing.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from transformers import get_cosine_schedule_with_warmup
+
+from etegrec import signals
+from etegrec.config import Config
+from etegrec.data import SequenceData
+from etegrec.forge import get_code
+from etegrec.hooks.codebook import CodebookHooks
+from etegrec.hooks.wandb import JOINT_PROJECT
+from etegrec.metrics import ranking_metrics
+from etegrec.models import CodeTrie, T5Recommender, beam_search, code_loss
+
+from .cli import common_parser, parse_stage_args, run_main
+from .evaluation import shard_bounds
+from .loop import shuffled_batches, train_epoch
+from .rqvae import build_tokenizer, tokenizer_inputs
+from .run import Run
+from .stages import ensure_embeddings, ensure_tokenizer, load_stage_data
+
+__all__ = ["JointTrainer", "info_nce", "main", "phase_of", "run_joint", "symmetric_kl"]
+
+LOSS_PARTS = {"id": ("vq_loss", "code_loss", "kl_loss", "dec_cl_loss"),
+              "rec": ("code_loss", "kl_loss", "dec_cl_loss"),
+              "finetune": ("code_loss",)}
+
+
+def phase_of(epoch: int, cycle: int) -> str:
+    """``id`` for the first epoch of every cycle of ``cycle`` epochs, ``rec`` for the others."""
+    return "id" if epoch % cycle == 0 else "rec"
+
+
+def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """KL(a||b) + KL(b||a) of two (batch, K) logit sets, mean over the batch."""
+    log_a, log_b = logits_a.log_softmax(-1), logits_b.log_softmax(-1)
+    kl_ab = F.kl_div(log_b, log_a, log_target=True, reduction="batchmean")
+    kl_ba = F.kl_div(log_a, log_b, log_target=True, reduction="batchmean")
+    return kl_ab + kl_ba
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric in-batch InfoNCE between rows of ``a`` and ``b`` (batch, d): row i matches row i."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    logits = a @ b.T / temperature  # (batch, batch)
+    labels = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+class JointTrainer:
+    """ETEGRec's alternating optimisation; talks only through the signals."""
+
+    stage = "joint"
+
+    def __init__(self, config: Config, run: Run, data: SequenceData, embeddings: np.ndarray,
+                 tokenizer_state: dict) -> None:
+        self.config, self.run, self.data = config, run, data
+        acc, cfg = run.accelerator, config.joint
+        device = acc.device
+        self.item_emb = torch.as_tensor(tokenizer_inputs(config, embeddings), device=device)  # (n_items + 1, d)
+        self.tokenizer = build_tokenizer(config, self.item_emb.shape[1]).to(device)
+        self.tokenizer.load_state_dict(tokenizer_state)
+        r = config.recommender
+        self.recommender = T5Recommender(
+            code_num=self.tokenizer.codebook_size, code_length=self.tokenizer.code_length + 1,
+            num_layers=r.num_layers, num_decoder_layers=r.num_decoder_layers, d_model=r.d_model, d_ff=r.d_ff,
+            num_heads=r.num_heads, d_kv=r.d_kv, dropout=r.dropout, feed_forward_proj=r.feed_forward_proj,
+            latent_dim=config.tokenizer.e_dim, semantic_dim=self.item_emb.shape[1]).to(device)
+        self.history = torch.as_tensor(data.train_history, device=device)
+        self.target = torch.as_tensor(data.train_target, device=device)
+        self.opt_id = torch.optim.AdamW(self.tokenizer.parameters(), lr=cfg.lr_id, weight_decay=cfg.weight_decay)
+        self.opt_rec = torch.optim.AdamW(self.recommender.parameters(), lr=cfg.lr_rec, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = len(self._batches(0))
+        id_epochs = sum(phase_of(e, cfg.cycle) == "id" for e in range(cfg.epochs))
+        rec_epochs = cfg.epochs - id_epochs + cfg.finetune_epochs
+        self.sched_id = self._schedule(self.opt_id, id_epochs)
+        self.sched_rec = self._schedule(self.opt_rec, rec_epochs)
+        self.codes: torch.Tensor | None = None  # (n_items + 1, L + 1), row 0 = padding
+        self.trie: CodeTrie | None = None
+
+    # --- pieces of the loop -------------------------------------------------------------------
+
+    def _schedule(self, optimizer, epochs: int):
+        total = max(1, epochs * self.steps_per_epoch)
+        warmup = min(total // 2, round(self.config.joint.warmup_epochs * self.steps_per_epoch))
+        return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        cfg, acc = self.config.joint, self.run.accelerator
+        n = len(self.data.train_target)
+        batches = shuffled_batches(n, cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
+                                   rank=acc.process_index, world_size=acc.num_processes)
+        keep = math.ceil(len(batches) * cfg.sample_fraction)  # a fresh random share of samples each epoch
+        return batches[:keep]
+
+    def weights(self, phase: str, epoch: int) -> dict[str, float]:
+        """Loss weights in force for ``phase`` at ``epoch`` (alignment losses off during warm-up)."""
+        cfg = self.config.joint
+        prefix = "id" if phase == "id" else "rec"
+        weights = {part: getattr(cfg, f"{prefix}_{part.removesuffix('_loss')}_weight") for part in LOSS_PARTS[phase]}
+        if epoch < cfg.warm_epoch:
+            weights.update({k: 0.0 for k in ("kl_loss", "dec_cl_loss") if k in weights})
+        return weights
+
+    def set_phase(self, phase: str) -> None:
+        """Only the model of ``phase`` trains; the other is frozen and in eval mode."""
+        train_tokenizer = phase == "id"
+        self.tokenizer.requires_grad_(train_tokenizer).train(train_tokenizer)
+        self.recommender.requires_grad_(not train_tokenizer).train(not train_tokenizer)
+
+    def refresh_codes(self, epoch: int) -> None:
+        """Recompute the item codes (FORGE) for use from ``epoch`` on, and the prefix trie."""
+        cfg = self.config.joint
+        with self.hooks.pause():
+            result = get_code(self.tokenizer, self.item_emb, epoch=epoch, use_forge=cfg.use_forge,
+                              policy=cfg.forge_policy, previous=self.codes, sender=self)
+        self.codes = result.codes.to(self.run.accelerator.device)
+        self.trie = CodeTrie(self.codes[1:], code_num=self.recommender.code_num).to(self.run.accelerator.device)
+
+    def losses(self, index: np.ndarray, *, phase: str, weights: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Loss parts of one batch and their weighted sum ``loss``; both phases use this."""
+        idx = torch.as_tensor(index, device=self.history.device)
+        history, target = self.history[idx], self.target[idx]  # (B, H), (B,)
+        target_codes = self.codes[target]  # (B, L + 1)
+        with torch.set_grad_enabled(phase != "id"):  # the frozen recommender needs no graph
+            out = self.recommender(self.codes[history], history != 0, target_codes)
+        parts = {"code_loss": code_loss(out.logits, target_codes)}
+        align = weights.get("kl_loss", 0) > 0 or weights.get("dec_cl_loss", 0) > 0
+        if phase == "id" or align:
+            with torch.set_grad_enabled(phase == "id"):  # the frozen tokenizer only gives targets
+                tok = self.tokenizer(self.item_emb[target])
+            if phase == "id":
+                parts["vq_loss"] = tok.loss
+            if align:
+                seq_logits = self.tokenizer.code_logits(out.encoder_latent)  # negative distances
+                parts["kl_loss"] = sum(symmetric_kl(s, t) for s, t in zip(seq_logits, tok.logits))
+                parts["dec_cl_loss"] = info_nce(out.decoder_semantic, tok.recon, self.config.joint.cl_temperature)
+        parts["loss"] = sum(weights[k] * v for k, v in parts.items() if weights.get(k, 0) > 0)
+        return parts
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Beam-search Recall/NDCG over every user of ``split`` exactly once, reduced over processes."""
+        cfg, acc = self.config.joint, self.run.accelerator
+        history, target = self.data.split(split)
+        start, stop = shard_bounds(len(target), acc.process_index, acc.num_processes)
+        self.recommender.eval()
+        ranks = []
+        for lo in range(start, stop, cfg.eval_batch_size):
+            h = torch.as_tensor(history[lo:min(lo + cfg.eval_batch_size, stop)], device=acc.device)
+            t = torch.as_tensor(target[lo:min(lo + cfg.eval_batch_size, stop)], device=acc.device)
+            items = beam_search(self.recommender, self.codes[h], h != 0, self.trie, beam_size=cfg.beam_size,
+                                top_k=cfg.top_k, constrained=cfg.constrained).items  # (B, top_k)
+            hit = items == t[:, None]
+            ranks.append(torch.where(hit.any(1), hit.float().argmax(1) + 1, 0))
+        local = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=acc.device)
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+            all_ranks = np.concatenate(gather_object([local.cpu().numpy()]))
+        else:
+            all_ranks = local.cpu().numpy()
+        return ranking_metrics(all_ranks)
+
+    def state(self, epoch: int, best: float, bad: int) -> dict:
+        return {"tokenizer": self.tokenizer.state_dict(), "recommender": self.recommender.state_dict(),
+                "codes": self.codes.cpu(), "epoch": epoch, "best_ndcg": best, "bad_evaluations": bad,
+                "opt_id": self.opt_id.state_dict(), "opt_rec": self.opt_rec.state_dict(),
+                "sched_id": self.sched_id.state_dict(), "sched_rec": self.sched_rec.state_dict()}
+
+    def load(self, state: dict) -> None:
+        self.tokenizer.load_state_dict(state["tokenizer"])
+        self.recommender.load_state_dict(state["recommender"])
+        self.codes = state["codes"].to(self.run.accelerator.device)
+        self.trie = CodeTrie(self.codes[1:], code_num=self.recommender.code_num).to(self.run.accelerator.device)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, dict[str, float]]:
+        cfg, acc, run = self.config.joint, self.run.accelerator, self.run
+        start = time.perf_counter()
+        signals.run_started.send(self, stage=self.stage, config=self.config.to_dict(), run_dir=str(run.run_dir),
+                                 rank=acc.process_index, world_size=acc.num_processes, resumed=False, start_epoch=0)
+        best, best_valid, best_epoch, bad = -1.0, {}, -1, 0
+        total_epochs = cfg.epochs + cfg.finetune_epochs
+        with CodebookHooks(self.tokenizer, stage=self.stage, sender=self) as self.hooks:
+            self.refresh_codes(0)
+            for epoch in range(total_epochs):
+                phase = phase_of(epoch, cfg.cycle) if epoch < cfg.epochs else "finetune"
+                if phase == "finetune" and epoch == cfg.epochs and best_epoch >= 0:
+                    self.load(torch.load(run.checkpoint_dir / "best.pt", map_location="cpu", weights_only=False))
+                self.set_phase(phase)
+                weights = self.weights(phase, epoch)
+                opt, sched = (self.opt_id, self.sched_id) if phase == "id" else (self.opt_rec, self.sched_rec)
+                model = self.tokenizer if phase == "id" else self.recommender
+                result = train_epoch(
+                    sender=self, stage=self.stage, phase=phase, epoch=epoch, batches=self._batches(epoch),
+                    loss_fn=partial(self.losses, phase=phase, weights=weights), optimizers=[opt], schedulers=[sched],
+                    accelerator=acc, parameters=list(model.parameters()), max_grad_norm=cfg.max_grad_norm,
+                    log_every=self.config.run.log_every, global_step=epoch * self.steps_per_epoch,
+                    lr_fn=self.learning_rates)
+                self.hooks.epoch_end(epoch)
+                signals.epoch_end.send(self, stage=self.stage, phase=phase, epoch=epoch, losses=result.losses,
+                                       lr=self.learning_rates(), seconds=result.seconds,
+                                       samples_per_second=result.samples_per_second, weights=weights)
+                if phase == "id":
+                    self.refresh_codes(epoch + 1)
+                if (epoch + 1) % cfg.eval_step and epoch + 1 != total_epochs:
+                    continue
+                valid = self.evaluate("valid")
+                signals.evaluated.send(self, stage=self.stage, split="valid", epoch=epoch, metrics=valid)
+                if valid["ndcg@10"] > best:
+                    best, best_valid, best_epoch, bad = valid["ndcg@10"], valid, epoch, 0
+                    run.save_checkpoint(self, self.state(epoch, best, bad), "best", epoch=epoch, is_best=True)
+                else:
+                    bad += 1
+                run.save_checkpoint(self, self.state(epoch, best, bad), "last", epoch=epoch)
+                if bad >= cfg.patience and epoch < cfg.epochs:
+                    break
+        return self._test(best_epoch, best_valid, start)
+
+    def learning_rates(self) -> dict[str, float]:
+        return {"rec": self.opt_rec.param_groups[0]["lr"], "id": self.opt_id.param_groups[0]["lr"]}
+
+    def _test(self, best_epoch: int, best_valid: dict, start: float) -> dict[str, dict[str, float]]:
+        run = self.run
+        run.accelerator.wait_for_everyone()
+        best_path = run.checkpoint_dir / "best.pt"
+        self.load(torch.load(best_path, map_location="cpu", weights_only=False))
+        test = self.evaluate("test")
+        signals.evaluated.send(self, stage=self.stage, split="test", epoch=best_epoch, metrics=test)
+        run.write_metrics({"valid": best_valid, "test": test, "best_epoch": best_epoch,
+                           "best_checkpoint": str(best_path)})
+        signals.run_finished.send(self, stage=self.stage, status="completed", best_metrics=best_valid,
+                                  best_checkpoint=str(best_path), seconds=time.perf_counter() - start)
+        return {"valid": best_valid, "test": test}
+
+
+def run_joint(config: Config, *, output_dir=None, wandb_mode=None, subscribers=(), accelerator=None):
+    """The whole pipeline: embeddings and tokenizer (cached), then joint training in its run directory."""
+    set_seed(config.run.seed)
+    if config.run.num_threads:
+        torch.set_num_threads(config.run.num_threads)
+    data = load_stage_data(config)
+    run = Run(config, stage="joint", output_dir=output_dir, wandb_mode=wandb_mode, wandb_project=JOINT_PROJECT,
+              wandb_run_name=config.run.name, subscribers=subscribers, accelerator=accelerator)
+    embeddings, _ = ensure_embeddings(config, data, run.accelerator)
+    tokenizer_state, _ = ensure_tokenizer(config, embeddings, run.accelerator)
+    set_seed(config.run.seed)
+    with run:
+        result = JointTrainer(config, run, data, embeddings, tokenizer_state).fit()
+    if run.is_main:
+        print_summary(result, run.run_dir)
+    return result
+
+
+def print_summary(result: dict, run_dir) -> None:
+    names = ["recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10"]
+    print("\n" + " " * 8 + "".join(f"{n:>11}" for n in names))
+    for split in ("valid", "test"):
+        print(f"{split:<8}" + "".join(f"{result[split].get(n, float('nan')):>11.4f}" for n in names))
+    print(f"\nrun directory: {run_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common_parser("python -m etegrec.training.joint", __doc__.splitlines()[0])
+
+    def body():
+        args = parse_stage_args(parser, argv)
+        run_joint(args.config, output_dir=args.output_dir, wandb_mode=args.wandb_mode, subscribers=args.subscribers)
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
