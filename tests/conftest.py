@@ -44,3 +44,18 @@ def inter_file(tmp_path: Path) -> Path:
     240 - 3 * 30 = 150 training samples and 30 validation and test samples.
     """
     return write_synthetic_inter(tmp_path / "synthetic.inter")
+
+
+def write_structured_inter(path: Path, n_users: int = 40, n_items: int = 48) -> Path:
+    """Users walk through items in small strides, so sequences carry a learnable next-item signal."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for u in range(n_users):
+        item, stride = int(rng.integers(n_items)), 1 + u % 3
+        for k in range(8 + u % 6):
+            lines.append(f"u{u}\ti{item}\t4\t{1_000_000 + 60 * k + u}")
+            item = (item + stride) % n_items
+    path.write_text("\n".join(lines) + "\n")
+    return path

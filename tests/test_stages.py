@@ -17,20 +17,9 @@ from etegrec.hooks import read_events
 from etegrec.training.rqvae import run_rqvae
 from etegrec.training.stages import stage_dir
 
+from conftest import write_structured_inter
+
 WANDB = str(Path(sys.executable).with_name("wandb"))
-
-
-def write_structured_inter(path: Path, n_users: int = 40, n_items: int = 48) -> Path:
-    """Users walk through items in small strides, so sequences carry a learnable next-item signal."""
-    rng = np.random.default_rng(0)
-    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
-    for u in range(n_users):
-        item, stride = int(rng.integers(n_items)), 1 + u % 3
-        for k in range(8 + u % 6):
-            lines.append(f"u{u}\ti{item}\t4\t{1_000_000 + 60 * k + u}")
-            item = (item + stride) % n_items
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture

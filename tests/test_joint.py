@@ -1,0 +1,204 @@
+"""A tiny real joint run, checked through its signals, run directory and W&B records."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from conftest import write_structured_inter
+from etegrec import signals
+from etegrec.config import load_config
+from etegrec.forge import assign_codes
+from etegrec.training.joint import JointTrainer, run_joint
+from etegrec.training.run import Run
+from etegrec.training.stages import load_stage_data
+
+WANDB = str(Path(sys.executable).with_name("wandb"))
+OVERRIDES = ["data.dataset=structured", "data.max_users=null", "embed.epochs=2", "rqvae.epochs=6",
+             "rqvae.eval_step=2", "joint.epochs=4", "joint.cycle=2", "joint.warm_epoch=1", "joint.eval_step=1",
+             "joint.patience=10", "joint.finetune_epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def joint_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("joint")
+    inter = write_structured_inter(root / "structured.inter")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ETEGREC_HOME", str(root / "home"))
+        config = load_config("tiny", [f"data.data_path={inter}", *OVERRIDES])
+        with signals.recording() as events:
+            result = run_joint(config, output_dir=root / "run", wandb_mode="offline")
+    return {"config": config, "events": events, "result": result, "out": root / "run", "root": root,
+            "inter": inter}
+
+
+def joint_events(run, name=None):
+    return [e for e in run["events"] if (e.payload.get("stage") == "joint" or e.signal == "codes_assigned")
+            and (name is None or e.signal == name)]
+
+
+def test_epochs_follow_the_cycle_then_finetune(joint_run):
+    phases = [e.payload["phase"] for e in joint_events(joint_run, "epoch_end")]
+    assert phases == ["id", "rec", "id", "rec", "finetune"]
+    assert [e.payload["epoch"] for e in joint_events(joint_run, "epoch_end")] == [0, 1, 2, 3, 4]
+
+
+def test_codes_are_assigned_at_the_start_and_after_every_id_epoch(joint_run):
+    sequence = [(e.signal, e.payload.get("phase")) for e in joint_events(joint_run)
+                if e.signal in ("epoch_end", "codes_assigned")]
+    assert sequence == [("codes_assigned", None), ("epoch_end", "id"), ("codes_assigned", None),
+                        ("epoch_end", "rec"), ("epoch_end", "id"), ("codes_assigned", None),
+                        ("epoch_end", "rec"), ("epoch_end", "finetune")]
+    assert [e.payload["epoch"] for e in joint_events(joint_run, "codes_assigned")] == [0, 1, 3]
+
+
+def test_codes_assigned_payload_matches_what_its_codes_imply(joint_run):
+    for e in joint_events(joint_run, "codes_assigned"):
+        codes = np.asarray(e.payload["codes"])
+        assert e.payload["max_conflict"] == codes[:, -1].max() + 1
+        assert e.payload["max_conflict"] <= joint_run["config"].tokenizer.codebook_size
+        assert assign_codes(codes[:, :-1], 16, use_forge=False).max_conflict == e.payload["max_conflict"]
+
+
+def test_validation_every_epoch_then_test_then_run_finished_last(joint_run):
+    mine = [e for e in joint_run["events"] if e.payload.get("stage") == "joint"]
+    assert mine[0].signal == "run_started" and mine[-1].signal == "run_finished"
+    evaluated = [(e.payload["split"], e.payload["epoch"]) for e in mine if e.signal == "evaluated"]
+    best_epoch = json.loads((joint_run["out"] / "metrics.json").read_text())["best_epoch"]
+    assert evaluated == [("valid", 0), ("valid", 1), ("valid", 2), ("valid", 3), ("valid", 4), ("test", best_epoch)]
+    assert mine[-1].payload["status"] == "completed"
+
+
+def test_alignment_weights_are_off_during_warm_up_and_on_after(joint_run):
+    weights = {e.payload["epoch"]: e.payload["weights"] for e in joint_events(joint_run, "epoch_end")}
+    assert weights[0] == {"vq_loss": 1.0, "code_loss": 1.0, "kl_loss": 0.0, "dec_cl_loss": 0.0}
+    assert weights[1] == {"code_loss": 1.0, "kl_loss": 1e-4, "dec_cl_loss": 3e-4}
+    assert weights[2] == {"vq_loss": 1.0, "code_loss": 1.0, "kl_loss": 1e-4, "dec_cl_loss": 3e-4}
+    assert weights[4] == {"code_loss": 1.0}
+
+
+def test_epoch_losses_are_finite_and_their_weighted_sum_is_the_loss(joint_run):
+    for e in joint_events(joint_run, "epoch_end"):
+        losses, weights = e.payload["losses"], e.payload["weights"]
+        assert all(math.isfinite(v) for v in losses.values())
+        expected = sum(w * losses[k] for k, w in weights.items() if w > 0)
+        assert losses["loss"] == pytest.approx(expected, rel=1e-5)
+    id_epoch = joint_events(joint_run, "epoch_end")[2].payload["losses"]
+    assert {"vq_loss", "code_loss", "kl_loss", "dec_cl_loss", "loss"} <= set(id_epoch)
+
+
+def test_learning_rates_follow_cosine_schedules_with_warm_up(joint_run):
+    config = joint_run["config"]
+    n_train = len(load_stage_data_at(joint_run).train_target)
+    steps = math.ceil(n_train / config.joint.batch_size)
+    warmup = min(steps * 2 // 2, round(config.joint.warmup_epochs * steps))
+
+    def lr_after(base, n_epochs_total, done_steps):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
+        total = n_epochs_total * steps
+        sched = get_cosine_schedule_with_warmup(opt, min(total // 2, warmup), total)
+        for _ in range(done_steps):
+            opt.step()
+            sched.step()
+        return opt.param_groups[0]["lr"]
+
+    lrs = {e.payload["epoch"]: e.payload["lr"] for e in joint_events(joint_run, "epoch_end")}
+    # id: 2 id epochs; rec: 2 rec epochs + 1 finetune epoch
+    assert lrs[0]["id"] == pytest.approx(lr_after(config.joint.lr_id, 2, steps))
+    assert lrs[2]["id"] == pytest.approx(lr_after(config.joint.lr_id, 2, 2 * steps))
+    assert lrs[1]["rec"] == pytest.approx(lr_after(config.joint.lr_rec, 3, steps))
+    assert lrs[3]["rec"] == pytest.approx(lr_after(config.joint.lr_rec, 3, 2 * steps))
+
+
+def load_stage_data_at(run):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ETEGREC_HOME", str(run["root"] / "home"))
+        return load_stage_data(run["config"])
+
+
+def test_metrics_json_holds_the_best_valid_and_its_test_metrics(joint_run):
+    saved = json.loads((joint_run["out"] / "metrics.json").read_text())
+    assert saved["stage"] == "joint"
+    assert saved["test"] == pytest.approx(joint_run["result"]["test"])
+    assert set(saved["test"]) == {"recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+    best = max(e.payload["metrics"]["ndcg@10"] for e in joint_events(joint_run, "evaluated")
+               if e.payload["split"] == "valid")
+    assert saved["valid"]["ndcg@10"] == pytest.approx(best)
+
+
+def test_wandb_run_holds_every_joint_key(joint_run):
+    log_file = next((joint_run["out"] / "wandb").glob("offline-run-*/run-*.wandb"))
+    records = [json.loads(line) for line in subprocess.run(
+        [WANDB, "leet", "inspect", "--json", str(log_file)], capture_output=True, text=True, check=True,
+    ).stdout.splitlines() if line.strip()]
+    run = next(r["run"] for r in records if r["type"] == "run")
+    assert run["project"] == "ETEGRec-Joint" and run["display_name"] == "experiment"
+    rows = [r["history"]["item"] for r in records if r["type"] == "history"]
+    keys = set().union(*rows)
+    expected = {"epoch", "train/rec_loss_total", "train/rec_code_loss", "train/rec_kl_loss", "train/rec_dec_cl_loss",
+                "lr/rec_lr", "train/id_loss_total", "train/id_vq_loss", "train/id_code_loss", "train/id_kl_loss",
+                "train/id_dec_cl_loss", "lr/id_lr", "monitor/max_conflict", "monitor/max_conflict_before_forge",
+                "monitor/collision_rate", "monitor/codes_changed", "eval/recall@5", "eval/recall@10",
+                "eval/ndcg@5", "eval/ndcg@10", "test/ndcg@10", "codebook/layer0/utilization",
+                "codebook/layer2/perplexity", "codebook/layer1/usage._type"}
+    assert expected <= keys, expected - keys
+    logged = [row["monitor/max_conflict"] for row in rows if "monitor/max_conflict" in row]
+    assert logged == [e.payload["max_conflict"] for e in joint_events(joint_run, "codes_assigned")]
+    assert all("epoch" in row for row in rows if any(k.startswith(("train/", "eval/", "monitor/")) for k in row))
+
+
+def test_a_subscriber_given_on_the_command_line_receives_the_signals(joint_run, tmp_path):
+    seen = tmp_path / "seen.txt"
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os\n"
+        "def record(sender, *, signal, **payload):\n"
+        "    with open(os.environ['PROBE_OUT'], 'a') as f:\n"
+        "        f.write(signal + '\\n')\n")
+    env = {**os.environ, "ETEGREC_HOME": str(joint_run["root"] / "home"), "PROBE_OUT": str(seen)}
+    cmd = [sys.executable, "-m", "etegrec.training.joint", "--config", "tiny", "--wandb-mode", "disabled",
+           "--data-path", str(joint_run["inter"]), "--output-dir", str(tmp_path / "run"),
+           "--subscriber", f"{probe}:record"]
+    for item in OVERRIDES + ["joint.epochs=2", "joint.finetune_epochs=0"]:
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    received = seen.read_text().split()
+    assert {"epoch_end", "codes_assigned", "evaluated", "run_finished"} <= set(received)
+    assert "test" in proc.stdout and "run directory" in proc.stdout
+
+
+def test_paper_config_builds_the_paper_model_and_takes_a_training_step(tmp_path, inter_file):
+    config = load_config("paper", [f"data.data_path={inter_file}", "data.dataset=synthetic",
+                                   "joint.batch_size=8", "joint.warmup_epochs=0"])
+    data = load_stage_data(config)
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(data.n_items + 1, 256)).astype(np.float32)
+    from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
+    tokenizer = build_tokenizer(config, 256)
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config, embeddings)[1:]))
+    with Run(config, stage="joint", output_dir=tmp_path / "run", console=False) as run:
+        trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
+        t5 = trainer.recommender
+        assert (len(t5.encoder.block), len(t5.decoder.block)) == (6, 6)
+        attention = t5.encoder.block[0].layer[0].SelfAttention
+        assert (t5.d_model, attention.n_heads, attention.key_value_proj_dim) == (128, 4, 64)
+        assert t5.encoder.block[0].layer[1].DenseReluDense.wi.out_features == 512
+        from etegrec.hooks.codebook import CodebookHooks
+        with CodebookHooks(trainer.tokenizer, stage="joint") as trainer.hooks:
+            trainer.refresh_codes(0)
+            trainer.set_phase("rec")
+            before = t5.code_embedding.detach().clone()
+            parts = trainer.losses(np.arange(8), phase="rec", weights=trainer.weights("rec", 100))
+            parts["loss"].backward()
+            trainer.opt_rec.step()
+    assert math.isfinite(parts["loss"].item())
+    assert not torch.equal(before, t5.code_embedding.detach())

@@ -1,0 +1,150 @@
+"""T5Recommender: shapes, padding invariance, causality, the paper size, incremental decoding."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from etegrec.models import T5Recommender, code_loss
+
+CODE_NUM, CODE_LEN = 7, 3
+
+
+def tiny_model(**overrides: object) -> T5Recommender:
+    torch.manual_seed(0)
+    sizes = dict(
+        code_num=CODE_NUM, code_length=CODE_LEN, num_layers=2, num_decoder_layers=2, d_model=16,
+        d_ff=32, num_heads=2, d_kv=8, latent_dim=5, semantic_dim=6,
+    )
+    sizes.update(overrides)
+    return T5Recommender(**sizes)
+
+
+def batch(size: int = 3, history: int = 4, *, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, CODE_NUM, (size, history, CODE_LEN), generator=gen)
+    mask = torch.ones(size, history, dtype=torch.bool)
+    mask[0, :2] = False  # row 0 is left-padded
+    target = torch.randint(0, CODE_NUM, (size, CODE_LEN), generator=gen)
+    return codes, mask, target
+
+
+def test_forward_returns_logits_and_alignment_heads_of_documented_shapes() -> None:
+    codes, mask, target = batch()
+    out = tiny_model()(codes, mask, target)
+    assert out.logits.shape == (3, CODE_LEN, CODE_NUM)
+    assert out.encoder_latent.shape == (3, 5)
+    assert out.decoder_semantic.shape == (3, 6)
+
+
+def test_more_left_padding_leaves_every_output_unchanged() -> None:
+    model = tiny_model().eval()
+    codes, mask, target = batch()
+    gen = torch.Generator().manual_seed(7)
+    extra = 3  # padded items carrying arbitrary codes, which must be masked out
+    padded_codes = torch.cat([torch.randint(0, CODE_NUM, (3, extra, CODE_LEN), generator=gen), codes], 1)
+    padded_mask = torch.cat([torch.zeros(3, extra, dtype=torch.bool), mask], dim=1)
+    # A fourth row that is real everywhere keeps the padded columns in the encoder input.
+    padded_codes = torch.cat([padded_codes, torch.randint(0, CODE_NUM, (1, 4 + extra, CODE_LEN))])
+    padded_mask = torch.cat([padded_mask, torch.ones(1, 4 + extra, dtype=torch.bool)])
+    padded_target = torch.cat([target, target[:1]])
+    with torch.no_grad():
+        short, long = model(codes, mask, target), model(padded_codes, padded_mask, padded_target)
+    for a, b in zip(short, long):
+        torch.testing.assert_close(a, b[:3], rtol=1e-5, atol=1e-5)
+
+
+def test_encode_skips_items_that_are_padding_in_every_row() -> None:
+    codes, mask, _ = batch()
+    mask[:, 0] = False
+    states, attention_mask = tiny_model().encode(codes, mask)
+    assert states.shape == (3, 3 * CODE_LEN, 16) and attention_mask.shape == (3, 3 * CODE_LEN)
+
+
+def test_logits_at_position_i_ignore_target_codes_from_i_on() -> None:
+    model = tiny_model().eval()
+    codes, mask, target = batch()
+    with torch.no_grad():
+        reference = model(codes, mask, target).logits
+        for i in range(CODE_LEN):
+            changed = target.clone()
+            changed[:, i:] = (changed[:, i:] + 1) % CODE_NUM
+            logits = model(codes, mask, changed).logits
+            torch.testing.assert_close(logits[:, : i + 1], reference[:, : i + 1])
+            if i + 1 < CODE_LEN:  # the change is visible right after it: the check has teeth
+                assert not torch.allclose(logits[:, i + 1], reference[:, i + 1])
+
+
+def test_paper_size_model_has_the_expected_parameter_count() -> None:
+    model = T5Recommender()  # 6 + 6 layers, d_model 128, d_ff 512, 4 heads, d_kv 64
+    encoder_layer = 4 * 128 * 256 + 2 * 128 + 2 * 128 * 512  # attention, 2 norms, FFN
+    decoder_layer = 2 * 4 * 128 * 256 + 3 * 128 + 2 * 128 * 512  # self + cross attention
+    stacks = 6 * encoder_layer + 6 * decoder_layer + 2 * (32 * 4 + 128)  # + rel. bias, final norm
+    heads = 4 * 256 * 128 + 128 + (128 * 128 + 128) + (128 * 256 + 256)  # tables, BOS, projections
+    assert sum(p.numel() for p in model.parameters()) == stacks + heads == 4_117_248
+
+
+def test_paper_size_training_step_has_finite_loss_and_moves_parameters() -> None:
+    torch.manual_seed(0)
+    model = T5Recommender()
+    codes = torch.randint(0, 256, (4, 20, 4))
+    mask = torch.ones(4, 20, dtype=torch.bool)
+    mask[:2, :5] = False
+    target = torch.randint(0, 256, (4, 4))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    out = model(codes, mask, target)
+    loss = code_loss(out.logits, target) + out.encoder_latent.pow(2).mean() + out.decoder_semantic.pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_code_loss_is_mean_cross_entropy_over_positions() -> None:
+    logits = torch.randn(2, CODE_LEN, CODE_NUM)
+    target = torch.randint(0, CODE_NUM, (2, CODE_LEN))
+    expected = torch.stack([F.cross_entropy(logits[:, i], target[:, i]) for i in range(CODE_LEN)]).mean()
+    torch.testing.assert_close(code_loss(logits, target), expected)
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+def test_decode_logits_match_teacher_forced_logits_for_grouped_rows(incremental: bool) -> None:
+    model = tiny_model().eval()
+    codes, mask, _ = batch()
+    group = 2  # two beams per history, consecutive rows
+    target = torch.randint(0, CODE_NUM, (3 * group, CODE_LEN), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(codes.repeat_interleave(group, 0), mask.repeat_interleave(group, 0), target).logits
+        states, attention_mask = model.encode(codes, mask)
+        cache = model.decoder_cache(states, attention_mask, incremental=incremental)
+        for t in range(CODE_LEN):
+            logits = model.decode_logits(states, attention_mask, target[:, :t], cache=cache)
+            torch.testing.assert_close(logits, expected[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_logits_refuses_training_mode() -> None:
+    model = tiny_model()
+    codes, mask, _ = batch()
+    states, attention_mask = model.encode(codes, mask)
+    with pytest.raises(ValueError, match="model.eval"):
+        model.decode_logits(states, attention_mask, torch.zeros(3, 0, dtype=torch.long))
+
+
+def test_code_of_a_real_item_outside_code_num_is_rejected() -> None:
+    codes, mask, target = batch()
+    codes[1, 2, 0] = CODE_NUM
+    with pytest.raises(ValueError, match=r"\[0, 7\)"):
+        tiny_model()(codes, mask, target)
+
+
+def test_history_without_real_items_is_rejected() -> None:
+    codes, mask, target = batch()
+    mask[2] = False
+    with pytest.raises(ValueError, match=r"rows \[2\]"):
+        tiny_model()(codes, mask, target)
+
+
+def test_non_positive_size_is_rejected() -> None:
+    with pytest.raises(ValueError, match="num_heads=0"):
+        T5Recommender(num_heads=0)
