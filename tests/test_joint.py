@@ -22,6 +22,7 @@ from etegrec.training.run import Run
 from etegrec.training.stages import load_stage_data
 
 WANDB = str(Path(sys.executable).with_name("wandb"))
+REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["data.dataset=structured", "data.max_users=null", "embed.epochs=2", "rqvae.epochs=6",
              "rqvae.eval_step=2", "joint.epochs=4", "joint.cycle=2", "joint.warm_epoch=1", "joint.eval_step=1",
              "joint.patience=10", "joint.finetune_epochs=1"]
@@ -166,14 +167,15 @@ def test_a_subscriber_given_on_the_command_line_receives_the_signals(joint_run, 
     env = {**os.environ, "ETEGREC_HOME": str(joint_run["root"] / "home"), "PROBE_OUT": str(seen)}
     cmd = [sys.executable, "-m", "etegrec.training.joint", "--config", "tiny", "--wandb-mode", "disabled",
            "--data-path", str(joint_run["inter"]), "--output-dir", str(tmp_path / "run"),
-           "--subscriber", f"{probe}:record"]
+           "--subscriber", f"{probe}:record", "--subscriber", "examples/conflict_watch.py:ConflictWatch"]
     for item in OVERRIDES + ["joint.epochs=2", "joint.finetune_epochs=0"]:
         cmd += ["--set", item]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     received = seen.read_text().split()
     assert {"epoch_end", "codes_assigned", "evaluated", "run_finished"} <= set(received)
     assert "test" in proc.stdout and "run directory" in proc.stdout
+    assert "[conflict-watch] epoch 0: max_conflict" in proc.stdout
 
 
 def test_paper_config_builds_the_paper_model_and_takes_a_training_step(tmp_path, inter_file):
@@ -202,3 +204,19 @@ def test_paper_config_builds_the_paper_model_and_takes_a_training_step(tmp_path,
             trainer.opt_rec.step()
     assert math.isfinite(parts["loss"].item())
     assert not torch.equal(before, t5.code_embedding.detach())
+
+
+def test_the_conflict_watch_example_works_from_python():
+    sys.path.insert(0, str(REPO))
+    try:
+        from examples.conflict_watch import ConflictWatch
+    finally:
+        sys.path.remove(str(REPO))
+    watch = ConflictWatch(warn_at=0.5)
+    codes = np.zeros((4, 4), dtype=np.int64)
+    codes[:, 3] = [0, 1, 2, 3]
+    with signals.codes_assigned.connected_to(watch.on_codes_assigned), pytest.warns(UserWarning, match="above 50%"):
+        signals.codes_assigned.send(None, epoch=3, codes=codes, use_forge=True, policy="round_robin",
+                                    max_conflict=4, max_conflict_before=4, collision_rate=0.75, changed=4,
+                                    seconds=0.0)
+    assert watch.history == [(3, 4)]
