@@ -22,11 +22,11 @@ class FixedLogits:
                 table[..., favour] += 50.0
         self.encode_calls = 0
 
-    def encode(self, history_codes: torch.Tensor, history_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def encode(self, history_codes: torch.Tensor, history_mask: torch.Tensor) -> tuple:
         self.encode_calls += 1
         return torch.zeros(history_codes.shape[0], 1, 1), history_mask
 
-    def decode_logits(self, states: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    def decode_logits(self, states: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor):
         return self.tables[prefix.shape[1]][tuple(prefix.T)].expand(len(prefix), K)  # (N, K)
 
     def log_prob(self, codes: tuple[int, ...], allowed: set[tuple[int, ...]] | None = None) -> float:
@@ -85,12 +85,14 @@ def test_constrained_search_returns_only_items_even_when_logits_favour_non_items
     codes = item_codes()
     favour = 0
     codes = codes[(codes != favour).all(dim=1)]  # no item uses the favoured code anywhere
-    out = beam_search(FixedLogits(favour=favour), *history(), CodeTrie(codes, code_num=K), beam_size=4, top_k=4)
+    trie = CodeTrie(codes, code_num=K)
+    out = beam_search(FixedLogits(favour=favour), *history(), trie, beam_size=4, top_k=4)
     assert set(out.items.flatten().tolist()) <= set(range(1, len(codes) + 1))
 
 
 def test_scores_are_sorted_descending() -> None:
-    out = beam_search(FixedLogits(), *history(), CodeTrie(item_codes(), code_num=K), beam_size=6, top_k=6)
+    trie = CodeTrie(item_codes(), code_num=K)
+    out = beam_search(FixedLogits(), *history(), trie, beam_size=6, top_k=6)
     assert torch.all(out.scores[:, :-1] >= out.scores[:, 1:])
 
 
@@ -128,7 +130,8 @@ def test_batch_rows_searched_together_match_rows_searched_alone() -> None:
     codes, mask = t5_histories()
     together = beam_search(model, codes, mask, trie, beam_size=6, top_k=5)
     for row in range(4):
-        alone = beam_search(model, codes[row : row + 1], mask[row : row + 1], trie, beam_size=6, top_k=5)
+        one = slice(row, row + 1)
+        alone = beam_search(model, codes[one], mask[one], trie, beam_size=6, top_k=5)
         assert alone.items[0].tolist() == together.items[row].tolist()
         torch.testing.assert_close(alone.scores[0], together.scores[row], rtol=1e-5, atol=1e-5)
 
@@ -145,7 +148,8 @@ def test_t5_search_with_kv_cache_matches_search_without(constrained: bool) -> No
     model, trie = tiny_t5(), CodeTrie(item_codes(), code_num=K)
     codes, mask = t5_histories()
     cached = beam_search(model, codes, mask, trie, beam_size=6, top_k=5, constrained=constrained)
-    plain = beam_search(WithoutCache(model), codes, mask, trie, beam_size=6, top_k=5, constrained=constrained)
+    plain = beam_search(WithoutCache(model), codes, mask, trie, beam_size=6, top_k=5,
+                        constrained=constrained)
     assert cached.items.tolist() == plain.items.tolist()
     torch.testing.assert_close(cached.scores, plain.scores, rtol=1e-5, atol=1e-5)
 

@@ -42,7 +42,8 @@ def test_more_left_padding_leaves_every_output_unchanged() -> None:
     codes, mask, target = batch()
     gen = torch.Generator().manual_seed(7)
     extra = 3  # padded items carrying arbitrary codes, which must be masked out
-    padded_codes = torch.cat([torch.randint(0, CODE_NUM, (3, extra, CODE_LEN), generator=gen), codes], 1)
+    junk = torch.randint(0, CODE_NUM, (3, extra, CODE_LEN), generator=gen)
+    padded_codes = torch.cat([junk, codes], dim=1)
     padded_mask = torch.cat([torch.zeros(3, extra, dtype=torch.bool), mask], dim=1)
     # A fourth row that is real everywhere keeps the padded columns in the encoder input.
     padded_codes = torch.cat([padded_codes, torch.randint(0, CODE_NUM, (1, 4 + extra, CODE_LEN))])
@@ -94,7 +95,8 @@ def test_paper_size_training_step_has_finite_loss_and_moves_parameters() -> None
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     out = model(codes, mask, target)
-    loss = code_loss(out.logits, target) + out.encoder_latent.pow(2).mean() + out.decoder_semantic.pow(2).mean()
+    alignment = out.encoder_latent.pow(2).mean() + out.decoder_semantic.pow(2).mean()
+    loss = code_loss(out.logits, target) + alignment
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss)
@@ -104,7 +106,8 @@ def test_paper_size_training_step_has_finite_loss_and_moves_parameters() -> None
 def test_code_loss_is_mean_cross_entropy_over_positions() -> None:
     logits = torch.randn(2, CODE_LEN, CODE_NUM)
     target = torch.randint(0, CODE_NUM, (2, CODE_LEN))
-    expected = torch.stack([F.cross_entropy(logits[:, i], target[:, i]) for i in range(CODE_LEN)]).mean()
+    per_position = [F.cross_entropy(logits[:, i], target[:, i]) for i in range(CODE_LEN)]
+    expected = torch.stack(per_position).mean()
     torch.testing.assert_close(code_loss(logits, target), expected)
 
 
@@ -113,9 +116,11 @@ def test_decode_logits_match_teacher_forced_logits_for_grouped_rows(incremental:
     model = tiny_model().eval()
     codes, mask, _ = batch()
     group = 2  # two beams per history, consecutive rows
-    target = torch.randint(0, CODE_NUM, (3 * group, CODE_LEN), generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    target = torch.randint(0, CODE_NUM, (3 * group, CODE_LEN), generator=gen)
     with torch.no_grad():
-        expected = model(codes.repeat_interleave(group, 0), mask.repeat_interleave(group, 0), target).logits
+        repeated = codes.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+        expected = model(*repeated, target).logits
         states, attention_mask = model.encode(codes, mask)
         cache = model.decoder_cache(states, attention_mask, incremental=incremental)
         for t in range(CODE_LEN):

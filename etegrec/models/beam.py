@@ -187,7 +187,7 @@ def beam_search(
         logits = logits.float().view(batch, group, code_num)
         children = None
         if constrained:
-            # Dead beams (-inf) sit at node -1; send them to the root so that indexing stays valid.
+            # Dead beams (-inf) sit at node -1: read node 0 instead so that indexing stays valid.
             children = trie.next_node[depth][nodes.clamp_min(0)].long()  # (B, G, K)
             if renormalize:
                 logits = logits.masked_fill(children < 0, float("-inf"))
@@ -202,7 +202,7 @@ def beam_search(
         )
         if children is not None:
             nodes = children.view(batch, group * code_num).gather(1, flat)
-        if cache is not None:
+        if cache is not None and depth + 1 < trie.code_length:
             rows = parent + group * torch.arange(batch, device=device)[:, None]
             cache.reorder(rows.flatten())
     if constrained:

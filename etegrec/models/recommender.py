@@ -39,7 +39,7 @@ class RecommenderOutput(NamedTuple):
 
 
 def code_loss(logits: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over batch and code positions of ``logits`` (B, L, K) for ``target_codes`` (B, L)."""
+    """Mean cross-entropy of ``logits`` (B, L, K) for ``target_codes`` (B, L), batch and positions."""
     if logits.dim() != 3 or target_codes.shape != logits.shape[:2]:
         raise ValueError(
             f"code_loss needs logits (batch, code_length, code_num) and target_codes (batch, "
@@ -71,7 +71,7 @@ class DecoderCache:
         return 0 if self.self_kv is None else self.self_kv[0][0].shape[2]
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep (and repeat) the cached rows ``rows`` (N',) so row i now continues old row ``rows[i]``."""
+        """Keep (and repeat) cached rows: new row i continues old row ``rows[i]`` (``rows``: (N',))."""
         if self.self_kv is not None:
             self.self_kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.self_kv]
 
@@ -125,6 +125,8 @@ class T5Recommender(nn.Module):
             raise ValueError(f"T5Recommender dropout={dropout!r} must lie in [0, 1); pass e.g. 0.1.")
         self.code_num = code_num
         self.code_length = code_length
+        self.latent_dim = latent_dim
+        self.semantic_dim = semantic_dim
         self.d_model = d_model
         self.num_heads = num_heads
         self.d_kv = d_kv
@@ -204,13 +206,18 @@ class T5Recommender(nn.Module):
         """Encode histories ``history_codes`` (B, H, L) with ``history_mask`` (B, H), True = real item.
 
         Returns:
-            ``(encoder_states, attention_mask)``: (B, H * L, d_model) and (B, H * L) bool.
+            ``(encoder_states, attention_mask)``: (B, T, d_model) and (B, T) bool, T = H' * L where
+            H' drops the leading items that are padding in every row (they cannot change anything).
 
         Raises:
             ValueError: for wrong shapes, a real item's code outside ``[0, code_num)`` or a row
                 without any real item.
         """
+        history_mask = history_mask.bool()
         self._check_history(history_codes, history_mask)
+        # Items padded in every row change nothing (masked keys, relative positions): skip them.
+        first = int(history_mask.any(dim=0).int().argmax())
+        history_codes, history_mask = history_codes[:, first:], history_mask[:, first:]
         batch, history, length = history_codes.shape
         codes = history_codes.masked_fill(~history_mask[..., None], 0)  # padding: any valid code
         tokens = self.code_embedding[torch.arange(length, device=codes.device), codes]  # (B, H, L, d)
@@ -224,7 +231,7 @@ class T5Recommender(nn.Module):
     def forward(
         self, history_codes: torch.Tensor, history_mask: torch.Tensor, target_codes: torch.Tensor
     ) -> RecommenderOutput:
-        """Teacher-forced logits of ``target_codes`` (B, L) given the histories, plus the alignment heads."""
+        """Teacher-forced logits of ``target_codes`` (B, L) after the histories; alignment heads."""
         if target_codes.dim() != 2 or target_codes.shape[1] != self.code_length:
             raise ValueError(
                 f"target_codes must have shape (batch, {self.code_length}), got "
@@ -250,7 +257,7 @@ class T5Recommender(nn.Module):
     def decoder_cache(
         self, encoder_states: torch.Tensor, attention_mask: torch.Tensor, *, incremental: bool = True
     ) -> DecoderCache:
-        """Cross-attention keys/values of ``encoder_states`` (B, T, d), ready for :meth:`decode_logits`."""
+        """Cross-attention keys/values of ``encoder_states`` (B, T, d) for :meth:`decode_logits`."""
         batch, length, _ = encoder_states.shape
         cross = []
         for block in self.decoder.block:
@@ -258,8 +265,9 @@ class T5Recommender(nn.Module):
             k = attention.k(encoder_states).view(batch, length, self.num_heads, self.d_kv)
             v = attention.v(encoder_states).view(batch, length, self.num_heads, self.d_kv)
             cross.append((k.transpose(1, 2), v.transpose(1, 2)))  # 2 x (B, heads, T, d_kv)
-        bias = torch.zeros(attention_mask.shape, dtype=encoder_states.dtype, device=encoder_states.device)
-        bias = bias.masked_fill(~attention_mask.bool(), torch.finfo(encoder_states.dtype).min)
+        dtype = encoder_states.dtype
+        bias = torch.zeros(attention_mask.shape, dtype=dtype, device=encoder_states.device)
+        bias = bias.masked_fill(~attention_mask.bool(), torch.finfo(dtype).min)  # (B, T)
         return DecoderCache(cross=cross, cross_bias=bias[:, None, None, :], incremental=incremental)
 
     def decode_logits(
@@ -270,7 +278,7 @@ class T5Recommender(nn.Module):
         *,
         cache: DecoderCache | None = None,
     ) -> torch.Tensor:
-        """Logits (N, K) of code position ``t`` after ``prefix_codes`` (N, t), inference only (no dropout).
+        """Logits (N, K) of code position ``t`` after ``prefix_codes`` (N, t); inference, no dropout.
 
         ``encoder_states`` (B, T, d) and ``attention_mask`` (B, T) come from :meth:`encode`, once per
         history; N must be a multiple G of B and row ``n`` of ``prefix_codes`` continues history
@@ -341,7 +349,7 @@ class T5Recommender(nn.Module):
                 k = torch.cat([cache.self_kv[i][0], k], dim=2)  # (N, heads, past + s, d_kv)
                 v = torch.cat([cache.self_kv[i][1], v], dim=2)
             self_kv.append((k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
             hidden = hidden + attention.o(out.transpose(1, 2).reshape(rows, new, heads * d_kv))
 
             # Cross-attention: the G beams of a history share its keys, so they go on the query axis.
@@ -350,7 +358,8 @@ class T5Recommender(nn.Module):
             x = sublayer.layer_norm(hidden).reshape(rows // group, group * new, self.d_model)
             q = attention.q(x).view(rows // group, group * new, heads, d_kv).transpose(1, 2)
             k, v = cache.cross[i]  # (B, heads, T, d_kv)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.cross_bias, scale=1.0)
+            mask = cache.cross_bias.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
             out = out.transpose(1, 2).reshape(rows, new, heads * d_kv)
             hidden = hidden + attention.o(out)
             hidden = block.layer[2](hidden)  # feed-forward sublayer with its residual
