@@ -81,9 +81,7 @@ class EmbedTrainer:
     def fit(self) -> dict[str, dict[str, float]]:
         cfg, acc, run = self.config.embed, self.run.accelerator, self.run
         start = time.perf_counter()
-        signals.run_started.send(self, stage=self.stage, config=self.config.to_dict(), run_dir=str(run.run_dir),
-                                 rank=acc.process_index, world_size=acc.num_processes, resumed=False,
-                                 start_epoch=0)
+        run.announce_start(self)
         best, best_epoch, best_valid, bad = -1.0, -1, {}, 0
         self.model.train()
         for epoch in range(cfg.epochs):

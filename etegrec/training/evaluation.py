@@ -12,7 +12,7 @@ import torch
 
 from etegrec.metrics import ranking_metrics
 
-__all__ = ["rank_of_targets", "shard_bounds", "evaluate_full_ranking"]
+__all__ = ["evaluate_full_ranking", "gather_ranks", "rank_of_targets", "shard_bounds"]
 
 
 def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -43,10 +43,13 @@ def evaluate_full_ranking(score_fn: Callable[[torch.Tensor], torch.Tensor], hist
         h = torch.as_tensor(history[lo:hi], device=device)
         t = torch.as_tensor(target[lo:hi], device=device)
         ranks.append(rank_of_targets(score_fn(h), t))
-    local = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=device)
-    if world > 1:
-        from accelerate.utils import gather_object
-        all_ranks = np.concatenate(gather_object([local.cpu().numpy()]))
-    else:
-        all_ranks = local.cpu().numpy()
-    return ranking_metrics(all_ranks)
+    return ranking_metrics(gather_ranks(ranks, accelerator))
+
+
+def gather_ranks(ranks: list[torch.Tensor], accelerator=None) -> np.ndarray:
+    """Concatenate this process's rank batches and gather every process's shard, in rank order."""
+    local = torch.cat(ranks).cpu().numpy() if ranks else np.zeros(0, dtype=np.int64)
+    if accelerator is None or accelerator.num_processes == 1:
+        return local
+    from accelerate.utils import gather_object
+    return np.concatenate(gather_object([local]))

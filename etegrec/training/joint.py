@@ -31,7 +31,7 @@ from etegrec.metrics import ranking_metrics
 from etegrec.models import CodeTrie, T5Recommender, beam_search, code_loss
 
 from .cli import common_parser, parse_stage_args, run_main
-from .evaluation import shard_bounds
+from .evaluation import gather_ranks, shard_bounds
 from .loop import shuffled_batches, train_epoch
 from .rqvae import build_tokenizer, tokenizer_inputs
 from .run import Run
@@ -171,13 +171,7 @@ class JointTrainer:
                                 top_k=cfg.top_k, constrained=cfg.constrained).items  # (B, top_k)
             hit = items == t[:, None]
             ranks.append(torch.where(hit.any(1), hit.float().argmax(1) + 1, 0))
-        local = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=acc.device)
-        if acc.num_processes > 1:
-            from accelerate.utils import gather_object
-            all_ranks = np.concatenate(gather_object([local.cpu().numpy()]))
-        else:
-            all_ranks = local.cpu().numpy()
-        return ranking_metrics(all_ranks)
+        return ranking_metrics(gather_ranks(ranks, acc))
 
     def state(self, epoch: int, best: float, bad: int) -> dict:
         return {"tokenizer": self.tokenizer.state_dict(), "recommender": self.recommender.state_dict(),
@@ -196,8 +190,7 @@ class JointTrainer:
     def fit(self) -> dict[str, dict[str, float]]:
         cfg, acc, run = self.config.joint, self.run.accelerator, self.run
         start = time.perf_counter()
-        signals.run_started.send(self, stage=self.stage, config=self.config.to_dict(), run_dir=str(run.run_dir),
-                                 rank=acc.process_index, world_size=acc.num_processes, resumed=False, start_epoch=0)
+        run.announce_start(self)
         best, best_valid, best_epoch, bad = -1.0, {}, -1, 0
         total_epochs = cfg.epochs + cfg.finetune_epochs
         with CodebookHooks(self.tokenizer, stage=self.stage, sender=self) as self.hooks:

@@ -100,9 +100,7 @@ class RQVAETrainer:
     def fit(self) -> dict[str, dict[str, float]]:
         cfg, acc, run = self.config.rqvae, self.run.accelerator, self.run
         start = time.perf_counter()
-        signals.run_started.send(self, stage=self.stage, config=self.config.to_dict(), run_dir=str(run.run_dir),
-                                 rank=acc.process_index, world_size=acc.num_processes, resumed=False,
-                                 start_epoch=0)
+        run.announce_start(self)
         best, best_quality, bad, epoch = float("inf"), {}, 0, -1
         with CodebookHooks(self.tokenizer, stage=self.stage, sender=self) as hooks:
             for epoch in range(cfg.epochs):

@@ -136,6 +136,12 @@ class Run:
             except Exception:  # a subscriber's cleanup must not hide the run's own outcome
                 log.exception("subscriber %s failed to finish", type(sub).__name__)
 
+    def announce_start(self, sender: Any, *, resumed: bool = False, start_epoch: int = 0) -> None:
+        """Emit ``run_started`` for ``sender`` (the trainer) with this run's config and processes."""
+        signals.run_started.send(sender, stage=self.stage, config=self.config.to_dict(), run_dir=str(self.run_dir),
+                                 rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
+                                 resumed=resumed, start_epoch=start_epoch)
+
     def save_checkpoint(self, sender: Any, state: dict[str, Any], name: str, *, epoch: int,
                         is_best: bool = False) -> Path | None:
         """Write ``checkpoints/<name>.pt`` atomically on the main rank and emit ``checkpoint_saved``."""
