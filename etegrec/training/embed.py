@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import set_seed
 
 from etegrec import signals
 from etegrec.config import Config
@@ -24,7 +23,7 @@ from etegrec.models import SASRec
 from .cli import common_parser, parse_stage_args, run_main
 from .evaluation import evaluate_full_ranking
 from .loop import shuffled_batches, train_epoch
-from .run import Run, atomic_write_bytes, atomic_write_text
+from .run import Run, atomic_write_bytes, atomic_write_text, prepare_process
 from .stages import load_stage_data
 
 __all__ = ["EmbedTrainer", "make_windows", "main"]
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         args = parse_stage_args(parser, argv)
-        set_seed(args.config.run.seed)
+        prepare_process(args.config)
         data = load_stage_data(args.config)
         with Run(args.config, stage="embed", output_dir=args.output_dir, wandb_mode=args.wandb_mode,
                  subscribers=args.subscribers) as run:

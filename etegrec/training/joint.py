@@ -34,7 +34,7 @@ from .cli import common_parser, parse_stage_args, run_main
 from .evaluation import gather_ranks, shard_bounds
 from .loop import shuffled_batches, train_epoch
 from .rqvae import build_tokenizer, tokenizer_inputs
-from .run import Run
+from .run import Run, prepare_process
 from .stages import ensure_embeddings, ensure_tokenizer, load_stage_data
 
 __all__ = ["JointTrainer", "info_nce", "main", "phase_of", "run_joint", "symmetric_kl"]
@@ -248,9 +248,7 @@ class JointTrainer:
 
 def run_joint(config: Config, *, output_dir=None, wandb_mode=None, subscribers=(), accelerator=None):
     """The whole pipeline: embeddings and tokenizer (cached), then joint training in its run directory."""
-    set_seed(config.run.seed)
-    if config.run.num_threads:
-        torch.set_num_threads(config.run.num_threads)
+    prepare_process(config)
     data = load_stage_data(config)
     run = Run(config, stage="joint", output_dir=output_dir, wandb_mode=wandb_mode, wandb_project=JOINT_PROJECT,
               wandb_run_name=config.run.name, subscribers=subscribers, accelerator=accelerator)

@@ -21,7 +21,7 @@ from etegrec.models import RQVAE
 
 from .cli import common_parser, parse_stage_args, run_main
 from .loop import shuffled_batches, train_epoch
-from .run import Run
+from .run import Run, prepare_process
 from .stages import ensure_embeddings, load_stage_data
 
 __all__ = ["RQVAETrainer", "build_tokenizer", "main", "tokenize_all", "tokenizer_inputs"]
@@ -138,9 +138,7 @@ class RQVAETrainer:
 
 def run_rqvae(config: Config, *, output_dir=None, wandb_mode=None, subscribers=(), accelerator=None):
     """Build (or reuse) the embeddings, then pretrain the tokenizer in its own run directory."""
-    set_seed(config.run.seed)
-    if config.run.num_threads:
-        torch.set_num_threads(config.run.num_threads)
+    prepare_process(config)
     data = load_stage_data(config)
     t = config.tokenizer
     run = Run(config, stage="rqvae", output_dir=output_dir, wandb_mode=wandb_mode, wandb_project=WANDB_PROJECT,

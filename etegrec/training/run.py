@@ -22,7 +22,7 @@ from etegrec import signals
 from etegrec.config import Config
 from etegrec.hooks import ConsoleSubscriber, EventLog, Subscriber, resolve_subscriber
 
-__all__ = ["Run", "atomic_write_bytes", "atomic_write_text", "default_run_dir", "wandb_mode_from_env"]
+__all__ = ["Run", "atomic_write_bytes", "atomic_write_text", "default_run_dir", "prepare_process", "wandb_mode_from_env"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def prepare_process(config: Config) -> None:
+    """Seed every generator and set torch's thread count from ``run.num_threads`` (0 = torch's default)."""
+    from accelerate.utils import set_seed
+
+    set_seed(config.run.seed)
+    if config.run.num_threads:
+        torch.set_num_threads(config.run.num_threads)
 
 
 def default_run_dir(stage: str, config: Config) -> Path:
