@@ -87,6 +87,7 @@ class RQVAEConfig:
     epochs: int = 1000
     eval_step: int = 50
     patience: int = 10
+    restart_dead_every: int = 10  # move unused codes onto item residuals every N epochs; 0 = never
 
 
 @dataclass
@@ -199,7 +200,7 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {
     "lr", "lr_rec", "lr_id", "weight_decay", "dropout", "beta", "warm_epoch", "warmup_epochs", "max_grad_norm",
-    "finetune_epochs", "log_every", "num_threads", "id_vq_weight", "id_code_weight", "id_kl_weight",
+    "finetune_epochs", "log_every", "num_threads", "restart_dead_every", "id_vq_weight", "id_code_weight", "id_kl_weight",
     "id_dec_cl_weight", "rec_code_weight", "rec_kl_weight", "rec_dec_cl_weight",
 }
 

@@ -134,3 +134,19 @@ def test_loss_is_recon_plus_quant():
     out = _tiny()(torch.randn(8, 16))
     assert torch.allclose(out.loss, out.recon_loss + out.quant_loss)
     assert out.commit_loss is out.quant_loss
+
+
+def test_restart_dead_codes_moves_unused_codes_onto_data_residuals():
+    torch.manual_seed(0)
+    model = RQVAE(in_dim=8, hidden_dims=(16,), e_dim=4, num_layers=2, codebook_size=6, kmeans_init=False)
+    x = torch.randn(40, 8)
+    with torch.no_grad():
+        model.quantizer.layers[0].embedding.weight[1:] = 1e3  # five codes nobody can pick
+    latent = model.eval().encode(x)
+    before = model.quantizer.layers[0].distances(latent).argmin(1).unique().numel()
+    restarted = model.restart_dead_codes(x)
+    assert before == 1 and restarted[0] == 5
+    codebook = model.quantizer.layers[0].codebook
+    for row in codebook[1:]:  # each restarted code is the latent of some item
+        assert torch.isclose(latent, row).all(dim=1).any()
+    assert model.quantizer.layers[0].distances(latent).argmin(1).unique().numel() > 1

@@ -78,3 +78,12 @@ def test_history_longer_than_max_len_is_an_error():
 def test_hidden_not_divisible_by_heads_is_an_error():
     with pytest.raises(ValueError, match="hidden=15"):
         SASRec(n_items=5, hidden=15, n_heads=2)
+
+
+def test_untied_output_scores_against_its_own_table():
+    model = _tiny(tied_output=False)
+    history = torch.tensor([[0, 0, 0, 1, 2, 3]])
+    with torch.no_grad():
+        expected = model(history)[:, -1] @ model.output_emb.weight.T
+        assert torch.allclose(model.score(history)[:, 1:], expected[:, 1:], atol=1e-6)
+    assert model.output_emb.weight.data_ptr() != model.item_embeddings().data_ptr()

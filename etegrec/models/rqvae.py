@@ -358,6 +358,32 @@ class RQVAE(nn.Module):
         return logits
 
     @torch.no_grad()
+    def restart_dead_codes(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> list[int]:
+        """Move every code that no row of ``x`` (N, in_dim) picks onto the residual of a random row.
+
+        Layer by layer on the residuals of ``x`` (dropout off), as :meth:`kmeans_init_from` does;
+        a code nobody uses gets no gradient and would stay dead for good. Returns the number of
+        codes restarted per layer.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            residual = self.encode(x)  # (N, e_dim)
+            restarted = []
+            for layer in self.quantizer.layers:
+                codes = layer.distances(residual).argmin(dim=1)  # (N,)
+                dead = (torch.bincount(codes, minlength=layer.codebook_size) == 0).nonzero().flatten()
+                if len(dead):
+                    pick = torch.randint(len(residual), (len(dead),), generator=generator, device=residual.device)
+                    layer.embedding.weight[dead] = residual[pick]
+                    codes = layer.distances(residual).argmin(dim=1)
+                residual = residual - layer.embedding(codes)
+                restarted.append(len(dead))
+        finally:
+            self.train(was_training)
+        return restarted
+
+    @torch.no_grad()
     def kmeans_init_from(self, x: torch.Tensor) -> None:
         """Encode all of ``x`` (N, in_dim) once (dropout off) and k-means initialise the codebooks."""
         was_training = self.training

@@ -27,6 +27,9 @@ class SASRec(nn.Module):
         dropout: dropout on the input embeddings, attention and feed-forward layers.
         max_len: longest history the model accepts (positions available).
         ffn_dim: inner width of the feed-forward layers; ``None`` means ``hidden`` (original SASRec).
+        tied_output: score items against the input embedding table (True) or against a separate
+            output table (False). On ml-100k the tied model ranks ~2.7 history items in its top 10
+            (they are never the target); a separate table learns to push them down.
 
     Raises:
         ValueError: for a non-positive size or a ``hidden`` not divisible by ``n_heads``.
@@ -42,6 +45,7 @@ class SASRec(nn.Module):
         dropout: float = 0.2,
         max_len: int = 20,
         ffn_dim: int | None = None,
+        tied_output: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (("n_items", n_items), ("hidden", hidden), ("n_layers", n_layers),
@@ -74,6 +78,7 @@ class SASRec(nn.Module):
             for _ in range(n_layers)
         )
         self.final_norm = nn.LayerNorm(hidden)
+        self.output_emb = None if tied_output else nn.Embedding(n_items + 1, hidden, padding_idx=0)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -112,11 +117,12 @@ class SASRec(nn.Module):
         return self.final_norm(x)  # (batch, T, hidden)
 
     def item_embeddings(self) -> torch.Tensor:
-        """The item embedding table (n_items + 1, hidden); row 0 is padding."""
+        """The input item embedding table (n_items + 1, hidden); row 0 is padding."""
         return self.item_emb.weight
 
     def _logits(self, states: torch.Tensor) -> torch.Tensor:
-        logits = states @ self.item_emb.weight.T  # (..., n_items + 1)
+        table = self.item_emb if self.output_emb is None else self.output_emb
+        logits = states @ table.weight.T  # (..., n_items + 1)
         logits[..., 0] = float("-inf")
         return logits
 

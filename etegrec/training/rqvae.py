@@ -3,7 +3,9 @@
 Trains the RQ-VAE on the SASRec item embeddings (built first, and cached, when missing). Every
 ``eval_step`` epochs it tokenizes all items and reports the collision rate and the Gini
 coefficient of code usage per layer; keeps the best-collision and the last checkpoint; stops after
-``patience`` evaluations without improvement. W&B project ``ETEGRec-RQVAE-Pretrain``.
+``patience`` evaluations without improvement. Every ``restart_dead_every`` epochs, codes that no
+item uses are moved onto item residuals: without it, ml-100k's first layer ends with ~17% of its
+codes in use (Gini 0.89). W&B project ``ETEGRec-RQVAE-Pretrain``.
 """
 from __future__ import annotations
 
@@ -110,6 +112,8 @@ class RQVAETrainer:
                                      loss_fn=self._loss, optimizers=[self.optimizer], accelerator=acc,
                                      log_every=self.config.run.log_every, show_progress=False)
                 hooks.epoch_end(epoch)
+                if cfg.restart_dead_every and (epoch + 1) % cfg.restart_dead_every == 0:
+                    self.tokenizer.restart_dead_codes(self.items)  # same seed on every rank: same codes
                 losses = {"loss_total": result.losses["loss"], "loss_recon": result.losses["loss_recon"],
                           "loss_commit": result.losses["loss_commit"]}
                 signals.epoch_end.send(self, stage=self.stage, phase="rqvae", epoch=epoch, losses=losses,
