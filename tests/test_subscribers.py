@@ -156,13 +156,13 @@ def test_read_events_reads_back_what_the_event_log_wrote(event_log):
 
 CONSOLE_EVENTS = [
     (signals.run_started, {"stage": "rec", "config": {}, "run_dir": "runs/x", "rank": 0, "world_size": 2}),
+    (signals.codebook_usage, {"stage": "rqvae", "epoch": 2, "layer": 1, "counts": np.ones(8),
+                              "utilization": 1.0, "perplexity": 8.0, "gini": 0.0, "dead_codes": 0}),
     (signals.epoch_end, EPOCH_END),
     (signals.codes_assigned, {"epoch": 2, "codes": np.zeros((5, 4), dtype=np.int64), "use_forge": True,
                               "policy": "sorted", "max_conflict": 12, "max_conflict_before": 40,
                               "collision_rate": 0.02, "changed": 3, "seconds": 0.1}),
     (signals.evaluated, {"stage": "rec", "split": "valid", "epoch": 2, "metrics": {"ndcg@10": 0.05}}),
-    (signals.codebook_usage, {"stage": "rqvae", "epoch": 2, "layer": 1, "counts": np.ones(8),
-                              "utilization": 1.0, "perplexity": 8.0, "gini": 0.0, "dead_codes": 0}),
     (signals.checkpoint_saved, {"stage": "rec", "epoch": 2, "path": "ckpt/best.pt", "is_best": True}),
     (signals.run_finished, {"stage": "rec", "status": "completed", "best_metrics": {"ndcg@10": 0.05},
                             "best_checkpoint": "ckpt/best.pt", "seconds": 9.0}),
@@ -177,17 +177,31 @@ def test_console_prints_one_line_per_event():
 
     lines = out.getvalue().splitlines()
     assert len(lines) == len(CONSOLE_EVENTS)
-    assert "max_conflict 12 (before FORGE 40)" in lines[2]
-    assert "valid @ epoch 2: ndcg@10=0.05" in lines[3]
+    assert "codebook layer 1: utilization 100.0%" in lines[1]  # printed with its epoch's line
+    assert "max_conflict 12 (before FORGE 40)" in lines[3]
+    assert "valid @ epoch 2: ndcg@10=0.05" in lines[4]
 
 
 def test_console_without_codebooks_skips_codebook_lines():
     out = io.StringIO()
     with ConsoleSubscriber(file=out, codebooks=False):
-        sig, payload = CONSOLE_EVENTS[4]
-        sig.send(None, **payload)
+        for sig, payload in CONSOLE_EVENTS[1:3]:
+            sig.send(None, **payload)
 
-    assert out.getvalue() == ""
+    assert len(out.getvalue().splitlines()) == 1 and "codebook" not in out.getvalue()
+
+
+def test_console_throttles_epoch_lines_of_fast_epochs_with_their_codebook_lines():
+    out = io.StringIO()
+    with ConsoleSubscriber(file=out, min_interval=3600):
+        for epoch in range(5):
+            signals.codebook_usage.send(None, **{**CONSOLE_EVENTS[1][1], "epoch": epoch})
+            signals.epoch_end.send(None, **{**EPOCH_END, "epoch": epoch})
+        signals.evaluated.send(None, **{**CONSOLE_EVENTS[4][1], "epoch": 4})
+
+    lines = out.getvalue().splitlines()
+    assert ["epoch 0 codebook" in lines[0], "epoch 0" in lines[1], "valid @ epoch 4" in lines[2]] == [True] * 3
+    assert len(lines) == 3
 
 
 # -------------------------------------------------------------------------------------- resolver

@@ -1,7 +1,8 @@
-"""The console subscriber: one readable line per event, on the main rank only."""
+"""The console subscriber: one readable line per event (epoch lines throttled), on the main rank only."""
 from __future__ import annotations
 
 import sys
+import time
 
 from tqdm import tqdm
 
@@ -19,10 +20,15 @@ class ConsoleSubscriber(Subscriber):
 
     main_process_only = True
 
-    def __init__(self, *, file=None, codebooks: bool = True) -> None:
+    def __init__(self, *, file=None, codebooks: bool = True, min_interval: float = 2.0) -> None:
         super().__init__()
         self.file = file
         self.codebooks = codebooks
+        # epoch lines (and their codebook lines) at most every min_interval seconds: a stage with
+        # sub-second epochs (RQ-VAE pretraining) would otherwise flood the terminal
+        self.min_interval = min_interval
+        self._last_epoch_line = float("-inf")
+        self._codebook_lines: list[str] = []
 
     def _print(self, text: str) -> None:
         tqdm.write(text, file=self.file or sys.stderr)
@@ -33,6 +39,13 @@ class ConsoleSubscriber(Subscriber):
 
     def on_epoch_end(self, sender, *, stage, phase, epoch, losses, lr=None, seconds=0.0,
                      samples_per_second=0.0, **extra):
+        codebook_lines, self._codebook_lines = self._codebook_lines, []
+        now = time.monotonic()
+        if now - self._last_epoch_line < self.min_interval:
+            return
+        self._last_epoch_line = now
+        for line in codebook_lines:
+            self._print(line)
         lr_text = f" | lr {_fmt(lr, 3)}" if lr else ""
         self._print(f"[{stage}] epoch {epoch} {phase}: {_fmt(losses)}{lr_text} | {seconds:.1f} s, "
                     f"{samples_per_second:.0f} samples/s")
@@ -48,9 +61,10 @@ class ConsoleSubscriber(Subscriber):
 
     def on_codebook_usage(self, sender, *, stage, epoch, layer, utilization, perplexity, gini,
                           dead_codes, **extra):
-        if self.codebooks:
-            self._print(f"[{stage}] epoch {epoch} codebook layer {layer}: utilization {utilization:.1%}, "
-                        f"perplexity {perplexity:.1f}, gini {gini:.3f}, {dead_codes} dead")
+        if self.codebooks:  # printed with the epoch's epoch_end line, if that one is printed
+            self._codebook_lines.append(f"[{stage}] epoch {epoch} codebook layer {layer}: utilization "
+                                        f"{utilization:.1%}, perplexity {perplexity:.1f}, gini {gini:.3f}, "
+                                        f"{dead_codes} dead")
 
     def on_checkpoint_saved(self, sender, *, stage, epoch, path, is_best=False, **extra):
         self._print(f"[{stage}] checkpoint {'(best) ' if is_best else ''}epoch {epoch}: {path}")

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 from accelerate.utils import set_seed
+from tqdm import tqdm
 
 from etegrec import metrics, signals
 from etegrec.config import Config
@@ -105,7 +106,8 @@ class RQVAETrainer:
         run.announce_start(self)
         best, best_quality, bad, epoch = float("inf"), {}, 0, -1
         with CodebookHooks(self.tokenizer, stage=self.stage, sender=self) as hooks:
-            for epoch in range(cfg.epochs):
+            for epoch in tqdm(range(cfg.epochs), desc="rqvae epochs", disable=not run.is_main, leave=False,
+                              dynamic_ncols=True):
                 batches = shuffled_batches(len(self.items), cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
                                            rank=acc.process_index, world_size=acc.num_processes)
                 result = train_epoch(sender=self, stage=self.stage, phase="rqvae", epoch=epoch, batches=batches,
