@@ -22,6 +22,17 @@ def etegrec_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+@pytest.fixture(scope="module")
+def wandb_env():
+    """W&B without credentials, network or a mode from the environment: the mode a test passes wins."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_SILENT", "true")
+        mp.setenv("WANDB_DISABLE_GIT", "true")
+        for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_DIR"):
+            mp.delenv(var, raising=False)
+        yield
+
+
 def write_synthetic_inter(path: Path) -> Path:
     """Write the deterministic synthetic RecBole ``.inter`` file to ``path`` (see ``inter_file``)."""
     lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]

@@ -1,9 +1,10 @@
-"""The Weights & Biases subscriber, on top of Accelerate's tracking API (main rank only).
+"""The tracking subscriber: W&B and every other Accelerate tracker (main rank only).
 
 It turns the bus's payloads into the keys of SPEC section 4, one small :class:`KeyMap` per stage,
-and owns the W&B run: :meth:`WandbSubscriber.start` calls ``accelerator.init_trackers`` and
-declares ``epoch`` as the x-axis of every chart, :meth:`WandbSubscriber.finish` ends the run with
-a bounded timeout and marks it failed unless the status is ``"completed"``.
+and owns the tracking run: :meth:`WandbSubscriber.start` calls ``accelerator.init_trackers`` for
+whatever the accelerator logs with (``wandb``, ``tensorboard``, ...) and declares ``epoch`` as the
+x-axis of every W&B chart; :meth:`WandbSubscriber.finish` ends the W&B run with a bounded timeout,
+marks it failed unless the status is ``"completed"``, and finishes the other trackers.
 
 Two W&B traps it avoids:
 
@@ -13,11 +14,17 @@ Two W&B traps it avoids:
   evaluation of the best epoch after the last epoch, or validation logged after training rows).
 * Media. Histograms go to the W&B run only; every other Accelerate tracker (TensorBoard, ...)
   gets the scalar part of the same row through its own ``log`` with ``step=epoch``, since those
-  backends take scalars only and need an explicit step.
+  backends take scalars only and need an explicit step. (tensorboardX, TensorBoard's writer when
+  the ``tensorboard`` package is absent, writes a key's characters outside ``[-/\\w.]`` as ``_``:
+  ``eval/ndcg@10`` is ``eval/ndcg_10`` there.)
 
-The trainer still calls ``accelerator.end_training()`` at the very end (it finishes the other
-trackers and destroys the process group); the W&B run is already finished by then, and finishing
-it again is a no-op.
+And one of the other trackers: the run config is stored per tracker, nested for W&B and flattened
+to ``{"joint.lr_rec": 0.005, ...}`` for the others (TensorBoard's ``add_hparams`` takes flat
+primitive values only; a nested config breaks it or is stored as unset).
+
+Finishing the trackers here means nobody has to reach ``accelerator.end_training()`` for the
+TensorBoard events to be on disk; calling it afterwards anyway is harmless (finishing again is a
+no-op for both).
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ __all__ = [
     "KeyMap",
     "PRETRAIN_PROJECT",
     "WandbSubscriber",
+    "flat_config",
     "resolve_mode",
     "usage_histogram",
 ]
@@ -162,32 +170,62 @@ def _netrc_has_key(environ: Mapping[str, str]) -> bool:
     return bool(entry and entry[2])
 
 
+def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``config`` with nested keys joined by dots and lists turned into strings.
+
+    What trackers that take flat primitive hyper-parameters (TensorBoard's ``add_hparams``) can
+    store: ``{"joint": {"lr_rec": 0.005}, "tokenizer": {"hidden_dims": [64, 32]}}`` becomes
+    ``{"joint.lr_rec": 0.005, "tokenizer.hidden_dims": "[64, 32]"}``; None stays None.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flat_config(value, prefix=f"{name}."))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def _tracker_name(tracker: Any) -> str:
+    # log_with holds LoggerType members (str() is the name; .name is "WANDB") or GeneralTracker instances
+    from accelerate.tracking import GeneralTracker
+
+    return tracker.name if isinstance(tracker, GeneralTracker) else str(tracker)
+
+
 # --- the subscriber --------------------------------------------------------------------------
 
 class WandbSubscriber(Subscriber):
-    """Logs the bus to one W&B run through ``accelerator``'s trackers, on the main process only.
+    """Logs the bus through ``accelerator``'s trackers (W&B, TensorBoard, ...) on the main process only.
 
     Construction only stores its arguments (no W&B import, no distributed state). :meth:`start`
     initialises the trackers on the main process; :meth:`connect` attaches the handlers there (and
     does nothing elsewhere); ``run_finished`` (or :meth:`finish`) ends the run. Only payloads whose
     ``stage`` is this subscriber's stage are logged, so an earlier stage run in the same process
-    never lands in this run. If W&B raises while logging, the error is logged once as a warning and
-    the subscriber stops logging; training goes on.
+    never lands in this run. Scalars go to every tracker; histograms and the best metrics (the run
+    summary) to W&B only. If a tracker raises while logging, the error is logged once as a warning
+    and the subscriber stops logging; training goes on.
 
     Args:
-        accelerator: an ``accelerate.Accelerator`` built with ``log_with`` including ``"wandb"``.
-        project: W&B project (:data:`PRETRAIN_PROJECT` or :data:`JOINT_PROJECT`).
+        accelerator: an ``accelerate.Accelerator`` with at least one tracker in ``log_with`` (and a
+            ``project_dir`` for trackers that write files, such as TensorBoard).
+        project: the tracking project: W&B's project (:data:`PRETRAIN_PROJECT` or
+            :data:`JOINT_PROJECT`), and the folder TensorBoard writes into under its logging dir.
         run_name: W&B run name.
-        config: the fully resolved config, stored as the run config.
+        config: the fully resolved config, stored as the run config (flattened for trackers other
+            than W&B, see :func:`flat_config`).
         run_dir: the run directory; W&B writes under ``run_dir/"wandb"``.
         stage: the stage whose payloads are logged ("rqvae", "joint", "embed"); picks the key map.
-        mode: "online", "offline", "disabled" or None (see :func:`resolve_mode`).
+        mode: W&B's mode, "online", "offline", "disabled" or None (see :func:`resolve_mode`).
         key_map: overrides the stage's :data:`KEY_MAPS` entry.
         finish_timeout: seconds ``finish`` may wait for W&B to flush (W&B's ``finish_timeout``).
 
     Raises:
-        ValueError: the accelerator does not log with wandb, the stage is unknown without a
-            ``key_map``, or the mode is invalid.
+        ValueError: the accelerator has no tracker, the stage is unknown without a ``key_map``, or
+            the mode is invalid.
     """
 
     main_process_only = True
@@ -196,10 +234,10 @@ class WandbSubscriber(Subscriber):
                  run_dir: str | os.PathLike, stage: str, mode: str | None = None,
                  key_map: KeyMap | None = None, finish_timeout: float = 60.0) -> None:
         super().__init__()
-        if "wandb" not in {str(t) for t in accelerator.log_with}:
+        if not accelerator.log_with:
             raise ValueError(
-                f"WandbSubscriber needs an Accelerator that logs with wandb, got log_with="
-                f"{[str(t) for t in accelerator.log_with]!r}; build it with Accelerator(log_with='wandb')."
+                f"WandbSubscriber needs an Accelerator with a tracker, got log_with={list(accelerator.log_with)!r}; "
+                f"build it with Accelerator(log_with='wandb') or another tracker (log_with='tensorboard', ...)."
             )
         if key_map is None and stage not in KEY_MAPS:
             raise ValueError(f"no W&B key map for stage {stage!r}; use one of {sorted(KEY_MAPS)} or pass key_map.")
@@ -212,38 +250,47 @@ class WandbSubscriber(Subscriber):
         self.mode = resolve_mode(mode)
         self.key_map = key_map or KEY_MAPS[stage]
         self.finish_timeout = finish_timeout
-        self.run = None  # the wandb Run, on the main process once started
+        self.run = None  # the wandb Run, on the main process once started, when wandb is a tracker
+        self.trackers: list = []  # the Accelerate trackers this subscriber started; finish() ends them
+        self._started = False
         self._logging = False
         self._pending: list[tuple[int, dict, dict]] = []  # codebook rows waiting for their epoch_end
 
     # lifecycle
 
     def start(self) -> None:
-        """Initialise the trackers and the W&B run on the main process; do nothing elsewhere.
+        """Initialise the trackers (and the W&B run) on the main process, once; do nothing elsewhere.
 
-        A W&B failure here is logged as a warning and leaves the subscriber inert.
+        A tracker failure here is logged as a warning and leaves the subscriber inert.
         """
-        if self.run is not None or not self.accelerator.is_main_process:
+        # init_trackers appends every tracker again on each call: never call it twice
+        if self._started or not self.accelerator.is_main_process:
             return
-        import wandb
-
+        self._started = True
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        init_kwargs = {}
         try:
-            self.accelerator.init_trackers(
-                project_name=self.project,
-                config=self.config,
-                init_kwargs={"wandb": {
+            if "wandb" in {_tracker_name(t) for t in self.accelerator.log_with}:
+                import wandb
+
+                init_kwargs["wandb"] = {
                     "name": self.run_name,
                     "dir": str(self.run_dir),  # W&B appends "wandb/" itself
                     "mode": self.mode,
                     "settings": wandb.Settings(finish_timeout=self.finish_timeout),
-                }},
-            )
-            self.run = self.accelerator.get_tracker("wandb", unwrap=True)
-            self.run.define_metric("epoch")
-            self.run.define_metric("*", step_metric="epoch")
+                }
+            # no config here: each tracker gets it below in the shape it can store
+            self.accelerator.init_trackers(project_name=self.project, init_kwargs=init_kwargs)
+            self.trackers = list(self.accelerator.trackers)
+            for tracker in self.trackers:
+                tracker.store_init_configuration(self.config if tracker.name == "wandb" else flat_config(self.config))
+            if "wandb" in init_kwargs:
+                self.run = self.accelerator.get_tracker("wandb", unwrap=True)
+                self.run.define_metric("epoch")
+                self.run.define_metric("*", step_metric="epoch")
         except Exception as exc:
-            log.warning("W&B could not start (%s: %s); the run goes on without W&B", type(exc).__name__, exc)
+            log.warning("the trackers could not start (%s: %s); the run goes on without them",
+                        type(exc).__name__, exc)
             return
         self._logging = True
 
@@ -254,19 +301,22 @@ class WandbSubscriber(Subscriber):
         return self
 
     def finish(self, status: str = "completed") -> None:
-        """Disconnect and finish the W&B run: failed (exit code 1) unless ``status == "completed"``.
+        """Disconnect, then finish the W&B run (failed, exit code 1, unless ``status == "completed"``)
+        and every other tracker.
 
         Bounded by ``finish_timeout``; safe to call twice; never raises.
         """
         self.disconnect()
         self._flush_pending()
-        run, self.run, self._logging = self.run, None, False
-        if run is None:
-            return
-        try:
-            run.finish(exit_code=0 if status == "completed" else 1)
-        except Exception as exc:
-            log.warning("W&B run did not finish cleanly (%s: %s)", type(exc).__name__, exc)
+        trackers, self.trackers, self.run, self._logging = self.trackers, [], None, False
+        for tracker in trackers:
+            try:
+                if tracker.name == "wandb":
+                    tracker.tracker.finish(exit_code=0 if status == "completed" else 1)
+                else:
+                    tracker.finish()
+            except Exception as exc:
+                log.warning("tracker %s did not finish cleanly (%s: %s)", tracker.name, type(exc).__name__, exc)
 
     # handlers
 
@@ -302,7 +352,7 @@ class WandbSubscriber(Subscriber):
     def on_run_finished(self, sender, *, stage, status="completed", best_metrics=None, **extra):
         if stage != self.stage:
             return
-        if self._logging and best_metrics:
+        if self._logging and best_metrics and self.run is not None:
             self._guarded(lambda: self.run.summary.update(
                 {f"best/{k}": float(v) for k, v in best_metrics.items()}))
         self.finish(status)
@@ -334,14 +384,14 @@ class WandbSubscriber(Subscriber):
         row = {"epoch": int(epoch), **scalars}
 
         def send():
-            import wandb
-
-            for tracker in self.accelerator.trackers:
+            for tracker in self.trackers:
                 if tracker.name == "wandb":
+                    import wandb
+
                     media = {k: wandb.Histogram(np_histogram=h) for k, h in (histograms or {}).items()}
                     self.run.log({**row, **media})  # no step=: see the module docstring
-                else:
-                    tracker.log(row, step=int(epoch))
+                else:  # the epoch is their step: no "epoch" chart of its own
+                    tracker.log(scalars, step=int(epoch))
         self._guarded(send)
 
     def _guarded(self, fn: Callable[[], Any]) -> None:
@@ -349,5 +399,5 @@ class WandbSubscriber(Subscriber):
             fn()
         except Exception as exc:
             self._logging = False
-            log.warning("W&B logging failed (%s: %s); W&B logging is off for the rest of this run, "
+            log.warning("tracking failed (%s: %s); logging to the trackers is off for the rest of this run, "
                         "training goes on", type(exc).__name__, exc)

@@ -12,7 +12,9 @@ from etegrec.data import DataError
 from etegrec.forge import CodeOverflowError
 from etegrec.hooks import SubscriberError
 
-__all__ = ["StageArgs", "common_parser", "parse_stage_args", "run_main"]
+from .run import check_trackers
+
+__all__ = ["StageArgs", "common_parser", "parse_stage_args", "run_main", "tracker_list"]
 
 # errors that name what is wrong and the remedy: one sentence, no traceback, exit status 2
 USER_ERRORS = (ConfigError, DataError, SubscriberError, CodeOverflowError, FileNotFoundError)
@@ -25,6 +27,18 @@ class StageArgs:
     wandb_mode: str | None
     subscribers: list[str]
     resume: bool
+    log_with: tuple[str, ...] = ("wandb",)
+
+
+def tracker_list(text: str) -> tuple[str, ...]:
+    """``--log-with``'s value: comma-separated Accelerate tracker names, or ``none``."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["none"]:
+        return ()
+    try:
+        return check_trackers(names)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -38,6 +52,9 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", help="run directory (default runs/<stage>-<dataset>-<time>)")
     parser.add_argument("--wandb-mode", choices=("online", "offline", "disabled"),
                         help="W&B mode (default: offline unless an API key is configured)")
+    parser.add_argument("--log-with", type=tracker_list, default=("wandb",), metavar="NAMES",
+                        help="Accelerate trackers, comma-separated: wandb (default), tensorboard (under "
+                             "<run dir>/tensorboard), ...; none for no tracker. --wandb-mode disabled drops wandb")
     parser.add_argument("--subscriber", dest="subscribers", action="append", default=[],
                         metavar="MODULE:CALLABLE", help="attach a subscriber of yours (repeatable)")
     parser.add_argument("--seed", type=int, help="random seed (default: the config's run.seed)")
@@ -56,7 +73,7 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = N
         overrides.append(f"run.seed={args.seed}")
     config = load_config(args.config, overrides)
     return StageArgs(config=config, output_dir=args.output_dir, wandb_mode=args.wandb_mode,
-                     subscribers=args.subscribers, resume=args.resume)
+                     subscribers=args.subscribers, resume=args.resume, log_with=args.log_with)
 
 
 def run_main(body: Callable[[], object]) -> int:

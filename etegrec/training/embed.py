@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_process(args.config)
         data = load_stage_data(args.config)
         with Run(args.config, stage="embed", output_dir=args.output_dir, wandb_mode=args.wandb_mode,
-                 subscribers=args.subscribers) as run:
+                 log_with=args.log_with, subscribers=args.subscribers) as run:
             EmbedTrainer(args.config, run, data).fit()
     return run_main(body)
 

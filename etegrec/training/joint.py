@@ -246,12 +246,13 @@ class JointTrainer:
         return {"valid": best_valid, "test": test}
 
 
-def run_joint(config: Config, *, output_dir=None, wandb_mode=None, subscribers=(), accelerator=None):
+def run_joint(config: Config, *, output_dir=None, wandb_mode=None, log_with=("wandb",), subscribers=(),
+              accelerator=None):
     """The whole pipeline: embeddings and tokenizer (cached), then joint training in its run directory."""
     prepare_process(config)
     data = load_stage_data(config)
     run = Run(config, stage="joint", output_dir=output_dir, wandb_mode=wandb_mode, wandb_project=JOINT_PROJECT,
-              wandb_run_name=config.run.name, subscribers=subscribers, accelerator=accelerator)
+              wandb_run_name=config.run.name, log_with=log_with, subscribers=subscribers, accelerator=accelerator)
     embeddings, _ = ensure_embeddings(config, data, run.accelerator)
     tokenizer_state, _ = ensure_tokenizer(config, embeddings, run.accelerator)
     set_seed(config.run.seed)
@@ -275,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         args = parse_stage_args(parser, argv)
-        run_joint(args.config, output_dir=args.output_dir, wandb_mode=args.wandb_mode, subscribers=args.subscribers)
+        run_joint(args.config, output_dir=args.output_dir, wandb_mode=args.wandb_mode, log_with=args.log_with,
+                  subscribers=args.subscribers)
     return run_main(body)
 
 

@@ -142,14 +142,15 @@ class RQVAETrainer:
         return {"valid": best_quality}
 
 
-def run_rqvae(config: Config, *, output_dir=None, wandb_mode=None, subscribers=(), accelerator=None):
+def run_rqvae(config: Config, *, output_dir=None, wandb_mode=None, log_with=("wandb",), subscribers=(),
+              accelerator=None):
     """Build (or reuse) the embeddings, then pretrain the tokenizer in its own run directory."""
     prepare_process(config)
     data = load_stage_data(config)
     t = config.tokenizer
     run = Run(config, stage="rqvae", output_dir=output_dir, wandb_mode=wandb_mode, wandb_project=WANDB_PROJECT,
               wandb_run_name=f"{config.data.dataset}_layers{t.num_layers}_edim{t.e_dim}",
-              subscribers=subscribers, accelerator=accelerator)
+              log_with=log_with, subscribers=subscribers, accelerator=accelerator)
     embeddings, _ = ensure_embeddings(config, data, run.accelerator)
     set_seed(config.run.seed)
     with run:
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         args = parse_stage_args(parser, argv)
-        run_rqvae(args.config, output_dir=args.output_dir, wandb_mode=args.wandb_mode, subscribers=args.subscribers)
+        run_rqvae(args.config, output_dir=args.output_dir, wandb_mode=args.wandb_mode, log_with=args.log_with,
+                  subscribers=args.subscribers)
     return run_main(body)
 
 

@@ -2,7 +2,8 @@
 subscribers and atomic writes.
 
 Layout of a run directory (SPEC §5): ``config.yaml``, ``events.jsonl``, ``wandb/``,
-``checkpoints/`` and ``metrics.json``. Only the main rank writes into it.
+``tensorboard/`` (with ``--log-with tensorboard``), ``checkpoints/`` and ``metrics.json``. Only the
+main rank writes into it.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ from etegrec import signals
 from etegrec.config import Config
 from etegrec.hooks import ConsoleSubscriber, EventLog, Subscriber, resolve_subscriber
 
-__all__ = ["Run", "atomic_write_bytes", "atomic_write_text", "default_run_dir", "prepare_process", "wandb_mode_from_env"]
+__all__ = ["Run", "atomic_write_bytes", "atomic_write_text", "check_trackers", "default_run_dir", "prepare_process",
+           "wandb_mode_from_env"]
 
 log = logging.getLogger(__name__)
 
@@ -75,40 +78,76 @@ def wandb_mode_from_env(mode: str | None) -> str:
     return "offline"
 
 
+def check_trackers(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple, once each, after checking each is an Accelerate tracker that is installed.
+
+    Raises:
+        ValueError: a name Accelerate does not know, or a tracker whose package is missing.
+    """
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [t for t in LoggerType.list() if t != "all"]
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown tracker {name!r} in log_with; use some of {', '.join(known)} (or none).")
+        if name not in available:
+            extra = " (pip install 'etegrec[tensorboard]')" if name == "tensorboard" else ""
+            raise ValueError(f"tracker {name!r} in log_with is not installed; install its package{extra} "
+                             f"or log with another one.")
+    return tuple(dict.fromkeys(names))
+
+
 class Run:
     """A stage's run: accelerator, run directory, subscribers, checkpoints and final metrics.
 
     Use as a context manager around the stage's ``fit``: it writes ``config.yaml``, starts and
-    connects the subscribers (event log and console on the main rank, W&B on the main rank when a
-    project is given, user subscribers on every rank unless they say ``main_process_only``) and
-    finishes them, failed or not.
+    connects the subscribers (event log and console on the main rank, the tracking subscriber on
+    the main rank when at least one tracker is on, user subscribers on every rank unless they say
+    ``main_process_only``) and finishes them, failed or not.
+
+    Trackers: ``log_with`` names Accelerate trackers (``("wandb",)`` by default; ``"tensorboard"``
+    writes under ``run_dir/"tensorboard"``). W&B is dropped from them when its mode is disabled or
+    no ``wandb_project`` is given; ``wandb_project`` (or else the stage's name) is also the folder
+    the other trackers log into. A given ``accelerator`` is used as it is: the subscriber then
+    drives the trackers it was built with (the cached embed and tokenizer runs share the joint
+    run's accelerator, and with no ``wandb_project`` and the default ``log_with`` they track nothing).
+
+    Raises:
+        ValueError: ``log_with`` names an unknown or uninstalled tracker (see :func:`check_trackers`).
     """
 
     def __init__(self, config: Config, *, stage: str, output_dir: str | Path | None = None,
                  wandb_mode: str | None = None, wandb_project: str | None = None,
-                 wandb_run_name: str | None = None, subscribers: list[str] | tuple[str, ...] = (),
+                 wandb_run_name: str | None = None, log_with: Sequence[str] = ("wandb",),
+                 subscribers: list[str] | tuple[str, ...] = (),
                  extra_subscribers: list[Subscriber] | tuple[Subscriber, ...] = (),
                  console: bool = True, accelerator=None) -> None:
         from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
 
         self.config = config
         self.stage = stage
         self.run_dir = Path(output_dir) if output_dir else default_run_dir(stage, config)
         self.wandb_mode = wandb_mode_from_env(wandb_mode) if wandb_project else "disabled"
-        use_wandb = self.wandb_mode != "disabled"
+        self.log_with = [name for name in check_trackers(log_with)
+                         if name != "wandb" or self.wandb_mode != "disabled"]
         # cpu=True without a GPU: otherwise torchrun's CPU processes each see a world of one
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                                      log_with="wandb" if use_wandb else None)
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(), log_with=self.log_with or None,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir),
+                                                logging_dir=str(self.run_dir / "tensorboard")))
         self.is_main = self.accelerator.is_main_process
         self.subscribers: list[Subscriber] = []
         if self.is_main:
             self.subscribers.append(EventLog(self.run_dir / "events.jsonl", rank=self.accelerator.process_index))
             if console:
                 self.subscribers.append(ConsoleSubscriber())
-            if use_wandb:
-                from etegrec.hooks.wandb import WandbSubscriber
+            if self.log_with:
+                from etegrec.hooks.wandb import WandbSubscriber  # drives every tracker, W&B or not
                 self.subscribers.append(WandbSubscriber(
-                    accelerator=self.accelerator, project=wandb_project, stage=stage,
+                    accelerator=self.accelerator, project=wandb_project or stage, stage=stage,
                     run_name=wandb_run_name or config.run.name, config=config.to_dict(),
                     run_dir=self.run_dir, mode=self.wandb_mode))
         user = [resolve_subscriber(spec) for spec in subscribers] + list(extra_subscribers)
