@@ -28,8 +28,7 @@ class SASRec(nn.Module):
         max_len: longest history the model accepts (positions available).
         ffn_dim: inner width of the feed-forward layers; ``None`` means ``hidden`` (original SASRec).
         tied_output: score items against the input embedding table (True) or against a separate
-            output table (False). On ml-100k the tied model ranks ~2.7 history items in its top 10
-            (they are never the target); a separate table learns to push them down.
+            output table ``output_emb`` (False); ``item_embeddings()`` is the input table either way.
 
     Raises:
         ValueError: for a non-positive size or a ``hidden`` not divisible by ``n_heads``.
