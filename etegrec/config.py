@@ -54,12 +54,14 @@ class EmbedConfig:
     hidden: int = 256
     n_layers: int = 2
     n_heads: int = 2
-    dropout: float = 0.2
+    dropout: float = 0.3
+    tied_output: bool = False  # score items against the input table (True) or a separate one
+    shuffle_ties: bool = True  # reorder same-timestamp items at random every epoch
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 128
-    epochs: int = 200
-    patience: int = 10
+    epochs: int = 40
+    patience: int = 6
     eval_step: int = 1
 
 

@@ -479,3 +479,26 @@ def test_cli_prints_dataset_statistics(inter_file):
     assert stats["items"] == "12"
     assert stats["interactions"] == "240"
     assert stats["train samples"] == "150"
+
+
+def test_tie_shuffled_training_sequences_permute_only_items_sharing_a_timestamp(tmp_path):
+    from etegrec.data import prepare_interactions, read_interactions
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    # u1: a b c share t=1, d e f share t=2 (e, f are the held-out valid/test targets), g at t=0
+    for user in ("u1", "u2", "u3"):  # three alike users so that every item survives the 3-core filter
+        for item, t in [("g", 0), ("a", 1), ("b", 1), ("c", 1), ("d", 2), ("e", 2), ("f", 2)]:
+            lines.append(f"{user}\t{item}\t1\t{t}")
+    path = tmp_path / "ties.inter"
+    path.write_text("\n".join(lines) + "\n")
+    data = prepare_interactions(read_interactions(path), name="ties", min_count=1 + 2)
+    token = dict(enumerate(data.item_map, start=1))
+    plain = ["".join(token[i] for i in s) for s in data.train_sequences()]
+    assert plain == ["gabcd"] * 3
+    seen = set()
+    for seed in range(40):
+        seq = data.train_sequences(np.random.default_rng(seed))[0]
+        text = "".join(token[i] for i in seq)
+        assert text[0] == "g" and sorted(text[1:4]) == ["a", "b", "c"] and text[4] == "d"
+        seen.add(text)
+    assert len(seen) == 6  # every order of the tied a, b, c occurs; d never leaves its place
+    assert "".join(token[i] for i in data.seq_items[-2:]) == "ef"

@@ -32,6 +32,7 @@ class SequenceData:
     item_map: tuple[str, ...]  # raw token of item i at position i - 1
     seq_offsets: np.ndarray
     seq_items: np.ndarray
+    seq_times: np.ndarray  # timestamp of every seq_items entry (prepared splits: positions)
     train_history: np.ndarray
     train_target: np.ndarray
     train_user: np.ndarray
@@ -60,9 +61,21 @@ class SequenceData:
             raise ValueError(f"unknown split {name!r}; expected one of {_SPLITS}")
         return getattr(self, f"{name}_history"), getattr(self, f"{name}_target")
 
-    def train_sequences(self) -> list[np.ndarray]:
-        """Each user's training sequence: the chronological items without the last two."""
-        return [self.seq_items[a:b - 2] for a, b in zip(self.seq_offsets[:-1], self.seq_offsets[1:])]
+    def train_sequences(self, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+        """Each user's training sequence: the chronological items without the last two.
+
+        With ``rng``, items that share a timestamp are put in a random order (the held-out last
+        two items stay where they are): the file order inside such ties carries no information,
+        and on ml-100k half of all consecutive pairs are ties.
+        """
+        items = self.seq_items
+        lengths = np.diff(self.seq_offsets)
+        if rng is not None:
+            owner = np.repeat(np.arange(self.n_users), lengths)
+            held_out = np.arange(len(items)) - self.seq_offsets[owner] >= lengths[owner] - 2
+            noise = np.where(held_out, 0.0, rng.random(len(items)))
+            items = items[np.lexsort((noise, held_out, self.seq_times, owner))]
+        return [items[a:b - 2] for a, b in zip(self.seq_offsets[:-1], self.seq_offsets[1:])]
 
     def stats(self) -> dict[str, float]:
         lengths = np.diff(self.seq_offsets)
@@ -169,7 +182,7 @@ def prepare_interactions(inter: Interactions, *, name: str, min_count: int = 5,
     seq = item_codes[order].astype(np.int64) + 1
     offsets = np.concatenate([[0], np.cumsum(np.bincount(user_codes, minlength=user_codes.max() + 1))])
     return SequenceData(name=name, item_map=tuple(str(t) for t in item_tokens),
-                        seq_offsets=offsets.astype(np.int64), seq_items=seq,
+                        seq_offsets=offsets.astype(np.int64), seq_items=seq, seq_times=times[order],
                         **_split_samples(offsets, seq, max_his_len))
 
 
@@ -199,4 +212,5 @@ def prepare_splits(splits: PreparedSplits, *, name: str, max_his_len: int = 20) 
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs], dtype=np.int64)]).astype(np.int64)
     seq_items = np.asarray([i for s in seqs for i in s], dtype=np.int64)
     return SequenceData(name=name, item_map=tuple(token_of.get(i, str(i)) for i in ordered),
-                        seq_offsets=offsets, seq_items=seq_items, **fields)
+                        seq_offsets=offsets, seq_items=seq_items,
+                        seq_times=np.arange(len(seq_items), dtype=np.float64), **fields)

@@ -27,7 +27,7 @@ __all__ = ["CACHE_VERSION", "data_home", "fetch_ml100k", "load_dataset", "resolv
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: seq_times
 RECBOLE_WHEEL = "recbole==1.2.1"
 ML100K_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.inter"
 

@@ -54,10 +54,15 @@ class EmbedTrainer:
         self.config, self.run, self.data = config, run, data
         cfg = config.embed
         self.model = SASRec(n_items=data.n_items, hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                            dropout=cfg.dropout, max_len=data.max_his_len)
+                            dropout=cfg.dropout, max_len=data.max_his_len, tied_output=cfg.tied_output)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = run.accelerator.prepare(self.model, self.optimizer)
-        self.windows = torch.as_tensor(make_windows(data.train_sequences(), data.max_his_len + 1))
+        self.windows = self._windows(epoch=0)
+
+    def _windows(self, epoch: int) -> torch.Tensor:
+        """Training windows; with ``shuffle_ties`` re-cut every epoch from a new order of tied items."""
+        rng = np.random.default_rng([self.config.run.seed, epoch]) if self.config.embed.shuffle_ties else None
+        return torch.as_tensor(make_windows(self.data.train_sequences(rng), self.data.max_his_len + 1))
 
     @property
     def sasrec(self) -> SASRec:
@@ -84,6 +89,8 @@ class EmbedTrainer:
         best, best_epoch, best_valid, bad = -1.0, -1, {}, 0
         self.model.train()
         for epoch in range(cfg.epochs):
+            if cfg.shuffle_ties and epoch:
+                self.windows = self._windows(epoch)
             batches = shuffled_batches(len(self.windows), cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
                                        rank=acc.process_index, world_size=acc.num_processes)
             result = train_epoch(sender=self, stage=self.stage, phase="embed", epoch=epoch, batches=batches,
