@@ -220,3 +220,17 @@ def test_the_conflict_watch_example_works_from_python():
                                     max_conflict=4, max_conflict_before=4, collision_rate=0.75, changed=4,
                                     seconds=0.0)
     assert watch.history == [(3, 4)]
+
+
+def test_early_stopping_ends_the_joint_phase_and_finetuning_still_runs(joint_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("ETEGREC_HOME", str(joint_run["root"] / "home"))  # reuse the cached earlier stages
+    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.6])
+    monkeypatch.setattr(JointTrainer, "evaluate",
+                        lambda self, split: {"ndcg@10": next(scores) if split == "valid" else 0.0})
+    config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "joint.patience=1",
+                                  "joint.epochs=6", "joint.finetune_epochs=1"])
+    with signals.recording(signals.epoch_end, signals.evaluated) as events:
+        run_joint(config, output_dir=tmp_path / "run", wandb_mode="disabled")
+    phases = [e.payload["phase"] for e in events if e.signal == "epoch_end"]
+    assert phases == ["id", "rec", "finetune"]  # valid fell at epoch 1: joint phase over, fine-tune from epoch 0
+    assert [e.payload["epoch"] for e in events if e.signal == "epoch_end"] == [0, 1, 2]

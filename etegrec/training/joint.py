@@ -173,9 +173,9 @@ class JointTrainer:
             ranks.append(torch.where(hit.any(1), hit.float().argmax(1) + 1, 0))
         return ranking_metrics(gather_ranks(ranks, acc))
 
-    def state(self, epoch: int, best: float, bad: int) -> dict:
+    def state(self, epoch: int) -> dict:
         return {"tokenizer": self.tokenizer.state_dict(), "recommender": self.recommender.state_dict(),
-                "codes": self.codes.cpu(), "epoch": epoch, "best_ndcg": best, "bad_evaluations": bad,
+                "codes": self.codes.cpu(), "epoch": epoch, "best_ndcg": self.best, "best_epoch": self.best_epoch,
                 "opt_id": self.opt_id.state_dict(), "opt_rec": self.opt_rec.state_dict(),
                 "sched_id": self.sched_id.state_dict(), "sched_rec": self.sched_rec.state_dict()}
 
@@ -188,62 +188,74 @@ class JointTrainer:
     # --- the loop -------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, dict[str, float]]:
-        cfg, acc, run = self.config.joint, self.run.accelerator, self.run
+        """Joint epochs until ``epochs`` or early stopping, then fine-tuning from the best checkpoint."""
+        cfg, run = self.config.joint, self.run
         start = time.perf_counter()
         run.announce_start(self)
-        best, best_valid, best_epoch, bad = -1.0, {}, -1, 0
-        total_epochs = cfg.epochs + cfg.finetune_epochs
+        self.best, self.best_valid, self.best_epoch = -1.0, {}, -1
+        joint = [phase_of(e, cfg.cycle) for e in range(cfg.epochs)]
+        epoch = 0
         with CodebookHooks(self.tokenizer, stage=self.stage, sender=self) as self.hooks:
             self.refresh_codes(0)
-            for epoch in range(total_epochs):
-                phase = phase_of(epoch, cfg.cycle) if epoch < cfg.epochs else "finetune"
-                if phase == "finetune" and epoch == cfg.epochs and best_epoch >= 0:
+            for phases in (joint, ["finetune"] * cfg.finetune_epochs):
+                if phases and phases[0] == "finetune" and self.best_epoch >= 0:
                     self.load(torch.load(run.checkpoint_dir / "best.pt", map_location="cpu", weights_only=False))
-                self.set_phase(phase)
-                weights = self.weights(phase, epoch)
-                opt, sched = (self.opt_id, self.sched_id) if phase == "id" else (self.opt_rec, self.sched_rec)
-                model = self.tokenizer if phase == "id" else self.recommender
-                result = train_epoch(
-                    sender=self, stage=self.stage, phase=phase, epoch=epoch, batches=self._batches(epoch),
-                    loss_fn=partial(self.losses, phase=phase, weights=weights), optimizers=[opt], schedulers=[sched],
-                    accelerator=acc, parameters=list(model.parameters()), max_grad_norm=cfg.max_grad_norm,
-                    log_every=self.config.run.log_every, global_step=epoch * self.steps_per_epoch,
-                    lr_fn=self.learning_rates)
-                self.hooks.epoch_end(epoch)
-                signals.epoch_end.send(self, stage=self.stage, phase=phase, epoch=epoch, losses=result.losses,
-                                       lr=self.learning_rates(), seconds=result.seconds,
-                                       samples_per_second=result.samples_per_second, weights=weights)
-                if phase == "id":
-                    self.refresh_codes(epoch + 1)
-                if (epoch + 1) % cfg.eval_step and epoch + 1 != total_epochs:
-                    continue
-                valid = self.evaluate("valid")
-                signals.evaluated.send(self, stage=self.stage, split="valid", epoch=epoch, metrics=valid)
-                if valid["ndcg@10"] > best:
-                    best, best_valid, best_epoch, bad = valid["ndcg@10"], valid, epoch, 0
-                    run.save_checkpoint(self, self.state(epoch, best, bad), "best", epoch=epoch, is_best=True)
-                else:
-                    bad += 1
-                run.save_checkpoint(self, self.state(epoch, best, bad), "last", epoch=epoch)
-                if bad >= cfg.patience and epoch < cfg.epochs:
-                    break
-        return self._test(best_epoch, best_valid, start)
+                bad = 0
+                for i, phase in enumerate(phases):
+                    self.train_one_epoch(epoch, phase)
+                    if (epoch + 1) % cfg.eval_step == 0 or i == len(phases) - 1:
+                        bad = 0 if self.validate(epoch) else bad + 1
+                    epoch += 1
+                    if bad >= cfg.patience:
+                        break
+        return self._test(start)
+
+    def train_one_epoch(self, epoch: int, phase: str) -> None:
+        """One epoch of ``phase``; both phases share this loop and differ in what trains and the weights."""
+        cfg, acc = self.config.joint, self.run.accelerator
+        self.set_phase(phase)
+        weights = self.weights(phase, epoch)
+        opt, sched = (self.opt_id, self.sched_id) if phase == "id" else (self.opt_rec, self.sched_rec)
+        model = self.tokenizer if phase == "id" else self.recommender
+        result = train_epoch(
+            sender=self, stage=self.stage, phase=phase, epoch=epoch, batches=self._batches(epoch),
+            loss_fn=partial(self.losses, phase=phase, weights=weights), optimizers=[opt], schedulers=[sched],
+            accelerator=acc, parameters=list(model.parameters()), max_grad_norm=cfg.max_grad_norm,
+            log_every=self.config.run.log_every, global_step=epoch * self.steps_per_epoch,
+            lr_fn=self.learning_rates)
+        self.hooks.epoch_end(epoch)
+        signals.epoch_end.send(self, stage=self.stage, phase=phase, epoch=epoch, losses=result.losses,
+                               lr=self.learning_rates(), seconds=result.seconds,
+                               samples_per_second=result.samples_per_second, weights=weights)
+        if phase == "id":
+            self.refresh_codes(epoch + 1)
+
+    def validate(self, epoch: int) -> bool:
+        """Evaluate on validation, keep the best checkpoint; True when this epoch is the new best."""
+        valid = self.evaluate("valid")
+        signals.evaluated.send(self, stage=self.stage, split="valid", epoch=epoch, metrics=valid)
+        improved = valid["ndcg@10"] > self.best
+        if improved:
+            self.best, self.best_valid, self.best_epoch = valid["ndcg@10"], valid, epoch
+            self.run.save_checkpoint(self, self.state(epoch), "best", epoch=epoch, is_best=True)
+        self.run.save_checkpoint(self, self.state(epoch), "last", epoch=epoch)
+        return improved
 
     def learning_rates(self) -> dict[str, float]:
         return {"rec": self.opt_rec.param_groups[0]["lr"], "id": self.opt_id.param_groups[0]["lr"]}
 
-    def _test(self, best_epoch: int, best_valid: dict, start: float) -> dict[str, dict[str, float]]:
+    def _test(self, start: float) -> dict[str, dict[str, float]]:
         run = self.run
         run.accelerator.wait_for_everyone()
         best_path = run.checkpoint_dir / "best.pt"
         self.load(torch.load(best_path, map_location="cpu", weights_only=False))
         test = self.evaluate("test")
-        signals.evaluated.send(self, stage=self.stage, split="test", epoch=best_epoch, metrics=test)
-        run.write_metrics({"valid": best_valid, "test": test, "best_epoch": best_epoch,
+        signals.evaluated.send(self, stage=self.stage, split="test", epoch=self.best_epoch, metrics=test)
+        run.write_metrics({"valid": self.best_valid, "test": test, "best_epoch": self.best_epoch,
                            "best_checkpoint": str(best_path)})
-        signals.run_finished.send(self, stage=self.stage, status="completed", best_metrics=best_valid,
+        signals.run_finished.send(self, stage=self.stage, status="completed", best_metrics=self.best_valid,
                                   best_checkpoint=str(best_path), seconds=time.perf_counter() - start)
-        return {"valid": best_valid, "test": test}
+        return {"valid": self.best_valid, "test": test}
 
 
 def run_joint(config: Config, *, output_dir=None, wandb_mode=None, log_with=("wandb",), subscribers=(),
