@@ -384,13 +384,18 @@ class WandbSubscriber(Subscriber):
         row = {"epoch": int(epoch), **scalars}
 
         def send():
+            media = {}
+            if self.run is not None and histograms:
+                import wandb
+
+                media = {k: wandb.Histogram(np_histogram=h) for k, h in histograms.items()}
+            if all(tracker.name == "wandb" for tracker in self.trackers):
+                self.accelerator.log({**row, **media})  # no step=: see the module docstring
+                return
             for tracker in self.trackers:
                 if tracker.name == "wandb":
-                    import wandb
-
-                    media = {k: wandb.Histogram(np_histogram=h) for k, h in (histograms or {}).items()}
-                    self.run.log({**row, **media})  # no step=: see the module docstring
-                else:  # the epoch is their step: no "epoch" chart of its own
+                    self.run.log({**row, **media})
+                else:  # scalars only, and the epoch is their step: no "epoch" chart of its own
                     tracker.log(scalars, step=int(epoch))
         self._guarded(send)
 

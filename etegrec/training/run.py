@@ -133,6 +133,7 @@ class Run:
         self.wandb_mode = wandb_mode_from_env(wandb_mode) if wandb_project else "disabled"
         self.log_with = [name for name in check_trackers(log_with)
                          if name != "wandb" or self.wandb_mode != "disabled"]
+        self._owns_accelerator = accelerator is None
         # cpu=True without a GPU: otherwise torchrun's CPU processes each see a world of one
         self.accelerator = accelerator or Accelerator(
             cpu=not torch.cuda.is_available(), log_with=self.log_with or None,
@@ -183,6 +184,8 @@ class Run:
                 sub.finish(self.status)
             except Exception:  # a subscriber's cleanup must not hide the run's own outcome
                 log.exception("subscriber %s failed to finish", type(sub).__name__)
+        if self._owns_accelerator:  # trackers are finished already (with their exit codes); this ends the rest
+            self.accelerator.end_training()
 
     def announce_start(self, sender: Any, *, resumed: bool = False, start_epoch: int = 0) -> None:
         """Emit ``run_started`` for ``sender`` (the trainer) with this run's config and processes."""
