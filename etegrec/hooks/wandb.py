@@ -22,15 +22,22 @@ And one of the other trackers: the run config is stored per tracker, nested for 
 to ``{"joint.lr_rec": 0.005, ...}`` for the others (TensorBoard's ``add_hparams`` takes flat
 primitive values only; a nested config breaks it or is stored as unset).
 
+Tracker calls (about 1-2 ms each for W&B, histograms included) run in order on one worker thread,
+so the training loop only pays for building the row; :meth:`WandbSubscriber.finish` drains the
+queue before finishing. A codebook row waits for its epoch's ``epoch_end`` and goes with it: one
+call per epoch. With W&B as the only tracker, rows go through ``accelerator.log``.
+
 Finishing the trackers here means nobody has to reach ``accelerator.end_training()`` for the
-TensorBoard events to be on disk; calling it afterwards anyway is harmless (finishing again is a
-no-op for both).
+TensorBoard events to be on disk; the run that made the Accelerator calls it afterwards anyway,
+which is harmless (finishing again is a no-op for both).
 """
 from __future__ import annotations
 
 import logging
 import netrc
 import os
+import queue
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,7 +261,9 @@ class WandbSubscriber(Subscriber):
         self.trackers: list = []  # the Accelerate trackers this subscriber started; finish() ends them
         self._started = False
         self._logging = False
-        self._pending: list[tuple[int, dict, dict]] = []  # codebook rows waiting for their epoch_end
+        self._pending: list[tuple[int, dict, dict]] = []
+        self._queue: queue.SimpleQueue | None = None
+        self._worker: threading.Thread | None = None  # codebook rows waiting for their epoch_end
 
     # lifecycle
 
@@ -293,6 +302,10 @@ class WandbSubscriber(Subscriber):
                         type(exc).__name__, exc)
             return
         self._logging = True
+        # tracker calls (~1-2 ms each with W&B) run on one worker thread, off the training loop
+        self._queue = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._drain, name="etegrec-trackers", daemon=True)
+        self._worker.start()
 
     def connect(self) -> WandbSubscriber:
         """Attach the handlers (held strongly) on the main process only."""
@@ -308,6 +321,10 @@ class WandbSubscriber(Subscriber):
         """
         self.disconnect()
         self._flush_pending()
+        if self._worker is not None:  # let the worker send what is queued, then stop it
+            self._queue.put(None)
+            self._worker.join(timeout=self.finish_timeout)
+            self._worker = None
         trackers, self.trackers, self.run, self._logging = self.trackers, [], None, False
         for tracker in trackers:
             try:
@@ -353,8 +370,8 @@ class WandbSubscriber(Subscriber):
         if stage != self.stage:
             return
         if self._logging and best_metrics and self.run is not None:
-            self._guarded(lambda: self.run.summary.update(
-                {f"best/{k}": float(v) for k, v in best_metrics.items()}))
+            run, best = self.run, {f"best/{k}": float(v) for k, v in best_metrics.items()}
+            self._submit(lambda: run.summary.update(best))
         self.finish(status)
 
     # logging
@@ -397,7 +414,19 @@ class WandbSubscriber(Subscriber):
                     self.run.log({**row, **media})
                 else:  # scalars only, and the epoch is their step: no "epoch" chart of its own
                     tracker.log(scalars, step=int(epoch))
-        self._guarded(send)
+        self._submit(send)
+
+    def _submit(self, fn: Callable[[], Any]) -> None:
+        if self._worker is not None:
+            self._queue.put(fn)
+        else:
+            self._guarded(fn)
+
+    def _drain(self) -> None:
+        """The worker: run queued tracker calls in order until the ``None`` sentinel."""
+        while (fn := self._queue.get()) is not None:
+            if self._logging:
+                self._guarded(fn)
 
     def _guarded(self, fn: Callable[[], Any]) -> None:
         try:
