@@ -21,6 +21,7 @@ __all__ = [
     "gini",
     "perplexity",
     "ranking_metrics",
+    "usage_stats",
     "utilization",
 ]
 
@@ -81,6 +82,21 @@ def dead_codes(counts: Any) -> int:
     """Number of codes never used."""
     c = _usage(counts)
     return int(c.size - np.count_nonzero(c))
+
+
+def usage_stats(counts: Any) -> dict[str, float]:
+    """``utilization``, ``perplexity``, ``gini`` and ``dead_codes`` of one histogram, in one pass."""
+    c = _usage(counts)
+    used = int(np.count_nonzero(c))
+    total = c.sum()
+    if total == 0:
+        return {"utilization": 0.0, "perplexity": 0.0, "gini": 0.0, "dead_codes": int(c.size)}
+    p = c[c > 0] / total
+    x = np.sort(c)
+    i = np.arange(1, c.size + 1, dtype=np.float64)
+    return {"utilization": float(used / c.size), "perplexity": float(np.exp(-np.sum(p * np.log(p)))),
+            "gini": float(2.0 * np.dot(i, x) / (c.size * total) - (c.size + 1) / c.size),
+            "dead_codes": int(c.size - used)}
 
 
 def collision_rate(codes: Any) -> float:

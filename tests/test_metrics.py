@@ -94,3 +94,12 @@ def test_ranking_metrics_custom_cutoffs():
 def test_ranking_metrics_reject_other_miss_markers(bad):
     with pytest.raises(ValueError, match="0 for a miss"):
         metrics.ranking_metrics(np.array(bad))
+
+
+@pytest.mark.parametrize("counts", [[1, 2, 3, 4], [0, 0, 5, 0], [3, 3, 3], [0, 0, 0], [7, 0, 1, 0, 2]])
+def test_usage_stats_agree_with_the_single_metrics(counts):
+    stats = metrics.usage_stats(counts)
+    assert stats["utilization"] == pytest.approx(metrics.utilization(counts))
+    assert stats["perplexity"] == pytest.approx(metrics.perplexity(counts))
+    assert stats["gini"] == pytest.approx(metrics.gini(counts))
+    assert stats["dead_codes"] == metrics.dead_codes(counts)

@@ -66,6 +66,7 @@ class CodebookHooks:
         self._counts = [torch.zeros(k, dtype=torch.long, device=_device_of(layer))
                         for k, layer in zip(self.codebook_sizes, layers)]
         self._paused = 0
+        self._ones = torch.ones(0, dtype=torch.long)
         self._handles = [layer.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(layers)]
 
     def _make_hook(self, index: int):
@@ -77,7 +78,11 @@ class CodebookHooks:
             if counts.device != codes.device:  # the model moved after attaching (metadata only)
                 with torch.inference_mode(False):  # a normal tensor, updatable outside inference mode
                     counts = self._counts[index] = counts.to(codes.device)
-            counts.scatter_add_(0, codes.long(), torch.ones_like(codes, dtype=torch.long))
+            ones = self._ones
+            if ones.numel() < codes.numel() or ones.device != codes.device:  # grown once, reused every step
+                with torch.inference_mode(False):
+                    ones = self._ones = torch.ones(codes.numel(), dtype=torch.long, device=codes.device)
+            counts.scatter_add_(0, codes.long(), ones[:codes.numel()])
         return hook
 
     @property
@@ -120,11 +125,7 @@ class CodebookHooks:
         for layer, k in enumerate(self.codebook_sizes):
             counts = host[start:start + k].copy()
             start += k
-            stats.append(dict(
-                stage=stage, epoch=epoch, layer=layer, counts=counts,
-                utilization=metrics.utilization(counts), perplexity=metrics.perplexity(counts),
-                gini=metrics.gini(counts), dead_codes=metrics.dead_codes(counts),
-            ))
+            stats.append(dict(stage=stage, epoch=epoch, layer=layer, counts=counts, **metrics.usage_stats(counts)))
         if signals.codebook_usage.receivers:
             for payload in stats:
                 signals.codebook_usage.send(self.sender, **payload)

@@ -73,7 +73,7 @@ class EventLog(Subscriber):
         if self._file is None:
             self.start()
         record = {"signal": name, "time": time.time(), "rank": self.rank, **to_jsonable(payload)}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._file.flush()
 
     def finish(self, status: str = "completed") -> None:
