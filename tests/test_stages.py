@@ -150,3 +150,11 @@ def test_embed_stage_writes_embeddings_and_test_metrics(rqvae_run):
     saved = json.loads((folder / "metrics.json").read_text())
     assert set(saved["test"]) == {"recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10"}
     assert saved["test"] == pytest.approx(embed[-2].payload["metrics"])
+
+
+def test_a_multi_process_launch_stops_with_a_clear_error(tiny_config, tmp_path, monkeypatch):
+    from etegrec.config import ConfigError
+    from etegrec.training.run import Run
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; this accelerator still sees one process
+    with pytest.raises(ConfigError, match=r"asked for 2 processes \(the accelerator got 1\).*one process for now"):
+        Run(tiny_config, stage="rqvae", output_dir=tmp_path / "run", console=False)

@@ -21,10 +21,10 @@ import torch
 import yaml
 
 from etegrec import signals
-from etegrec.config import Config
+from etegrec.config import Config, ConfigError
 from etegrec.hooks import ConsoleSubscriber, EventLog, Subscriber, resolve_subscriber
 
-__all__ = ["Run", "atomic_write_bytes", "atomic_write_text", "check_trackers", "default_run_dir", "prepare_process",
+__all__ = ["Run", "atomic_write_bytes", "atomic_write_text", "check_single_process", "check_trackers", "default_run_dir", "prepare_process",
            "wandb_mode_from_env"]
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,24 @@ def prepare_process(config: Config) -> None:
     set_seed(config.run.seed)
     if config.run.num_threads:
         torch.set_num_threads(config.run.num_threads)
+
+
+def check_single_process(accelerator) -> None:
+    """Stop a launch with several processes instead of training wrongly.
+
+    The stages do not synchronise gradients across processes yet, so each process would train a
+    model of its own on its shard; and a launcher that asked for several processes but left each
+    with a world of one would train the same thing twice.
+
+    Raises:
+        ConfigError: for a world size above one, or a launcher's WORLD_SIZE the accelerator did not get.
+    """
+    asked = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if accelerator.num_processes > 1 or asked > 1:
+        raise ConfigError(
+            f"this launch asked for {max(asked, accelerator.num_processes)} processes (the accelerator got "
+            f"{accelerator.num_processes}), but etegrec trains on one process for now; run the stage with "
+            "plain python (multi-process training is not supported yet)")
 
 
 def default_run_dir(stage: str, config: Config) -> Path:
@@ -139,6 +157,7 @@ class Run:
             cpu=not torch.cuda.is_available(), log_with=self.log_with or None,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir),
                                                 logging_dir=str(self.run_dir / "tensorboard")))
+        check_single_process(self.accelerator)
         self.is_main = self.accelerator.is_main_process
         self.subscribers: list[Subscriber] = []
         if self.is_main:
