@@ -152,9 +152,15 @@ def test_embed_stage_writes_embeddings_and_test_metrics(rqvae_run):
     assert saved["test"] == pytest.approx(embed[-2].payload["metrics"])
 
 
-def test_a_multi_process_launch_stops_with_a_clear_error(tiny_config, tmp_path, monkeypatch):
+def test_a_multi_process_launch_stops_with_a_clear_error(monkeypatch):
+    from types import SimpleNamespace
+
     from etegrec.config import ConfigError
-    from etegrec.training.run import Run
-    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; this accelerator still sees one process
-    with pytest.raises(ConfigError, match=r"asked for 2 processes \(the accelerator got 1\).*one process for now"):
-        Run(tiny_config, stage="rqvae", output_dir=tmp_path / "run", console=False)
+    from etegrec.training.run import check_single_process
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    check_single_process(SimpleNamespace(num_processes=1))  # plain python: fine
+    with pytest.raises(ConfigError, match=r"asked for 2 processes \(the accelerator got 2\).*one process for now"):
+        check_single_process(SimpleNamespace(num_processes=2))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's processes that each ended up alone
+    with pytest.raises(ConfigError, match=r"asked for 2 processes \(the accelerator got 1\)"):
+        check_single_process(SimpleNamespace(num_processes=1))
