@@ -76,6 +76,17 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = N
                      subscribers=args.subscribers, resume=args.resume, log_with=args.log_with)
 
 
+def stage_main(prog: str, doc: str, run_stage: Callable[..., object], argv: list[str] | None = None) -> int:
+    """A stage's ``main``: parse the common options and call ``run_stage(config, **options)``."""
+    parser = common_parser(prog, doc.splitlines()[0])
+
+    def body():
+        args = parse_stage_args(parser, argv)
+        run_stage(args.config, output_dir=args.output_dir, wandb_mode=args.wandb_mode, log_with=args.log_with,
+                  subscribers=args.subscribers)
+    return run_main(body)
+
+
 def run_main(body: Callable[[], object]) -> int:
     """Run a stage's command-line body: user errors print one line, Ctrl-C exits with 130."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

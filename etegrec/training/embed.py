@@ -20,13 +20,13 @@ from etegrec.config import Config
 from etegrec.data import SequenceData
 from etegrec.models import SASRec
 
-from .cli import common_parser, parse_stage_args, run_main
+from .cli import stage_main
 from .evaluation import evaluate_full_ranking
 from .loop import shuffled_batches, train_epoch
 from .run import Run, atomic_write_bytes, atomic_write_text, prepare_process
 from .stages import load_stage_data
 
-__all__ = ["EmbedTrainer", "make_windows", "main"]
+__all__ = ["EmbedTrainer", "main", "make_windows", "run_embed"]
 
 
 def make_windows(sequences: list[np.ndarray], length: int) -> np.ndarray:
@@ -137,17 +137,17 @@ def save_embeddings(run_dir: Path, embeddings: np.ndarray, data: SequenceData) -
     atomic_write_text(run_dir / "item_map.json", json.dumps({"dataset": data.name, "items": list(data.item_map)}))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = common_parser("python -m etegrec.training.embed", __doc__.splitlines()[0])
+def run_embed(config: Config, *, output_dir=None, wandb_mode=None, log_with=("wandb",), subscribers=()):
+    """Train SASRec and write its embeddings into its own run directory."""
+    prepare_process(config)
+    data = load_stage_data(config)
+    with Run(config, stage="embed", output_dir=output_dir, wandb_mode=wandb_mode, log_with=log_with,
+             subscribers=subscribers) as run:
+        return EmbedTrainer(config, run, data).fit()
 
-    def body():
-        args = parse_stage_args(parser, argv)
-        prepare_process(args.config)
-        data = load_stage_data(args.config)
-        with Run(args.config, stage="embed", output_dir=args.output_dir, wandb_mode=args.wandb_mode,
-                 log_with=args.log_with, subscribers=args.subscribers) as run:
-            EmbedTrainer(args.config, run, data).fit()
-    return run_main(body)
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("python -m etegrec.training.embed", __doc__, run_embed, argv)
 
 
 if __name__ == "__main__":

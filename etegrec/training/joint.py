@@ -30,7 +30,7 @@ from etegrec.hooks.wandb import JOINT_PROJECT
 from etegrec.metrics import ranking_metrics
 from etegrec.models import CodeTrie, T5Recommender, beam_search, code_loss
 
-from .cli import common_parser, parse_stage_args, run_main
+from .cli import stage_main
 from .evaluation import gather_ranks, shard_bounds
 from .loop import shuffled_batches, train_epoch
 from .rqvae import build_tokenizer, tokenizer_inputs
@@ -284,13 +284,7 @@ def print_summary(result: dict, run_dir) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common_parser("python -m etegrec.training.joint", __doc__.splitlines()[0])
-
-    def body():
-        args = parse_stage_args(parser, argv)
-        run_joint(args.config, output_dir=args.output_dir, wandb_mode=args.wandb_mode, log_with=args.log_with,
-                  subscribers=args.subscribers)
-    return run_main(body)
+    return stage_main("python -m etegrec.training.joint", __doc__, run_joint, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from etegrec.config import Config
 from etegrec.hooks.codebook import CodebookHooks
 from etegrec.models import RQVAE
 
-from .cli import common_parser, parse_stage_args, run_main
+from .cli import stage_main
 from .loop import shuffled_batches, train_epoch
 from .run import Run, prepare_process
 from .stages import ensure_embeddings, load_stage_data
@@ -158,13 +158,7 @@ def run_rqvae(config: Config, *, output_dir=None, wandb_mode=None, log_with=("wa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common_parser("python -m etegrec.training.rqvae", __doc__.splitlines()[0])
-
-    def body():
-        args = parse_stage_args(parser, argv)
-        run_rqvae(args.config, output_dir=args.output_dir, wandb_mode=args.wandb_mode, log_with=args.log_with,
-                  subscribers=args.subscribers)
-    return run_main(body)
+    return stage_main("python -m etegrec.training.rqvae", __doc__, run_rqvae, argv)
 
 
 if __name__ == "__main__":
