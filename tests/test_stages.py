@@ -164,3 +164,9 @@ def test_a_multi_process_launch_stops_with_a_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's processes that each ended up alone
     with pytest.raises(ConfigError, match=r"asked for 2 processes \(the accelerator got 1\)"):
         check_single_process(SimpleNamespace(num_processes=1))
+
+
+def test_resume_is_refused_rather_than_ignored(capsys):
+    from etegrec.training.rqvae import main
+    assert main(["--config", "tiny", "--resume", "--output-dir", "somewhere"]) == 2
+    assert "--resume is not supported yet" in capsys.readouterr().err

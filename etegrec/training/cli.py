@@ -58,7 +58,8 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--subscriber", dest="subscribers", action="append", default=[],
                         metavar="MODULE:CALLABLE", help="attach a subscriber of yours (repeatable)")
     parser.add_argument("--seed", type=int, help="random seed (default: the config's run.seed)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output-dir (not supported yet: refused with an error)")
     return parser
 
 
@@ -71,6 +72,8 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = N
         overrides.append(f"data.data_path={args.data_path}")
     if args.seed is not None:
         overrides.append(f"run.seed={args.seed}")
+    if args.resume:  # refused rather than ignored: a silently fresh run would overwrite the old one
+        raise ConfigError("--resume is not supported yet; start a new run with another --output-dir")
     config = load_config(args.config, overrides)
     return StageArgs(config=config, output_dir=args.output_dir, wandb_mode=args.wandb_mode,
                      subscribers=args.subscribers, resume=args.resume, log_with=args.log_with)
