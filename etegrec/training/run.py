@@ -23,9 +23,10 @@ import yaml
 from etegrec import signals
 from etegrec.config import Config, ConfigError
 from etegrec.hooks import ConsoleSubscriber, EventLog, Subscriber, resolve_subscriber
+from etegrec.hooks.wandb import resolve_mode
 
-__all__ = ["Run", "atomic_write_bytes", "atomic_write_text", "check_single_process", "check_trackers", "default_run_dir", "prepare_process",
-           "wandb_mode_from_env"]
+__all__ = ["Run", "atomic_write_bytes", "atomic_write_text", "check_single_process", "check_trackers",
+           "default_run_dir", "prepare_process"]
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +83,6 @@ def default_run_dir(stage: str, config: Config) -> Path:
     return Path("runs") / f"{stage}-{config.data.dataset}-{stamp}"
 
 
-def wandb_mode_from_env(mode: str | None) -> str:
-    """``mode`` if given; otherwise online with an API key (env or netrc), offline without."""
-    if mode:
-        return mode
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = Path.home() / ".netrc"
-    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return "online"
-    return "offline"
-
-
 def check_trackers(names: Sequence[str]) -> tuple[str, ...]:
     """``names`` as a tuple, once each, after checking each is an Accelerate tracker that is installed.
 
@@ -148,7 +135,7 @@ class Run:
         self.config = config
         self.stage = stage
         self.run_dir = Path(output_dir) if output_dir else default_run_dir(stage, config)
-        self.wandb_mode = wandb_mode_from_env(wandb_mode) if wandb_project else "disabled"
+        self.wandb_mode = resolve_mode(wandb_mode) if wandb_project else "disabled"
         self.log_with = [name for name in check_trackers(log_with)
                          if name != "wandb" or self.wandb_mode != "disabled"]
         self._owns_accelerator = accelerator is None
