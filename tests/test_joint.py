@@ -234,3 +234,10 @@ def test_early_stopping_ends_the_joint_phase_and_finetuning_still_runs(joint_run
     phases = [e.payload["phase"] for e in events if e.signal == "epoch_end"]
     assert phases == ["id", "rec", "finetune"]  # valid fell at epoch 1: joint phase over, fine-tune from epoch 0
     assert [e.payload["epoch"] for e in events if e.signal == "epoch_end"] == [0, 1, 2]
+
+
+def test_tiny_config_exercises_every_signal(joint_run):
+    emitted = {e.signal for e in joint_run["events"]}
+    assert emitted == {s.name for s in signals.ALL_SIGNALS}
+    steps = [e.payload for e in joint_run["events"] if e.signal == "step_end" and e.payload["stage"] == "joint"]
+    assert steps and all(p["step"] % 5 == 0 for p in steps)
