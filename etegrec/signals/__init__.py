@@ -155,7 +155,8 @@ Fired after every training epoch of every trainer.
 
 Payload: stage (str), phase (str: "embed", "rqvae", "id", "rec", "finetune"), epoch (int),
 losses (dict[str, float], epoch means averaged over ranks), lr (dict[str, float], learning rate
-per optimiser), seconds (float), samples_per_second (float, summed over ranks).""")
+per optimiser), seconds (float), samples_per_second (float, summed over ranks); joint training
+adds weights (dict[str, float], the loss weights in force, alignment losses 0 during warm-up).""")
 
 step_end = _bus.signal("step_end", doc="""\
 Fired every ``log_every`` optimiser steps (optional live curves).
@@ -166,7 +167,8 @@ this rank's values of that step), lr (dict[str, float]).""")
 codes_assigned = _bus.signal("codes_assigned", doc="""\
 Fired by ``etegrec.forge.get_code`` each time the item codes are (re)computed.
 
-Payload: epoch (int), codes (np.ndarray [n_items, L+1], row i = item i+1), use_forge (bool),
+Payload: epoch (int, the first epoch that uses these codes: 0 at the start of joint training,
+e + 1 after tokenizer epoch e), codes (np.ndarray [n_items, L+1], row i = item i+1), use_forge (bool),
 policy (str), max_conflict (int, largest suffix + 1), max_conflict_before (int, the same
 without FORGE), collision_rate (float, (n_items - distinct L-code tuples) / n_items after FORGE),
 changed (int, items whose code differs from the previous call; n_items on the first call),
