@@ -57,6 +57,7 @@ class EmbedConfig:
     dropout: float = 0.3
     tied_output: bool = False  # score items against the input table (True) or a separate one
     shuffle_ties: bool = True  # reorder same-timestamp items at random every epoch
+    window_stride: int | None = None  # new targets per training window; None = max_his_len (no overlap)
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 128
@@ -189,6 +190,10 @@ class Config:
                 raise ConfigError(f"config key {key!r} must be a non-empty list of positive sizes, got {value!r}")
         if not 0 < self.joint.sample_fraction <= 1:
             raise ConfigError(f"config key 'joint.sample_fraction' must be in (0, 1], got {self.joint.sample_fraction!r}")
+        stride = self.embed.window_stride
+        if stride is not None and stride > self.data.max_his_len:
+            raise ConfigError(f"config key 'embed.window_stride' ({stride}) must not exceed data.max_his_len "
+                              f"({self.data.max_his_len})")
         if self.joint.top_k > self.joint.beam_size:
             raise ConfigError(f"config key 'joint.top_k' ({self.joint.top_k}) must not exceed joint.beam_size "
                               f"({self.joint.beam_size})")
@@ -198,7 +203,7 @@ class Config:
 _POSITIVE = {
     "min_count", "max_his_len", "max_users", "hidden", "n_layers", "n_heads", "batch_size", "epochs", "patience",
     "eval_step", "e_dim", "num_layers", "codebook_size", "num_decoder_layers", "d_model", "d_ff", "num_heads",
-    "d_kv", "cycle", "sample_fraction", "cl_temperature", "beam_size", "top_k", "eval_batch_size",
+    "d_kv", "cycle", "sample_fraction", "cl_temperature", "beam_size", "top_k", "eval_batch_size", "window_stride",
 }
 _NON_NEGATIVE = {
     "lr", "lr_rec", "lr_id", "weight_decay", "dropout", "beta", "warm_epoch", "warmup_epochs", "max_grad_norm",

@@ -87,3 +87,42 @@ def test_untied_output_scores_against_its_own_table():
         expected = model(history)[:, -1] @ model.output_emb.weight.T
         assert torch.allclose(model.score(history)[:, 1:], expected[:, 1:], atol=1e-6)
     assert model.output_emb.weight.data_ptr() != model.item_embeddings().data_ptr()
+
+
+def test_window_loss_counts_only_the_last_targets_it_is_told():
+    model = _tiny()
+    window = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        # counted=2: only 5 -> 6 and 6 -> 7 (positions 4 and 5) are targets
+        logits = model._logits(model(window[:, :-1]))[0, 4:]
+        expected = torch.nn.functional.cross_entropy(logits, torch.tensor([6, 7]))
+        assert torch.allclose(model.window_loss(window, torch.tensor([2])), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride", [None, 1, 2, 3, 5])
+def test_windows_make_every_item_after_the_first_a_target_exactly_once(stride):
+    import numpy as np
+
+    from etegrec.training.embed import make_windows
+
+    sequences = [np.arange(1, n + 1) + 100 * n for n in (1, 2, 5, 6, 7, 13)]
+    windows, counted = make_windows(sequences, 6, stride)
+    assert windows.shape == (len(counted), 6)
+    targets = []
+    for window, c in zip(windows, counted):
+        inputs, next_items = window[:-1], window[1:]
+        keep = (np.arange(5) >= 5 - c) & (inputs != 0)
+        targets += next_items[keep].tolist()
+        if stride is not None:
+            assert c == stride or window[0] == 0 or window[0] % 100 == 1  # a sequence's first window counts all
+    expected = [x for seq in sequences for x in seq[1:]]
+    assert sorted(targets) == sorted(expected)
+
+
+def test_window_stride_out_of_range_is_an_error():
+    import numpy as np
+
+    from etegrec.training.embed import make_windows
+
+    with pytest.raises(ValueError, match="stride=6"):
+        make_windows([np.arange(1, 9)], 6, 6)

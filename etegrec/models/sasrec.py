@@ -129,14 +129,19 @@ class SASRec(nn.Module):
         """Logits (batch, n_items + 1) of the next item after each history; column 0 is -inf."""
         return self._logits(self.forward(history)[:, -1])
 
-    def window_loss(self, seq: torch.Tensor) -> torch.Tensor:
-        """Mean full-softmax cross-entropy of every next item inside left-padded windows.
+    def window_loss(self, seq: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean full-softmax cross-entropy of the next items inside left-padded windows.
 
         ``seq`` (batch, T + 1) holds T + 1 consecutive items; position t predicts ``seq[:, t + 1]``
         from ``seq[:, :t + 1]``. Targets that are padding, and targets whose input is padding (an
-        empty history), are ignored.
+        empty history), are ignored. ``counted`` (batch,), when given, keeps only the last
+        ``counted[b]`` targets of window b (overlapping windows predict each item once).
         """
         inputs, targets = seq[:, :-1], seq[:, 1:]  # (batch, T) each
-        targets = targets.masked_fill(inputs == 0, 0)
+        ignored = inputs == 0
+        if counted is not None:
+            position = torch.arange(targets.shape[1], device=seq.device)
+            ignored |= position[None, :] < (targets.shape[1] - counted)[:, None]
+        targets = targets.masked_fill(ignored, 0)
         logits = self._logits(self.forward(inputs))  # (batch, T, n_items + 1)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0)

@@ -29,20 +29,33 @@ from .stages import load_stage_data
 __all__ = ["EmbedTrainer", "main", "make_windows", "run_embed"]
 
 
-def make_windows(sequences: list[np.ndarray], length: int) -> np.ndarray:
+def make_windows(sequences: list[np.ndarray], length: int, stride: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cut sequences into left-padded windows of ``length`` items, from the end backwards.
 
-    Consecutive windows overlap by one item, so every item after a sequence's first is a target
-    exactly once (``window_loss`` predicts ``w[1:]`` from ``w[:-1]``).
+    A window's last ``stride`` targets are new (``window_loss`` predicts ``w[1:]`` from ``w[:-1]``),
+    so every item after a sequence's first is a target exactly once. The default stride
+    ``length - 1`` makes consecutive windows overlap by one item; a smaller stride gives targets
+    longer histories (closer to evaluation, where the history is full) at the cost of more windows.
+
+    Returns ``(windows [n, length], counted [n])``: ``counted`` is how many trailing targets of
+    each window are to be scored (all of them for a sequence's first window).
     """
-    rows = []
+    stride = length - 1 if stride is None else stride
+    if not 1 <= stride <= length - 1:
+        raise ValueError(f"window stride={stride!r} must lie between 1 and the window's targets ({length - 1}).")
+    rows, counted = [], []
     for seq in sequences:
         end = len(seq)
         while end > 1:
-            window = seq[max(0, end - length):end]
+            start = max(0, end - length)
+            window = seq[start:end]
             rows.append(np.pad(window, (length - len(window), 0)))
-            end -= length - 1
-    return np.asarray(rows, dtype=np.int64).reshape(-1, length)
+            counted.append(length - 1 if start == 0 else stride)
+            if start == 0:
+                break
+            end -= stride
+    windows = np.asarray(rows, dtype=np.int64).reshape(-1, length)
+    return windows, np.asarray(counted, dtype=np.int64)
 
 
 class EmbedTrainer:
@@ -62,14 +75,18 @@ class EmbedTrainer:
     def _windows(self, epoch: int) -> torch.Tensor:
         """Training windows; with ``shuffle_ties`` re-cut every epoch from a new order of tied items."""
         rng = np.random.default_rng([self.config.run.seed, epoch]) if self.config.embed.shuffle_ties else None
-        return torch.as_tensor(make_windows(self.data.train_sequences(rng), self.data.max_his_len + 1))
+        windows, counted = make_windows(self.data.train_sequences(rng), self.data.max_his_len + 1,
+                                        self.config.embed.window_stride)
+        self.counted = torch.as_tensor(counted)
+        return torch.as_tensor(windows)
 
     @property
     def sasrec(self) -> SASRec:
         return self.run.accelerator.unwrap_model(self.model)
 
     def _loss(self, index: np.ndarray) -> dict[str, torch.Tensor]:
-        return {"loss": self.model.window_loss(self.windows[index].to(self.run.accelerator.device))}
+        device = self.run.accelerator.device
+        return {"loss": self.model.window_loss(self.windows[index].to(device), self.counted[index].to(device))}
 
     def evaluate(self, split: str) -> dict[str, float]:
         self.model.eval()
