@@ -166,7 +166,8 @@ def test_a_multi_process_launch_stops_with_a_clear_error(monkeypatch):
         check_single_process(SimpleNamespace(num_processes=1))
 
 
-def test_resume_is_refused_rather_than_ignored(capsys):
+def test_resume_without_a_checkpoint_is_refused_before_reading_data(capsys, tmp_path):
     from etegrec.training.rqvae import main
-    assert main(["--config", "tiny", "--resume", "--output-dir", "somewhere"]) == 2
-    assert "--resume is not supported yet" in capsys.readouterr().err
+    assert main(["--config", "tiny", "--resume", "--output-dir", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "fetching" not in err

@@ -90,6 +90,14 @@ class CodebookHooks:
         """Copies of the running per-layer counts ``[K_l]`` (on the device; not reduced)."""
         return [c.clone() for c in self._counts]
 
+    def load_counts(self, counts: list[torch.Tensor]) -> None:
+        """Put back running counts saved with :meth:`counts` (a run resumed in the middle of an epoch)."""
+        if [len(c) for c in counts] != list(self.codebook_sizes):
+            raise ValueError(f"saved codebook counts have sizes {[len(c) for c in counts]}, "
+                             f"the hooked layers {list(self.codebook_sizes)}")
+        for mine, saved in zip(self._counts, counts):
+            mine.copy_(saved.to(mine.device))
+
     @contextlib.contextmanager
     def pause(self) -> Iterator[None]:
         """Do not count inside this block (e.g. while ``get_code`` re-encodes every item)."""

@@ -38,6 +38,7 @@ import netrc
 import os
 import queue
 import threading
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,9 +163,11 @@ def resolve_mode(mode: str | None = None, *, environ: Mapping[str, str] = os.env
         return mode
     if environ.get("WANDB_MODE"):
         return environ["WANDB_MODE"]
-    if environ.get("WANDB_API_KEY") or _netrc_has_key(environ):
-        return "online"
-    return "offline"
+    return "online" if _has_api_key(environ) else "offline"
+
+
+def _has_api_key(environ: Mapping[str, str]) -> bool:
+    return bool(environ.get("WANDB_API_KEY")) or _netrc_has_key(environ)
 
 
 def _netrc_has_key(environ: Mapping[str, str]) -> bool:
@@ -229,6 +232,9 @@ class WandbSubscriber(Subscriber):
         mode: W&B's mode, "online", "offline", "disabled" or None (see :func:`resolve_mode`).
         key_map: overrides the stage's :data:`KEY_MAPS` entry.
         finish_timeout: seconds ``finish`` may wait for W&B to flush (W&B's ``finish_timeout``).
+        resume: continue the W&B run whose id this run directory holds (``wandb/run-id``), so the
+            charts of a resumed run go on in the same run.
+        init_timeout: seconds W&B may take to start online before the run falls back to offline.
 
     Raises:
         ValueError: the accelerator has no tracker, the stage is unknown without a ``key_map``, or
@@ -239,7 +245,8 @@ class WandbSubscriber(Subscriber):
 
     def __init__(self, *, accelerator: Any, project: str, run_name: str, config: Mapping[str, Any],
                  run_dir: str | os.PathLike, stage: str, mode: str | None = None,
-                 key_map: KeyMap | None = None, finish_timeout: float = 60.0) -> None:
+                 key_map: KeyMap | None = None, finish_timeout: float = 60.0, resume: bool = False,
+                 init_timeout: float = 25.0) -> None:
         super().__init__()
         if not accelerator.log_with:
             raise ValueError(
@@ -257,6 +264,8 @@ class WandbSubscriber(Subscriber):
         self.mode = resolve_mode(mode)
         self.key_map = key_map or KEY_MAPS[stage]
         self.finish_timeout = finish_timeout
+        self.resume = resume
+        self.init_timeout = init_timeout
         self.run = None  # the wandb Run, on the main process once started, when wandb is a tracker
         self.trackers: list = []  # the Accelerate trackers this subscriber started; finish() ends them
         self._started = False
@@ -270,33 +279,31 @@ class WandbSubscriber(Subscriber):
     def start(self) -> None:
         """Initialise the trackers (and the W&B run) on the main process, once; do nothing elsewhere.
 
-        A tracker failure here is logged as a warning and leaves the subscriber inert.
+        W&B never stops the run: online mode without an API key, or a W&B that cannot start online
+        within ``init_timeout`` seconds (no network, server down), falls back to offline with one
+        warning; any other tracker failure here is logged as a warning and leaves the subscriber inert.
         """
-        # init_trackers appends every tracker again on each call: never call it twice
+        # init_trackers appends every tracker again on each call: called again only after a reset
         if self._started or not self.accelerator.is_main_process:
             return
         self._started = True
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        init_kwargs = {}
         try:
-            if "wandb" in {_tracker_name(t) for t in self.accelerator.log_with}:
-                import wandb
-
-                init_kwargs["wandb"] = {
-                    "name": self.run_name,
-                    "dir": str(self.run_dir),  # W&B appends "wandb/" itself
-                    "mode": self.mode,
-                    "settings": wandb.Settings(finish_timeout=self.finish_timeout),
-                }
-            # no config here: each tracker gets it below in the shape it can store
-            self.accelerator.init_trackers(project_name=self.project, init_kwargs=init_kwargs)
-            self.trackers = list(self.accelerator.trackers)
-            for tracker in self.trackers:
-                tracker.store_init_configuration(self.config if tracker.name == "wandb" else flat_config(self.config))
-            if "wandb" in init_kwargs:
-                self.run = self.accelerator.get_tracker("wandb", unwrap=True)
-                self.run.define_metric("epoch")
-                self.run.define_metric("*", step_metric="epoch")
+            uses_wandb = "wandb" in {_tracker_name(t) for t in self.accelerator.log_with}
+            if uses_wandb and self.mode == "online" and not _has_api_key(os.environ):
+                log.warning("W&B mode is online but no API key is configured (WANDB_API_KEY or `wandb login`); "
+                            "logging offline under %s instead", self.run_dir / "wandb")
+                self.mode = "offline"
+            try:
+                self._init_trackers(uses_wandb)
+            except Exception as exc:
+                if not (uses_wandb and self.mode == "online"):
+                    raise
+                log.warning("W&B could not start online (%s: %s); logging offline under %s instead",
+                            type(exc).__name__, exc, self.run_dir / "wandb")
+                self.accelerator.trackers = []  # init_trackers appends: drop what the failed call started
+                self.mode = "offline"
+                self._init_trackers(uses_wandb)
         except Exception as exc:
             log.warning("the trackers could not start (%s: %s); the run goes on without them",
                         type(exc).__name__, exc)
@@ -306,6 +313,40 @@ class WandbSubscriber(Subscriber):
         self._queue = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._drain, name="etegrec-trackers", daemon=True)
         self._worker.start()
+
+    @property
+    def run_id_file(self) -> Path:
+        """Where the W&B run id is kept, so that a resumed run continues the same W&B run."""
+        return self.run_dir / "wandb" / "run-id"
+
+    def _init_trackers(self, uses_wandb: bool) -> None:
+        init_kwargs = {}
+        if uses_wandb:
+            import wandb
+
+            run_id = None
+            if self.resume and self.run_id_file.exists():
+                run_id = self.run_id_file.read_text(encoding="utf-8").strip() or None
+            run_id = run_id or uuid.uuid4().hex[:12]
+            init_kwargs["wandb"] = {
+                "name": self.run_name,
+                "dir": str(self.run_dir),  # W&B appends "wandb/" itself
+                "mode": self.mode,
+                "id": run_id,
+                "resume": "allow",
+                "settings": wandb.Settings(finish_timeout=self.finish_timeout, init_timeout=self.init_timeout),
+            }
+            self.run_id_file.parent.mkdir(parents=True, exist_ok=True)
+            self.run_id_file.write_text(run_id + "\n", encoding="utf-8")
+        # no config here: each tracker gets it below in the shape it can store
+        self.accelerator.init_trackers(project_name=self.project, init_kwargs=init_kwargs)
+        self.trackers = list(self.accelerator.trackers)
+        for tracker in self.trackers:
+            tracker.store_init_configuration(self.config if tracker.name == "wandb" else flat_config(self.config))
+        if uses_wandb:
+            self.run = self.accelerator.get_tracker("wandb", unwrap=True)
+            self.run.define_metric("epoch")
+            self.run.define_metric("*", step_metric="epoch")
 
     def connect(self) -> WandbSubscriber:
         """Attach the handlers (held strongly) on the main process only."""

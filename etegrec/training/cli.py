@@ -12,7 +12,8 @@ from etegrec.data import DataError
 from etegrec.forge import CodeOverflowError
 from etegrec.hooks import SubscriberError
 
-from .run import check_trackers
+from .loop import NonFiniteLossError
+from .run import check_trackers, resume_checkpoint
 
 __all__ = ["StageArgs", "common_parser", "parse_stage_args", "run_main", "tracker_list"]
 
@@ -59,7 +60,7 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         metavar="MODULE:CALLABLE", help="attach a subscriber of yours (repeatable)")
     parser.add_argument("--seed", type=int, help="random seed (default: the config's run.seed)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --output-dir (not supported yet: refused with an error)")
+                        help="continue the run in --output-dir from its last checkpoint (checkpoints/last.pt)")
     return parser
 
 
@@ -72,8 +73,10 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = N
         overrides.append(f"data.data_path={args.data_path}")
     if args.seed is not None:
         overrides.append(f"run.seed={args.seed}")
-    if args.resume:  # refused rather than ignored: a silently fresh run would overwrite the old one
-        raise ConfigError("--resume is not supported yet; start a new run with another --output-dir")
+    if args.resume:  # checked before any data is read
+        if not args.output_dir:
+            raise ConfigError("--resume needs --output-dir: the run directory to continue")
+        resume_checkpoint(args.output_dir)
     config = load_config(args.config, overrides)
     return StageArgs(config=config, output_dir=args.output_dir, wandb_mode=args.wandb_mode,
                      subscribers=args.subscribers, resume=args.resume, log_with=args.log_with)
@@ -86,18 +89,22 @@ def stage_main(prog: str, doc: str, run_stage: Callable[..., object], argv: list
     def body():
         args = parse_stage_args(parser, argv)
         run_stage(args.config, output_dir=args.output_dir, wandb_mode=args.wandb_mode, log_with=args.log_with,
-                  subscribers=args.subscribers)
+                  subscribers=args.subscribers, resume=args.resume)
     return run_main(body)
 
 
 def run_main(body: Callable[[], object]) -> int:
-    """Run a stage's command-line body: user errors print one line, Ctrl-C exits with 130."""
+    """Run a stage's command-line body: user errors print one line (exit 2), a non-finite loss one line
+    (exit 1), Ctrl-C exits with 130."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         body()
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

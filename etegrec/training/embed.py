@@ -22,8 +22,8 @@ from etegrec.models import SASRec
 
 from .cli import stage_main
 from .evaluation import evaluate_full_ranking
-from .loop import shuffled_batches, train_epoch
-from .run import Run, atomic_write_bytes, atomic_write_text, prepare_process
+from .loop import EpochProgress, TrainingInterrupted, shuffled_batches, train_epoch
+from .run import Run, atomic_write_bytes, atomic_write_text, prepare_process, set_rng_state
 from .stages import load_stage_data
 
 __all__ = ["EmbedTrainer", "main", "make_windows", "run_embed"]
@@ -95,45 +95,67 @@ class EmbedTrainer:
         self.model.train()
         return metrics
 
-    def _state(self, epoch: int, best: float) -> dict:
-        return {"model": self.sasrec.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "epoch": epoch, "best_ndcg": best}
+    def _state(self, epoch: int, position: dict | None = None, progress: EpochProgress | None = None) -> dict:
+        return {"model": self.sasrec.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
+                "position": position, "progress": progress.state_dict() if progress else None}
 
     def fit(self) -> dict[str, dict[str, float]]:
+        """Epochs until ``epochs`` or early stopping; ``last.pt`` after every epoch and on Ctrl-C (``--resume``)."""
         cfg, acc, run = self.config.embed, self.run.accelerator, self.run
         start = time.perf_counter()
-        run.announce_start(self)
-        best, best_epoch, best_valid, bad = -1.0, -1, {}, 0
+        position, progress = {"epoch": 0, "best": -1.0, "best_epoch": -1, "best_valid": {}, "bad": 0}, None
+        if run.resumed:
+            state = run.resume_state
+            self.sasrec.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            position = state["position"]
+            progress = EpochProgress.from_state(state["progress"], acc.device)
+            set_rng_state(state["rng"])
+        run.announce_start(self, start_epoch=position["epoch"])
+        best, best_epoch, best_valid, bad = (position[k] for k in ("best", "best_epoch", "best_valid", "bad"))
+
+        def where(next_epoch: int) -> dict:
+            return {"epoch": next_epoch, "best": best, "best_epoch": best_epoch, "best_valid": best_valid, "bad": bad}
+
         self.model.train()
-        for epoch in range(cfg.epochs):
+        for epoch in range(position["epoch"], cfg.epochs):
             if cfg.shuffle_ties and epoch:
                 self.windows = self._windows(epoch)
             batches = shuffled_batches(len(self.windows), cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
                                        rank=acc.process_index, world_size=acc.num_processes)
-            result = train_epoch(sender=self, stage=self.stage, phase="embed", epoch=epoch, batches=batches,
-                                 loss_fn=self._loss, optimizers=[self.optimizer], accelerator=acc,
-                                 log_every=self.config.run.log_every)
+            try:
+                result = train_epoch(sender=self, stage=self.stage, phase="embed", epoch=epoch, batches=batches,
+                                     loss_fn=self._loss, optimizers=[self.optimizer], accelerator=acc,
+                                     log_every=self.config.run.log_every, progress=progress,
+                                     should_stop=lambda: run.stop_requested)
+            except TrainingInterrupted as stop:
+                run.save_checkpoint(self, self._state(epoch, where(epoch), stop.progress), "last", epoch=epoch)
+                raise
+            progress = None
             signals.epoch_end.send(self, stage=self.stage, phase="embed", epoch=epoch, losses=result.losses,
                                    lr={"lr": self.optimizer.param_groups[0]["lr"]}, seconds=result.seconds,
                                    samples_per_second=result.samples_per_second)
-            if (epoch + 1) % cfg.eval_step and epoch + 1 != cfg.epochs:
-                continue
-            valid = self.evaluate("valid")
-            signals.evaluated.send(self, stage=self.stage, split="valid", epoch=epoch, metrics=valid)
-            if valid["ndcg@10"] > best:
-                best, best_epoch, best_valid, bad = valid["ndcg@10"], epoch, valid, 0
-                run.save_checkpoint(self, self._state(epoch, best), "best", epoch=epoch, is_best=True)
-            else:
-                bad += 1
-                if bad >= cfg.patience:
-                    break
+            if (epoch + 1) % cfg.eval_step == 0 or epoch + 1 == cfg.epochs:
+                valid = self.evaluate("valid")
+                signals.evaluated.send(self, stage=self.stage, split="valid", epoch=epoch, metrics=valid)
+                if valid["ndcg@10"] > best:
+                    best, best_epoch, best_valid, bad = valid["ndcg@10"], epoch, valid, 0
+                    run.save_checkpoint(self, self._state(epoch), "best", epoch=epoch, is_best=True)
+                else:
+                    bad += 1
+            done = bad >= cfg.patience
+            run.save_checkpoint(self, self._state(epoch, where(cfg.epochs if done else epoch + 1)), "last",
+                                epoch=epoch)
+            if done:
+                break
+            run.check_stop()
         return self._finish(best_epoch, best_valid, start)
 
     def _finish(self, best_epoch: int, best_valid: dict, start: float) -> dict[str, dict[str, float]]:
         run, acc = self.run, self.run.accelerator
         acc.wait_for_everyone()
         best_path = run.checkpoint_dir / "best.pt"
-        state = torch.load(best_path, map_location="cpu", weights_only=True)
+        state = torch.load(best_path, map_location="cpu", weights_only=False)  # our own file (it holds RNG states)
         self.sasrec.load_state_dict(state["model"])
         test = self.evaluate("test")
         signals.evaluated.send(self, stage=self.stage, split="test", epoch=best_epoch, metrics=test)
@@ -154,12 +176,13 @@ def save_embeddings(run_dir: Path, embeddings: np.ndarray, data: SequenceData) -
     atomic_write_text(run_dir / "item_map.json", json.dumps({"dataset": data.name, "items": list(data.item_map)}))
 
 
-def run_embed(config: Config, *, output_dir=None, wandb_mode=None, log_with=("wandb",), subscribers=()):
+def run_embed(config: Config, *, output_dir=None, wandb_mode=None, log_with=("wandb",), subscribers=(),
+              resume: bool = False):
     """Train SASRec and write its embeddings into its own run directory."""
     prepare_process(config)
     data = load_stage_data(config)
     with Run(config, stage="embed", output_dir=output_dir, wandb_mode=wandb_mode, log_with=log_with,
-             subscribers=subscribers) as run:
+             subscribers=subscribers, resume=resume) as run:
         return EmbedTrainer(config, run, data).fit()
 
 

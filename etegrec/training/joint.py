@@ -32,9 +32,9 @@ from etegrec.models import CodeTrie, T5Recommender, beam_search, code_loss
 
 from .cli import stage_main
 from .evaluation import gather_ranks, shard_bounds
-from .loop import shuffled_batches, train_epoch
+from .loop import EpochProgress, TrainingInterrupted, shuffled_batches, train_epoch
 from .rqvae import build_tokenizer, tokenizer_inputs
-from .run import Run, prepare_process
+from .run import Run, prepare_process, set_rng_state
 from .stages import ensure_embeddings, ensure_tokenizer, load_stage_data
 
 __all__ = ["JointTrainer", "info_nce", "main", "phase_of", "run_joint", "symmetric_kl"]
@@ -173,44 +173,81 @@ class JointTrainer:
             ranks.append(torch.where(hit.any(1), hit.float().argmax(1) + 1, 0))
         return ranking_metrics(gather_ranks(ranks, acc))
 
-    def state(self, epoch: int) -> dict:
+    def state(self, epoch: int, position: dict | None = None, progress: EpochProgress | None = None) -> dict:
+        """Everything a resumed run needs; ``position`` says where the loop goes on (see :meth:`fit`)."""
         return {"tokenizer": self.tokenizer.state_dict(), "recommender": self.recommender.state_dict(),
                 "codes": self.codes.cpu(), "epoch": epoch, "best_ndcg": self.best, "best_epoch": self.best_epoch,
-                "opt_id": self.opt_id.state_dict(), "opt_rec": self.opt_rec.state_dict(),
-                "sched_id": self.sched_id.state_dict(), "sched_rec": self.sched_rec.state_dict()}
+                "best_valid": self.best_valid, "opt_id": self.opt_id.state_dict(),
+                "opt_rec": self.opt_rec.state_dict(), "sched_id": self.sched_id.state_dict(),
+                "sched_rec": self.sched_rec.state_dict(), "position": position,
+                "progress": progress.state_dict() if progress else None,
+                "hook_counts": [c.cpu() for c in self.hooks.counts] if progress else None}
 
     def load(self, state: dict) -> None:
+        """The models and codes of a checkpoint (what evaluation needs)."""
         self.tokenizer.load_state_dict(state["tokenizer"])
         self.recommender.load_state_dict(state["recommender"])
         self.codes = state["codes"].to(self.run.accelerator.device)
         self.trie = CodeTrie(self.codes[1:], code_num=self.recommender.code_num).to(self.run.accelerator.device)
 
+    def restore(self, state: dict) -> tuple[dict, EpochProgress | None]:
+        """Everything of a ``last.pt`` checkpoint; returns its position and the interrupted epoch's progress."""
+        self.load(state)
+        for name in ("opt_id", "opt_rec", "sched_id", "sched_rec"):
+            getattr(self, name).load_state_dict(state[name])
+        self.best, self.best_epoch, self.best_valid = state["best_ndcg"], state["best_epoch"], state["best_valid"]
+        progress = EpochProgress.from_state(state["progress"], self.run.accelerator.device)
+        if state["hook_counts"] is not None:
+            self.hooks.load_counts(state["hook_counts"])
+        set_rng_state(state["rng"])
+        return state["position"], progress
+
     # --- the loop -------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, dict[str, float]]:
-        """Joint epochs until ``epochs`` or early stopping, then fine-tuning from the best checkpoint."""
+        """Joint epochs until ``epochs`` or early stopping, then fine-tuning from the best checkpoint.
+
+        The loop is two segments of phases (joint, then fine-tuning); ``position`` = next global
+        epoch, segment, index in it and the early-stopping count. ``last.pt`` is written after
+        every epoch with the position of the next one, and on Ctrl-C with the interrupted epoch's
+        progress, so ``--resume`` continues exactly where the run stopped.
+        """
         cfg, run = self.config.joint, self.run
         start = time.perf_counter()
-        run.announce_start(self)
         self.best, self.best_valid, self.best_epoch = -1.0, {}, -1
-        joint = [phase_of(e, cfg.cycle) for e in range(cfg.epochs)]
-        epoch = 0
+        segments = [[phase_of(e, cfg.cycle) for e in range(cfg.epochs)], ["finetune"] * cfg.finetune_epochs]
         with CodebookHooks(self.tokenizer, stage=self.stage, sender=self) as self.hooks:
-            self.refresh_codes(0)
-            for phases in (joint, ["finetune"] * cfg.finetune_epochs):
-                if phases and phases[0] == "finetune" and self.best_epoch >= 0:
+            position, progress = {"epoch": 0, "segment": 0, "index": 0, "bad": 0}, None
+            if run.resumed:
+                position, progress = self.restore(run.resume_state)
+            run.announce_start(self, start_epoch=position["epoch"])
+            if not run.resumed:
+                self.refresh_codes(0)
+            epoch = position["epoch"]
+            for segment in range(position["segment"], len(segments)):
+                phases = segments[segment]
+                here = segment == position["segment"]
+                index, bad = (position["index"], position["bad"]) if here else (0, 0)
+                if segment == 1 and index == 0 and progress is None and phases and self.best_epoch >= 0:
                     self.load(torch.load(run.checkpoint_dir / "best.pt", map_location="cpu", weights_only=False))
-                bad = 0
-                for i, phase in enumerate(phases):
-                    self.train_one_epoch(epoch, phase)
-                    if (epoch + 1) % cfg.eval_step == 0 or i == len(phases) - 1:
+                while index < len(phases):
+                    at = {"epoch": epoch, "segment": segment, "index": index, "bad": bad}
+                    try:
+                        self.train_one_epoch(epoch, phases[index], progress)
+                    except TrainingInterrupted as stop:
+                        run.save_checkpoint(self, self.state(epoch, at, stop.progress), "last", epoch=epoch)
+                        raise
+                    progress = None
+                    if (epoch + 1) % cfg.eval_step == 0 or index == len(phases) - 1:
                         bad = 0 if self.validate(epoch) else bad + 1
+                    index = len(phases) if bad >= cfg.patience else index + 1
+                    next_at = {"epoch": epoch + 1, "segment": segment, "index": index, "bad": bad}
+                    run.save_checkpoint(self, self.state(epoch, next_at), "last", epoch=epoch)
                     epoch += 1
-                    if bad >= cfg.patience:
-                        break
+                    run.check_stop()
         return self._test(start)
 
-    def train_one_epoch(self, epoch: int, phase: str) -> None:
+    def train_one_epoch(self, epoch: int, phase: str, progress: EpochProgress | None = None) -> None:
         """One epoch of ``phase``; both phases share this loop and differ in what trains and the weights."""
         cfg, acc = self.config.joint, self.run.accelerator
         self.set_phase(phase)
@@ -222,7 +259,7 @@ class JointTrainer:
             loss_fn=partial(self.losses, phase=phase, weights=weights), optimizers=[opt], schedulers=[sched],
             accelerator=acc, parameters=list(model.parameters()), max_grad_norm=cfg.max_grad_norm,
             log_every=self.config.run.log_every, global_step=epoch * self.steps_per_epoch,
-            lr_fn=self.learning_rates)
+            lr_fn=self.learning_rates, progress=progress, should_stop=lambda: self.run.stop_requested)
         self.hooks.epoch_end(epoch)
         signals.epoch_end.send(self, stage=self.stage, phase=phase, epoch=epoch, losses=result.losses,
                                lr=self.learning_rates(), seconds=result.seconds,
@@ -238,7 +275,6 @@ class JointTrainer:
         if improved:
             self.best, self.best_valid, self.best_epoch = valid["ndcg@10"], valid, epoch
             self.run.save_checkpoint(self, self.state(epoch), "best", epoch=epoch, is_best=True)
-        self.run.save_checkpoint(self, self.state(epoch), "last", epoch=epoch)
         return improved
 
     def learning_rates(self) -> dict[str, float]:
@@ -259,12 +295,13 @@ class JointTrainer:
 
 
 def run_joint(config: Config, *, output_dir=None, wandb_mode=None, log_with=("wandb",), subscribers=(),
-              accelerator=None):
+              accelerator=None, resume: bool = False):
     """The whole pipeline: embeddings and tokenizer (cached), then joint training in its run directory."""
     prepare_process(config)
     data = load_stage_data(config)
     run = Run(config, stage="joint", output_dir=output_dir, wandb_mode=wandb_mode, wandb_project=JOINT_PROJECT,
-              wandb_run_name=config.run.name, log_with=log_with, subscribers=subscribers, accelerator=accelerator)
+              wandb_run_name=config.run.name, log_with=log_with, subscribers=subscribers, accelerator=accelerator,
+              resume=resume)
     embeddings, _ = ensure_embeddings(config, data, run.accelerator)
     tokenizer_state, _ = ensure_tokenizer(config, embeddings, run.accelerator)
     set_seed(config.run.seed)

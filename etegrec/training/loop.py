@@ -15,11 +15,35 @@ from tqdm import tqdm
 
 from etegrec import signals
 
-__all__ = ["EpochResult", "NonFiniteLossError", "shuffled_batches", "train_epoch"]
+__all__ = ["EpochProgress", "EpochResult", "NonFiniteLossError", "TrainingInterrupted", "shuffled_batches",
+           "train_epoch"]
+
+CHECK_EVERY = 20  # steps between host checks for a non-finite loss (found on the device every step)
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite; the message names where and the loss parts."""
+    """A loss became NaN or infinite; the message names stage, phase, epoch, step and the loss parts."""
+
+
+@dataclass
+class EpochProgress:
+    """How far an interrupted epoch got: what a resumed run needs to finish it exactly."""
+
+    step: int  # batches done
+    sums: dict[str, torch.Tensor]  # loss part -> sum over the samples done (weighted by batch size)
+    samples: torch.Tensor  # samples done (0-d)
+    seconds: float  # time spent so far
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "sums": {k: v.cpu() for k, v in self.sums.items()},
+                "samples": self.samples.cpu(), "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, state: dict | None, device) -> EpochProgress | None:
+        if not state:
+            return None
+        return cls(step=state["step"], sums={k: v.to(device) for k, v in state["sums"].items()},
+                   samples=state["samples"].to(device), seconds=state["seconds"])
 
 
 @dataclass
@@ -28,6 +52,14 @@ class EpochResult:
     seconds: float
     samples_per_second: float  # summed over processes
     steps: int
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A stop was requested (Ctrl-C) between two steps; ``progress`` says where the epoch stood."""
+
+    def __init__(self, progress: EpochProgress) -> None:
+        super().__init__(f"interrupted after step {progress.step}")
+        self.progress = progress
 
 
 def shuffled_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
@@ -46,21 +78,34 @@ def train_epoch(*, sender, stage: str, phase: str, epoch: int, batches: list, lo
                 optimizers: list[torch.optim.Optimizer], schedulers: list = (), accelerator,
                 parameters: list[torch.nn.Parameter] | None = None, max_grad_norm: float = 0.0,
                 log_every: int = 0, lr_fn: Callable[[], dict[str, float]] | None = None,
-                global_step: int = 0, show_progress: bool = True) -> EpochResult:
+                global_step: int = 0, show_progress: bool = True, progress: EpochProgress | None = None,
+                should_stop: Callable[[], bool] | None = None) -> EpochResult:
     """Run one epoch: ``loss_fn(batch)`` returns loss parts; the part ``"loss"`` is optimised.
 
-    Returns the epoch means of every part, reduced over processes.
+    Returns the epoch means of every part, reduced over processes. ``progress`` (from an
+    interrupted run) skips the batches already done and starts from their loss sums.
+    ``should_stop`` is asked after every step; when it says yes, :class:`TrainingInterrupted`
+    carries the epoch's progress out.
 
     Raises:
-        NonFiniteLossError: when an epoch's loss is NaN or infinite (checked once per epoch).
+        NonFiniteLossError: a step's loss was NaN or infinite. It is seen on the device at every step
+            and checked on the host every ``CHECK_EVERY`` steps and at the epoch's end, so the error
+            names the first bad step and its loss parts without a host synchronisation per step.
+        TrainingInterrupted: ``should_stop()`` returned True.
     """
     start = time.perf_counter()
-    sums: dict[str, torch.Tensor] = {}
-    samples = torch.zeros((), device=accelerator.device)
-    iterator: Iterator = iter(batches)
+    device = accelerator.device
+    done = progress.step if progress else 0
+    sums: dict[str, torch.Tensor] = dict(progress.sums) if progress else {}
+    samples = progress.samples.clone() if progress else torch.zeros((), device=device)
+    before = progress.seconds if progress else 0.0
+    first_bad = torch.full((), -1, device=device)  # first step whose loss was not finite
+    bad_parts: torch.Tensor | None = None  # that step's loss parts
+    iterator: Iterator = iter(batches[done:])
     if show_progress and accelerator.is_main_process:
-        iterator = tqdm(batches, desc=f"{stage} {phase} epoch {epoch}", leave=False, dynamic_ncols=True)
-    for step, batch in enumerate(iterator):
+        iterator = tqdm(iterator, desc=f"{stage} {phase} epoch {epoch}", leave=False, dynamic_ncols=True,
+                        initial=done, total=len(batches))
+    for step, batch in enumerate(iterator, start=done):
         parts = loss_fn(batch)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
@@ -75,19 +120,35 @@ def train_epoch(*, sender, stage: str, phase: str, epoch: int, batches: list, lo
         samples += size
         for name, value in parts.items():
             sums[name] = sums.get(name, 0) + value.detach() * size
+        names = sorted(parts)
+        values = torch.stack([parts[k].detach().float() for k in names])
+        newly = (first_bad < 0) & ~torch.isfinite(values[names.index("loss")])
+        first_bad = torch.where(newly, step, first_bad)
+        bad_parts = values if bad_parts is None else torch.where(newly, values, bad_parts)
+        if (step + 1) % CHECK_EVERY == 0 or step + 1 == len(batches):
+            _check_finite(first_bad, bad_parts, names, stage=stage, phase=phase, epoch=epoch)
         if log_every and (global_step + step + 1) % log_every == 0 and signals.step_end.receivers:
             signals.step_end.send(sender, stage=stage, phase=phase, epoch=epoch, step=global_step + step + 1,
                                   losses={k: float(v.detach()) for k, v in parts.items()},
                                   lr=lr_fn() if lr_fn else {})
+        if should_stop is not None and should_stop() and step + 1 < len(batches):
+            raise TrainingInterrupted(EpochProgress(step=step + 1, sums=sums, samples=samples,
+                                                    seconds=before + time.perf_counter() - start))
     names = sorted(sums)
     stacked = torch.stack([sums[k] for k in names] + [samples]) if names else samples[None]
     stacked = accelerator.reduce(stacked, reduction="sum")  # one collective per epoch
     total = float(stacked[-1])
     losses = {k: float(stacked[i]) / max(total, 1.0) for i, k in enumerate(names)}
-    seconds = time.perf_counter() - start
-    if any(not np.isfinite(v) for v in losses.values()):
-        raise NonFiniteLossError(f"{stage} {phase} epoch {epoch}: non-finite loss "
-                                 f"({', '.join(f'{k}={v}' for k, v in losses.items())}); lower the learning rate "
-                                 "or check the input embeddings")
+    seconds = before + time.perf_counter() - start
     return EpochResult(losses=losses, seconds=seconds, samples_per_second=total / max(seconds, 1e-9),
                        steps=len(batches))
+
+
+def _check_finite(first_bad: torch.Tensor, parts: torch.Tensor | None, names: list[str], *, stage: str,
+                  phase: str, epoch: int) -> None:
+    step = int(first_bad)
+    if step < 0:
+        return
+    values = ", ".join(f"{k}={float(v):.6g}" for k, v in zip(names, parts.tolist()))
+    raise NonFiniteLossError(f"{stage} {phase} epoch {epoch} step {step}: non-finite loss ({values}); the last "
+                             "good checkpoint is kept; lower the learning rate or check the inputs")

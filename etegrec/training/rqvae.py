@@ -24,7 +24,7 @@ from etegrec.models import RQVAE
 
 from .cli import stage_main
 from .loop import shuffled_batches, train_epoch
-from .run import Run, prepare_process
+from .run import Run, prepare_process, set_rng_state
 from .stages import ensure_embeddings, load_stage_data
 
 __all__ = ["RQVAETrainer", "build_tokenizer", "main", "tokenize_all", "tokenizer_inputs"]
@@ -96,18 +96,33 @@ class RQVAETrainer:
         out = self.model(self.items[torch.as_tensor(index, device=self.items.device)])
         return {"loss": out.loss, "loss_recon": out.recon_loss, "loss_commit": out.quant_loss}
 
-    def _state(self, epoch: int, quality: dict[str, float], codes: np.ndarray) -> dict:
+    def _state(self, epoch: int, quality: dict[str, float] | None, codes: np.ndarray | None,
+               position: dict | None = None) -> dict:
         return {"model": self.tokenizer.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
-                "quality": quality, "codes": codes, "config": self.config.to_dict()}
+                "quality": quality, "codes": codes, "config": self.config.to_dict(), "position": position}
 
     def fit(self) -> dict[str, dict[str, float]]:
+        """Epochs until ``epochs`` or early stopping. ``last.pt`` is written at every evaluation (and at
+        the end of the epoch in progress on Ctrl-C) with the position of the next epoch, for ``--resume``."""
         cfg, acc, run = self.config.rqvae, self.run.accelerator, self.run
         start = time.perf_counter()
-        run.announce_start(self)
-        best, best_quality, bad, epoch = float("inf"), {}, 0, -1
+        position = {"epoch": 0, "best": float("inf"), "best_quality": {}, "bad": 0}
+        if run.resumed:
+            state = run.resume_state
+            self.tokenizer.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            position = state["position"]
+            set_rng_state(state["rng"])
+        run.announce_start(self, start_epoch=position["epoch"])
+        best, best_quality, bad = position["best"], position["best_quality"], position["bad"]
+
+        def save_last(epoch: int, quality=None, codes=None, *, done: bool = False) -> None:
+            at = {"epoch": cfg.epochs if done else epoch + 1, "best": best, "best_quality": best_quality, "bad": bad}
+            run.save_checkpoint(self, self._state(epoch, quality, codes, at), "last", epoch=epoch)
+
         with CodebookHooks(self.tokenizer, stage=self.stage, sender=self) as hooks:
-            for epoch in tqdm(range(cfg.epochs), desc="rqvae epochs", disable=not run.is_main, leave=False,
-                              dynamic_ncols=True):
+            for epoch in tqdm(range(position["epoch"], cfg.epochs), desc="rqvae epochs", disable=not run.is_main,
+                              leave=False, dynamic_ncols=True, initial=position["epoch"], total=cfg.epochs):
                 batches = shuffled_batches(len(self.items), cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
                                            rank=acc.process_index, world_size=acc.num_processes)
                 result = train_epoch(sender=self, stage=self.stage, phase="rqvae", epoch=epoch, batches=batches,
@@ -122,6 +137,9 @@ class RQVAETrainer:
                                        lr={"lr": self.optimizer.param_groups[0]["lr"]}, seconds=result.seconds,
                                        samples_per_second=result.samples_per_second)
                 if (epoch + 1) % cfg.eval_step and epoch + 1 != cfg.epochs:
+                    if run.stop_requested:
+                        save_last(epoch)
+                    run.check_stop()
                     continue
                 with hooks.pause():  # evaluation forwards are not training usage
                     codes = tokenize_all(self.tokenizer, self.items)
@@ -132,9 +150,10 @@ class RQVAETrainer:
                     run.save_checkpoint(self, self._state(epoch, quality, codes), "best", epoch=epoch, is_best=True)
                 else:
                     bad += 1
-                run.save_checkpoint(self, self._state(epoch, quality, codes), "last", epoch=epoch)
+                save_last(epoch, quality, codes, done=bad >= cfg.patience)
                 if bad >= cfg.patience:
                     break
+                run.check_stop()
         best_path = run.checkpoint_dir / "best.pt"
         run.write_metrics({"valid": best_quality, "best_checkpoint": str(best_path)})
         signals.run_finished.send(self, stage=self.stage, status="completed", best_metrics=best_quality,
@@ -143,14 +162,14 @@ class RQVAETrainer:
 
 
 def run_rqvae(config: Config, *, output_dir=None, wandb_mode=None, log_with=("wandb",), subscribers=(),
-              accelerator=None):
+              accelerator=None, resume: bool = False):
     """Build (or reuse) the embeddings, then pretrain the tokenizer in its own run directory."""
     prepare_process(config)
     data = load_stage_data(config)
     t = config.tokenizer
     run = Run(config, stage="rqvae", output_dir=output_dir, wandb_mode=wandb_mode, wandb_project=WANDB_PROJECT,
               wandb_run_name=f"{config.data.dataset}_layers{t.num_layers}_edim{t.e_dim}",
-              log_with=log_with, subscribers=subscribers, accelerator=accelerator)
+              log_with=log_with, subscribers=subscribers, accelerator=accelerator, resume=resume)
     embeddings, _ = ensure_embeddings(config, data, run.accelerator)
     set_seed(config.run.seed)
     with run:

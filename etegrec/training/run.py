@@ -11,22 +11,31 @@ import io
 import json
 import logging
 import os
+import random
+import signal
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
 from etegrec import signals
 from etegrec.config import Config, ConfigError
 from etegrec.hooks import ConsoleSubscriber, EventLog, Subscriber, resolve_subscriber
+from etegrec.hooks.eventlog import read_events
 from etegrec.hooks.wandb import resolve_mode
 
 __all__ = ["Run", "atomic_write_bytes", "atomic_write_text", "check_single_process", "check_trackers",
-           "default_run_dir", "prepare_process"]
+           "default_run_dir", "prepare_process", "resume_checkpoint", "rng_state", "set_rng_state"]
+
+# config sections a resumed run may change: how it runs, not what it trains
+RESUMABLE_CHANGES = ("run.name", "run.num_threads", "run.log_every")
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +67,48 @@ def prepare_process(config: Config) -> None:
     set_seed(config.run.seed)
     if config.run.num_threads:
         torch.set_num_threads(config.run.num_threads)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator's state (Python, NumPy's global, torch CPU and CUDA), for a checkpoint."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back the generators saved by :func:`rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (ignoring :data:`RESUMABLE_CHANGES`)."""
+    changed = []
+    for section in sorted(set(saved) | set(current)):
+        old, new = saved.get(section) or {}, current.get(section) or {}
+        for name in sorted(set(old) | set(new)):
+            key = f"{section}.{name}"
+            if key not in RESUMABLE_CHANGES and old.get(name) != new.get(name):
+                changed.append(f"{key} ({old.get(name)!r} -> {new.get(name)!r})")
+    return changed
+
+
+def resume_checkpoint(run_dir: str | Path) -> Path:
+    """``run_dir/checkpoints/last.pt``, the checkpoint ``--resume`` continues from.
+
+    Raises:
+        ConfigError: it does not exist.
+    """
+    path = Path(run_dir) / "checkpoints" / "last.pt"
+    if not path.exists():
+        raise ConfigError(f"--resume: {str(path)!r} does not exist, so there is nothing to resume; "
+                          "start without --resume")
+    return path
 
 
 def check_single_process(accelerator) -> None:
@@ -119,8 +170,19 @@ class Run:
     drives the trackers it was built with (the cached embed and tokenizer runs share the joint
     run's accelerator, and with no ``wandb_project`` and the default ``log_with`` they track nothing).
 
+    Resuming (``resume=True``): ``resume_state`` holds ``checkpoints/last.pt`` for the trainer to
+    continue from; the event log is cut back to that checkpoint (records of work after it, which is
+    done again, move to ``events.superseded.jsonl``); the W&B run with the same id continues. A
+    run directory that already holds a checkpoint is refused without ``resume``, so a typo in
+    ``--output-dir`` never overwrites a run.
+
+    Ctrl-C: the first one sets :attr:`stop_requested` (trainers write a checkpoint after the step in
+    progress and stop with :class:`KeyboardInterrupt`); a second one stops at once.
+
     Raises:
         ValueError: ``log_with`` names an unknown or uninstalled tracker (see :func:`check_trackers`).
+        ConfigError: ``resume`` without a checkpoint to resume, or with a config that changed what
+            is trained; a run directory that holds a checkpoint, without ``resume``.
     """
 
     def __init__(self, config: Config, *, stage: str, output_dir: str | Path | None = None,
@@ -128,7 +190,7 @@ class Run:
                  wandb_run_name: str | None = None, log_with: Sequence[str] = ("wandb",),
                  subscribers: list[str] | tuple[str, ...] = (),
                  extra_subscribers: list[Subscriber] | tuple[Subscriber, ...] = (),
-                 console: bool = True, accelerator=None) -> None:
+                 console: bool = True, accelerator=None, resume: bool = False) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -146,6 +208,12 @@ class Run:
                                                 logging_dir=str(self.run_dir / "tensorboard")))
         check_single_process(self.accelerator)
         self.is_main = self.accelerator.is_main_process
+        self.resume_state = self._load_resume_state() if resume else None
+        if not resume and self.last_checkpoint.exists():
+            raise ConfigError(f"run directory {str(self.run_dir)!r} already holds a run ({self.last_checkpoint.name} "
+                              "in checkpoints/); pass --resume to continue it or choose another --output-dir")
+        self.stop_requested = False
+        self._previous_sigint = None
         self.subscribers: list[Subscriber] = []
         if self.is_main:
             self.subscribers.append(EventLog(self.run_dir / "events.jsonl", rank=self.accelerator.process_index))
@@ -156,7 +224,7 @@ class Run:
                 self.subscribers.append(WandbSubscriber(
                     accelerator=self.accelerator, project=wandb_project or stage, stage=stage,
                     run_name=wandb_run_name or config.run.name, config=config.to_dict(),
-                    run_dir=self.run_dir, mode=self.wandb_mode))
+                    run_dir=self.run_dir, mode=self.wandb_mode, resume=resume))
         user = [resolve_subscriber(spec) for spec in subscribers] + list(extra_subscribers)
         self.subscribers += [s for s in user if self.is_main or not s.main_process_only]
         self.status = "completed"
@@ -166,18 +234,88 @@ class Run:
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoint_dir / "last.pt"
+
+    @property
+    def resumed(self) -> bool:
+        return self.resume_state is not None
+
+    def _load_resume_state(self) -> dict[str, Any]:
+        resume_checkpoint(self.run_dir)
+        saved_path = self.run_dir / "config.yaml"
+        if saved_path.exists():
+            saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+            changes = _config_changes(saved, self.config.to_dict())
+            if changes:
+                raise ConfigError(f"--resume: the config differs from the run's {str(saved_path)!r} in "
+                                  f"{', '.join(changes)}; resume with the same config or start a new run")
+        try:
+            state = torch.load(self.last_checkpoint, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ConfigError(f"--resume: {str(self.last_checkpoint)!r} could not be read ({exc})") from None
+        if state.get("stage") != self.stage or "position" not in state:
+            raise ConfigError(f"--resume: {str(self.last_checkpoint)!r} is not a resumable {self.stage} checkpoint")
+        return state
+
+    def _cut_event_log(self) -> None:
+        """Drop the records written after the checkpoint being resumed (their work is done again).
+
+        They are appended to ``events.superseded.jsonl``, not lost; ``run_started`` and
+        ``run_finished`` records stay, so the log still shows every attempt.
+        """
+        path = self.run_dir / "events.jsonl"
+        if not path.exists():
+            return
+        events = read_events(path)
+        cut = next((i for i in range(len(events) - 1, -1, -1)
+                    if events[i].get("signal") == "checkpoint_saved" and events[i].get("is_best") is False
+                    and Path(events[i].get("path", "")).name == self.last_checkpoint.name
+                    and events[i].get("epoch") == self.resume_state["epoch"]), None)
+        if cut is None:
+            log.warning("%s has no checkpoint_saved record of epoch %s; the event log is kept as it is",
+                        path, self.resume_state["epoch"])
+            return
+        kept = events[:cut + 1] + [e for e in events[cut + 1:] if e.get("signal") in ("run_started", "run_finished")]
+        dropped = [e for e in events[cut + 1:] if e.get("signal") not in ("run_started", "run_finished")]
+        if dropped:
+            with open(self.run_dir / "events.superseded.jsonl", "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(e, separators=(",", ":")) + "\n" for e in dropped)
+        atomic_write_text(path, "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in kept))
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.stop_requested:  # the second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        if self.is_main:
+            print("\n[etegrec] Ctrl-C: stopping after this step and writing a checkpoint "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def check_stop(self) -> None:
+        """Between epochs: stop with :class:`KeyboardInterrupt` when Ctrl-C was pressed (the checkpoint is written)."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
+
     def __enter__(self) -> Run:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.resumed:
+                self._cut_event_log()
             atomic_write_text(self.run_dir / "config.yaml",
                               yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         for sub in self.subscribers:
             sub.start()
             sub.connect()
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is KeyboardInterrupt:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             self.status = "interrupted"
         elif exc_type is not None:
             self.status = "failed"
@@ -193,21 +331,25 @@ class Run:
         if self._owns_accelerator:  # trackers are finished already (with their exit codes); this ends the rest
             self.accelerator.end_training()
 
-    def announce_start(self, sender: Any, *, resumed: bool = False, start_epoch: int = 0) -> None:
+    def announce_start(self, sender: Any, *, start_epoch: int = 0) -> None:
         """Emit ``run_started`` for ``sender`` (the trainer) with this run's config and processes."""
         signals.run_started.send(sender, stage=self.stage, config=self.config.to_dict(), run_dir=str(self.run_dir),
                                  rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
-                                 resumed=resumed, start_epoch=start_epoch)
+                                 resumed=self.resumed, start_epoch=start_epoch)
 
     def save_checkpoint(self, sender: Any, state: dict[str, Any], name: str, *, epoch: int,
                         is_best: bool = False) -> Path | None:
-        """Write ``checkpoints/<name>.pt`` atomically on the main rank and emit ``checkpoint_saved``."""
+        """Write ``checkpoints/<name>.pt`` atomically on the main rank and emit ``checkpoint_saved``.
+
+        The state is stored with the stage's name and the random generators' states (``rng``), so
+        ``last.pt`` is all a resumed run needs.
+        """
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return None
         path = self.checkpoint_dir / f"{name}.pt"
         buffer = io.BytesIO()
-        torch.save(state, buffer)
+        torch.save({"stage": self.stage, "rng": rng_state(), **state}, buffer)
         atomic_write_bytes(path, buffer.getvalue())
         signals.checkpoint_saved.send(sender, stage=self.stage, epoch=epoch, path=str(path), is_best=is_best)
         return path

@@ -51,14 +51,19 @@ def load_embeddings(run_dir: Path, data: SequenceData) -> np.ndarray:
 
 
 def ensure_embeddings(config: Config, data: SequenceData, accelerator) -> tuple[np.ndarray, Path]:
-    """The cached embed run's embeddings for this config, training them first when missing."""
+    """The cached embed run's embeddings for this config, training them first when missing.
+
+    A cached run that was stopped before the end (killed, Ctrl-C) is resumed from its checkpoint.
+    """
     folder = stage_dir(config, "embed", ("embed",))
     if not (folder / "embeddings.npy").exists():
         from .embed import EmbedTrainer
         from .run import Run
+        resume = (folder / "checkpoints" / "last.pt").exists()
         if accelerator.is_main_process:
-            print(f"[embed] no cached item embeddings for this config; training SASRec in {folder}")
-        with Run(config, stage="embed", output_dir=folder, accelerator=accelerator) as run:
+            verb = "resuming the stopped SASRec run" if resume else "training SASRec"
+            print(f"[embed] no cached item embeddings for this config; {verb} in {folder}")
+        with Run(config, stage="embed", output_dir=folder, accelerator=accelerator, resume=resume) as run:
             EmbedTrainer(config, run, data).fit()
         accelerator.wait_for_everyone()
     return load_embeddings(folder, data), folder
@@ -67,6 +72,9 @@ def ensure_embeddings(config: Config, data: SequenceData, accelerator) -> tuple[
 def ensure_tokenizer(config: Config, embeddings: np.ndarray, accelerator) -> tuple[dict, Path]:
     """The cached pretrained tokenizer (best-collision checkpoint) for this config, pretraining it when missing.
 
+    The pretraining is complete when its ``metrics.json`` exists; a cached run stopped before that
+    is resumed from its checkpoint.
+
     Raises:
         DataError: a cached checkpoint whose shapes do not fit the tokenizer config.
     """
@@ -74,12 +82,14 @@ def ensure_tokenizer(config: Config, embeddings: np.ndarray, accelerator) -> tup
 
     folder = stage_dir(config, "rqvae", ("embed", "tokenizer", "rqvae"))
     best = folder / "checkpoints" / "best.pt"
-    if not best.exists():
+    if not (folder / "metrics.json").exists():
         from .rqvae import RQVAETrainer
         from .run import Run
+        resume = (folder / "checkpoints" / "last.pt").exists()
         if accelerator.is_main_process:
-            print(f"[rqvae] no cached tokenizer for this config; pretraining the RQ-VAE in {folder}")
-        with Run(config, stage="rqvae", output_dir=folder, accelerator=accelerator) as run:
+            verb = "resuming the stopped pretraining" if resume else "pretraining the RQ-VAE"
+            print(f"[rqvae] no cached tokenizer for this config; {verb} in {folder}")
+        with Run(config, stage="rqvae", output_dir=folder, accelerator=accelerator, resume=resume) as run:
             RQVAETrainer(config, run, embeddings).fit()
         accelerator.wait_for_everyone()
     state = torch.load(best, map_location="cpu", weights_only=False)

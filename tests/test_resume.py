@@ -1,0 +1,142 @@
+"""A killed or interrupted run resumes where it stopped and ends exactly like an uninterrupted one.
+
+Every run here is a real command in a subprocess (``python -m etegrec.training.joint``); a small
+subscriber file kills (SIGKILL) or interrupts (SIGINT) its own process in the middle of an epoch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_structured_inter
+from etegrec.hooks.eventlog import read_events
+
+ARGS = ["--config", "tiny", "--set", "joint.batch_size=16", "--set", "joint.sample_fraction=1.0"]
+
+STOPPER = """
+import os, signal
+
+class Stopper:
+    fired = False
+
+    def on_step_end(self, sender, *, epoch, step, **payload):
+        if epoch == {epoch} and not self.fired:  # the first step_end of that epoch: mid-epoch
+            self.fired = True
+            os.kill(os.getpid(), signal.{signal})
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """Data, a shared stage cache, and the uninterrupted reference run."""
+    root = tmp_path_factory.mktemp("resume")
+    write_structured_inter(root / "data.inter", n_users=60)
+    result = _joint(root, "reference", "--wandb-mode", "disabled")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def _joint(root: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ETEGREC_HOME": str(root / "home")}
+    return subprocess.run([sys.executable, "-m", "etegrec.training.joint", *ARGS, "--data-path",
+                           str(root / "data.inter"), "--output-dir", str(root / name), *extra],
+                          env=env, capture_output=True, text=True, timeout=240)
+
+
+def _stopper(root: Path, sig: str, epoch: int) -> str:
+    path = root / f"stop_{sig}.py"
+    path.write_text(STOPPER.format(signal=sig, epoch=epoch))
+    return f"{path}:Stopper"
+
+
+def _by_epoch(events: list[dict], name: str, **match) -> dict[int, dict]:
+    chosen = [e for e in events if e["signal"] == name and all(e.get(k) == v for k, v in match.items())]
+    epochs = [e["epoch"] for e in chosen]
+    assert len(epochs) == len(set(epochs)), f"{name} logged twice for an epoch: {epochs}"
+    return {e["epoch"]: e for e in chosen}
+
+
+def _assert_same_training(run_dir: Path, reference: Path) -> None:
+    """Every epoch once, with the reference's losses, codebook counts, validation and test metrics."""
+    events, ref = read_events(run_dir / "events.jsonl"), read_events(reference / "events.jsonl")
+    ends, ref_ends = _by_epoch(events, "epoch_end"), _by_epoch(ref, "epoch_end")
+    assert sorted(ends) == sorted(ref_ends) == list(range(5))
+    for epoch, end in ends.items():
+        assert end["phase"] == ref_ends[epoch]["phase"]
+        assert end["losses"] == pytest.approx(ref_ends[epoch]["losses"], abs=1e-6), epoch
+    valid, ref_valid = _by_epoch(events, "evaluated", split="valid"), _by_epoch(ref, "evaluated", split="valid")
+    assert sorted(valid) == sorted(ref_valid)
+    for epoch in valid:
+        assert valid[epoch]["metrics"] == pytest.approx(ref_valid[epoch]["metrics"], abs=1e-6)
+    usage = [(e["epoch"], e["layer"], e["counts"]) for e in events if e["signal"] == "codebook_usage"]
+    assert usage == [(e["epoch"], e["layer"], e["counts"]) for e in ref if e["signal"] == "codebook_usage"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    ref_metrics = json.loads((reference / "metrics.json").read_text())
+    assert metrics["test"] == pytest.approx(ref_metrics["test"], abs=1e-6)
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    ref_last = torch.load(reference / "checkpoints" / "last.pt", weights_only=False)
+    for name, tensor in ref_last["recommender"].items():
+        assert torch.allclose(last["recommender"][name], tensor, atol=1e-6), name
+    assert torch.equal(last["codes"], ref_last["codes"])
+
+
+def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(workspace):
+    killed = _joint(workspace, "killed", "--wandb-mode", "disabled", "--subscriber",
+                    _stopper(workspace, "SIGKILL", epoch=3))
+    assert killed.returncode == -signal.SIGKILL
+    run_dir = workspace / "killed"
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["position"]["epoch"] == 3
+    assert 3 in {e["epoch"] for e in read_events(run_dir / "events.jsonl") if e["signal"] == "step_end"}
+
+    resumed = _joint(workspace, "killed", "--wandb-mode", "disabled", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_training(run_dir, workspace / "reference")
+    starts = [e for e in read_events(run_dir / "events.jsonl") if e["signal"] == "run_started"]
+    assert [(s["resumed"], s["start_epoch"]) for s in starts] == [(False, 0), (True, 3)]
+    # the records of the epoch the kill cut short were kept aside, not lost
+    superseded = read_events(run_dir / "events.superseded.jsonl")
+    assert {e["epoch"] for e in superseded if e["signal"] == "step_end"} == {3}
+
+
+def test_ctrl_c_writes_a_checkpoint_exits_130_and_resumes_mid_epoch(workspace):
+    stopped = _joint(workspace, "stopped", "--wandb-mode", "offline", "--subscriber",
+                     _stopper(workspace, "SIGINT", epoch=2))
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    run_dir = workspace / "stopped"
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert state["epoch"] == 2 and state["progress"]["step"] > 0  # in the middle of epoch 2 (a tokenizer epoch)
+    events = read_events(run_dir / "events.jsonl")
+    assert events[-1]["signal"] == "run_finished" and events[-1]["status"] == "interrupted"
+    assert events[-2]["signal"] == "checkpoint_saved" and events[-2]["epoch"] == 2
+    assert 2 not in {e["epoch"] for e in events if e["signal"] == "epoch_end"}
+
+    resumed = _joint(workspace, "stopped", "--wandb-mode", "offline", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_training(run_dir, workspace / "reference")
+    statuses = [e["status"] for e in read_events(run_dir / "events.jsonl") if e["signal"] == "run_finished"]
+    assert statuses == ["interrupted", "completed"]
+    # one W&B run, continued: both offline run folders carry the id kept in the run directory
+    run_id = (run_dir / "wandb" / "run-id").read_text().strip()
+    folders = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(f.endswith(f"-{run_id}") for f in folders)
+
+
+def test_a_fresh_run_into_a_run_directory_is_refused(workspace):
+    again = _joint(workspace, "reference", "--wandb-mode", "disabled")
+    assert again.returncode == 2
+    assert "already holds a run" in again.stderr and "--resume" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+def test_resume_with_a_changed_config_is_refused(workspace):
+    changed = _joint(workspace, "reference", "--wandb-mode", "disabled", "--resume", "--set", "joint.lr_rec=0.1")
+    assert changed.returncode == 2
+    assert "joint.lr_rec" in changed.stderr and "Traceback" not in changed.stderr
