@@ -95,16 +95,19 @@ def _import(module_spec: str, spec: str):
                               "is it on PYTHONPATH?") from None
 
 
-def resolve_subscriber(spec: str) -> Subscriber:
-    """Turn ``MODULE:NAME`` (or ``path/to/file.py:NAME``) into a connected-ready subscriber.
+def resolve_subscriber(spec: Any) -> Subscriber:
+    """Turn ``MODULE:NAME`` (or ``path/to/file.py:NAME``), or an object, into a connected-ready subscriber.
 
     ``NAME`` may be a class or zero-argument factory (called once), an object with
     ``on_<signal>`` methods, or a plain function ``fn(sender, *, signal, **payload)`` that
-    receives every signal. The result is held strongly by the run.
+    receives every signal. From Python, such an object (or a :class:`Subscriber`) can be passed
+    instead of a string. The result is held strongly by the run.
 
     Raises:
         SubscriberError: malformed spec, missing module or attribute, or nothing callable.
     """
+    if not isinstance(spec, str):
+        return _as_subscriber(spec, repr(spec), type(spec).__name__)
     module_spec, sep, attr = spec.rpartition(":")
     if not sep or not module_spec or not attr:
         raise SubscriberError(f"--subscriber {spec!r} is not of the form MODULE:CALLABLE "
@@ -116,7 +119,14 @@ def resolve_subscriber(spec: str) -> Subscriber:
             raise SubscriberError(f"--subscriber {spec!r}: module {module_spec!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if inspect.isclass(obj) or (callable(obj) and not _has_handlers(obj) and _takes_no_arguments(obj)):
-        obj = obj()  # a class or factory
+        try:
+            obj = obj()  # a class or factory
+        except Exception as exc:
+            raise SubscriberError(f"--subscriber {spec!r}: calling {attr!r} raised {type(exc).__name__}: {exc}") from None
+    return _as_subscriber(obj, spec, attr)
+
+
+def _as_subscriber(obj: Any, spec: str, attr: str) -> Subscriber:
     if isinstance(obj, Subscriber):
         return obj
     if _has_handlers(obj):

@@ -246,7 +246,7 @@ class WandbSubscriber(Subscriber):
     def __init__(self, *, accelerator: Any, project: str, run_name: str, config: Mapping[str, Any],
                  run_dir: str | os.PathLike, stage: str, mode: str | None = None,
                  key_map: KeyMap | None = None, finish_timeout: float = 60.0, resume: bool = False,
-                 init_timeout: float = 25.0) -> None:
+                 init_timeout: float = 15.0) -> None:
         super().__init__()
         if not accelerator.log_with:
             raise ValueError(
@@ -266,6 +266,7 @@ class WandbSubscriber(Subscriber):
         self.finish_timeout = finish_timeout
         self.resume = resume
         self.init_timeout = init_timeout
+        self.run_id: str | None = None  # the W&B run id, once started
         self.run = None  # the wandb Run, on the main process once started, when wandb is a tracker
         self.trackers: list = []  # the Accelerate trackers this subscriber started; finish() ends them
         self._started = False
@@ -327,7 +328,8 @@ class WandbSubscriber(Subscriber):
             run_id = None
             if self.resume and self.run_id_file.exists():
                 run_id = self.run_id_file.read_text(encoding="utf-8").strip() or None
-            run_id = run_id or uuid.uuid4().hex[:12]
+            # a fresh id when not resuming, also for the offline retry: W&B holds the failed online id as in use
+            self.run_id = run_id = run_id or uuid.uuid4().hex[:12]
             init_kwargs["wandb"] = {
                 "name": self.run_name,
                 "dir": str(self.run_dir),  # W&B appends "wandb/" itself

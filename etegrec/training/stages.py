@@ -93,4 +93,22 @@ def ensure_tokenizer(config: Config, embeddings: np.ndarray, accelerator) -> tup
             RQVAETrainer(config, run, embeddings).fit()
         accelerator.wait_for_everyone()
     state = torch.load(best, map_location="cpu", weights_only=False)
+    check_tokenizer_state(state["model"], config, embeddings.shape[1], best)
     return state["model"], folder
+
+
+def check_tokenizer_state(state: dict, config: Config, in_dim: int, path: Path) -> None:
+    """Check a tokenizer checkpoint's tensors against the tokenizer the config builds.
+
+    Raises:
+        DataError: a tensor missing or of another shape, named with both shapes.
+    """
+    from .rqvae import build_tokenizer
+
+    for name, tensor in build_tokenizer(config, in_dim).state_dict().items():
+        found = state.get(name)
+        if found is None or tuple(found.shape) != tuple(tensor.shape):
+            shape = "missing" if found is None else f"of shape {list(found.shape)}"
+            raise DataError(f"tokenizer checkpoint {str(path)!r} does not fit the tokenizer config: {name} is "
+                            f"{shape}, the config needs {list(tensor.shape)}; delete {str(path.parent.parent)!r} "
+                            "to pretrain again, or use the config it was made with")

@@ -1,0 +1,241 @@
+"""Bad input gets one clear sentence; a NaN stops the run and keeps the last good checkpoint; a
+broken subscriber never stops training; W&B trouble falls back to offline."""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_structured_inter
+from etegrec import signals
+from etegrec.config import load_config
+from etegrec.hooks import read_events
+from etegrec.training import joint
+from etegrec.training.stages import load_stage_data, stage_dir
+
+BASE = ["--config", "tiny", "--wandb-mode", "disabled"]
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    return write_structured_inter(tmp_path / "data.inter", n_users=60)
+
+
+def _config(data_file: Path):
+    return load_config("tiny", [f"data.data_path={data_file}"])
+
+
+# --- a table of bad inputs: each gives exit status 2 and one line naming what is wrong ----------
+
+def _malformed(tmp_path, data_file):
+    bad = tmp_path / "bad.inter"
+    bad.write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\nu1\ti1\t4\t100\nu1\ti2\t5\n")
+    return ["--data-path", str(bad)]
+
+
+def _bad_yaml(tmp_path, data_file):
+    path = tmp_path / "bad.yaml"
+    path.write_text("joint: [epochs: 3\n")
+    return ["--config", str(path)]
+
+
+def _short_embeddings(tmp_path, data_file):
+    config = _config(data_file)
+    folder = stage_dir(config, "embed", ("embed",))
+    folder.mkdir(parents=True)
+    np.save(folder / "embeddings.npy", np.zeros((7, config.embed.hidden), dtype=np.float32))
+    return ["--data-path", str(data_file)]
+
+
+def _misfit_tokenizer(tmp_path, data_file):
+    from etegrec.training.rqvae import build_tokenizer
+
+    config = _config(data_file)
+    n_items = load_stage_data(config).n_items
+    embed = stage_dir(config, "embed", ("embed",))
+    embed.mkdir(parents=True)
+    np.save(embed / "embeddings.npy", np.zeros((n_items + 1, config.embed.hidden), dtype=np.float32))
+    folder = stage_dir(config, "rqvae", ("embed", "tokenizer", "rqvae"))
+    (folder / "checkpoints").mkdir(parents=True)
+    other = load_config("tiny", ["tokenizer.codebook_size=8"])
+    torch.save({"model": build_tokenizer(other, config.embed.hidden).state_dict()}, folder / "checkpoints" / "best.pt")
+    (folder / "metrics.json").write_text("{}")
+    return ["--data-path", str(data_file)]
+
+
+def _torn_checkpoint(tmp_path, data_file):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    return ["--data-path", str(data_file), "--output-dir", str(run_dir), "--resume"]
+
+
+def _held_run_dir(tmp_path, data_file):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"stage": "joint"}, run_dir / "checkpoints" / "last.pt")
+    return ["--data-path", str(data_file), "--output-dir", str(run_dir)]
+
+
+def _raising_factory(tmp_path, data_file):
+    path = tmp_path / "factory.py"
+    path.write_text("def make():\n    raise RuntimeError('no database')\n")
+    return ["--data-path", str(data_file), "--subscriber", f"{path}:make"]
+
+
+def _args(*args):
+    return lambda tmp_path, data_file: [a.format(data=data_file, tmp=tmp_path) for a in args]
+
+
+BAD_INPUTS = [
+    # data
+    ("missing data file", _args("--data-path", "{tmp}/nowhere.inter"), r"nowhere\.inter.*(does not exist|not found)"),
+    ("malformed line", _malformed, r"bad\.inter: line 3: expected 4 tab-separated fields"),
+    ("unknown dataset", _args("--dataset", "ml-1b"), r"ml-1b"),
+    # config
+    ("unknown key", _args("--set", "joint.lr_recc=0.1"), r"joint\.lr_recc.*joint\.lr_rec"),
+    ("wrong type", _args("--set", "joint.epochs=many"), r"joint\.epochs.*many"),
+    ("non-positive size", _args("--set", "recommender.d_model=0"), r"recommender\.d_model.*must be positive"),
+    ("unknown config", _args("--config", "nosuch"), r"nosuch"),
+    ("invalid YAML", _bad_yaml, r"bad\.yaml.*not valid YAML"),
+    ("top_k above beam", _args("--set", "joint.top_k=50"), r"joint\.top_k.*beam_size"),
+    # artefacts
+    ("embedding rows", _short_embeddings, r"embeddings\.npy.*shape \(7, 32\).*items"),
+    ("tokenizer shape", _misfit_tokenizer, r"tokenizer checkpoint .*does not fit the tokenizer config.*\[8, 16\].*\[16, 16\]"),
+    ("resume without checkpoint", _args("--output-dir", "{tmp}/empty", "--resume"), r"nothing to resume"),
+    ("unreadable checkpoint", _torn_checkpoint, r"last\.pt.*could not be read"),
+    ("run directory taken", _held_run_dir, r"already holds a run.*--resume"),
+    # subscribers
+    ("subscriber module", _args("--subscriber", "no_such_module:thing"), r"no_such_module"),
+    ("subscriber attribute", _args("--subscriber", "json:no_such_thing"), r"no_such_thing"),
+    ("subscriber factory raises", _raising_factory, r"make.*no database"),
+]
+
+
+@pytest.mark.parametrize("name,make_args,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(name, make_args, message, tmp_path, data_file, capsys):
+    argv = BASE + make_args(tmp_path, data_file)
+    assert joint.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert re.search(message, errors[0]), errors[0]
+
+
+def test_the_table_covers_every_kind_of_bad_input():
+    assert len(BAD_INPUTS) >= 12
+
+
+def test_bad_input_on_the_real_command_line_has_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "etegrec.training.joint", *BASE, "--set", "joint.lr_recc=1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+
+
+# --- a NaN stops the run with where it happened; the last good checkpoint stays ------------------
+
+def test_a_nan_loss_names_stage_epoch_step_and_parts_and_keeps_the_last_checkpoint(
+        tmp_path, data_file, monkeypatch, capsys):
+    original = joint.JointTrainer.losses
+    calls = {"n": 0}
+
+    def poisoned(self, index, *, phase, weights):
+        parts = original(self, index, phase=phase, weights=weights)
+        if phase == "rec" and self.run.checkpoint_dir.joinpath("last.pt").exists():
+            calls["n"] += 1
+            if calls["n"] == 4:  # the 4th step of epoch 1 (steps count from 0)
+                parts["code_loss"] = parts["code_loss"] * float("nan")
+                parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(joint.JointTrainer, "losses", poisoned)
+    run_dir = tmp_path / "run"
+    argv = BASE + ["--data-path", str(data_file), "--set", "joint.batch_size=16", "--set",
+                   "joint.sample_fraction=1.0", "--output-dir", str(run_dir)]
+    assert joint.main(argv) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"error: joint rec epoch 1 step 3: non-finite loss \(code_loss=nan, .*loss=nan", err), err
+    assert "Traceback" not in err
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["recommender"].values())
+    events = read_events(run_dir / "events.jsonl")
+    assert events[-1]["signal"] == "run_finished" and events[-1]["status"] == "failed"
+    assert [e["epoch"] for e in events if e["signal"] == "epoch_end"] == [0]
+
+
+# --- a subscriber that raises on every event ------------------------------------------------------
+
+class Raiser:
+    def __init__(self):
+        for sig in signals.ALL_SIGNALS:
+            setattr(self, f"on_{sig.name}", self._boom)
+
+    def _boom(self, sender, **payload):
+        raise RuntimeError("subscriber bug")
+
+
+def test_a_subscriber_raising_on_every_event_never_stops_training(tmp_path, data_file, monkeypatch, caplog):
+    from etegrec.hooks import FunctionSubscriber
+
+    monkeypatch.setenv(signals.STRICT_ENV, "0")
+    seen = []
+    recorder = FunctionSubscriber(lambda sender, *, signal, **payload: seen.append(signal))
+    config = _config(data_file)
+    run_dir = tmp_path / "run"
+    with caplog.at_level(logging.ERROR):
+        result = joint.run_joint(config, output_dir=run_dir, wandb_mode="disabled",
+                                 subscribers=[Raiser(), recorder])
+    assert set(result) == {"valid", "test"}
+    reports = [re.search(r"subscriber .*Raiser\._boom raised on signal '(\w+)'", r.getMessage())
+               for r in caplog.records]
+    per_signal = {}
+    for match in filter(None, reports):
+        per_signal[match[1]] = per_signal.get(match[1], 0) + 1
+    joint_events = [e["signal"] for e in read_events(run_dir / "events.jsonl")]
+    assert per_signal == {name: 1 for name in joint_events}  # every signal it saw, reported once
+    assert seen[-len(joint_events):] == joint_events  # the recorder saw every event of the joint run
+
+
+# --- W&B trouble falls back to offline ------------------------------------------------------------
+
+def test_online_without_an_api_key_logs_offline_with_one_warning(tmp_path, data_file, wandb_env, caplog):
+    config = load_config("tiny", [f"data.data_path={data_file}", "joint.epochs=2", "joint.finetune_epochs=0"])
+    with caplog.at_level(logging.WARNING):
+        joint.run_joint(config, output_dir=tmp_path / "run", wandb_mode="online")
+    warnings = [r for r in caplog.records if "no API key" in r.getMessage()]
+    assert len(warnings) == 1
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_online_without_a_reachable_server_falls_back_to_offline(tmp_path, wandb_env, monkeypatch, caplog):
+    import time
+
+    from accelerate import Accelerator
+
+    from etegrec.hooks.wandb import WandbSubscriber
+
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    subscriber = WandbSubscriber(accelerator=Accelerator(cpu=True, log_with="wandb"), project="p", run_name="r",
+                                 config={"a": 1}, run_dir=tmp_path, stage="joint", mode="online", init_timeout=5)
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING):
+        subscriber.start()
+    seconds = time.perf_counter() - start
+    try:
+        assert subscriber.mode == "offline" and subscriber.run is not None
+        assert [r for r in caplog.records if "could not start online" in r.getMessage()]
+        assert seconds < 30  # W&B gives up after its init_timeout plus its own retries
+        run_id = (tmp_path / "wandb" / "run-id").read_text().strip()
+        assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    finally:
+        subscriber.finish()
