@@ -140,3 +140,50 @@ def test_resume_with_a_changed_config_is_refused(workspace):
     changed = _joint(workspace, "reference", "--wandb-mode", "disabled", "--resume", "--set", "joint.lr_rec=0.1")
     assert changed.returncode == 2
     assert "joint.lr_rec" in changed.stderr and "Traceback" not in changed.stderr
+
+
+# --- the embed and tokenizer stages resume the same way (in this process) ------------------------
+
+class _CtrlC:
+    """Sends this process one SIGINT at the first step_end (or epoch_end) of ``epoch``."""
+
+    def __init__(self, epoch: int, on: str):
+        self.epoch, self.fired = epoch, False
+        setattr(self, f"on_{on}", self._maybe)
+
+    def _maybe(self, sender, *, epoch, **payload):
+        if epoch == self.epoch and not self.fired:
+            self.fired = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("stage", ["embed", "rqvae"])
+def test_embed_and_tokenizer_stages_resume_after_ctrl_c_like_an_uninterrupted_run(stage, tmp_path):
+    from etegrec.config import load_config
+    from etegrec.training.embed import run_embed
+    from etegrec.training.rqvae import run_rqvae
+    from etegrec.training.stages import ensure_embeddings, load_stage_data
+
+    inter = write_structured_inter(tmp_path / "data.inter", n_users=60)
+    config = load_config("tiny", [f"data.data_path={inter}", "embed.batch_size=8", "embed.epochs=3",
+                                  "embed.patience=5", "rqvae.epochs=8", "rqvae.eval_step=2", "rqvae.patience=5",
+                                  "tokenizer.dropout=0.1", "rqvae.restart_dead_every=3"])  # randomness after the stop
+    if stage == "embed":
+        run, on, stop_epoch = run_embed, "step_end", 1  # mid-epoch
+    else:
+        run, on, stop_epoch = run_rqvae, "epoch_end", 2  # the epoch is finished first (they take milliseconds)
+        from accelerate import Accelerator
+        ensure_embeddings(config, load_stage_data(config), Accelerator(cpu=True))  # built once, shared
+    run(config, output_dir=tmp_path / "reference", wandb_mode="disabled")
+    with pytest.raises(KeyboardInterrupt):
+        run(config, output_dir=tmp_path / "stopped", wandb_mode="disabled", subscribers=[_CtrlC(stop_epoch, on)])
+    events = read_events(tmp_path / "stopped" / "events.jsonl")
+    assert events[-1]["signal"] == "run_finished" and events[-1]["status"] == "interrupted"
+    run(config, output_dir=tmp_path / "stopped", wandb_mode="disabled", resume=True)
+
+    ends, ref_ends = (_by_epoch(read_events(tmp_path / d / "events.jsonl"), "epoch_end") for d in ("stopped", "reference"))
+    assert sorted(ends) == sorted(ref_ends)
+    for epoch in ends:
+        assert ends[epoch]["losses"] == pytest.approx(ref_ends[epoch]["losses"], abs=1e-6)
+    metrics, ref = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("stopped", "reference"))
+    assert metrics["valid"] == pytest.approx(ref["valid"], abs=1e-6)
