@@ -152,18 +152,17 @@ def test_embed_stage_writes_embeddings_and_test_metrics(rqvae_run):
     assert saved["test"] == pytest.approx(embed[-2].payload["metrics"])
 
 
-def test_a_multi_process_launch_stops_with_a_clear_error(monkeypatch):
+def test_a_launch_whose_processes_stayed_alone_stops_with_a_clear_error(monkeypatch):
     from types import SimpleNamespace
 
     from etegrec.config import ConfigError
-    from etegrec.training.run import check_single_process
+    from etegrec.training.run import check_world
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    check_single_process(SimpleNamespace(num_processes=1))  # plain python: fine
-    with pytest.raises(ConfigError, match=r"asked for 2 processes \(the accelerator got 2\).*one process for now"):
-        check_single_process(SimpleNamespace(num_processes=2))
-    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's processes that each ended up alone
-    with pytest.raises(ConfigError, match=r"asked for 2 processes \(the accelerator got 1\)"):
-        check_single_process(SimpleNamespace(num_processes=1))
+    check_world(SimpleNamespace(num_processes=1))  # plain python: fine
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_world(SimpleNamespace(num_processes=2))  # a real world of two: fine
+    with pytest.raises(ConfigError, match=r"asked for 2 processes but the accelerator got a world of 1"):
+        check_world(SimpleNamespace(num_processes=1))  # torchrun's processes that each ended up alone
 
 
 def test_resume_without_a_checkpoint_is_refused_before_reading_data(capsys, tmp_path):

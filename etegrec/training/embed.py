@@ -66,10 +66,11 @@ class EmbedTrainer:
     def __init__(self, config: Config, run: Run, data: SequenceData) -> None:
         self.config, self.run, self.data = config, run, data
         cfg = config.embed
+        # not DDP-wrapped: train_epoch averages the gradients over processes itself
         self.model = SASRec(n_items=data.n_items, hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                            dropout=cfg.dropout, max_len=data.max_his_len, tied_output=cfg.tied_output)
+                            dropout=cfg.dropout, max_len=data.max_his_len,
+                            tied_output=cfg.tied_output).to(run.accelerator.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.model, self.optimizer = run.accelerator.prepare(self.model, self.optimizer)
         self.windows = self._windows(epoch=0)
 
     def _windows(self, epoch: int) -> torch.Tensor:
@@ -82,7 +83,7 @@ class EmbedTrainer:
 
     @property
     def sasrec(self) -> SASRec:
-        return self.run.accelerator.unwrap_model(self.model)
+        return self.model
 
     def _loss(self, index: np.ndarray) -> dict[str, torch.Tensor]:
         device = self.run.accelerator.device
@@ -127,7 +128,7 @@ class EmbedTrainer:
                 result = train_epoch(sender=self, stage=self.stage, phase="embed", epoch=epoch, batches=batches,
                                      loss_fn=self._loss, optimizers=[self.optimizer], accelerator=acc,
                                      log_every=self.config.run.log_every, progress=progress,
-                                     should_stop=lambda: run.stop_requested)
+                                     should_stop=run.step_stop())
             except TrainingInterrupted as stop:
                 run.save_checkpoint(self, self._state(epoch, where(epoch), stop.progress), "last", epoch=epoch)
                 raise

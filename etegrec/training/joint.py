@@ -37,7 +37,7 @@ from .rqvae import build_tokenizer, tokenizer_inputs
 from .run import Run, prepare_process, set_rng_state
 from .stages import ensure_embeddings, ensure_tokenizer, load_stage_data
 
-__all__ = ["JointTrainer", "info_nce", "main", "phase_of", "run_joint", "symmetric_kl"]
+__all__ = ["JointTrainer", "check_same_on_every_rank", "info_nce", "main", "phase_of", "run_joint", "symmetric_kl"]
 
 LOSS_PARTS = {"id": ("vq_loss", "code_loss", "kl_loss", "dec_cl_loss"),
               "rec": ("code_loss", "kl_loss", "dec_cl_loss"),
@@ -63,6 +63,25 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     logits = a @ b.T / temperature  # (batch, batch)
     labels = torch.arange(len(a), device=a.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def check_same_on_every_rank(tensor: torch.Tensor, accelerator, *, what: str) -> None:
+    """Verify that every process holds the same ``tensor`` (one small gather of a digest).
+
+    Raises:
+        RuntimeError: the ranks disagree, naming which ranks hold which digest.
+    """
+    if accelerator.num_processes == 1:
+        return
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    digest = hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    digests = gather_object([digest])
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"{what} differ between processes (digest by rank: {digests}); every rank must "
+                           "compute the same codes: check that all ranks got the same seed and data")
 
 
 class JointTrainer:
@@ -133,6 +152,7 @@ class JointTrainer:
             result = get_code(self.tokenizer, self.item_emb, epoch=epoch, use_forge=cfg.use_forge,
                               policy=cfg.forge_policy, previous=self.codes, sender=self)
         self.codes = result.codes.to(self.run.accelerator.device)
+        check_same_on_every_rank(self.codes, self.run.accelerator, what=f"item codes for epoch {epoch}")
         self.trie = CodeTrie(self.codes[1:], code_num=self.recommender.code_num).to(self.run.accelerator.device)
 
     def losses(self, index: np.ndarray, *, phase: str, weights: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -259,7 +279,7 @@ class JointTrainer:
             loss_fn=partial(self.losses, phase=phase, weights=weights), optimizers=[opt], schedulers=[sched],
             accelerator=acc, parameters=list(model.parameters()), max_grad_norm=cfg.max_grad_norm,
             log_every=self.config.run.log_every, global_step=epoch * self.steps_per_epoch,
-            lr_fn=self.learning_rates, progress=progress, should_stop=lambda: self.run.stop_requested)
+            lr_fn=self.learning_rates, progress=progress, should_stop=self.run.step_stop())
         self.hooks.epoch_end(epoch)
         signals.epoch_end.send(self, stage=self.stage, phase=phase, epoch=epoch, losses=result.losses,
                                lr=self.learning_rates(), seconds=result.seconds,

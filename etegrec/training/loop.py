@@ -16,7 +16,7 @@ from tqdm import tqdm
 from etegrec import signals
 
 __all__ = ["EpochProgress", "EpochResult", "NonFiniteLossError", "TrainingInterrupted", "shuffled_batches",
-           "train_epoch"]
+           "average_gradients", "train_epoch"]
 
 CHECK_EVERY = 20  # steps between host checks for a non-finite loss (found on the device every step)
 
@@ -105,11 +105,14 @@ def train_epoch(*, sender, stage: str, phase: str, epoch: int, batches: list, lo
     if show_progress and accelerator.is_main_process:
         iterator = tqdm(iterator, desc=f"{stage} {phase} epoch {epoch}", leave=False, dynamic_ncols=True,
                         initial=done, total=len(batches))
+    trained = [p for opt in optimizers for group in opt.param_groups for p in group["params"] if p.requires_grad]
     for step, batch in enumerate(iterator, start=done):
         parts = loss_fn(batch)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         accelerator.backward(parts["loss"])
+        if accelerator.num_processes > 1:
+            average_gradients(trained, accelerator.num_processes)
         if max_grad_norm and parameters:
             accelerator.clip_grad_norm_(parameters, max_grad_norm)
         for opt in optimizers:
@@ -142,6 +145,28 @@ def train_epoch(*, sender, stage: str, phase: str, epoch: int, batches: list, lo
     seconds = before + time.perf_counter() - start
     return EpochResult(losses=losses, seconds=seconds, samples_per_second=total / max(seconds, 1e-9),
                        steps=len(batches))
+
+
+def average_gradients(parameters: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average the gradients of ``parameters`` over processes: one flat ``all_reduce`` per step.
+
+    What DistributedDataParallel does, without wrapping the model: the joint stage freezes and
+    unfreezes its two models every cycle, which a DDP wrapper does not allow. Parameters without
+    a gradient are left alone (as on one process); every rank runs the same code, so every rank
+    has gradients for the same parameters.
+    """
+    import torch.distributed as dist
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def _check_finite(first_bad: torch.Tensor, parts: torch.Tensor | None, names: list[str], *, stage: str,

@@ -84,13 +84,13 @@ class RQVAETrainer:
         self.model = build_tokenizer(config, self.items.shape[1]).to(device)
         if config.tokenizer.kmeans_init:
             self.model.kmeans_init_from(self.items)  # same seed on every rank: same codebooks
+        # not DDP-wrapped: train_epoch averages the gradients over processes itself
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.rqvae.lr,
                                            weight_decay=config.rqvae.weight_decay)
-        self.model, self.optimizer = run.accelerator.prepare(self.model, self.optimizer)
 
     @property
     def tokenizer(self) -> RQVAE:
-        return self.run.accelerator.unwrap_model(self.model)
+        return self.model
 
     def _loss(self, index: np.ndarray) -> dict[str, torch.Tensor]:
         out = self.model(self.items[torch.as_tensor(index, device=self.items.device)])
@@ -137,9 +137,9 @@ class RQVAETrainer:
                                        lr={"lr": self.optimizer.param_groups[0]["lr"]}, seconds=result.seconds,
                                        samples_per_second=result.samples_per_second)
                 if (epoch + 1) % cfg.eval_step and epoch + 1 != cfg.epochs:
-                    if run.stop_requested:
+                    if run.should_stop():  # agreed over processes
                         save_last(epoch)
-                    run.check_stop()
+                        raise KeyboardInterrupt
                     continue
                 with hooks.pause():  # evaluation forwards are not training usage
                     codes = tokenize_all(self.tokenizer, self.items)

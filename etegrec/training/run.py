@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,11 @@ from etegrec.hooks import ConsoleSubscriber, EventLog, Subscriber, resolve_subsc
 from etegrec.hooks.eventlog import read_events
 from etegrec.hooks.wandb import resolve_mode
 
-__all__ = ["Run", "atomic_write_bytes", "atomic_write_text", "check_single_process", "check_trackers",
+__all__ = ["Run", "atomic_write_bytes", "atomic_write_text", "check_world", "check_trackers",
            "default_run_dir", "prepare_process", "resume_checkpoint", "rng_state", "set_rng_state"]
+
+# where launchers put the number of processes they started (torchrun; Open MPI, Intel MPI/MPICH, MVAPICH)
+WORLD_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 # config sections a resumed run may change: how it runs, not what it trains
 RESUMABLE_CHANGES = ("run.name", "run.num_threads", "run.log_every")
@@ -111,22 +114,22 @@ def resume_checkpoint(run_dir: str | Path) -> Path:
     return path
 
 
-def check_single_process(accelerator) -> None:
-    """Stop a launch with several processes instead of training wrongly.
+def check_world(accelerator) -> None:
+    """Stop a launch whose processes did not form one world, instead of training the same thing twice.
 
-    The stages do not synchronise gradients across processes yet, so each process would train a
-    model of its own on its shard; and a launcher that asked for several processes but left each
-    with a world of one would train the same thing twice.
+    A launcher sets ``WORLD_SIZE`` (``torchrun``, ``accelerate launch --multi_gpu``) or its MPI twin
+    (``mpirun``, behind ``accelerate launch`` with a MULTI_CPU config); an accelerator that then
+    sees a world of one means every process would train alone (e.g. ``Accelerator()`` without
+    ``cpu=True`` on a machine without a GPU).
 
     Raises:
-        ConfigError: for a world size above one, or a launcher's WORLD_SIZE the accelerator did not get.
+        ConfigError: ``WORLD_SIZE`` above one but a world of one process.
     """
-    asked = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if accelerator.num_processes > 1 or asked > 1:
+    asked = max(int(os.environ.get(var) or 1) for var in WORLD_SIZE_VARS)
+    if asked > 1 and accelerator.num_processes == 1:
         raise ConfigError(
-            f"this launch asked for {max(asked, accelerator.num_processes)} processes (the accelerator got "
-            f"{accelerator.num_processes}), but etegrec trains on one process for now; run the stage with "
-            "plain python (multi-process training is not supported yet)")
+            f"this launch asked for {asked} processes but the accelerator got a world of 1, so every process "
+            "would train alone; launch with torchrun or accelerate launch with a MULTI_CPU/MULTI_GPU config")
 
 
 def default_run_dir(stage: str, config: Config) -> Path:
@@ -202,11 +205,15 @@ class Run:
                          if name != "wandb" or self.wandb_mode != "disabled"]
         self._owns_accelerator = accelerator is None
         # cpu=True without a GPU: otherwise torchrun's CPU processes each see a world of one
-        self.accelerator = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(), log_with=self.log_with or None,
-            project_config=ProjectConfiguration(project_dir=str(self.run_dir),
-                                                logging_dir=str(self.run_dir / "tensorboard")))
-        check_single_process(self.accelerator)
+        try:
+            self.accelerator = accelerator or Accelerator(
+                cpu=not torch.cuda.is_available(), log_with=self.log_with or None,
+                project_config=ProjectConfiguration(project_dir=str(self.run_dir),
+                                                    logging_dir=str(self.run_dir / "tensorboard")))
+        except ValueError as exc:  # a half-set launch environment (WORLD_SIZE without MASTER_ADDR, ...)
+            raise ConfigError(f"the processes of this launch could not be set up: {exc}; start it with torchrun "
+                              "or accelerate launch, or with plain python for one process") from None
+        check_world(self.accelerator)
         self.is_main = self.accelerator.is_main_process
         self.resume_state = self._load_resume_state() if resume else None
         if not resume and self.last_checkpoint.exists():
@@ -292,9 +299,25 @@ class Run:
             print("\n[etegrec] Ctrl-C: stopping after this step and writing a checkpoint "
                   "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
+    def step_stop(self) -> Callable[[], bool] | None:
+        """What ``train_epoch`` asks after every step: Ctrl-C stops mid-epoch on one process only.
+
+        With several processes the ranks must stop at the same step, which would cost a collective
+        per step; they stop together at the end of the epoch instead (:meth:`should_stop`).
+        """
+        return (lambda: self.stop_requested) if self.accelerator.num_processes == 1 else None
+
+    def should_stop(self) -> bool:
+        """Whether Ctrl-C was pressed on any process; a collective: call it on every rank at the same point."""
+        stop = self.stop_requested
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(stop)], device=self.accelerator.device)
+            stop = bool(self.accelerator.reduce(flag, reduction="sum").item())
+        return stop
+
     def check_stop(self) -> None:
         """Between epochs: stop with :class:`KeyboardInterrupt` when Ctrl-C was pressed (the checkpoint is written)."""
-        if self.stop_requested:
+        if self.should_stop():
             raise KeyboardInterrupt
 
     def __enter__(self) -> Run:

@@ -1,0 +1,155 @@
+"""Two CPU processes (torchrun, gloo): one W&B run, one event log, the same values and codes on
+every rank, and the metrics of a one-process evaluation of the same checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_structured_inter
+from etegrec.hooks.eventlog import read_events
+
+RECORDER = """
+import hashlib, json, os
+
+class Recorder:
+    # every rank writes what it saw into its own file
+    def __init__(self):
+        self.path = os.path.join(os.environ["RANK_RECORDS"], f"rank{os.environ.get('RANK', '0')}.jsonl")
+
+    def _write(self, **record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\\n")
+
+    def on_epoch_end(self, sender, *, stage, phase, epoch, losses, **payload):
+        self._write(signal="epoch_end", stage=stage, phase=phase, epoch=epoch, losses=losses)
+
+    def on_evaluated(self, sender, *, stage, split, epoch, metrics, **payload):
+        self._write(signal="evaluated", stage=stage, split=split, epoch=epoch, metrics=metrics)
+
+    def on_codebook_usage(self, sender, *, stage, epoch, layer, counts, **payload):
+        self._write(signal="codebook_usage", stage=stage, epoch=epoch, layer=layer, counts=counts.tolist())
+
+    def on_codes_assigned(self, sender, *, epoch, codes, **payload):
+        digest = hashlib.sha256(bytes(memoryview(codes.tobytes()))).hexdigest()
+        self._write(signal="codes_assigned", epoch=epoch, codes=digest)
+"""
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    write_structured_inter(root / "data.inter", n_users=60)
+    (root / "recorder.py").write_text(RECORDER)
+
+    def run(module: str, name: str, *extra: str) -> tuple[Path, Path, subprocess.CompletedProcess]:
+        records = root / f"{name}-records"
+        records.mkdir()
+        env = {**os.environ, "ETEGREC_HOME": str(root / "home"), "RANK_RECORDS": str(records),
+               "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", module, "--config", "tiny", "--data-path", str(root / "data.inter"),
+               "--output-dir", str(root / name), "--wandb-mode", "offline",
+               "--subscriber", f"{root / 'recorder.py'}:Recorder", *extra]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return root / name, records, result
+
+    run.root = root
+    return run
+
+
+@pytest.fixture(scope="module")
+def joint_run(launch):
+    return launch("etegrec.training.joint", "joint", "--set", "joint.batch_size=16", "--set",
+                  "joint.sample_fraction=1.0")
+
+
+def _records(records: Path) -> tuple[list[dict], list[dict]]:
+    files = sorted(records.glob("rank*.jsonl"))
+    assert [f.name for f in files] == ["rank0.jsonl", "rank1.jsonl"]
+    return tuple([json.loads(line) for line in f.read_text().splitlines()] for f in files)
+
+
+def test_joint_run_has_one_wandb_run_one_event_log_and_a_world_of_two(joint_run):
+    run_dir, _, result = joint_run
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    assert [p.name for p in run_dir.rglob("events*.jsonl")] == ["events.jsonl"]
+    events = read_events(run_dir / "events.jsonl")
+    assert {e["rank"] for e in events} == {0}
+    started = [e for e in events if e["signal"] == "run_started"]
+    assert [(s["world_size"], s["rank"]) for s in started] == [(2, 0)]
+    assert result.stdout.count("run directory:") == 1  # only the main rank prints
+
+
+def test_every_rank_emits_the_same_losses_counts_metrics_and_codes(joint_run):
+    _, records, _ = joint_run
+    rank0, rank1 = _records(records)
+    assert [r["signal"] for r in rank0] == [r["signal"] for r in rank1]
+    for a, b in zip(rank0, rank1):
+        if a["signal"] == "epoch_end":
+            assert a["losses"] == pytest.approx(b["losses"], abs=1e-6)
+        else:
+            assert a == b
+    joint_epochs = [r["epoch"] for r in rank0 if r["signal"] == "epoch_end" and r["stage"] == "joint"]
+    assert joint_epochs == list(range(5))
+    assert [r for r in rank0 if r["signal"] == "codes_assigned"]
+
+
+def test_the_event_log_holds_the_reduced_values_every_rank_saw(joint_run):
+    run_dir, records, _ = joint_run
+    rank0, _ = _records(records)
+    logged = [(e["epoch"], e["losses"]) for e in read_events(run_dir / "events.jsonl") if e["signal"] == "epoch_end"]
+    seen = [(r["epoch"], r["losses"]) for r in rank0 if r["signal"] == "epoch_end" and r["stage"] == "joint"]
+    assert logged == seen
+
+
+def test_test_metrics_equal_a_one_process_evaluation_of_the_same_checkpoint(joint_run, launch, monkeypatch):
+    from accelerate import Accelerator
+
+    from etegrec.config import load_config
+    from etegrec.training.joint import JointTrainer
+    from etegrec.training.run import Run
+    from etegrec.training.stages import ensure_embeddings, ensure_tokenizer, load_stage_data
+
+    run_dir, _, _ = joint_run
+    monkeypatch.setenv("ETEGREC_HOME", str(launch.root / "home"))  # the stages the 2-process run built
+    config = load_config(str(run_dir / "config.yaml"))
+    data = load_stage_data(config)
+    accelerator = Accelerator(cpu=True)
+    embeddings, _ = ensure_embeddings(config, data, accelerator)
+    tokenizer_state, _ = ensure_tokenizer(config, embeddings, accelerator)
+    with Run(config, stage="joint", output_dir=launch.root / "one-process", console=False,
+             accelerator=accelerator) as run:
+        trainer = JointTrainer(config, run, data, embeddings, tokenizer_state)
+        trainer.load(torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False))
+        one_process = trainer.evaluate("test")
+    two_processes = json.loads((run_dir / "metrics.json").read_text())["test"]
+    assert one_process == pytest.approx(two_processes, abs=1e-6)
+
+
+def test_tokenizer_pretraining_on_two_processes(launch):
+    run_dir, records, _ = launch("etegrec.training.rqvae", "rqvae")
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    rank0, rank1 = _records(records)
+    mine = [r for r in rank0 if r.get("stage") == "rqvae"]
+    assert mine == [r for r in rank1 if r.get("stage") == "rqvae"]  # reduced: the same everywhere
+    assert [r["epoch"] for r in mine if r["signal"] == "epoch_end"] == list(range(6))
+    logged = [e["losses"] for e in read_events(run_dir / "events.jsonl") if e["signal"] == "epoch_end"]
+    assert logged == [r["losses"] for r in mine if r["signal"] == "epoch_end"]
+
+
+def test_a_half_set_launch_environment_is_one_clear_error(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2"}  # one of torchrun's variables, without the others
+    result = subprocess.run([sys.executable, "-m", "etegrec.training.rqvae", "--config", "tiny", "--data-path",
+                             str(write_structured_inter(tmp_path / "d.inter")), "--wandb-mode", "disabled",
+                             "--output-dir", str(tmp_path / "run")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "processes of this launch could not be set up" in result.stderr and "MASTER_ADDR" in result.stderr
+    assert "Traceback" not in result.stderr
