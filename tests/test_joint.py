@@ -241,3 +241,17 @@ def test_tiny_config_exercises_every_signal(joint_run):
     assert emitted == {s.name for s in signals.ALL_SIGNALS}
     steps = [e.payload for e in joint_run["events"] if e.signal == "step_end" and e.payload["stage"] == "joint"]
     assert steps and all(p["step"] % 5 == 0 for p in steps)
+
+
+def test_without_tokenizer_training_codes_stay_those_of_the_pretrained_tokenizer(joint_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("ETEGREC_HOME", str(joint_run["root"] / "home"))  # reuse the cached earlier stages
+    config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "joint.train_tokenizer=false",
+                                  "joint.rec_kl_weight=0", "joint.rec_dec_cl_weight=0"])
+    with signals.recording(signals.epoch_end, signals.codes_assigned) as events:
+        run_joint(config, output_dir=tmp_path / "run", wandb_mode="disabled")
+    assert [e.payload["phase"] for e in events if e.signal == "epoch_end"] == ["rec"] * 4 + ["finetune"]
+    assigned = [e for e in events if e.signal == "codes_assigned"]
+    assert len(assigned) == 1  # once, from the pretrained tokenizer, never refreshed
+    first = next(e for e in joint_events(joint_run, "codes_assigned"))
+    assert np.array_equal(np.asarray(assigned[0].payload["codes"]), np.asarray(first.payload["codes"]))
+    assert all(set(e.payload["losses"]) == {"code_loss", "loss"} for e in events if e.signal == "epoch_end")

@@ -44,9 +44,10 @@ LOSS_PARTS = {"id": ("vq_loss", "code_loss", "kl_loss", "dec_cl_loss"),
               "finetune": ("code_loss",)}
 
 
-def phase_of(epoch: int, cycle: int) -> str:
-    """``id`` for the first epoch of every cycle of ``cycle`` epochs, ``rec`` for the others."""
-    return "id" if epoch % cycle == 0 else "rec"
+def phase_of(epoch: int, cycle: int, train_tokenizer: bool = True) -> str:
+    """``id`` for the first epoch of every cycle of ``cycle`` epochs, ``rec`` for the others
+    (every epoch when the tokenizer is not trained)."""
+    return "id" if train_tokenizer and epoch % cycle == 0 else "rec"
 
 
 def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
@@ -108,7 +109,7 @@ class JointTrainer:
         self.opt_id = torch.optim.AdamW(self.tokenizer.parameters(), lr=cfg.lr_id, weight_decay=cfg.weight_decay)
         self.opt_rec = torch.optim.AdamW(self.recommender.parameters(), lr=cfg.lr_rec, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = len(self._batches(0))
-        id_epochs = sum(phase_of(e, cfg.cycle) == "id" for e in range(cfg.epochs))
+        id_epochs = sum(phase_of(e, cfg.cycle, cfg.train_tokenizer) == "id" for e in range(cfg.epochs))
         rec_epochs = cfg.epochs - id_epochs + cfg.finetune_epochs
         self.sched_id = self._schedule(self.opt_id, id_epochs)
         self.sched_rec = self._schedule(self.opt_rec, rec_epochs)
@@ -235,7 +236,8 @@ class JointTrainer:
         cfg, run = self.config.joint, self.run
         start = time.perf_counter()
         self.best, self.best_valid, self.best_epoch = -1.0, {}, -1
-        segments = [[phase_of(e, cfg.cycle) for e in range(cfg.epochs)], ["finetune"] * cfg.finetune_epochs]
+        segments = [[phase_of(e, cfg.cycle, cfg.train_tokenizer) for e in range(cfg.epochs)],
+                    ["finetune"] * cfg.finetune_epochs]
         with CodebookHooks(self.tokenizer, stage=self.stage, sender=self) as self.hooks:
             position, progress = {"epoch": 0, "segment": 0, "index": 0, "bad": 0}, None
             if run.resumed:
