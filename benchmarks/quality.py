@@ -1,0 +1,154 @@
+"""Quality on ml-100k under PROTOCOL.md: test Recall@5/10 and NDCG@5/10, mean and std over seeds.
+
+    python benchmarks/quality.py [--seeds 2024 2025 2026] [--models pop sasrec tiger etegrec_noforge etegrec]
+                                 [--jobs 2] [--config ml-100k] [--runs runs/quality]
+
+Models (same split, same evaluation code):
+
+* ``pop``: items ranked by their number of training interactions (no seed involved).
+* ``sasrec``: the project's SASRec stage (the item-embedding stage of that seed's pipeline).
+* ``tiger``: TIGER-style ablation: the pretrained tokenizer's codes stay fixed, the recommender
+  alone is trained on the code loss (``joint.train_tokenizer=false``, no alignment losses).
+* ``etegrec_noforge``: ETEGRec without FORGE rebalancing (``joint.use_forge=false``).
+* ``etegrec``: the default pipeline.
+
+Every run is a command (``python -m etegrec.training.joint ...``) with its own run directory
+under ``--runs``; a finished run (its ``metrics.json``) is not run again and a stopped one is
+resumed, so the benchmark can be stopped and restarted. Prints the table and writes
+``benchmarks/results/quality.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+METRICS = ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
+VARIANTS = {  # the first one listed in --models builds each seed's stages
+    "tiger": ["joint.train_tokenizer=false", "joint.rec_kl_weight=0", "joint.rec_dec_cl_weight=0"],
+    "etegrec_noforge": ["joint.use_forge=false"],
+    "etegrec": [],
+}
+ANCHORS = {  # PROTOCOL.md, RecBole 1.2.1 and the best plain SASRec measured (single runs)
+    "Pop (RecBole)": {"recall@5": 0.0541, "recall@10": 0.0838, "ndcg@5": 0.0335, "ndcg@10": 0.0430},
+    "SASRec (RecBole, seed 2020)": {"recall@5": 0.0689, "recall@10": 0.1145, "ndcg@5": 0.0400, "ndcg@10": 0.0548},
+    "SASRec (RecBole, seed 2021)": {"recall@5": 0.0742, "recall@10": 0.1442, "ndcg@5": 0.0452, "ndcg@10": 0.0673},
+    "SASRec (plain PyTorch, best)": {"recall@5": 0.0997, "recall@10": 0.1591, "ndcg@5": 0.0703, "ndcg@10": 0.0895},
+}
+
+
+def popularity(config_name: str, overrides: list[str]) -> dict[str, float]:
+    """Test metrics of ranking every item by its count in the training sequences."""
+    import torch
+
+    from etegrec.config import load_config
+    from etegrec.training.evaluation import evaluate_full_ranking
+    from etegrec.training.stages import load_stage_data
+
+    data = load_stage_data(load_config(config_name, overrides))
+    counts = np.bincount(np.concatenate(data.train_sequences()), minlength=data.n_items + 1).astype(np.float32)
+    scores = torch.as_tensor(counts)
+    scores[0] = float("-inf")
+    history, target = data.split("test")
+    return evaluate_full_ranking(lambda h: scores.expand(len(h), -1), history, target)
+
+
+def joint_run(run_dir: Path, seed: int, config: str, overrides: list[str], threads: int) -> dict:
+    """Run (or resume, or reuse) one joint pipeline; its test metrics and the SASRec stage's."""
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.exists():
+        cmd = [sys.executable, "-m", "etegrec.training.joint", "--config", config, "--seed", str(seed),
+               "--output-dir", str(run_dir), "--wandb-mode", "offline", "--set", f"run.num_threads={threads}"]
+        for item in overrides:
+            cmd += ["--set", item]
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            cmd.append("--resume")
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
+            print(f"running {run_dir.name}: {' '.join(cmd[1:])}", flush=True)
+            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True,
+                           env={**os.environ, "WANDB_SILENT": "true"})
+    return json.loads(metrics_path.read_text())
+
+
+def sasrec_metrics(seed: int, config: str, overrides: list[str]) -> dict[str, float]:
+    """The test metrics of the SASRec stage cached for this seed (built by the joint runs)."""
+    from etegrec.config import load_config
+    from etegrec.training.stages import stage_dir
+
+    cfg = load_config(config, [*overrides, f"run.seed={seed}"])
+    return json.loads((stage_dir(cfg, "embed", ("embed",)) / "metrics.json").read_text())["test"]
+
+
+def summarise(per_seed: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict]:
+    table = {}
+    for model, runs in per_seed.items():
+        row = {"seeds": sorted(runs)}
+        for m in METRICS:
+            values = [runs[s][m] for s in sorted(runs)]
+            row[m] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                      "values": values}
+        table[model] = row
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[2024, 2025, 2026])
+    parser.add_argument("--models", nargs="+", default=["pop", "sasrec", *VARIANTS])
+    parser.add_argument("--jobs", type=int, default=2, help="joint runs at a time (one thread each by default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--config", default="ml-100k")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run")
+    parser.add_argument("--runs", default="runs/quality", help="where the run directories go")
+    parser.add_argument("--output", default=str(RESULTS / "quality.json"))
+    args = parser.parse_args()
+
+    root = Path(args.runs)
+    joint_models = [m for m in args.models if m in VARIANTS]
+    if "sasrec" in args.models and not joint_models:
+        joint_models = ["etegrec"]  # the SASRec stage is built by a pipeline run
+    def run(job):
+        model, seed = job
+        return job, joint_run(root / f"{model}-{seed}", seed, args.config, [*args.overrides, *VARIANTS[model]],
+                              args.threads)
+
+    # a seed's first run builds its cached embedding and tokenizer stages, which its other runs reuse:
+    # the first runs of all seeds go first (different seeds never share a stage), then the others
+    first = [(joint_models[0], s) for s in args.seeds]
+    rest = [(m, s) for s in args.seeds for m in joint_models[1:]]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = dict(pool.map(run, first))
+        done.update(pool.map(run, rest))
+    per_seed: dict[str, dict[int, dict[str, float]]] = {}
+    if "pop" in args.models:
+        pop = popularity(args.config, args.overrides)
+        per_seed["pop"] = {s: pop for s in args.seeds}
+    if "sasrec" in args.models:
+        per_seed["sasrec"] = {s: sasrec_metrics(s, args.config, args.overrides) for s in args.seeds}
+    for model in (m for m in args.models if m in VARIANTS):
+        per_seed[model] = {s: done[(model, s)]["test"] for s in args.seeds}
+
+    table = summarise(per_seed)
+    print(f"ml-100k test metrics, mean ± std over seeds {args.seeds} ({args.config} config)")
+    print(f"{'model':<30}" + "".join(f"{m:>18}" for m in METRICS))
+    for model, row in table.items():
+        print(f"{model:<30}" + "".join(f"{row[m]['mean']:>10.4f} ± {row[m]['std']:.4f}" for m in METRICS))
+    for name, anchor in ANCHORS.items():
+        print(f"{name:<30}" + "".join(f"{anchor[m]:>10.4f}        " for m in METRICS))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps({"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
+                                             "models": table, "anchors": ANCHORS}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
