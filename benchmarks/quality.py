@@ -103,7 +103,7 @@ def summarise(per_seed: dict[str, dict[int, dict[str, float]]]) -> dict[str, dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[2024, 2025, 2026])
-    parser.add_argument("--models", nargs="+", default=["pop", "sasrec", *VARIANTS])
+    parser.add_argument("--models", nargs="+", default=["pop", "sasrec", "tiger", "etegrec", "etegrec_noforge"])
     parser.add_argument("--jobs", type=int, default=2, help="joint runs at a time (one thread each by default)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--config", default="ml-100k")
@@ -125,7 +125,7 @@ def main() -> None:
     # a seed's first run builds its cached embedding and tokenizer stages, which its other runs reuse:
     # the first runs of all seeds go first (different seeds never share a stage), then the others
     first = [(joint_models[0], s) for s in args.seeds]
-    rest = [(m, s) for s in args.seeds for m in joint_models[1:]]
+    rest = [(m, s) for m in joint_models[1:] for s in args.seeds]  # model by model: partial results compare
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         done = dict(pool.map(run, first))
         done.update(pool.map(run, rest))
