@@ -114,6 +114,7 @@ class JointConfig:
     epochs: int = 12
     cycle: int = 2  # C: one id epoch then C - 1 rec epochs
     train_tokenizer: bool = True  # False: no id epochs, codes fixed by the pretrained tokenizer (TIGER-style)
+    shuffle_ties: bool = False  # reorder same-timestamp training items at random every epoch
     warm_epoch: int = 2  # alignment losses off for the first warm_epoch epochs
     batch_size: int = 256
     sample_fraction: float = 1.0  # share of the training samples drawn per epoch

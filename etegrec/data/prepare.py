@@ -68,14 +68,28 @@ class SequenceData:
         two items stay where they are): the file order inside such ties carries no information,
         and on ml-100k half of all consecutive pairs are ties.
         """
+        items = self._items(rng)
+        return [items[a:b - 2] for a, b in zip(self.seq_offsets[:-1], self.seq_offsets[1:])]
+
+    def train_samples(self, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(train_history, train_target)``, with ties shuffled as in :meth:`train_sequences` when
+        ``rng`` is given. Sample ``i`` is the same position of the same user either way. Prepared
+        splits (no users, no timestamps) always give the samples of their files."""
+        if rng is None or (self.train_user < 0).any():  # prepared splits: samples as the files give them
+            return self.train_history, self.train_target
+        samples = _split_samples(self.seq_offsets, self._items(rng), self.max_his_len)
+        return samples["train_history"], samples["train_target"]
+
+    def _items(self, rng: np.random.Generator | None) -> np.ndarray:
+        """Every user's items in order; with ``rng``, same-timestamp items before the held-out two shuffled."""
         items = self.seq_items
-        lengths = np.diff(self.seq_offsets)
         if rng is not None:
+            lengths = np.diff(self.seq_offsets)
             owner = np.repeat(np.arange(self.n_users), lengths)
             held_out = np.arange(len(items)) - self.seq_offsets[owner] >= lengths[owner] - 2
             noise = np.where(held_out, 0.0, rng.random(len(items)))
             items = items[np.lexsort((noise, held_out, self.seq_times, owner))]
-        return [items[a:b - 2] for a, b in zip(self.seq_offsets[:-1], self.seq_offsets[1:])]
+        return items
 
     def stats(self) -> dict[str, float]:
         lengths = np.diff(self.seq_offsets)

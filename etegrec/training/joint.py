@@ -104,8 +104,7 @@ class JointTrainer:
             num_layers=r.num_layers, num_decoder_layers=r.num_decoder_layers, d_model=r.d_model, d_ff=r.d_ff,
             num_heads=r.num_heads, d_kv=r.d_kv, dropout=r.dropout, feed_forward_proj=r.feed_forward_proj,
             latent_dim=config.tokenizer.e_dim, semantic_dim=self.item_emb.shape[1]).to(device)
-        self.history = torch.as_tensor(data.train_history, device=device)
-        self.target = torch.as_tensor(data.train_target, device=device)
+        self._samples(epoch=0)
         self.opt_id = torch.optim.AdamW(self.tokenizer.parameters(), lr=cfg.lr_id, weight_decay=cfg.weight_decay)
         self.opt_rec = torch.optim.AdamW(self.recommender.parameters(), lr=cfg.lr_rec, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = len(self._batches(0))
@@ -117,6 +116,15 @@ class JointTrainer:
         self.trie: CodeTrie | None = None
 
     # --- pieces of the loop -------------------------------------------------------------------
+
+    def _samples(self, epoch: int) -> None:
+        """The training samples of ``epoch``: with ``joint.shuffle_ties``, same-timestamp items are
+        reordered at random (seeded by the run's seed and the epoch) before the prefixes are cut."""
+        rng = np.random.default_rng([self.config.run.seed, epoch]) if self.config.joint.shuffle_ties else None
+        history, target = self.data.train_samples(rng)
+        device = self.run.accelerator.device
+        self.history = torch.as_tensor(history, device=device)
+        self.target = torch.as_tensor(target, device=device)
 
     def _schedule(self, optimizer, epochs: int):
         total = max(1, epochs * self.steps_per_epoch)
@@ -272,6 +280,8 @@ class JointTrainer:
     def train_one_epoch(self, epoch: int, phase: str, progress: EpochProgress | None = None) -> None:
         """One epoch of ``phase``; both phases share this loop and differ in what trains and the weights."""
         cfg, acc = self.config.joint, self.run.accelerator
+        if cfg.shuffle_ties:
+            self._samples(epoch)
         self.set_phase(phase)
         weights = self.weights(phase, epoch)
         opt, sched = (self.opt_id, self.sched_id) if phase == "id" else (self.opt_rec, self.sched_rec)
