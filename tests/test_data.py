@@ -502,3 +502,28 @@ def test_tie_shuffled_training_sequences_permute_only_items_sharing_a_timestamp(
         seen.add(text)
     assert len(seen) == 6  # every order of the tied a, b, c occurs; d never leaves its place
     assert "".join(token[i] for i in data.seq_items[-2:]) == "ef"
+
+
+def test_tie_shuffled_training_samples_are_the_prefixes_of_the_shuffled_sequences(tmp_path):
+    from etegrec.data import prepare_interactions, read_interactions
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for user in ("u1", "u2", "u3"):
+        for item, t in [("g", 0), ("a", 1), ("b", 1), ("c", 1), ("d", 2), ("e", 2), ("f", 2)]:
+            lines.append(f"{user}\t{item}\t1\t{t}")
+    path = tmp_path / "ties.inter"
+    path.write_text("\n".join(lines) + "\n")
+    data = prepare_interactions(read_interactions(path), name="ties", min_count=3, max_his_len=3)
+    history, target = data.train_samples(None)
+    assert history is data.train_history and target is data.train_target
+    rng_seed = 7
+    history, target = data.train_samples(np.random.default_rng(rng_seed))
+    sequences = data.train_sequences(np.random.default_rng(rng_seed))
+    expected_h, expected_t = [], []
+    for seq in sequences:  # every position >= 1 of the (shuffled) training sequence, left-padded
+        for i in range(1, len(seq)):
+            h = list(seq[max(0, i - 3):i])
+            expected_h.append([0] * (3 - len(h)) + h)
+            expected_t.append(seq[i])
+    assert history.tolist() == expected_h and target.tolist() == expected_t
+    assert not np.array_equal(target, data.train_target)  # seed 7 moves at least one tied item
+    assert np.array_equal(data.split("test")[1], data.test_target)  # held-out targets untouched
