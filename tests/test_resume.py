@@ -187,3 +187,15 @@ def test_embed_and_tokenizer_stages_resume_after_ctrl_c_like_an_uninterrupted_ru
         assert ends[epoch]["losses"] == pytest.approx(ref_ends[epoch]["losses"], abs=1e-6)
     metrics, ref = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("stopped", "reference"))
     assert metrics["valid"] == pytest.approx(ref["valid"], abs=1e-6)
+
+
+def test_a_run_from_before_a_config_key_existed_resumes_when_the_key_keeps_its_default():
+    from etegrec.config import load_config
+    from etegrec.training.run import _config_changes
+
+    current = load_config("tiny").to_dict()
+    saved = {section: dict(values) for section, values in current.items()}
+    del saved["joint"]["shuffle_ties"]  # an older version wrote no such key
+    assert _config_changes(saved, current) == []
+    changed = load_config("tiny", ["joint.shuffle_ties=true"]).to_dict()
+    assert _config_changes(saved, changed) == ["joint.shuffle_ties (None -> True)"]

@@ -90,12 +90,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two config dicts (ignoring :data:`RESUMABLE_CHANGES`)."""
+    """Dotted keys whose values differ between two config dicts (ignoring :data:`RESUMABLE_CHANGES`).
+
+    A key the saved config lacks (a run from before the key existed) counts as unchanged when the
+    current value is the key's default: that is what the old run trained with.
+    """
+    defaults = Config().to_dict()
     changed = []
     for section in sorted(set(saved) | set(current)):
         old, new = saved.get(section) or {}, current.get(section) or {}
         for name in sorted(set(old) | set(new)):
             key = f"{section}.{name}"
+            if name not in old and new.get(name) == (defaults.get(section) or {}).get(name):
+                continue
             if key not in RESUMABLE_CHANGES and old.get(name) != new.get(name):
                 changed.append(f"{key} ({old.get(name)!r} -> {new.get(name)!r})")
     return changed
