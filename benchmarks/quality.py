@@ -91,6 +91,8 @@ def sasrec_metrics(seed: int, config: str, overrides: list[str]) -> dict[str, fl
 def summarise(per_seed: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict]:
     table = {}
     for model, runs in per_seed.items():
+        if not runs:
+            continue
         row = {"seeds": sorted(runs)}
         for m in METRICS:
             values = [runs[s][m] for s in sorted(runs)]
@@ -111,6 +113,8 @@ def main() -> None:
                         help="config override for every run")
     parser.add_argument("--runs", default="runs/quality", help="where the run directories go")
     parser.add_argument("--output", default=str(RESULTS / "quality.json"))
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="run nothing: summarise the finished runs under --runs (missing ones are listed)")
     args = parser.parse_args()
 
     root = Path(args.runs)
@@ -126,9 +130,16 @@ def main() -> None:
     # the first runs of all seeds go first (different seeds never share a stage), then the others
     first = [(joint_models[0], s) for s in args.seeds]
     rest = [(m, s) for m in joint_models[1:] for s in args.seeds]  # model by model: partial results compare
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        done = dict(pool.map(run, first))
-        done.update(pool.map(run, rest))
+    if args.summarise_only:
+        done = {job: json.loads((root / f"{job[0]}-{job[1]}" / "metrics.json").read_text())
+                for job in first + rest if (root / f"{job[0]}-{job[1]}" / "metrics.json").exists()}
+        missing = [f"{m}-{s}" for m, s in first + rest if (m, s) not in done]
+        if missing:
+            print(f"not finished (left out): {', '.join(missing)}")
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            done = dict(pool.map(run, first))
+            done.update(pool.map(run, rest))
     per_seed: dict[str, dict[int, dict[str, float]]] = {}
     if "pop" in args.models:
         pop = popularity(args.config, args.overrides)
@@ -136,13 +147,14 @@ def main() -> None:
     if "sasrec" in args.models:
         per_seed["sasrec"] = {s: sasrec_metrics(s, args.config, args.overrides) for s in args.seeds}
     for model in (m for m in args.models if m in VARIANTS):
-        per_seed[model] = {s: done[(model, s)]["test"] for s in args.seeds}
+        per_seed[model] = {s: done[(model, s)]["test"] for s in args.seeds if (model, s) in done}
 
     table = summarise(per_seed)
     print(f"ml-100k test metrics, mean ± std over seeds {args.seeds} ({args.config} config)")
-    print(f"{'model':<30}" + "".join(f"{m:>18}" for m in METRICS))
+    print(f"{'model (seeds)':<30}" + "".join(f"{m:>18}" for m in METRICS))
     for model, row in table.items():
-        print(f"{model:<30}" + "".join(f"{row[m]['mean']:>10.4f} ± {row[m]['std']:.4f}" for m in METRICS))
+        name = f"{model} ({len(row['seeds'])})"
+        print(f"{name:<30}" + "".join(f"{row[m]['mean']:>10.4f} ± {row[m]['std']:.4f}" for m in METRICS))
     for name, anchor in ANCHORS.items():
         print(f"{name:<30}" + "".join(f"{anchor[m]:>10.4f}        " for m in METRICS))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
