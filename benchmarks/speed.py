@@ -2,6 +2,12 @@
 
     python benchmarks/speed.py [--steps 6] [--config paper] [--batch-size 512] [--threads 1]
 
+Two settings, each in a fresh process (peak memory is per process):
+
+- ``fp32``: the paper config as it is, the reference's numerics;
+- ``bf16+ckpt``: the same model with ``joint.mixed_precision=bf16`` (the recommender's training
+  forward under bfloat16 autocast) and ``recommender.gradient_checkpointing=true``.
+
 Measures, on ml-100k with random item embeddings and a k-means-initialised tokenizer (speed does
 not depend on what the weights learned): training throughput of the tokenizer (id) and
 recommender (rec) phases in sequences per second, evaluation throughput of constrained and
@@ -16,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +41,10 @@ from etegrec.training.stages import load_stage_data
 
 RESULTS = Path(__file__).parent / "results"
 REFERENCE = {"id": 98.8, "rec": 36.6, "eval": 5.5, "peak_rss_gib": 7.5}
+SETTINGS = {
+    "fp32": [],
+    "bf16+ckpt": ["joint.mixed_precision=bf16", "recommender.gradient_checkpointing=true"],
+}
 
 
 def train_throughput(trainer: JointTrainer, phase: str, steps: int) -> float:
@@ -67,17 +79,12 @@ def eval_throughput(trainer: JointTrainer, constrained: bool, n: int, batch_size
     return n / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="paper")
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=6, help="timed training steps per phase")
-    parser.add_argument("--eval-users", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+def measure(args: argparse.Namespace, overrides: list[str]) -> dict:
+    """Every figure of one setting, in this process."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = load_config(args.config, [f"joint.batch_size={args.batch_size}", "joint.sample_fraction=1.0"])
+    config = load_config(args.config, [f"joint.batch_size={args.batch_size}", "joint.sample_fraction=1.0",
+                                       *overrides])
     data = load_stage_data(config)
     embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
     tokenizer = build_tokenizer(config, embeddings.shape[1])
@@ -88,7 +95,8 @@ def main() -> None:
             trainer.refresh_codes(0)
             epoch_batches = len(trainer._batches(0))
             report = {
-                "config": args.config, "batch_size": args.batch_size, "threads": args.threads,
+                "config": args.config, "overrides": overrides, "batch_size": args.batch_size,
+                "threads": args.threads,
                 "train_id_seq_per_s": train_throughput(trainer, "id", args.steps),
                 "train_rec_seq_per_s": train_throughput(trainer, "rec", args.steps),
                 "eval_constrained_seq_per_s": eval_throughput(trainer, True, args.eval_users, 256),
@@ -99,19 +107,43 @@ def main() -> None:
     report["id_epoch_seconds"] = n_train / report["train_id_seq_per_s"]
     report["batches_per_epoch"] = epoch_batches
     report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    rows = [("training, tokenizer phase (seq/s)", report["train_id_seq_per_s"], REFERENCE["id"]),
-            ("training, recommender phase (seq/s)", report["train_rec_seq_per_s"], REFERENCE["rec"]),
-            ("evaluation, constrained (seq/s)", report["eval_constrained_seq_per_s"], REFERENCE["eval"]),
-            ("evaluation, unconstrained (seq/s)", report["eval_unconstrained_seq_per_s"], REFERENCE["eval"]),
-            ("peak resident memory (GiB)", report["peak_rss_gib"], REFERENCE["peak_rss_gib"])]
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="paper")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=6, help="timed training steps per phase")
+    parser.add_argument("--eval-users", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--child", choices=sorted(SETTINGS), help=argparse.SUPPRESS)  # one setting, JSON out
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args, SETTINGS[args.child])))
+        return
+    reports = {}
+    for name in args.settings:  # a fresh process each: peak RSS is per process
+        child = [sys.executable, __file__, "--child", name, "--config", args.config, "--batch-size",
+                 str(args.batch_size), "--steps", str(args.steps), "--eval-users", str(args.eval_users),
+                 "--threads", str(args.threads)]
+        out = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True).stdout
+        reports[name] = json.loads(out.strip().splitlines()[-1])
+    keys = [("training, tokenizer phase (seq/s)", "train_id_seq_per_s", "id"),
+            ("training, recommender phase (seq/s)", "train_rec_seq_per_s", "rec"),
+            ("evaluation, constrained (seq/s)", "eval_constrained_seq_per_s", "eval"),
+            ("evaluation, unconstrained (seq/s)", "eval_unconstrained_seq_per_s", "eval"),
+            ("peak resident memory (GiB)", "peak_rss_gib", "peak_rss_gib")]
     print(f"{args.config} config, batch {args.batch_size}, {args.threads} thread(s), ml-100k")
-    print(f"{'figure':<40}{'etegrec':>10}{'reference':>11}{'ratio':>8}")
-    for name, ours, ref in rows:
-        print(f"{name:<40}{ours:>10.1f}{ref:>11.1f}{ours / ref:>7.1f}x")
-    print(f"seconds per epoch (all {n_train} samples): id {report['id_epoch_seconds']:.0f}, "
-          f"rec {report['rec_epoch_seconds']:.0f}")
+    print(f"{'figure':<40}" + "".join(f"{name:>12}{'ratio':>7}" for name in reports) + f"{'reference':>11}")
+    for label, key, ref in keys:
+        cells = "".join(f"{r[key]:>12.1f}{r[key] / REFERENCE[ref]:>6.2f}x" for r in reports.values())
+        print(f"{label:<40}{cells}{REFERENCE[ref]:>11.1f}")
+    for name, r in reports.items():
+        print(f"{name}: seconds per epoch (all samples): id {r['id_epoch_seconds']:.0f}, rec {r['rec_epoch_seconds']:.0f}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "speed.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / "speed.json").write_text(json.dumps({"reference": REFERENCE, "settings": reports}, indent=2))
 
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ class RecommenderConfig:
     d_kv: int = 64
     dropout: float = 0.1
     feed_forward_proj: str = "relu"
+    gradient_checkpointing: bool = False  # recompute T5 activations in backward: far less memory, same gradients
 
 
 @dataclass
@@ -140,6 +141,7 @@ class JointConfig:
     constrained: bool = True
     eval_batch_size: int = 256
     finetune_epochs: int = 0
+    mixed_precision: str = "fp32"  # "bf16": the recommender's training forward under bfloat16 autocast
 
 
 @dataclass
@@ -196,12 +198,16 @@ class Config:
         if stride is not None and stride > self.data.max_his_len:
             raise ConfigError(f"config key 'embed.window_stride' ({stride}) must not exceed data.max_his_len "
                               f"({self.data.max_his_len})")
+        if self.joint.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"config key 'joint.mixed_precision' must be one of {', '.join(MIXED_PRECISION)}, "
+                              f"got {self.joint.mixed_precision!r}")
         if self.joint.top_k > self.joint.beam_size:
             raise ConfigError(f"config key 'joint.top_k' ({self.joint.top_k}) must not exceed joint.beam_size "
                               f"({self.joint.beam_size})")
         return self
 
 
+MIXED_PRECISION = ("fp32", "bf16")  # not "no": YAML reads that as False
 _POSITIVE = {
     "min_count", "max_his_len", "max_users", "hidden", "n_layers", "n_heads", "batch_size", "epochs", "patience",
     "eval_step", "e_dim", "num_layers", "codebook_size", "num_decoder_layers", "d_model", "d_ff", "num_heads",

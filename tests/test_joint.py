@@ -255,3 +255,41 @@ def test_without_tokenizer_training_codes_stay_those_of_the_pretrained_tokenizer
     first = next(e for e in joint_events(joint_run, "codes_assigned"))
     assert np.array_equal(np.asarray(assigned[0].payload["codes"]), np.asarray(first.payload["codes"]))
     assert all(set(e.payload["losses"]) == {"code_loss", "loss"} for e in events if e.signal == "epoch_end")
+
+
+def test_bf16_mixed_precision_runs_the_recommender_under_autocast_and_keeps_losses_fp32(joint_run, tmp_path):
+    data = load_stage_data(joint_run["config"])
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(data.n_items + 1, 256)).astype(np.float32)
+    from etegrec.hooks.codebook import CodebookHooks
+    from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
+    tokenizer = build_tokenizer(joint_run["config"], 256)
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(joint_run["config"], embeddings)[1:]))
+    losses, dtypes = {}, {}
+    for precision in ("fp32", "bf16"):
+        config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES,
+                                      f"joint.mixed_precision={precision}", "recommender.dropout=0"])
+        with Run(config, stage="joint", output_dir=tmp_path / precision, console=False) as run:
+            torch.manual_seed(0)
+            trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
+            seen = []
+            trainer.recommender.encoder.block[0].layer[1].DenseReluDense.wi.register_forward_hook(
+                lambda module, args, out: seen.append(out.dtype))
+            with CodebookHooks(trainer.tokenizer, stage="joint") as trainer.hooks:
+                trainer.refresh_codes(0)
+                trainer.set_phase("rec")
+                parts = trainer.losses(np.arange(16), phase="rec", weights=trainer.weights("rec", 100))
+                parts["loss"].backward()
+            losses[precision], dtypes[precision] = parts, seen
+            assert all(v.dtype == torch.float32 for v in parts.values())
+            assert trainer.recommender.code_embedding.grad.dtype == torch.float32
+    assert dtypes == {"fp32": [torch.float32], "bf16": [torch.bfloat16]}
+    for name, value in losses["fp32"].items():  # bfloat16 keeps ~3 significant digits
+        assert losses["bf16"][name].item() == pytest.approx(value.item(), rel=0.03), name
+    assert losses["bf16"]["loss"].item() != losses["fp32"]["loss"].item()
+
+
+def test_unknown_mixed_precision_is_refused():
+    from etegrec.config import ConfigError
+    with pytest.raises(ConfigError, match="joint.mixed_precision.*bf16.*'fp16'"):
+        load_config("tiny", ["joint.mixed_precision=fp16"])

@@ -153,3 +153,49 @@ def test_history_without_real_items_is_rejected() -> None:
 def test_non_positive_size_is_rejected() -> None:
     with pytest.raises(ValueError, match="num_heads=0"):
         T5Recommender(num_heads=0)
+
+
+def _gradients(model: T5Recommender) -> dict[str, torch.Tensor]:
+    codes, mask, target = batch(size=4, history=5)
+    model.train()
+    torch.manual_seed(3)  # the same dropout masks in both models
+    out = model(codes, mask, target)
+    loss = code_loss(out.logits, target) + out.encoder_latent.pow(2).mean() + out.decoder_semantic.pow(2).mean()
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_dropout_on() -> None:
+    plain = _gradients(tiny_model(dropout=0.3))
+    checkpointed = _gradients(tiny_model(dropout=0.3, gradient_checkpointing=True))
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():  # the recomputed forward replays the same dropout masks
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert plain["code_embedding"].abs().sum() > 0  # the gradient reaches the inputs' embeddings
+
+
+def test_gradient_checkpointing_keeps_fewer_activations() -> None:
+    def saved_bytes(model: T5Recommender) -> int:
+        codes, mask, target = batch(size=8, history=20)
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.train()(codes, mask, target)
+        return total
+
+    assert saved_bytes(tiny_model(gradient_checkpointing=True)) < 0.5 * saved_bytes(tiny_model())
+
+
+def test_eager_attention_gives_the_outputs_of_sdpa() -> None:
+    codes, mask, target = batch()
+    sdpa, eager = tiny_model().eval(), tiny_model(attn_implementation="eager").eval()
+    eager.load_state_dict(sdpa.state_dict())
+    for a, b in zip(sdpa(codes, mask, target), eager(codes, mask, target)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="attn_implementation"):
+        tiny_model(attn_implementation="flash")

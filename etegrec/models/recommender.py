@@ -94,9 +94,16 @@ class T5Recommender(nn.Module):
         feed_forward_proj: T5 feed-forward kind, ``"relu"`` (paper) or e.g. ``"gated-gelu"``.
         latent_dim: width of :attr:`RecommenderOutput.encoder_latent` (the tokenizer's ``e_dim``).
         semantic_dim: width of :attr:`RecommenderOutput.decoder_semantic` (item embedding width).
+        gradient_checkpointing: recompute each T5 block's activations in the backward pass instead
+            of keeping them (PyTorch activation checkpointing, dropout masks replayed exactly):
+            much less memory for the same gradients, at the price of a second forward pass.
+        attn_implementation: the T5 attention kernel, ``"sdpa"`` (PyTorch's fused attention) or
+            ``"eager"`` (plain matmul and softmax, the faster one under bfloat16 autocast on CPU,
+            where SDPA falls back to an fp32 path).
 
     Raises:
-        ValueError: for a non-positive size or a dropout outside ``[0, 1)``.
+        ValueError: for a non-positive size, a dropout outside ``[0, 1)`` or an unknown
+            ``attn_implementation``.
     """
 
     def __init__(
@@ -114,6 +121,8 @@ class T5Recommender(nn.Module):
         feed_forward_proj: str = "relu",
         latent_dim: int = 128,
         semantic_dim: int = 256,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str = "sdpa",
     ) -> None:
         super().__init__()
         _check_positive(
@@ -123,6 +132,8 @@ class T5Recommender(nn.Module):
         )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"T5Recommender dropout={dropout!r} must lie in [0, 1); pass e.g. 0.1.")
+        if attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"T5Recommender attn_implementation={attn_implementation!r} must be 'sdpa' or 'eager'.")
         self.code_num = code_num
         self.code_length = code_length
         self.latent_dim = latent_dim
@@ -135,6 +146,7 @@ class T5Recommender(nn.Module):
             num_decoder_layers=num_decoder_layers, num_heads=num_heads, dropout_rate=dropout,
             feed_forward_proj=feed_forward_proj, is_encoder_decoder=True, use_cache=False,
             pad_token_id=0, eos_token_id=None, decoder_start_token_id=0,
+            attn_implementation=attn_implementation,
         )
         encoder_config = copy.deepcopy(config)
         encoder_config.is_decoder = False
@@ -146,6 +158,12 @@ class T5Recommender(nn.Module):
         # The stacks only ever get inputs_embeds: drop their (1-row) token tables.
         self.encoder.embed_tokens = None
         self.decoder.embed_tokens = None
+        if gradient_checkpointing:  # only takes effect in training mode (T5Stack checks self.training)
+            for stack in (self.encoder, self.decoder):
+                stack.main_input_name = "inputs_embeds"  # true here; spares a warning about token embeddings
+                # the newer name where transformers has it (the old one is deprecated in 5.x)
+                enable = getattr(stack, "activation_checkpointing_enable", None) or stack.gradient_checkpointing_enable
+                enable({"use_reentrant": False})
         self.code_embedding = nn.Parameter(torch.randn(code_length, code_num, d_model))  # (L, K, d)
         self.bos = nn.Parameter(torch.randn(d_model))  # (d,)
         self.encoder_proj = nn.Linear(d_model, latent_dim)

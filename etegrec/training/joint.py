@@ -28,7 +28,7 @@ from etegrec.forge import get_code
 from etegrec.hooks.codebook import CodebookHooks
 from etegrec.hooks.wandb import JOINT_PROJECT
 from etegrec.metrics import ranking_metrics
-from etegrec.models import CodeTrie, T5Recommender, beam_search, code_loss
+from etegrec.models import CodeTrie, RecommenderOutput, T5Recommender, beam_search, code_loss
 
 from .cli import stage_main
 from .evaluation import gather_ranks, shard_bounds
@@ -103,7 +103,10 @@ class JointTrainer:
             code_num=self.tokenizer.codebook_size, code_length=self.tokenizer.code_length + 1,
             num_layers=r.num_layers, num_decoder_layers=r.num_decoder_layers, d_model=r.d_model, d_ff=r.d_ff,
             num_heads=r.num_heads, d_kv=r.d_kv, dropout=r.dropout, feed_forward_proj=r.feed_forward_proj,
-            latent_dim=config.tokenizer.e_dim, semantic_dim=self.item_emb.shape[1]).to(device)
+            latent_dim=config.tokenizer.e_dim, semantic_dim=self.item_emb.shape[1],
+            gradient_checkpointing=r.gradient_checkpointing,
+            # under bf16 autocast SDPA falls back to an fp32 path on CPU; plain attention is ~1.7x faster
+            attn_implementation="eager" if cfg.mixed_precision == "bf16" else "sdpa").to(device)
         self._samples(epoch=0)
         self.opt_id = torch.optim.AdamW(self.tokenizer.parameters(), lr=cfg.lr_id, weight_decay=cfg.weight_decay)
         self.opt_rec = torch.optim.AdamW(self.recommender.parameters(), lr=cfg.lr_rec, weight_decay=cfg.weight_decay)
@@ -148,6 +151,12 @@ class JointTrainer:
             weights.update({k: 0.0 for k in ("kl_loss", "dec_cl_loss") if k in weights})
         return weights
 
+    def _autocast(self):
+        """bfloat16 autocast for the recommender's training forward when ``joint.mixed_precision`` is bf16
+        (weights, optimiser and losses stay fp32; evaluation always runs in fp32)."""
+        return torch.autocast(self.run.accelerator.device.type, dtype=torch.bfloat16,
+                              enabled=self.config.joint.mixed_precision == "bf16")
+
     def set_phase(self, phase: str) -> None:
         """Only the model of ``phase`` trains; the other is frozen and in eval mode."""
         train_tokenizer = phase == "id"
@@ -169,8 +178,9 @@ class JointTrainer:
         idx = torch.as_tensor(index, device=self.history.device)
         history, target = self.history[idx], self.target[idx]  # (B, H), (B,)
         target_codes = self.codes[target]  # (B, L + 1)
-        with torch.set_grad_enabled(phase != "id"):  # the frozen recommender needs no graph
+        with torch.set_grad_enabled(phase != "id"), self._autocast():  # the frozen recommender needs no graph
             out = self.recommender(self.codes[history], history != 0, target_codes)
+        out = RecommenderOutput(*(t.float() for t in out))  # the losses in fp32 under mixed precision too
         parts = {"code_loss": code_loss(out.logits, target_codes)}
         align = weights.get("kl_loss", 0) > 0 or weights.get("dec_cl_loss", 0) > 0
         if phase == "id" or align:
