@@ -7,12 +7,14 @@ Models (same split, same evaluation code):
 
 * ``pop``: items ranked by their number of training interactions (no seed involved).
 * ``sasrec``: the project's SASRec stage (the item-embedding stage of that seed's pipeline).
+* ``sasrec_repeat_bias``: the SASRec stage with its learned repeat bias (``embed.repeat_bias=true``),
+  run on its own (``python -m etegrec.training.embed``).
 * ``tiger``: TIGER-style ablation: the pretrained tokenizer's codes stay fixed, the recommender
   alone is trained on the code loss (``joint.train_tokenizer=false``, no alignment losses).
 * ``etegrec_noforge``: ETEGRec without FORGE rebalancing (``joint.use_forge=false``).
 * ``etegrec``: the default pipeline.
 
-Every run is a command (``python -m etegrec.training.joint ...``) with its own run directory
+Every run is a command (``python -m etegrec.training.joint ...`` or ``.embed``) with its own run directory
 under ``--runs``; a finished run (its ``metrics.json``) is not run again and a stopped one is
 resumed, so the benchmark can be stopped and restarted. Prints the table and writes
 ``benchmarks/results/quality.json``.
@@ -32,10 +34,11 @@ import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
 METRICS = ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
-VARIANTS = {  # the first one listed in --models builds each seed's stages
-    "tiger": ["joint.train_tokenizer=false", "joint.rec_kl_weight=0", "joint.rec_dec_cl_weight=0"],
-    "etegrec_noforge": ["joint.use_forge=false"],
-    "etegrec": [],
+VARIANTS = {  # model: (stage, overrides); the first joint one listed in --models builds each seed's stages
+    "tiger": ("joint", ["joint.train_tokenizer=false", "joint.rec_kl_weight=0", "joint.rec_dec_cl_weight=0"]),
+    "etegrec_noforge": ("joint", ["joint.use_forge=false"]),
+    "etegrec": ("joint", []),
+    "sasrec_repeat_bias": ("embed", ["embed.repeat_bias=true"]),
 }
 ANCHORS = {  # PROTOCOL.md, RecBole 1.2.1 and the best plain SASRec measured (single runs)
     "Pop (RecBole)": {"recall@5": 0.0541, "recall@10": 0.0838, "ndcg@5": 0.0335, "ndcg@10": 0.0430},
@@ -61,11 +64,11 @@ def popularity(config_name: str, overrides: list[str]) -> dict[str, float]:
     return evaluate_full_ranking(lambda h: scores.expand(len(h), -1), history, target)
 
 
-def joint_run(run_dir: Path, seed: int, config: str, overrides: list[str], threads: int) -> dict:
-    """Run (or resume, or reuse) one joint pipeline; its test metrics and the SASRec stage's."""
+def stage_run(stage: str, run_dir: Path, seed: int, config: str, overrides: list[str], threads: int) -> dict:
+    """Run (or resume, or reuse) one ``python -m etegrec.training.<stage>`` run; its metrics.json."""
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.exists():
-        cmd = [sys.executable, "-m", "etegrec.training.joint", "--config", config, "--seed", str(seed),
+        cmd = [sys.executable, "-m", f"etegrec.training.{stage}", "--config", config, "--seed", str(seed),
                "--output-dir", str(run_dir), "--wandb-mode", "offline", "--set", f"run.num_threads={threads}"]
         for item in overrides:
             cmd += ["--set", item]
@@ -118,18 +121,21 @@ def main() -> None:
     args = parser.parse_args()
 
     root = Path(args.runs)
-    joint_models = [m for m in args.models if m in VARIANTS]
+    joint_models = [m for m in args.models if m in VARIANTS and VARIANTS[m][0] == "joint"]
     if "sasrec" in args.models and not joint_models:
         joint_models = ["etegrec"]  # the SASRec stage is built by a pipeline run
+    other_models = [m for m in args.models if m in VARIANTS and VARIANTS[m][0] != "joint"]
+
     def run(job):
         model, seed = job
-        return job, joint_run(root / f"{model}-{seed}", seed, args.config, [*args.overrides, *VARIANTS[model]],
+        stage, overrides = VARIANTS[model]
+        return job, stage_run(stage, root / f"{model}-{seed}", seed, args.config, [*args.overrides, *overrides],
                               args.threads)
 
     # a seed's first run builds its cached embedding and tokenizer stages, which its other runs reuse:
     # the first runs of all seeds go first (different seeds never share a stage), then the others
-    first = [(joint_models[0], s) for s in args.seeds]
-    rest = [(m, s) for m in joint_models[1:] for s in args.seeds]  # model by model: partial results compare
+    first = [(joint_models[0], s) for s in args.seeds] if joint_models else []
+    rest = [(m, s) for m in [*joint_models[1:], *other_models] for s in args.seeds]  # model by model
     if args.summarise_only:
         done = {job: json.loads((root / f"{job[0]}-{job[1]}" / "metrics.json").read_text())
                 for job in first + rest if (root / f"{job[0]}-{job[1]}" / "metrics.json").exists()}

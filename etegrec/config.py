@@ -56,6 +56,7 @@ class EmbedConfig:
     n_heads: int = 2
     dropout: float = 0.3
     tied_output: bool = False  # score items against the input table (True) or a separate one
+    repeat_bias: bool = False  # a learned logit offset for the items already in the history
     shuffle_ties: bool = True  # reorder same-timestamp items at random every epoch
     window_stride: int | None = None  # new targets per training window; None = max_his_len (no overlap)
     lr: float = 1e-3

@@ -126,3 +126,38 @@ def test_window_stride_out_of_range_is_an_error():
 
     with pytest.raises(ValueError, match="stride=6"):
         make_windows([np.arange(1, 9)], 6, 6)
+
+
+def test_repeat_bias_shifts_exactly_the_history_items():
+    plain, biased = _tiny(), _tiny(repeat_bias=True)
+    biased.load_state_dict({**plain.state_dict(), "repeat_bias": torch.tensor(-2.5)})
+    history = torch.tensor([[0, 0, 3, 4, 5, 3], [1, 2, 7, 8, 9, 10]])
+    with torch.no_grad():
+        diff = biased.score(history) - plain.score(history)
+    expected = torch.zeros(2, 31)
+    expected[0, [3, 4, 5]] = -2.5
+    expected[1, [1, 2, 7, 8, 9, 10]] = -2.5
+    assert torch.allclose(diff[:, 1:], expected[:, 1:])  # column 0 (padding) is -inf in both
+
+
+def test_repeat_bias_in_training_covers_each_positions_own_history_only():
+    model = _tiny(repeat_bias=True)
+    inputs = torch.tensor([[0, 0, 3, 4, 5, 3], [1, 2, 7, 8, 9, 10]])
+    seen = model._seen(inputs)
+    for b in range(2):
+        for t in range(6):
+            expected = torch.zeros(31)
+            expected[inputs[b, : t + 1]] = 1.0
+            assert torch.equal(seen[b, t], expected), (b, t)
+
+
+def test_repeat_bias_learns_to_push_history_items_down_when_users_never_repeat():
+    model = _tiny(repeat_bias=True).train()
+    gen = torch.Generator().manual_seed(0)
+    windows = torch.stack([torch.randperm(30, generator=gen)[:7] + 1 for _ in range(32)])  # no repeats
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(20):
+        optimizer.zero_grad()
+        model.window_loss(windows).backward()
+        optimizer.step()
+    assert model.repeat_bias.item() < -0.1

@@ -170,3 +170,19 @@ def test_resume_without_a_checkpoint_is_refused_before_reading_data(capsys, tmp_
     assert main(["--config", "tiny", "--resume", "--output-dir", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert "nothing to resume" in err and "fetching" not in err
+
+
+def test_embed_stage_with_repeat_bias_learns_it_at_its_own_rate(tiny_config, tmp_path):
+    from etegrec.training.embed import REPEAT_BIAS_LR, run_embed
+    tiny_config.embed.repeat_bias = True
+    out = tmp_path / "embed-run"
+    run_embed(tiny_config, output_dir=out, wandb_mode="disabled")
+    state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    groups = state["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [tiny_config.embed.lr, REPEAT_BIAS_LR]
+    assert len(groups[1]["params"]) == 1  # the bias alone; every other parameter in the first group
+    assert len(groups[0]["params"]) + 1 == len(state["model"])  # SASRec has parameters only, no buffers
+    # the structured data never repeats an item: each Adam step moves the bias down by about its own
+    # rate, far more than the model's learning rate would allow
+    steps = int(state["optimizer"]["state"][0]["step"])
+    assert state["model"]["repeat_bias"].item() < -20 * tiny_config.embed.lr * steps

@@ -29,6 +29,10 @@ class SASRec(nn.Module):
         ffn_dim: inner width of the feed-forward layers; ``None`` means ``hidden`` (original SASRec).
         tied_output: score items against the input embedding table (True) or against a separate
             output table ``output_emb`` (False); ``item_embeddings()`` is the input table either way.
+        repeat_bias: add a learned scalar ``repeat_bias`` to the logit of every item in the model's
+            input (the history so far). It starts at 0 and learns how likely a user is to repeat an
+            item: strongly negative where items never repeat (ml-100k), positive where repeats are
+            common. It is part of the model, not an evaluation mask: the evaluation still ranks all items.
 
     Raises:
         ValueError: for a non-positive size or a ``hidden`` not divisible by ``n_heads``.
@@ -45,6 +49,7 @@ class SASRec(nn.Module):
         max_len: int = 20,
         ffn_dim: int | None = None,
         tied_output: bool = True,
+        repeat_bias: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("n_items", n_items), ("hidden", hidden), ("n_layers", n_layers),
@@ -79,6 +84,7 @@ class SASRec(nn.Module):
         self.final_norm = nn.LayerNorm(hidden)
         self.output_emb = None if tied_output else nn.Embedding(n_items + 1, hidden, padding_idx=0)
         self.apply(self._init_weights)
+        self.repeat_bias = nn.Parameter(torch.zeros(())) if repeat_bias else None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -119,15 +125,31 @@ class SASRec(nn.Module):
         """The input item embedding table (n_items + 1, hidden); row 0 is padding."""
         return self.item_emb.weight
 
-    def _logits(self, states: torch.Tensor) -> torch.Tensor:
+    def _logits(self, states: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """Item logits of ``states`` (..., hidden); ``seen`` (..., n_items + 1), 1 for the items in
+        each state's input, gets the repeat bias (when the model has one)."""
         table = self.item_emb if self.output_emb is None else self.output_emb
         logits = states @ table.weight.T  # (..., n_items + 1)
+        if self.repeat_bias is not None and seen is not None:
+            logits = logits + self.repeat_bias * seen
         logits[..., 0] = float("-inf")
         return logits
 
+    def _seen(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(batch, T, n_items + 1): 1 where the item is among ``inputs[:, :t + 1]`` (position t's history)."""
+        batch, length = inputs.shape
+        causal = torch.ones(length, length, device=inputs.device).tril()  # [t, s] = 1 when s <= t
+        seen = torch.zeros(batch, length, self.n_items + 1, device=inputs.device)
+        return seen.scatter_reduce_(2, inputs[:, None, :].expand(batch, length, length),
+                                    causal.expand(batch, length, length), reduce="amax")
+
     def score(self, history: torch.Tensor) -> torch.Tensor:
         """Logits (batch, n_items + 1) of the next item after each history; column 0 is -inf."""
-        return self._logits(self.forward(history)[:, -1])
+        seen = None
+        if self.repeat_bias is not None:
+            seen = torch.zeros(history.shape[0], self.n_items + 1, device=history.device)
+            seen.scatter_(1, history, 1.0)
+        return self._logits(self.forward(history)[:, -1], seen)
 
     def window_loss(self, seq: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
         """Mean full-softmax cross-entropy of the next items inside left-padded windows.
@@ -143,5 +165,6 @@ class SASRec(nn.Module):
             position = torch.arange(targets.shape[1], device=seq.device)
             ignored |= position[None, :] < (targets.shape[1] - counted)[:, None]
         targets = targets.masked_fill(ignored, 0)
-        logits = self._logits(self.forward(inputs))  # (batch, T, n_items + 1)
+        seen = self._seen(inputs) if self.repeat_bias is not None else None
+        logits = self._logits(self.forward(inputs), seen)  # (batch, T, n_items + 1)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0)

@@ -28,6 +28,8 @@ from .stages import load_stage_data
 
 __all__ = ["EmbedTrainer", "main", "make_windows", "run_embed"]
 
+REPEAT_BIAS_LR = 0.05  # learning rate of SASRec's repeat bias (embed.repeat_bias)
+
 
 def make_windows(sequences: list[np.ndarray], length: int, stride: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cut sequences into left-padded windows of ``length`` items, from the end backwards.
@@ -69,8 +71,13 @@ class EmbedTrainer:
         # not DDP-wrapped: train_epoch averages the gradients over processes itself
         self.model = SASRec(n_items=data.n_items, hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                             dropout=cfg.dropout, max_len=data.max_his_len,
-                            tied_output=cfg.tied_output).to(run.accelerator.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+                            tied_output=cfg.tied_output, repeat_bias=cfg.repeat_bias).to(run.accelerator.device)
+        # The repeat bias is one scalar in logit units. Adam moves a parameter by about its learning
+        # rate per step, so at 1e-3 it would still be near -1 after a whole run: it gets its own rate.
+        bias = [self.model.repeat_bias] if self.model.repeat_bias is not None else []
+        rest = [p for p in self.model.parameters() if all(p is not b for b in bias)]
+        groups = [{"params": rest}] + ([{"params": bias, "lr": REPEAT_BIAS_LR, "weight_decay": 0.0}] if bias else [])
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.windows = self._windows(epoch=0)
 
     def _windows(self, epoch: int) -> torch.Tensor:
