@@ -195,11 +195,14 @@ class JointTrainer:
         parts["loss"] = sum(weights[k] * v for k, v in parts.items() if weights.get(k, 0) > 0)
         return parts
 
-    @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
         """Beam-search Recall/NDCG over every user of ``split`` exactly once, reduced over processes."""
+        return self.evaluate_samples(*self.data.split(split))
+
+    @torch.no_grad()
+    def evaluate_samples(self, history: np.ndarray, target: np.ndarray) -> dict[str, float]:
+        """Beam-search Recall/NDCG of left-padded ``history`` [n, H] against ``target`` [n]."""
         cfg, acc = self.config.joint, self.run.accelerator
-        history, target = self.data.split(split)
         start, stop = shard_bounds(len(target), acc.process_index, acc.num_processes)
         self.recommender.eval()
         ranks = []

@@ -25,9 +25,18 @@ def load_stage_data(config: Config) -> SequenceData:
                         max_his_len=d.max_his_len, max_users=d.max_users)
 
 
+# Keys added after stage caches existed, with the value that means "as before": left out of the
+# cache key at that value, so that adding them does not orphan every cached stage.
+ADDED_LATER = {"embed.repeat_bias": False}
+
+
 def stage_dir(config: Config, stage: str, sections: tuple[str, ...]) -> Path:
     """``$ETEGREC_HOME/stages/<stage>-<dataset>-<key>``; the key hashes the given config sections."""
     payload = {s: dataclasses.asdict(getattr(config, s)) for s in ("data", *sections)}
+    for key, neutral in ADDED_LATER.items():
+        section, name = key.split(".")
+        if section in payload and payload[section][name] == neutral:
+            del payload[section][name]
     payload["seed"] = config.run.seed
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
     return data_home() / "stages" / f"{stage}-{config.data.dataset}-{key}"
