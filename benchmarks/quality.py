@@ -1,7 +1,7 @@
 """Quality on ml-100k under PROTOCOL.md: test Recall@5/10 and NDCG@5/10, mean and std over seeds.
 
-    python benchmarks/quality.py [--seeds 2024 2025 2026] [--models pop sasrec tiger etegrec_noforge etegrec]
-                                 [--jobs 2] [--config ml-100k] [--runs runs/quality]
+    python benchmarks/quality.py [--seeds 2024 2025 2026] [--jobs 2] [--config ml-100k] [--runs runs/quality]
+                                 [--models pop sasrec sasrec_repeat_bias tiger etegrec_noforge etegrec]
 
 Models (same split, same evaluation code):
 
@@ -108,7 +108,8 @@ def summarise(per_seed: dict[str, dict[int, dict[str, float]]]) -> dict[str, dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[2024, 2025, 2026])
-    parser.add_argument("--models", nargs="+", default=["pop", "sasrec", "tiger", "etegrec", "etegrec_noforge"])
+    parser.add_argument("--models", nargs="+", default=["pop", "sasrec", "sasrec_repeat_bias", "tiger", "etegrec",
+                                                        "etegrec_noforge"])
     parser.add_argument("--jobs", type=int, default=2, help="joint runs at a time (one thread each by default)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--config", default="ml-100k")
