@@ -33,21 +33,28 @@ from etegrec.training.run import Run
 RESULTS = Path(__file__).parent / "results"
 
 
-def one_epoch(trainer: RQVAETrainer, epoch: int, hooks: CodebookHooks | None) -> float:
-    """The body of RQVAETrainer.fit for one epoch, timed from batching to the last signal."""
+PARTS = ("train steps", "CodebookHooks.epoch_end", "epoch_end send")
+
+
+def one_epoch(trainer: RQVAETrainer, epoch: int, hooks: CodebookHooks | None) -> tuple[float, list[float]]:
+    """The body of RQVAETrainer.fit for one epoch, timed from batching to the last signal; also
+    the seconds of its parts (:data:`PARTS`)."""
     cfg, acc = trainer.config.rqvae, trainer.run.accelerator
     start = time.perf_counter()
     batches = shuffled_batches(len(trainer.items), cfg.batch_size, seed=0, epoch=epoch)
     result = train_epoch(sender=trainer, stage="rqvae", phase="rqvae", epoch=epoch, batches=batches,
                          loss_fn=trainer._loss, optimizers=[trainer.optimizer], accelerator=acc, show_progress=False)
+    trained = time.perf_counter()
     if hooks is not None:
         hooks.epoch_end(epoch)
+    counted = time.perf_counter()
     losses = {"loss_total": result.losses["loss"], "loss_recon": result.losses["loss_recon"],
               "loss_commit": result.losses["loss_commit"]}
     signals.epoch_end.send(trainer, stage="rqvae", phase="rqvae", epoch=epoch, losses=losses,
                            lr={"lr": trainer.optimizer.param_groups[0]["lr"]}, seconds=result.seconds,
                            samples_per_second=result.samples_per_second)
-    return time.perf_counter() - start
+    end = time.perf_counter()
+    return end - start, [trained - start, counted - trained, end - counted]
 
 
 def main() -> None:
@@ -79,6 +86,7 @@ def main() -> None:
         for sub in subscribers:
             sub.start()
         times = {"bare": [], "instrumented": []}
+        parts = {"bare": [], "instrumented": []}
         epoch = 0
         for _ in range(3):  # warm-up, both settings
             one_epoch(trainer, epoch, None)
@@ -97,7 +105,9 @@ def main() -> None:
                     for sub in subscribers:
                         sub.connect()
                 for _ in range(args.block):
-                    times[setting].append(one_epoch(trainer, epoch, hooks))
+                    seconds, split = one_epoch(trainer, epoch, hooks)
+                    times[setting].append(seconds)
+                    parts[setting].append(split)
                     epoch += 1
                 if instrumented:
                     if hooks:
@@ -110,11 +120,15 @@ def main() -> None:
     report = {"epochs_per_setting": len(times["bare"]), "threads": args.threads, "attached": args.attach,
               "embeddings": args.embeddings or "random (1350 x 256)",
               "median_epoch_seconds_bare": bare, "median_epoch_seconds_instrumented": inst,
-              "overhead": inst / bare - 1}
+              "overhead": inst / bare - 1,
+              "median_part_seconds": {setting: dict(zip(PARTS, np.median(np.array(p), axis=0).tolist()))
+                                      for setting, p in parts.items()}}
     print(f"RQ-VAE epoch, median of {report['epochs_per_setting']} per setting, {args.threads} thread(s)")
     print(f"  {'nothing attached:':<24} {bare * 1e3:8.2f} ms")
     print(f"  {args.attach + ':':<24} {inst * 1e3:8.2f} ms")
     print(f"  overhead:                {report['overhead']:+.2%}")
+    for setting, medians in report["median_part_seconds"].items():
+        print(f"  {setting + ' parts:':<24} " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in medians.items()))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "overhead_rqvae.json").write_text(json.dumps(report, indent=2))
 
