@@ -2,11 +2,14 @@
 (codebook hooks, event log, console, W&B offline) against epochs with nothing attached, in one
 process, interleaved in blocks (in ABBA order) so that machine noise and drift hit both alike.
 
-    python benchmarks/overhead_rqvae.py [--epochs 200] [--embeddings PATH]
+    python benchmarks/overhead_rqvae.py [--epochs 400] [--embeddings PATH]
 
 Uses the cached ml-100k SASRec embeddings when given (``--embeddings``), else random ones of the
-same shape (1,349 items x 256). Prints the median epoch time of both and the overhead; writes
-benchmarks/results/overhead_rqvae.json.
+same shape (1,349 items x 256). The overhead is the median over rounds of (instrumented block's
+median epoch / bare block's median epoch) - 1, with a bootstrap 95% interval: pairing each block
+with its neighbour cancels the slow drift of a shared machine, which moved whole-run medians by
+more than 1% between identical runs. Prints both medians, the overhead and the time of each part
+of an epoch; writes benchmarks/results/overhead_rqvae.json.
 """
 from __future__ import annotations
 
@@ -59,8 +62,8 @@ def one_epoch(trainer: RQVAETrainer, epoch: int, hooks: CodebookHooks | None) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=200, help="epochs per setting (default 200)")
-    parser.add_argument("--block", type=int, default=10, help="epochs per block before switching setting")
+    parser.add_argument("--epochs", type=int, default=400, help="epochs per setting (default 400)")
+    parser.add_argument("--block", type=int, default=5, help="epochs per block before switching setting")
     parser.add_argument("--embeddings", help="embeddings.npy of an embed run (default: random)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--attach", default="hooks,eventlog,console,wandb",
@@ -87,6 +90,7 @@ def main() -> None:
             sub.start()
         times = {"bare": [], "instrumented": []}
         parts = {"bare": [], "instrumented": []}
+        ratios = []  # per round: instrumented block median / bare block median
         epoch = 0
         for _ in range(3):  # warm-up, both settings
             one_epoch(trainer, epoch, None)
@@ -114,19 +118,27 @@ def main() -> None:
                         hooks.remove()
                     for sub in subscribers:
                         sub.disconnect()
+            ratios.append(statistics.median(times["instrumented"][-args.block:])
+                          / statistics.median(times["bare"][-args.block:]))
         for sub in subscribers:
             sub.finish("completed")
     bare, inst = statistics.median(times["bare"]), statistics.median(times["instrumented"])
-    report = {"epochs_per_setting": len(times["bare"]), "threads": args.threads, "attached": args.attach,
+    r = np.array(ratios)
+    resampled = np.median(np.random.default_rng(0).choice(r, size=(2000, r.size)), axis=1)
+    low, high = np.percentile(resampled, [2.5, 97.5]) - 1
+    report = {"epochs_per_setting": len(times["bare"]), "block": args.block, "rounds": len(ratios),
+              "threads": args.threads, "attached": args.attach,
               "embeddings": args.embeddings or "random (1350 x 256)",
               "median_epoch_seconds_bare": bare, "median_epoch_seconds_instrumented": inst,
-              "overhead": inst / bare - 1,
+              "overhead": float(np.median(r) - 1), "overhead_95ci": [float(low), float(high)],
+              "overhead_of_whole_run_medians": inst / bare - 1,
               "median_part_seconds": {setting: dict(zip(PARTS, np.median(np.array(p), axis=0).tolist()))
                                       for setting, p in parts.items()}}
     print(f"RQ-VAE epoch, median of {report['epochs_per_setting']} per setting, {args.threads} thread(s)")
     print(f"  {'nothing attached:':<24} {bare * 1e3:8.2f} ms")
     print(f"  {args.attach + ':':<24} {inst * 1e3:8.2f} ms")
-    print(f"  overhead:                {report['overhead']:+.2%}")
+    print(f"  overhead:                {report['overhead']:+.2%} (95% interval {low:+.2%} to {high:+.2%}; "
+          f"median of {len(ratios)} paired rounds)")
     for setting, medians in report["median_part_seconds"].items():
         print(f"  {setting + ' parts:':<24} " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in medians.items()))
     RESULTS.mkdir(exist_ok=True)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from etegrec import metrics, signals
-from etegrec.hooks.codebook import CodebookHooks
+from etegrec.hooks.codebook import FOLD_EVERY, CodebookHooks
 
 
 class Quantized(NamedTuple):
@@ -54,11 +54,14 @@ def batches(n: int = 3, size: int = 16):
     return [torch.randn(size, 3, generator=g) for _ in range(n)]
 
 
-def test_counts_equal_the_codes_the_model_returned(model):
+@pytest.mark.parametrize("n_batches, inference", [(3, False), (2 * FOLD_EVERY + 5, False), (FOLD_EVERY + 1, True)],
+                         ids=["few-steps", "past-two-folds", "inference-mode"])
+def test_counts_equal_the_codes_the_model_returned(model, n_batches, inference):
     seen = []
     with CodebookHooks(model, stage="rqvae") as hooks:
-        for x in batches():
-            codes, _ = model(x)
+        for x in batches(n_batches, size=5):
+            with torch.inference_mode(inference):
+                codes, _ = model(x)
             seen.append(codes)
         stats = hooks.epoch_end(epoch=0)
     seen = torch.cat(seen)  # (n_samples, n_layers)
@@ -86,7 +89,10 @@ def test_remove_twice_is_harmless_and_stops_counting(model):
     assert all(int(c.sum()) == 0 for c in hooks.counts)
 
 
-def test_payload_values_are_the_metrics_of_the_counts(model):
+@pytest.mark.parametrize("sizes", [(4, 6), (5, 5)], ids=["unequal-K", "equal-K"])
+def test_payload_values_are_the_metrics_of_the_counts(sizes):
+    torch.manual_seed(0)
+    model = TwoLayerModel(sizes)
     owner = object()
     with CodebookHooks(model, stage="joint", sender=owner) as hooks:
         for x in batches():
@@ -101,9 +107,10 @@ def test_payload_values_are_the_metrics_of_the_counts(model):
                           "dead_codes"}
         assert (p["stage"], p["epoch"]) == ("joint", 5)
         assert p["counts"].sum() == 3 * 16
-        assert p["utilization"] == metrics.utilization(p["counts"])
-        assert p["perplexity"] == metrics.perplexity(p["counts"])
-        assert p["gini"] == metrics.gini(p["counts"])
+        assert len(p["counts"]) == sizes[p["layer"]]
+        assert p["utilization"] == pytest.approx(metrics.utilization(p["counts"]), rel=1e-12)
+        assert p["perplexity"] == pytest.approx(metrics.perplexity(p["counts"]), rel=1e-12)
+        assert p["gini"] == pytest.approx(metrics.gini(p["counts"]), rel=1e-12)
         assert p["dead_codes"] == metrics.dead_codes(p["counts"])
 
 

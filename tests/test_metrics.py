@@ -103,3 +103,19 @@ def test_usage_stats_agree_with_the_single_metrics(counts):
     assert stats["perplexity"] == pytest.approx(metrics.perplexity(counts))
     assert stats["gini"] == pytest.approx(metrics.gini(counts))
     assert stats["dead_codes"] == metrics.dead_codes(counts)
+
+
+def test_usage_stats_rows_equal_each_row_on_its_own():
+    rows = np.array([[1, 2, 3, 4, 0], [0, 0, 5, 0, 0], [0, 0, 0, 0, 0], [7, 0, 1, 0, 2]])
+    got = metrics.usage_stats_rows(rows)
+    assert len(got) == 4
+    for row, stats in zip(rows, got):
+        assert stats == pytest.approx(metrics.usage_stats(row))
+    assert got[1] == {"utilization": 0.2, "perplexity": 1.0, "gini": pytest.approx(0.8), "dead_codes": 4}
+
+
+def test_usage_stats_rows_rejects_a_1d_histogram_and_negative_counts():
+    with pytest.raises(ValueError, match="2-d"):
+        metrics.usage_stats_rows([1, 2, 3])
+    with pytest.raises(ValueError, match="non-negative"):
+        metrics.usage_stats_rows([[1, -2, 3]])

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from etegrec.hooks.wandb import (
     resolve_mode,
     usage_histogram,
 )
+from etegrec.hooks.wandb_process import RemoteRun, WandbProcessError, WandbProcessTracker
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -289,6 +292,79 @@ def test_other_trackers_get_the_scalars_with_epoch_as_step(wandb_env, tmp_path):
     assert other.rows == [(4, {"codebook/layer1/utilization": 1.0,
                                "codebook/layer1/perplexity": 8.0, "codebook/layer1/gini": 0.0,
                                "codebook/layer1/dead_codes": 0})]
+
+
+# --- W&B in its own process ------------------------------------------------------------------
+
+def test_the_wandb_run_lives_in_another_process(wandb_env, tmp_path):
+    accelerator = accelerate.Accelerator(log_with="wandb", cpu=True)
+    subscriber = WandbSubscriber(accelerator=accelerator, project=PRETRAIN_PROJECT, run_name="p",
+                                 config={}, run_dir=tmp_path, stage="rqvae", mode="offline")
+    subscriber.start()
+    try:
+        assert isinstance(subscriber.run, RemoteRun)
+        assert accelerator.get_tracker("wandb", unwrap=True) is subscriber.run
+        child = subscriber.run._process
+        assert child.pid != os.getpid() and child.poll() is None
+    finally:
+        subscriber.finish("completed")
+    assert child.returncode == 0
+
+
+KILLED_DURING_TRAINING = """
+import os, sys
+import accelerate
+from etegrec import signals
+from etegrec.hooks.wandb import WandbSubscriber
+sub = WandbSubscriber(accelerator=accelerate.Accelerator(log_with="wandb", cpu=True), project="p",
+                      run_name="killed", config={}, run_dir=sys.argv[1], stage="rqvae", mode="offline")
+sub.start()
+sub.connect()
+signals.epoch_end.send(None, stage="rqvae", phase="rqvae", epoch=0, losses={"loss_total": 0.5})
+sub._queue.put(None)  # let the worker hand the row to W&B's process, then die without finishing
+sub._worker.join()
+os._exit(9)
+"""
+
+
+def test_a_training_process_that_dies_leaves_a_finished_failed_run(wandb_env, tmp_path):
+    done = subprocess.run([sys.executable, "-c", KILLED_DURING_TRAINING, str(tmp_path)], timeout=120)
+    assert done.returncode == 9
+    deadline = time.monotonic() + 60  # W&B's process finishes the run on its own once the socket closes
+    while time.monotonic() < deadline and not any(r["type"] == "exit" for r in _records_or_none(tmp_path)):
+        time.sleep(0.5)
+    records = inspect_records(tmp_path)
+    assert logged(records, "train/loss_total") == [(0, 0.5)]
+    assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [1]
+
+
+def _records_or_none(run_dir: Path) -> list[dict]:
+    try:
+        return inspect_records(run_dir)
+    except (AssertionError, subprocess.CalledProcessError):
+        return []
+
+
+def test_an_error_in_the_wandb_process_is_raised_in_the_training_process(wandb_env, tmp_path):
+    tracker = WandbProcessTracker("p", name="r", dir=str(tmp_path), mode="offline", id="errorcase1",
+                                  settings={"finish_timeout": 30})
+    tracker.start()
+    try:
+        tracker.run.define_metric("x", step_metric=object())  # W&B rejects it, in its own process
+        with pytest.raises(WandbProcessError, match="step_metric"):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                tracker.run.log({"epoch": 0})
+                time.sleep(0.2)
+    finally:
+        tracker.finish()
+
+
+def test_a_failed_wandb_start_is_an_error_naming_the_cause(wandb_env, tmp_path):
+    tracker = WandbProcessTracker("p", name="r", dir=str(tmp_path), mode="offline", id="bad/id!",
+                                  settings={"finish_timeout": 5})
+    with pytest.raises(WandbProcessError, match="UsageError: Run ID cannot contain"):
+        tracker.start()
 
 
 def test_non_main_process_starts_and_connects_nothing(monkeypatch, tmp_path):

@@ -5,10 +5,16 @@ A quantizer layer is any module whose class sets ``is_quantizer = True``, has an
 by duck typing, so this module never imports ``etegrec.models``; the model never knows it is
 observed and its outputs are untouched.
 
-Counting stays on the device: each forward adds its codes into a ``[K]`` tensor with
-``scatter_add_`` (not ``torch.bincount``: on CUDA, bincount reads the input's min and max back to the
-host to size its output, a synchronisation on every step). Once per epoch, :meth:`epoch_end`
-reduces the counts across processes, moves them to the host once and reports them.
+Counting is cheap on the training path and stays on the device. A hook only keeps a reference to
+the codes its layer returned (no tensor operation: a handful of operations per layer and step,
+after the training step has pushed the interpreter's code out of the CPU's caches, measurably
+slowed small RQ-VAE epochs). The kept codes are added into a ``[K]`` tensor per layer with
+``scatter_add_`` every :data:`FOLD_EVERY` steps and at the end of the epoch (not ``torch.bincount``:
+on CUDA, bincount reads the input's min and max back to the host to size its output, a
+synchronisation). Once per epoch, :meth:`epoch_end` reduces the counts across processes, moves them
+to the host once and reports them.
+
+A quantizer must therefore not overwrite a codes tensor it has returned (none of etegrec's do).
 """
 from __future__ import annotations
 
@@ -16,13 +22,16 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from etegrec import metrics, signals
 
-__all__ = ["CodebookHooks", "find_quantizers"]
+__all__ = ["CodebookHooks", "FOLD_EVERY", "find_quantizers"]
+
+FOLD_EVERY = 64  # forward passes per layer whose codes are kept before they are added into the counts
 
 
 def find_quantizers(model: nn.Module) -> list[nn.Module]:
@@ -65,29 +74,53 @@ class CodebookHooks:
         self.codebook_sizes = [layer.codebook_size for layer in layers]
         self._counts = [torch.zeros(k, dtype=torch.long, device=_device_of(layer))
                         for k, layer in zip(self.codebook_sizes, layers)]
+        self._pending: list[list[torch.Tensor]] = [[] for _ in layers]  # codes not yet counted, per layer
         self._paused = 0
         self._ones = torch.ones(0, dtype=torch.long)
         self._handles = [layer.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(layers)]
 
     def _make_hook(self, index: int):
+        pending = self._pending[index]
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if self._paused:
                 return
-            codes = output.codes.detach().reshape(-1)  # (batch,)
-            counts = self._counts[index]
-            if counts.device != codes.device:  # the model moved after attaching (metadata only)
-                with torch.inference_mode(False):  # a normal tensor, updatable outside inference mode
-                    counts = self._counts[index] = counts.to(codes.device)
-            ones = self._ones
-            if ones.numel() < codes.numel() or ones.device != codes.device:  # grown once, reused every step
-                with torch.inference_mode(False):
-                    ones = self._ones = torch.ones(codes.numel(), dtype=torch.long, device=codes.device)
-            counts.scatter_add_(0, codes.long(), ones[:codes.numel()])
+            pending.append(output.codes)  # integer codes carry no autograd graph: nothing to detach
+            if len(pending) >= FOLD_EVERY:
+                self._fold(index)
         return hook
+
+    def _fold(self, index: int) -> None:
+        """Add the kept codes of layer ``index`` into its counts (on the codes' device)."""
+        pending = self._pending[index]
+        if not pending:
+            return
+        device = pending[-1].device
+        # each torch call here is slow when cold (once per epoch), so none is made that is not needed
+        codes = [c if c.device == device else c.to(device) for c in pending]
+        pending.clear()
+        codes = torch.cat(codes) if len(codes) > 1 else codes[0]
+        if codes.dim() != 1:
+            codes = codes.reshape(-1)
+        if codes.dtype != torch.long:
+            codes = codes.long()
+        counts, ones, n = self._counts[index], self._ones, codes.numel()
+        if counts.device != device or ones.device != device or ones.numel() < n:
+            with torch.inference_mode(False):  # made here, they must stay updatable outside inference mode
+                if counts.device != device:  # the model moved after attaching
+                    counts = self._counts[index] = counts.to(device)
+                if ones.device != device or ones.numel() < n:  # grown, then reused
+                    ones = self._ones = torch.ones(n, dtype=torch.long, device=device)
+        counts.scatter_add_(0, codes, ones[:n])
+
+    def _fold_all(self) -> None:
+        for index in range(len(self._pending)):
+            self._fold(index)
 
     @property
     def counts(self) -> list[torch.Tensor]:
         """Copies of the running per-layer counts ``[K_l]`` (on the device; not reduced)."""
+        self._fold_all()
         return [c.clone() for c in self._counts]
 
     def load_counts(self, counts: list[torch.Tensor]) -> None:
@@ -95,6 +128,8 @@ class CodebookHooks:
         if [len(c) for c in counts] != list(self.codebook_sizes):
             raise ValueError(f"saved codebook counts have sizes {[len(c) for c in counts]}, "
                              f"the hooked layers {list(self.codebook_sizes)}")
+        for pending in self._pending:
+            pending.clear()
         for mine, saved in zip(self._counts, counts):
             mine.copy_(saved.to(mine.device))
 
@@ -119,8 +154,9 @@ class CodebookHooks:
             counts (np.ndarray [K]), utilization, perplexity, gini, dead_codes.
         """
         stage = self.stage if stage is None else stage
+        self._fold_all()
         device = self._counts[0].device
-        flat = torch.cat([c.to(device) for c in self._counts])  # (sum K_l,)
+        flat = torch.cat([c if c.device == device else c.to(device) for c in self._counts])  # (sum K_l,)
         if dist.is_available() and dist.is_initialized():
             if dist.get_backend() == "nccl" and flat.device.type != "cuda":
                 flat = flat.cuda()
@@ -129,11 +165,16 @@ class CodebookHooks:
         for c in self._counts:
             c.zero_()
 
-        stats, start = [], 0
-        for layer, k in enumerate(self.codebook_sizes):
-            counts = host[start:start + k].copy()
-            start += k
-            stats.append(dict(stage=stage, epoch=epoch, layer=layer, counts=counts, **metrics.usage_stats(counts)))
+        sizes = self.codebook_sizes
+        if len(set(sizes)) == 1:  # the usual case: one vectorised pass over all layers
+            rows = host.reshape(len(sizes), sizes[0])  # (L, K)
+            per_layer = list(rows)
+            usage = metrics.usage_stats_rows(rows, check=False)  # counts are >= 0 by construction
+        else:
+            per_layer = np.split(host, np.cumsum(sizes)[:-1])
+            usage = [metrics.usage_stats(c) for c in per_layer]
+        stats = [dict(stage=stage, epoch=epoch, layer=layer, counts=counts, **u)
+                 for layer, (counts, u) in enumerate(zip(per_layer, usage))]
         if signals.codebook_usage.receivers:
             for payload in stats:
                 signals.codebook_usage.send(self.sender, **payload)

@@ -22,10 +22,12 @@ And one of the other trackers: the run config is stored per tracker, nested for 
 to ``{"joint.lr_rec": 0.005, ...}`` for the others (TensorBoard's ``add_hparams`` takes flat
 primitive values only; a nested config breaks it or is stored as unset).
 
-Tracker calls (about 1-2 ms each for W&B, histograms included) run in order on one worker thread,
-so the training loop only pays for building the row; :meth:`WandbSubscriber.finish` drains the
-queue before finishing. A codebook row waits for its epoch's ``epoch_end`` and goes with it: one
-call per epoch. With W&B as the only tracker, rows go through ``accelerator.log``.
+W&B named in ``log_with`` runs in a process of its own (:mod:`etegrec.hooks.wandb_process`): its
+client costs about 0.7 ms of CPU per row, which in the training process is taken from training.
+Tracker calls run in order on one worker thread (for W&B, pickling the row into the socket), so
+the training loop only pays for building the row; :meth:`WandbSubscriber.finish` drains the queue
+before finishing. A codebook row waits for its epoch's ``epoch_end`` and goes with it: one call per
+epoch; its usage counts become a W&B histogram in W&B's process.
 
 Finishing the trackers here means nobody has to reach ``accelerator.end_training()`` for the
 TensorBoard events to be on disk; the run that made the Accelerator calls it afterwards anyway,
@@ -272,6 +274,7 @@ class WandbSubscriber(Subscriber):
         self._started = False
         self._logging = False
         self._pending: list[tuple[int, dict, dict]] = []
+        self._log_with: list | None = None  # accelerator.log_with as given, before W&B moved out of process
         self._queue: queue.SimpleQueue | None = None
         self._worker: threading.Thread | None = None  # codebook rows waiting for their epoch_end
 
@@ -321,10 +324,12 @@ class WandbSubscriber(Subscriber):
         return self.run_dir / "wandb" / "run-id"
 
     def _init_trackers(self, uses_wandb: bool) -> None:
+        from accelerate.tracking import GeneralTracker
+
+        from .wandb_process import WandbProcessTracker
+
         init_kwargs = {}
         if uses_wandb:
-            import wandb
-
             run_id = None
             if self.resume and self.run_id_file.exists():
                 run_id = self.run_id_file.read_text(encoding="utf-8").strip() or None
@@ -336,10 +341,18 @@ class WandbSubscriber(Subscriber):
                 "mode": self.mode,
                 "id": run_id,
                 "resume": "allow",
-                "settings": wandb.Settings(finish_timeout=self.finish_timeout, init_timeout=self.init_timeout),
+                "settings": {"finish_timeout": self.finish_timeout, "init_timeout": self.init_timeout},
             }
             self.run_id_file.parent.mkdir(parents=True, exist_ok=True)
             self.run_id_file.write_text(run_id + "\n", encoding="utf-8")
+            # W&B by name runs in its own process (see etegrec.hooks.wandb_process); a W&B tracker
+            # object the user built stays as it is. Rebuilt from the original list on a retry.
+            if self._log_with is None:
+                self._log_with = list(self.accelerator.log_with)
+            self.accelerator.log_with = [
+                WandbProcessTracker(self.project, **init_kwargs["wandb"])
+                if _tracker_name(t) == "wandb" and not isinstance(t, GeneralTracker) else t
+                for t in self._log_with]
         # no config here: each tracker gets it below in the shape it can store
         self.accelerator.init_trackers(project_name=self.project, init_kwargs=init_kwargs)
         self.trackers = list(self.accelerator.trackers)
@@ -407,7 +420,7 @@ class WandbSubscriber(Subscriber):
             f"{prefix}/perplexity": float(perplexity),
             f"{prefix}/gini": float(gini),
             f"{prefix}/dead_codes": int(dead_codes),
-        }, {f"{prefix}/usage": usage_histogram(counts)}))
+        }, {f"{prefix}/usage": counts}))  # made a histogram where W&B runs: see _log_wandb
 
     def on_run_finished(self, sender, *, stage, status="completed", best_metrics=None, **extra):
         if stage != self.stage:
@@ -419,8 +432,7 @@ class WandbSubscriber(Subscriber):
 
     # logging
 
-    def _log(self, epoch: int, scalars: dict[str, float],
-             histograms: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+    def _log(self, epoch: int, scalars: dict[str, float], histograms: Mapping[str, np.ndarray] | None = None) -> None:
         if not self._logging:
             self._pending.clear()
             return
@@ -439,22 +451,13 @@ class WandbSubscriber(Subscriber):
             epoch = self._pending[-1][0]
             self._log(epoch, {})
 
-    def _send(self, epoch: int, scalars: dict[str, float],
-              histograms: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    def _send(self, epoch: int, scalars: dict[str, float], histograms: Mapping[str, np.ndarray]) -> None:
         row = {"epoch": int(epoch), **scalars}
 
         def send():
-            media = {}
-            if self.run is not None and histograms:
-                import wandb
-
-                media = {k: wandb.Histogram(np_histogram=h) for k, h in histograms.items()}
-            if all(tracker.name == "wandb" for tracker in self.trackers):
-                self.accelerator.log({**row, **media})  # no step=: see the module docstring
-                return
             for tracker in self.trackers:
                 if tracker.name == "wandb":
-                    self.run.log({**row, **media})
+                    _log_wandb(self.run, row, histograms)  # no step=: see the module docstring
                 else:  # scalars only, and the epoch is their step: no "epoch" chart of its own
                     tracker.log(scalars, step=int(epoch))
         self._submit(send)
@@ -478,3 +481,15 @@ class WandbSubscriber(Subscriber):
             self._logging = False
             log.warning("tracking failed (%s: %s); logging to the trackers is off for the rest of this run, "
                         "training goes on", type(exc).__name__, exc)
+
+
+def _log_wandb(run: Any, row: dict[str, Any], usage: Mapping[str, np.ndarray]) -> None:
+    """Log ``row`` plus one usage histogram per ``usage`` entry (key -> codebook counts) to ``run``."""
+    from .wandb_process import RemoteRun
+
+    if isinstance(run, RemoteRun):  # the histograms are made in W&B's process
+        run.log(row, histograms=usage)
+        return
+    import wandb
+
+    run.log({**row, **{k: wandb.Histogram(np_histogram=usage_histogram(c)) for k, c in usage.items()}})
