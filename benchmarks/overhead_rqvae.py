@@ -63,7 +63,7 @@ def one_epoch(trainer: RQVAETrainer, epoch: int, hooks: CodebookHooks | None) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=400, help="epochs per setting (default 400)")
-    parser.add_argument("--block", type=int, default=5, help="epochs per block before switching setting")
+    parser.add_argument("--block", type=int, default=1, help="epochs per block before switching setting (default 1)")
     parser.add_argument("--embeddings", help="embeddings.npy of an embed run (default: random)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--attach", default="hooks,eventlog,console,wandb",
@@ -88,6 +88,10 @@ def main() -> None:
         subscribers = [make() for name, make in available.items() if name in attach]
         for sub in subscribers:
             sub.start()
+        # one hooks object for the whole run, as a trainer keeps it: detached during bare blocks
+        codebook_hooks = CodebookHooks(trainer.tokenizer, stage="rqvae", sender=trainer) if "hooks" in attach else None
+        if codebook_hooks:
+            codebook_hooks.remove()
         times = {"bare": [], "instrumented": []}
         parts = {"bare": [], "instrumented": []}
         ratios = []  # per round: instrumented block median / bare block median
@@ -103,8 +107,7 @@ def main() -> None:
             rounds += 1
             for setting in order:
                 instrumented = setting != "bare"
-                hooks = (CodebookHooks(trainer.tokenizer, stage="rqvae", sender=trainer)
-                         if instrumented and "hooks" in attach else None)
+                hooks = codebook_hooks.attach() if instrumented and codebook_hooks else None
                 if instrumented:
                     for sub in subscribers:
                         sub.connect()

@@ -87,6 +87,11 @@ def test_remove_twice_is_harmless_and_stops_counting(model):
     model(batches(1)[0])
     assert all(layer._forward_hooks == {} for layer in model.layers)
     assert all(int(c.sum()) == 0 for c in hooks.counts)
+    hooks.attach()
+    hooks.attach()  # once attached, again does nothing
+    model(batches(1)[0])
+    assert all(len(layer._forward_hooks) == 1 for layer in model.layers)
+    assert [int(c.sum()) for c in hooks.counts] == [16, 16]
 
 
 @pytest.mark.parametrize("sizes", [(4, 6), (5, 5)], ids=["unequal-K", "equal-K"])

@@ -77,7 +77,16 @@ class CodebookHooks:
         self._pending: list[list[torch.Tensor]] = [[] for _ in layers]  # codes not yet counted, per layer
         self._paused = 0
         self._ones = torch.ones(0, dtype=torch.long)
-        self._handles = [layer.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(layers)]
+        self._layers = layers
+        self._handles: list = []
+        self.attach()
+
+    def attach(self) -> CodebookHooks:
+        """Hook every quantizer layer again after :meth:`remove` (done by the constructor); the
+        running counts carry on. Does nothing when attached."""
+        if not self._handles:
+            self._handles = [layer.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(self._layers)]
+        return self
 
     def _make_hook(self, index: int):
         pending = self._pending[index]

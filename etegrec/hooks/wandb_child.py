@@ -8,13 +8,33 @@ from __future__ import annotations
 
 import sys
 from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+MAX_HISTOGRAM_BINS = 512  # wandb.Histogram's limit
+
+
+def usage_histogram(counts: Any, max_bins: int = MAX_HISTOGRAM_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, bin_edges)`` of a per-code usage histogram with at most ``max_bins`` bins.
+
+    Code c is the bin ``[c, c + 1)``; when K > ``max_bins``, runs of ``ceil(K / max_bins)``
+    adjacent codes are merged into one bin (the last one may be narrower). Totals are preserved.
+    """
+    c = np.asarray(counts).reshape(-1)
+    k = c.size
+    width = max(1, -(-k // max_bins))
+    n_bins = -(-k // width)
+    padded = np.zeros(n_bins * width, dtype=c.dtype)
+    padded[:k] = c
+    values = padded.reshape(n_bins, width).sum(axis=1)  # (n_bins,)
+    edges = np.minimum(np.arange(n_bins + 1) * width, k)  # (n_bins + 1,)
+    return values, edges
 
 
 def _serve(conn: Connection) -> None:
     """Own one W&B run: start it, then carry out the parent's calls until ``finish`` or EOF."""
     import wandb
-
-    from etegrec.hooks.wandb import usage_histogram
 
     _, kwargs = conn.recv()
     try:
