@@ -2,7 +2,7 @@
 (codebook hooks, event log, console, W&B offline) against epochs with nothing attached, in one
 process, interleaved in blocks (in ABBA order) so that machine noise and drift hit both alike.
 
-    python benchmarks/overhead_rqvae.py [--epochs 400] [--embeddings PATH]
+    python benchmarks/overhead_rqvae.py [--epochs 1000] [--embeddings PATH]
 
 Uses the cached ml-100k SASRec embeddings when given (``--embeddings``), else random ones of the
 same shape (1,349 items x 256). The overhead is the median over rounds of (instrumented block's
@@ -62,7 +62,7 @@ def one_epoch(trainer: RQVAETrainer, epoch: int, hooks: CodebookHooks | None) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=400, help="epochs per setting (default 400)")
+    parser.add_argument("--epochs", type=int, default=1000, help="epochs per setting (default 1000; about 2 min)")
     parser.add_argument("--block", type=int, default=1, help="epochs per block before switching setting (default 1)")
     parser.add_argument("--embeddings", help="embeddings.npy of an embed run (default: random)")
     parser.add_argument("--threads", type=int, default=1)

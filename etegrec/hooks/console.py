@@ -28,7 +28,7 @@ class ConsoleSubscriber(Subscriber):
         # sub-second epochs (RQ-VAE pretraining) would otherwise flood the terminal
         self.min_interval = min_interval
         self._last_epoch_line = float("-inf")
-        self._codebook_lines: list[str] = []
+        self._codebook_lines: list[tuple] = []
 
     def _print(self, text: str) -> None:
         tqdm.write(text, file=self.file or sys.stderr)
@@ -44,8 +44,9 @@ class ConsoleSubscriber(Subscriber):
         if now - self._last_epoch_line < self.min_interval:
             return
         self._last_epoch_line = now
-        for line in codebook_lines:
-            self._print(line)
+        for stage_, epoch_, layer, utilization, perplexity, gini, dead in codebook_lines:
+            self._print(f"[{stage_}] epoch {epoch_} codebook layer {layer}: utilization {utilization:.1%}, "
+                        f"perplexity {perplexity:.1f}, gini {gini:.3f}, {dead} dead")
         lr_text = f" | lr {_fmt(lr, 3)}" if lr else ""
         self._print(f"[{stage}] epoch {epoch} {phase}: {_fmt(losses)}{lr_text} | {seconds:.1f} s, "
                     f"{samples_per_second:.0f} samples/s")
@@ -61,10 +62,8 @@ class ConsoleSubscriber(Subscriber):
 
     def on_codebook_usage(self, sender, *, stage, epoch, layer, utilization, perplexity, gini,
                           dead_codes, **extra):
-        if self.codebooks:  # printed with the epoch's epoch_end line, if that one is printed
-            self._codebook_lines.append(f"[{stage}] epoch {epoch} codebook layer {layer}: utilization "
-                                        f"{utilization:.1%}, perplexity {perplexity:.1f}, gini {gini:.3f}, "
-                                        f"{dead_codes} dead")
+        if self.codebooks:  # printed with the epoch's epoch_end line, if that one is printed (formatted then)
+            self._codebook_lines.append((stage, epoch, layer, utilization, perplexity, gini, dead_codes))
 
     def on_checkpoint_saved(self, sender, *, stage, epoch, path, is_best=False, **extra):
         self._print(f"[{stage}] checkpoint {'(best) ' if is_best else ''}epoch {epoch}: {path}")

@@ -16,6 +16,7 @@ from .base import Subscriber
 __all__ = ["EventLog", "read_events", "to_jsonable"]
 
 MAX_LIST_ELEMENTS = 100_000  # larger arrays are summarised instead of written out
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps(separators=...) builds one per call
 
 
 def to_jsonable(value: Any) -> Any:
@@ -73,7 +74,7 @@ class EventLog(Subscriber):
         if self._file is None:
             self.start()
         record = {"signal": name, "time": time.time(), "rank": self.rank, **to_jsonable(payload)}
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.write(_ENCODER.encode(record) + "\n")
         self._file.flush()
 
     def finish(self, status: str = "completed") -> None:
