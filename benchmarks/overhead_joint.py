@@ -70,7 +70,7 @@ def main() -> None:
 
         trainer._batches = few_batches
         from accelerate import Accelerator
-        wandb_acc = Accelerator(cpu=True, log_with="wandb")
+        wandb_acc = Accelerator(cpu=not torch.cuda.is_available(), log_with="wandb")  # the device Run picked
         subscribers = [EventLog(Path(tmp) / "events.jsonl"), ConsoleSubscriber(file=io.StringIO()),
                        WandbSubscriber(accelerator=wandb_acc, project=JOINT_PROJECT, run_name="overhead",
                                        config=config.to_dict(), run_dir=tmp, stage="joint", mode="offline")]

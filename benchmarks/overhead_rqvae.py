@@ -78,7 +78,7 @@ def main() -> None:
         run = Run(config, stage="rqvae", output_dir=tmp, wandb_mode="disabled", console=False)
         trainer = RQVAETrainer(config, run, emb)
         from accelerate import Accelerator
-        wandb_acc = Accelerator(cpu=True, log_with="wandb")
+        wandb_acc = Accelerator(cpu=not torch.cuda.is_available(), log_with="wandb")  # the device Run picked
         attach = set(args.attach.split(","))
         available = {"eventlog": lambda: EventLog(Path(tmp) / "events.jsonl"),
                      "console": lambda: ConsoleSubscriber(file=io.StringIO()),

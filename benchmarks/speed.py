@@ -63,21 +63,31 @@ def train_throughput(trainer: JointTrainer, phase: str, steps: int) -> float:
         opt.step()
 
     step(batches[0])
+    _synchronize()
     start = time.perf_counter()
     for batch in batches[1:]:
         step(batch)
+    _synchronize()
     return sum(len(b) for b in batches[1:]) / (time.perf_counter() - start)
+
+
+def _synchronize() -> None:
+    """Wait for queued GPU work, so that a timer read after it counts that work."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def eval_throughput(trainer: JointTrainer, constrained: bool, n: int, batch_size: int) -> float:
     history, _ = trainer.data.split("valid")
     trainer.recommender.eval()
+    _synchronize()
     start = time.perf_counter()
     with torch.no_grad():
         for lo in range(0, n, batch_size):
-            h = torch.as_tensor(history[lo:lo + batch_size])
+            h = torch.as_tensor(history[lo:lo + batch_size], device=trainer.codes.device)
             beam_search(trainer.recommender, trainer.codes[h], h != 0, trainer.trie, beam_size=20, top_k=10,
                         constrained=constrained)
+    _synchronize()
     return n / (time.perf_counter() - start)
 
 

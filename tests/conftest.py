@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from accelerate import Accelerator
 
 os.environ["ETEGREC_STRICT_SIGNALS"] = "1"  # a raising subscriber fails the test instead of being logged
 os.environ.setdefault("WANDB_MODE", "offline")  # nothing ever tries the network
@@ -70,3 +72,12 @@ def write_structured_inter(path: Path, n_users: int = 40, n_items: int = 48) -> 
             item = (item + stride) % n_items
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def make_accelerator(**kwargs) -> Accelerator:
+    """An Accelerator on the device a Run picks (the GPU when there is one).
+
+    Accelerate's state is process-wide: on a GPU machine, once a test's Run has put it on CUDA,
+    ``Accelerator(cpu=True)`` raises. Tests that build their own Accelerator use this instead.
+    """
+    return Accelerator(cpu=not torch.cuda.is_available(), **kwargs)

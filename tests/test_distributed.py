@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_structured_inter
+from conftest import make_accelerator, write_structured_inter
 from etegrec.hooks.eventlog import read_events
 
 RECORDER = """
@@ -50,8 +50,10 @@ def launch(tmp_path_factory):
     def run(module: str, name: str, *extra: str) -> tuple[Path, Path, subprocess.CompletedProcess]:
         records = root / f"{name}-records"
         records.mkdir()
+        # two CPU processes on any machine: on a one-GPU machine both ranks would share the GPU,
+        # which NCCL refuses ("invalid usage")
         env = {**os.environ, "ETEGREC_HOME": str(root / "home"), "RANK_RECORDS": str(records),
-               "OMP_NUM_THREADS": "1"}
+               "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", module, "--config", "tiny", "--data-path", str(root / "data.inter"),
                "--output-dir", str(root / name), "--wandb-mode", "offline",
@@ -110,7 +112,6 @@ def test_the_event_log_holds_the_reduced_values_every_rank_saw(joint_run):
 
 
 def test_test_metrics_equal_a_one_process_evaluation_of_the_same_checkpoint(joint_run, launch, monkeypatch):
-    from accelerate import Accelerator
 
     from etegrec.config import load_config
     from etegrec.training.joint import JointTrainer
@@ -121,7 +122,7 @@ def test_test_metrics_equal_a_one_process_evaluation_of_the_same_checkpoint(join
     monkeypatch.setenv("ETEGREC_HOME", str(launch.root / "home"))  # the stages the 2-process run built
     config = load_config(str(run_dir / "config.yaml"))
     data = load_stage_data(config)
-    accelerator = Accelerator(cpu=True)
+    accelerator = make_accelerator()
     embeddings, _ = ensure_embeddings(config, data, accelerator)
     tokenizer_state, _ = ensure_tokenizer(config, embeddings, accelerator)
     with Run(config, stage="joint", output_dir=launch.root / "one-process", console=False,
@@ -145,7 +146,8 @@ def test_tokenizer_pretraining_on_two_processes(launch):
 
 
 def test_a_half_set_launch_environment_is_one_clear_error(tmp_path):
-    env = {**os.environ, "WORLD_SIZE": "2"}  # one of torchrun's variables, without the others
+    env = {**os.environ, "WORLD_SIZE": "2",  # one of torchrun's variables, without the others
+           "CUDA_VISIBLE_DEVICES": ""}  # the CPU launch this test is about, on any machine
     result = subprocess.run([sys.executable, "-m", "etegrec.training.rqvae", "--config", "tiny", "--data-path",
                              str(write_structured_inter(tmp_path / "d.inter")), "--wandb-mode", "disabled",
                              "--output-dir", str(tmp_path / "run")],

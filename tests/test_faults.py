@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_structured_inter
+from conftest import make_accelerator, write_structured_inter
 from etegrec import signals
 from etegrec.config import load_config
 from etegrec.hooks import read_events
@@ -219,13 +219,12 @@ def test_online_without_an_api_key_logs_offline_with_one_warning(tmp_path, data_
 def test_online_without_a_reachable_server_falls_back_to_offline(tmp_path, wandb_env, monkeypatch, caplog):
     import time
 
-    from accelerate import Accelerator
 
     from etegrec.hooks.wandb import WandbSubscriber
 
     monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
-    subscriber = WandbSubscriber(accelerator=Accelerator(cpu=True, log_with="wandb"), project="p", run_name="r",
+    subscriber = WandbSubscriber(accelerator=make_accelerator(log_with="wandb"), project="p", run_name="r",
                                  config={"a": 1}, run_dir=tmp_path, stage="joint", mode="online", init_timeout=5)
     start = time.perf_counter()
     with caplog.at_level(logging.WARNING):

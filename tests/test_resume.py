@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_structured_inter
+from conftest import make_accelerator, write_structured_inter
 from etegrec.hooks.eventlog import read_events
 
 ARGS = ["--config", "tiny", "--set", "joint.batch_size=16", "--set", "joint.sample_fraction=1.0"]
@@ -172,8 +172,7 @@ def test_embed_and_tokenizer_stages_resume_after_ctrl_c_like_an_uninterrupted_ru
         run, on, stop_epoch = run_embed, "step_end", 1  # mid-epoch
     else:
         run, on, stop_epoch = run_rqvae, "epoch_end", 2  # the epoch is finished first (they take milliseconds)
-        from accelerate import Accelerator
-        ensure_embeddings(config, load_stage_data(config), Accelerator(cpu=True))  # built once, shared
+        ensure_embeddings(config, load_stage_data(config), make_accelerator())  # built once, shared
     run(config, output_dir=tmp_path / "reference", wandb_mode="disabled")
     with pytest.raises(KeyboardInterrupt):
         run(config, output_dir=tmp_path / "stopped", wandb_mode="disabled", subscribers=[_CtrlC(stop_epoch, on)])

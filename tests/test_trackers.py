@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_structured_inter
+from conftest import make_accelerator, write_structured_inter
 from etegrec import signals
 from etegrec.config import load_config
 from etegrec.hooks.wandb import JOINT_PROJECT, WandbSubscriber, flat_config
@@ -46,7 +46,7 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 def run_joint_signals(run_dir: Path, log_with: list[str]) -> tuple[WandbSubscriber, Path]:
     """Emit the joint stage's signal sequence through a subscriber on ``log_with``; finish it."""
-    accelerator = accelerate.Accelerator(log_with=log_with, project_dir=run_dir, cpu=True)
+    accelerator = make_accelerator(log_with=log_with, project_dir=run_dir)
     subscriber = WandbSubscriber(accelerator=accelerator, project=JOINT_PROJECT, run_name="tb", config=CONFIG,
                                  run_dir=run_dir, stage="joint", mode="offline")
     subscriber.start()
@@ -126,7 +126,7 @@ def test_tensorboard_alone_starts_no_wandb_run(tensorboard_only):
 
 
 def test_start_twice_starts_each_tracker_once(wandb_env, tmp_path):
-    accelerator = accelerate.Accelerator(log_with=["tensorboard"], project_dir=tmp_path, cpu=True)
+    accelerator = make_accelerator(log_with=["tensorboard"], project_dir=tmp_path)
     subscriber = WandbSubscriber(accelerator=accelerator, project=JOINT_PROJECT, run_name="r", config={},
                                  run_dir=tmp_path, stage="joint")
     subscriber.start()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import make_accelerator
 from etegrec import signals
 from etegrec.hooks.wandb import (
     JOINT_PROJECT,
@@ -51,7 +52,7 @@ def usage(seed: int) -> np.ndarray:
 
 def run_stage(tmp_path_factory, *, stage, project, emit, status) -> tuple[Path, list[dict]]:
     run_dir = tmp_path_factory.mktemp(stage)
-    accelerator = accelerate.Accelerator(log_with="wandb", cpu=True)
+    accelerator = make_accelerator(log_with="wandb")
     config = {"stage": stage, "seed": 7, "tokenizer": {"code_num": K, "e_dim": 4}}
     subscriber = WandbSubscriber(accelerator=accelerator, project=project, run_name=f"{stage}_name",
                                  config=config, run_dir=run_dir, stage=stage, mode="offline")
@@ -235,7 +236,7 @@ def test_completed_run_exits_0_and_other_statuses_mark_it_failed(pretrain, joint
 
 
 def test_a_wandb_error_is_warned_once_and_the_run_goes_on(wandb_env, tmp_path, caplog):
-    accelerator = accelerate.Accelerator(log_with="wandb", cpu=True)
+    accelerator = make_accelerator(log_with="wandb")
     subscriber = WandbSubscriber(accelerator=accelerator, project=JOINT_PROJECT, run_name="broken",
                                  config={}, run_dir=tmp_path, stage="joint", mode="disabled")
     subscriber.start()
@@ -278,7 +279,7 @@ class ListTracker(accelerate.tracking.GeneralTracker):
 
 def test_other_trackers_get_the_scalars_with_epoch_as_step(wandb_env, tmp_path):
     other = ListTracker()
-    accelerator = accelerate.Accelerator(log_with=["wandb", other], cpu=True)
+    accelerator = make_accelerator(log_with=["wandb", other])
     subscriber = WandbSubscriber(accelerator=accelerator, project=JOINT_PROJECT, run_name="two",
                                  config={}, run_dir=tmp_path, stage="joint", mode="disabled")
     subscriber.start()
@@ -297,7 +298,7 @@ def test_other_trackers_get_the_scalars_with_epoch_as_step(wandb_env, tmp_path):
 # --- W&B in its own process ------------------------------------------------------------------
 
 def test_the_wandb_run_lives_in_another_process(wandb_env, tmp_path):
-    accelerator = accelerate.Accelerator(log_with="wandb", cpu=True)
+    accelerator = make_accelerator(log_with="wandb")
     subscriber = WandbSubscriber(accelerator=accelerator, project=PRETRAIN_PROJECT, run_name="p",
                                  config={}, run_dir=tmp_path, stage="rqvae", mode="offline")
     subscriber.start()
@@ -368,7 +369,7 @@ def test_a_failed_wandb_start_is_an_error_naming_the_cause(wandb_env, tmp_path):
 
 
 def test_non_main_process_starts_and_connects_nothing(monkeypatch, tmp_path):
-    accelerator = accelerate.Accelerator(log_with="wandb", cpu=True)
+    accelerator = make_accelerator(log_with="wandb")
     monkeypatch.setattr(type(accelerator), "is_main_process", property(lambda self: False))
     subscriber = WandbSubscriber(accelerator=accelerator, project=JOINT_PROJECT, run_name="r",
                                  config={}, run_dir=tmp_path / "run", stage="joint", mode="offline")
@@ -382,13 +383,13 @@ def test_non_main_process_starts_and_connects_nothing(monkeypatch, tmp_path):
 
 def test_accelerator_without_a_tracker_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="needs an Accelerator with a tracker, got log_with=\\[\\]"):
-        WandbSubscriber(accelerator=accelerate.Accelerator(cpu=True), project=JOINT_PROJECT, run_name="r",
+        WandbSubscriber(accelerator=make_accelerator(), project=JOINT_PROJECT, run_name="r",
                         config={}, run_dir=tmp_path, stage="joint")
 
 
 def test_unknown_stage_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no W&B key map for stage 'nope'"):
-        WandbSubscriber(accelerator=accelerate.Accelerator(log_with="wandb", cpu=True), project="p",
+        WandbSubscriber(accelerator=make_accelerator(log_with="wandb"), project="p",
                         run_name="r", config={}, run_dir=tmp_path, stage="nope")
 
 

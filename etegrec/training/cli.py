@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from etegrec.config import Config, ConfigError, load_config
 from etegrec.data import DataError
 from etegrec.forge import CodeOverflowError
-from etegrec.hooks import SubscriberError
+from etegrec.hooks import SubscriberError, resolve_subscriber
 
 from .loop import NonFiniteLossError
 from .run import check_trackers, resume_checkpoint
@@ -26,7 +26,7 @@ class StageArgs:
     config: Config
     output_dir: str | None
     wandb_mode: str | None
-    subscribers: list[str]
+    subscribers: list  # resolved subscriber objects
     resume: bool
     log_with: tuple[str, ...] = ("wandb",)
 
@@ -78,8 +78,10 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = N
             raise ConfigError("--resume needs --output-dir: the run directory to continue")
         resume_checkpoint(args.output_dir)
     config = load_config(args.config, overrides)
+    # resolved here, before any data is read or fetched: a mistyped --subscriber fails at once
+    subscribers = [resolve_subscriber(spec) for spec in args.subscribers]
     return StageArgs(config=config, output_dir=args.output_dir, wandb_mode=args.wandb_mode,
-                     subscribers=args.subscribers, resume=args.resume, log_with=args.log_with)
+                     subscribers=subscribers, resume=args.resume, log_with=args.log_with)
 
 
 def stage_main(prog: str, doc: str, run_stage: Callable[..., object], argv: list[str] | None = None) -> int:
