@@ -346,6 +346,27 @@ def _records_or_none(run_dir: Path) -> list[dict]:
         return []
 
 
+def test_a_wandb_tracker_object_of_the_users_own_logs_in_process_with_the_same_rows(wandb_env, tmp_path):
+    mine = accelerate.tracking.WandBTracker("p", dir=str(tmp_path), mode="offline", name="mine")
+    accelerator = make_accelerator(log_with=[mine])
+    subscriber = WandbSubscriber(accelerator=accelerator, project="p", run_name="mine", config={},
+                                 run_dir=tmp_path, stage="rqvae", mode="offline")
+    subscriber.start()
+    subscriber.connect()
+    try:
+        assert not isinstance(subscriber.run, RemoteRun)  # the user's tracker, as built
+        with signals.strict():
+            signals.codebook_usage.send(None, stage="rqvae", epoch=0, layer=0, counts=np.arange(K),
+                                        utilization=0.875, perplexity=6.5, gini=0.25, dead_codes=1)
+            signals.epoch_end.send(None, stage="rqvae", phase="rqvae", epoch=0, losses={"loss_total": 0.5})
+    finally:
+        subscriber.finish("completed")
+    records = inspect_records(tmp_path)
+    assert logged(records, "train/loss_total") == [(0, 0.5)]
+    assert logged(records, "codebook/layer0/usage.values") == [(0, list(range(K)))]
+    assert logged(records, "codebook/layer0/utilization") == [(0, 0.875)]
+
+
 def test_an_error_in_the_wandb_process_is_raised_in_the_training_process(wandb_env, tmp_path):
     tracker = WandbProcessTracker("p", name="r", dir=str(tmp_path), mode="offline", id="errorcase1",
                                   settings={"finish_timeout": 30})
