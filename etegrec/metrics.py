@@ -90,7 +90,7 @@ def dead_codes(counts: Any) -> int:
 
 def usage_stats(counts: Any) -> dict[str, float]:
     """``utilization``, ``perplexity``, ``gini`` and ``dead_codes`` of one histogram, in one pass."""
-    return usage_stats_rows(_usage(counts)[None, :])[0]
+    return usage_stats_rows(_usage(counts)[None, :], check=False)[0]  # _usage checked it
 
 
 def usage_stats_rows(counts: Any, *, check: bool = True) -> list[dict[str, float]]:

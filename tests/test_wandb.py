@@ -382,6 +382,26 @@ def test_an_error_in_the_wandb_process_is_raised_in_the_training_process(wandb_e
         tracker.finish()
 
 
+def test_finish_waits_for_a_slow_wandb_process_until_it_has_finished():
+    import threading
+    from multiprocessing import Pipe
+
+    ours, theirs = Pipe()
+
+    def slow_child():  # W&B uploading for a while, reporting an error first
+        assert theirs.recv() == ("finish", 1)
+        theirs.send(("error", "RuntimeError: late"))
+        time.sleep(2.5)
+        theirs.send(("finished",))
+
+    child = threading.Thread(target=slow_child)
+    child.start()
+    start = time.monotonic()
+    RemoteRun(ours, None, "r", finish_timeout=60).finish(exit_code=1)
+    assert time.monotonic() - start >= 2.5
+    child.join()
+
+
 def test_a_failed_wandb_start_is_an_error_naming_the_cause(wandb_env, tmp_path):
     tracker = WandbProcessTracker("p", name="r", dir=str(tmp_path), mode="offline", id="bad/id!",
                                   settings={"finish_timeout": 5})

@@ -24,10 +24,12 @@ primitive values only; a nested config breaks it or is stored as unset).
 
 W&B named in ``log_with`` runs in a process of its own (:mod:`etegrec.hooks.wandb_process`): its
 client costs about 0.7 ms of CPU per row, which in the training process is taken from training.
-Tracker calls run in order on one worker thread (for W&B, pickling the row into the socket), so
-the training loop only pays for building the row; :meth:`WandbSubscriber.finish` drains the queue
-before finishing. A codebook row waits for its epoch's ``epoch_end`` and goes with it: one call per
-epoch; its usage counts become a W&B histogram in W&B's process.
+The training thread pickles a W&B row straight into that process's socket when the socket has
+room and nothing is queued ahead of it (~25 us; waking a thread cost more). Every other tracker
+call (TensorBoard, a W&B tracker object the user built, a W&B row that would wait) runs in order
+on one worker thread; :meth:`WandbSubscriber.finish` drains its queue before finishing. A codebook
+row waits for its epoch's ``epoch_end`` and goes with it: one call per epoch; its usage counts
+become a W&B histogram where the W&B run is.
 
 Finishing the trackers here means nobody has to reach ``accelerator.end_training()`` for the
 TensorBoard events to be on disk; the run that made the Accelerator calls it afterwards anyway,
@@ -51,7 +53,7 @@ import numpy as np
 
 from .base import Subscriber
 from .wandb_child import usage_histogram
-from .wandb_process import RemoteRun
+from .wandb_process import RemoteRun, WandbProcessTracker
 
 __all__ = [
     "JOINT_PROJECT",
@@ -311,8 +313,6 @@ class WandbSubscriber(Subscriber):
 
     def _init_trackers(self, uses_wandb: bool) -> None:
         from accelerate.tracking import GeneralTracker
-
-        from .wandb_process import WandbProcessTracker
 
         init_kwargs = {}
         if uses_wandb:

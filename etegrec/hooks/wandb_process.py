@@ -66,8 +66,8 @@ class RemoteRun:
     def log(self, values: Mapping[str, Any], step: int | None = None,
             histograms: Mapping[str, Any] | None = None) -> None:
         """Log one row; ``histograms`` maps keys to usage counts, turned into W&B histograms
-        (see :func:`etegrec.hooks.wandb.usage_histogram`) in the child."""
-        self._send("log", dict(values), step, dict(histograms or {}))
+        (see :func:`etegrec.hooks.wandb_child.usage_histogram`) in the child."""
+        self._send(*_log_message(values, step, histograms))
 
     def log_now(self, values: Mapping[str, Any], histograms: Mapping[str, Any] | None = None) -> bool:
         """:meth:`log`, but only if the row fits in the socket without waiting for the child to
@@ -80,8 +80,7 @@ class RemoteRun:
             self._raise_reported()
         if not writable:
             return False
-        # counts as lists: a list of ints pickles in a fraction of an array's time
-        self._conn.send(("log", dict(values), None, {k: _as_list(c) for k, c in (histograms or {}).items()}))
+        self._conn.send(_log_message(values, None, histograms))
         return True
 
     def define_metric(self, *args: Any, **kwargs: Any) -> None:
@@ -96,8 +95,8 @@ class RemoteRun:
         try:
             conn.send(("finish", exit_code))
             deadline = time.monotonic() + self.finish_timeout + START_GRACE
-            while time.monotonic() < deadline and conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
-                if conn.recv()[0] == "finished":
+            while (left := deadline - time.monotonic()) > 0:  # an error message may come first
+                if conn.poll(left) and conn.recv()[0] == "finished":
                     break
         except (OSError, EOFError):
             pass  # the child is gone: nothing left to finish
@@ -190,8 +189,10 @@ class WandbProcessTracker(GeneralTracker):
             self.run.finish(exit_code=0)
 
 
-def _as_list(counts: Any) -> Any:
-    return counts.tolist() if hasattr(counts, "tolist") else counts
+def _log_message(values: Mapping[str, Any], step: int | None, histograms: Mapping[str, Any] | None) -> tuple:
+    # counts as lists: a list of ints pickles in a fraction of an array's time
+    counts = {k: c.tolist() if hasattr(c, "tolist") else c for k, c in (histograms or {}).items()}
+    return ("log", dict(values), step, counts)
 
 
 def _reap(process: subprocess.Popen | None, timeout: float) -> None:
