@@ -90,18 +90,21 @@ def dead_codes(counts: Any) -> int:
 
 def usage_stats(counts: Any) -> dict[str, float]:
     """``utilization``, ``perplexity``, ``gini`` and ``dead_codes`` of one histogram, in one pass."""
-    return usage_stats_rows(_usage(counts)[None, :], check=False)[0]  # _usage checked it
+    return _usage_rows([_usage(counts)])[0]
 
 
 def usage_stats_rows(counts: Any, *, check: bool = True) -> list[dict[str, float]]:
-    """:func:`usage_stats` of every row of ``counts`` ``[L, K]`` (L histograms of K codes each).
+    """:func:`usage_stats` of each of several histograms, in one pass.
 
-    One vectorised pass over all rows: what the codebook hooks call once per epoch for every
-    quantizer layer of equal size. ``check=False`` skips the input checks, for a caller whose
-    ``counts`` is a non-negative 2-d numpy array by construction (they cost as much as the rest).
+    ``counts`` is a 2-d array ``[L, K]`` or a list of L 1-d histograms (their sizes may differ):
+    what the codebook hooks report once per epoch, one histogram per quantizer layer.
+    ``check=False`` skips the input checks, for a caller whose histograms are non-negative numpy
+    arrays by construction (the checks cost as much as the rest).
     """
     if not check:
         return _usage_rows(counts)
+    if isinstance(counts, (list, tuple)) and counts and all(np.ndim(c) == 1 for c in counts):
+        return _usage_rows([_usage(c) for c in counts])  # histograms, maybe of different sizes
     c = _as_numpy(counts)
     if c.ndim != 2 or c.size == 0:
         raise ValueError(f"counts must be a non-empty 2-d array [layers, codes], got shape {c.shape!r}")
@@ -110,8 +113,8 @@ def usage_stats_rows(counts: Any, *, check: bool = True) -> list[dict[str, float
     return _usage_rows(c)
 
 
-def _usage_rows(c: np.ndarray) -> list[dict[str, float]]:
-    """:func:`usage_stats_rows` without the checks, in plain Python over ``c.tolist()``.
+def _usage_rows(histograms: Any) -> list[dict[str, float]]:
+    """:func:`usage_stats_rows` without the checks, in plain Python over each row's ``tolist()``.
 
     The hooks run this once per epoch right after a training epoch, when the code of every numpy
     call is out of the CPU's caches: this loop took 110 us there for 3 x 256 codes, the fewest
@@ -120,7 +123,8 @@ def _usage_rows(c: np.ndarray) -> list[dict[str, float]]:
     of the suffix sums, and perplexity is ``exp(log T - sum(x log x) / T)``.
     """
     rows = []
-    for row in c.tolist():
+    for histogram in histograms:
+        row = histogram.tolist()
         k = len(row)
         used = sorted(x for x in row if x)  # ascending
         n = len(used)

@@ -119,3 +119,8 @@ def test_usage_stats_rows_rejects_a_1d_histogram_and_negative_counts():
         metrics.usage_stats_rows([1, 2, 3])
     with pytest.raises(ValueError, match="non-negative"):
         metrics.usage_stats_rows([[1, -2, 3]])
+
+
+def test_usage_stats_rows_takes_histograms_of_different_sizes():
+    rows = [np.array([1, 2, 3, 4, 0]), np.array([0, 5, 0])]
+    assert metrics.usage_stats_rows(rows) == [pytest.approx(metrics.usage_stats(r)) for r in rows]

@@ -19,10 +19,10 @@ A quantizer must therefore not overwrite a codes tensor it has returned (none of
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -72,6 +72,8 @@ class CodebookHooks:
         self.stage = stage
         self.sender = self if sender is None else sender
         self.codebook_sizes = [layer.codebook_size for layer in layers]
+        ends = list(itertools.accumulate(self.codebook_sizes))
+        self._bounds = list(zip([0, *ends[:-1]], ends))  # each layer's slice of the flat counts
         self._counts = [torch.zeros(k, dtype=torch.long, device=_device_of(layer))
                         for k, layer in zip(self.codebook_sizes, layers)]
         self._pending: list[list[torch.Tensor]] = [[] for _ in layers]  # codes not yet counted, per layer
@@ -174,14 +176,8 @@ class CodebookHooks:
         for c in self._counts:
             c.zero_()
 
-        sizes = self.codebook_sizes
-        if len(set(sizes)) == 1:  # the usual case: one vectorised pass over all layers
-            rows = host.reshape(len(sizes), sizes[0])  # (L, K)
-            per_layer = list(rows)
-            usage = metrics.usage_stats_rows(rows, check=False)  # counts are >= 0 by construction
-        else:
-            per_layer = np.split(host, np.cumsum(sizes)[:-1])
-            usage = [metrics.usage_stats(c) for c in per_layer]
+        per_layer = [host[start:end] for start, end in self._bounds]  # views, one per layer
+        usage = metrics.usage_stats_rows(per_layer, check=False)  # counts are >= 0 by construction
         stats = [dict(stage=stage, epoch=epoch, layer=layer, counts=counts, **u)
                  for layer, (counts, u) in enumerate(zip(per_layer, usage))]
         if signals.codebook_usage.receivers:
