@@ -6,6 +6,10 @@
 Models (same split, same evaluation code):
 
 * ``pop``: items ranked by their number of training interactions (no seed involved).
+* ``markov``: first-order Markov chain: how often each item followed the history's last item in the
+  training sequences, equal counts by popularity (``etegrec.baselines``; no seed involved).
+* ``cooccurrence``: what followed the 10 most recent history items within 10 positions, weighted by
+  1 / gap and a recency decay chosen on validation (``etegrec.baselines``; no seed involved).
 * ``sasrec``: the project's SASRec stage (the item-embedding stage of that seed's pipeline).
 * ``sasrec_repeat_bias``: the SASRec stage with its learned repeat bias (``embed.repeat_bias=true``),
   run on its own (``python -m etegrec.training.embed``).
@@ -64,6 +68,35 @@ def popularity(config_name: str, overrides: list[str]) -> dict[str, float]:
     return evaluate_full_ranking(lambda h: scores.expand(len(h), -1), history, target)
 
 
+def count_baseline(name: str, config_name: str, overrides: list[str]) -> dict[str, float]:
+    """Test metrics of a count baseline of ``etegrec.baselines`` (``markov`` or ``cooccurrence``).
+
+    The co-occurrence model's recency decay is chosen on validation NDCG@10 (model selection as
+    for every other model); its test metrics are those of that decay.
+    """
+    import torch
+
+    from etegrec.baselines import cooccurrence, markov_chain
+    from etegrec.config import load_config
+    from etegrec.training.evaluation import evaluate_full_ranking
+    from etegrec.training.stages import load_stage_data
+
+    data = load_stage_data(load_config(config_name, overrides))
+    sequences = data.train_sequences()
+
+    def evaluate(scorer, split):
+        return evaluate_full_ranking(lambda h: torch.as_tensor(scorer(h.numpy())), *data.split(split))
+
+    if name == "markov":
+        return evaluate(markov_chain(sequences, data.n_items), "test")
+    scorers = {decay: cooccurrence(sequences, data.n_items, decay=decay) for decay in COOCCURRENCE_DECAYS}
+    best = max(scorers, key=lambda decay: evaluate(scorers[decay], "valid")["ndcg@10"])
+    return {**evaluate(scorers[best], "test"), "decay": best}
+
+
+COOCCURRENCE_DECAYS = (0.3, 0.5, 0.7, 0.9)
+
+
 def stage_run(stage: str, run_dir: Path, seed: int, config: str, overrides: list[str], threads: int) -> dict:
     """Run (or resume, or reuse) one ``python -m etegrec.training.<stage>`` run; its metrics.json."""
     metrics_path = run_dir / "metrics.json"
@@ -108,7 +141,7 @@ def summarise(per_seed: dict[str, dict[int, dict[str, float]]]) -> dict[str, dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[2024, 2025, 2026])
-    parser.add_argument("--models", nargs="+", default=["pop", "sasrec", "sasrec_repeat_bias", "tiger", "etegrec",
+    parser.add_argument("--models", nargs="+", default=["pop", "markov", "cooccurrence", "sasrec", "sasrec_repeat_bias", "tiger", "etegrec",
                                                         "etegrec_noforge"])
     parser.add_argument("--jobs", type=int, default=2, help="joint runs at a time (one thread each by default)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -151,6 +184,10 @@ def main() -> None:
     if "pop" in args.models:
         pop = popularity(args.config, args.overrides)
         per_seed["pop"] = {s: pop for s in args.seeds}
+    for name in ("markov", "cooccurrence"):
+        if name in args.models:
+            metrics = count_baseline(name, args.config, args.overrides)
+            per_seed[name] = {s: metrics for s in args.seeds}
     if "sasrec" in args.models:
         per_seed["sasrec"] = {s: sasrec_metrics(s, args.config, args.overrides) for s in args.seeds}
     for model in (m for m in args.models if m in VARIANTS):

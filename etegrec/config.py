@@ -107,6 +107,8 @@ class RecommenderConfig:
     dropout: float = 0.1
     feed_forward_proj: str = "relu"
     gradient_checkpointing: bool = False  # recompute T5 activations in backward: far less memory, same gradients
+    encoder_input: str = "codes"  # "codes": a token per code (paper); "items": a token per item + recency
+    repeat_bias: bool = False  # learn a logit offset for codes that continue a history item
 
 
 @dataclass
@@ -143,6 +145,7 @@ class JointConfig:
     eval_batch_size: int = 256
     finetune_epochs: int = 0
     mixed_precision: str = "fp32"  # "bf16": the recommender's training forward under bfloat16 autocast
+    probe_users: int = 200  # validation users the learning probes run on at every validation; 0 = no probes
 
 
 @dataclass
@@ -202,12 +205,16 @@ class Config:
         if self.joint.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"config key 'joint.mixed_precision' must be one of {', '.join(MIXED_PRECISION)}, "
                               f"got {self.joint.mixed_precision!r}")
+        if self.recommender.encoder_input not in ENCODER_INPUTS:
+            raise ConfigError(f"config key 'recommender.encoder_input' must be one of {', '.join(ENCODER_INPUTS)}, "
+                              f"got {self.recommender.encoder_input!r}")
         if self.joint.top_k > self.joint.beam_size:
             raise ConfigError(f"config key 'joint.top_k' ({self.joint.top_k}) must not exceed joint.beam_size "
                               f"({self.joint.beam_size})")
         return self
 
 
+ENCODER_INPUTS = ("codes", "items")  # as etegrec.models.ENCODER_INPUTS (config imports no model code)
 MIXED_PRECISION = ("fp32", "bf16")  # not "no": YAML reads that as False
 _POSITIVE = {
     "min_count", "max_his_len", "max_users", "hidden", "n_layers", "n_heads", "batch_size", "epochs", "patience",
@@ -216,7 +223,7 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {
     "lr", "lr_rec", "lr_id", "weight_decay", "dropout", "beta", "warm_epoch", "warmup_epochs", "max_grad_norm",
-    "finetune_epochs", "log_every", "num_threads", "restart_dead_every", "id_vq_weight", "id_code_weight", "id_kl_weight",
+    "finetune_epochs", "probe_users", "log_every", "num_threads", "restart_dead_every", "id_vq_weight", "id_code_weight", "id_kl_weight",
     "id_dec_cl_weight", "rec_code_weight", "rec_kl_weight", "rec_dec_cl_weight",
 }
 

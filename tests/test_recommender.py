@@ -199,3 +199,51 @@ def test_eager_attention_gives_the_outputs_of_sdpa() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="attn_implementation"):
         tiny_model(attn_implementation="flash")
+
+
+@pytest.mark.parametrize("encoder_input", ["codes", "items"])
+def test_incremental_logits_plus_history_bias_match_teacher_forced_logits(encoder_input: str) -> None:
+    model = tiny_model(encoder_input=encoder_input, max_history=6, repeat_bias=True).eval()
+    with torch.no_grad():
+        model.repeat_logit.copy_(torch.tensor([-1.0, -2.0, 3.0]))
+    codes, mask, _ = batch()
+    group = 2
+    target = codes[:, -1].repeat_interleave(group, 0).clone()  # repeats of the last item: the bias fires
+    target[::2, 1] = (target[::2, 1] + 1) % CODE_NUM  # and rows that leave the repeat after one code
+    with torch.no_grad():
+        expected = model(codes.repeat_interleave(group, 0), mask.repeat_interleave(group, 0), target).logits
+        states, attention_mask = model.encode(codes, mask)
+        cache = model.decoder_cache(states, attention_mask)
+        for t in range(CODE_LEN):
+            logits = model.decode_logits(states, attention_mask, target[:, :t], cache=cache)
+            logits = logits + model.history_bias(codes, mask, target[:, :t])
+            torch.testing.assert_close(logits, expected[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_history_bias_marks_the_codes_that_continue_a_history_item() -> None:
+    model = tiny_model(repeat_bias=True)
+    with torch.no_grad():
+        model.repeat_logit.copy_(torch.tensor([-1.0, -2.0, -3.0]))
+    history = torch.tensor([[[9 % CODE_NUM, 0, 0], [1, 2, 3], [1, 4, 5]]])  # (1, 3, L); item 0 is padding
+    mask = torch.tensor([[False, True, True]])
+    first = model.history_bias(history, mask, torch.zeros(1, 0, dtype=torch.long))[0]
+    assert first.nonzero().flatten().tolist() == [1] and first[1] == -1.0  # code 1 starts both real items
+    second = model.history_bias(history, mask, torch.tensor([[1]]))[0]
+    assert second.nonzero().flatten().tolist() == [2, 4] and second[2] == -2.0
+    third = model.history_bias(history, mask, torch.tensor([[1, 4]]))[0]
+    assert third.nonzero().flatten().tolist() == [5] and third[5] == -3.0
+    assert not model.history_bias(history, mask, torch.tensor([[2]])).any()  # no history item starts with 2
+    assert tiny_model().history_bias(history, mask, torch.tensor([[1]])) is None
+
+
+def test_item_tokens_make_the_encoder_see_the_order_of_the_history() -> None:
+    codes, mask, target = batch(size=2)
+    mask[:] = True
+    model = tiny_model(encoder_input="items", max_history=4).eval()
+    states, attention_mask = model.encode(codes, mask)
+    assert states.shape == (2, 4, 16) and attention_mask.shape == (2, 4)  # one token per item
+    with torch.no_grad():
+        forward, backward = model(codes, mask, target).logits, model(codes.flip(1), mask, target).logits
+    assert not torch.allclose(forward, backward, atol=1e-4)
+    with pytest.raises(ValueError, match="max_history=3"):
+        tiny_model(encoder_input="items", max_history=3)(codes, mask, target)

@@ -19,6 +19,7 @@ SPEC_PAYLOADS = {
     "codes_assigned": ["epoch", "codes", "use_forge", "policy", "max_conflict", "max_conflict_before",
                        "collision_rate", "changed", "seconds"],
     "evaluated": ["stage", "split", "epoch", "metrics"],
+    "probed": ["stage", "split", "epoch", "users", "probes"],  # SPEC section 8, learning probes
     "codebook_usage": ["stage", "epoch", "layer", "counts", "utilization", "perplexity", "gini", "dead_codes"],
     "checkpoint_saved": ["stage", "epoch", "path", "is_best"],
     "run_finished": ["stage", "best_metrics", "best_checkpoint", "seconds"],

@@ -60,6 +60,15 @@ class ConsoleSubscriber(Subscriber):
     def on_evaluated(self, sender, *, stage, split, epoch, metrics, **extra):
         self._print(f"[{stage}] {split} @ epoch {epoch}: {_fmt(metrics)}")
 
+    def on_probed(self, sender, *, stage, split, epoch, users, probes, **extra):
+        ce = " ".join(f"{probes[f'code_ce_{p}']:.2f}/{probes[f'code_floor_{p}']:.2f}"
+                      for p in range(sum(k.startswith("code_ce_") for k in probes)))
+        self._print(f"[{stage}] probes @ epoch {epoch} ({users} {split} users): item NLL "
+                    f"{probes['item_nll']:.2f} (popularity {probes['popularity_nll']:.2f}), code CE/floor {ce}, "
+                    f"overlap shuffled {probes['shuffle_overlap']:.2f}, last dropped {probes['drop_last_overlap']:.2f}, "
+                    f"repeats {probes['repeat_share']:.1%} (data {probes['data_repeat_rate']:.1%}), "
+                    f"codes changed {probes['codes_changed']:.1%}")
+
     def on_codebook_usage(self, sender, *, stage, epoch, layer, utilization, perplexity, gini,
                           dead_codes, **extra):
         if self.codebooks:  # printed with the epoch's epoch_end line, if that one is printed (formatted then)

@@ -389,6 +389,10 @@ class WandbSubscriber(Subscriber):
         if stage == self.stage:
             self._log(epoch, self.key_map.evaluated(split=split, metrics=metrics))
 
+    def on_probed(self, sender, *, stage, epoch, probes, **extra):
+        if stage == self.stage:
+            self._log(epoch, {f"probe/{name}": float(value) for name, value in probes.items()})
+
     def on_codes_assigned(self, sender, *, epoch, codes, max_conflict, max_conflict_before,
                           collision_rate, changed, **extra):
         self._log(epoch, codes_assigned_row(codes=codes, max_conflict=max_conflict,

@@ -8,6 +8,9 @@ A model fit for :func:`beam_search` has two methods (as :class:`~etegrec.models.
   position ``t`` for ``prefix_codes`` (N, t), N a multiple G of B, row ``n`` continuing history
   ``n // G``.
 
+Optionally ``history_bias(history_codes, history_mask, prefix_codes) -> (N, code_num) | None``
+adds the model's own offsets (its learned repeat bias) to the logits of every step.
+
 Optionally ``decoder_cache(encoder_states, attention_mask)`` returns a cache with a
 ``reorder(rows)`` method; :func:`beam_search` then passes it as ``decode_logits(..., cache=cache)``
 and re-aligns it after every step, so each step runs only the newest token.
@@ -170,15 +173,18 @@ def beam_search(
             "move it with trie.to(device)."
         )
     cache = model.decoder_cache(states, attention_mask) if hasattr(model, "decoder_cache") else None
+    history_bias = getattr(model, "history_bias", None)
     extra = {} if cache is None else {"cache": cache}
     scores = torch.zeros(batch, 1, device=device)  # (B, G) one empty beam per history
     prefixes = torch.zeros(batch, 1, 0, dtype=torch.long, device=device)  # (B, G, t)
     nodes = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, G) trie node of each beam
     for depth in range(trie.code_length):
         group = scores.shape[1]
-        logits = model.decode_logits(
-            states, attention_mask, prefixes.reshape(batch * group, depth), **extra
-        )
+        flat_prefixes = prefixes.reshape(batch * group, depth)
+        logits = model.decode_logits(states, attention_mask, flat_prefixes, **extra)
+        bias = history_bias(history_codes, history_mask, flat_prefixes) if history_bias else None
+        if bias is not None:  # the model's learned repeat offsets are part of its scores
+            logits = logits + bias
         if logits.shape != (batch * group, code_num):
             raise ValueError(
                 f"decode_logits returned shape {tuple(logits.shape)!r}, expected "

@@ -27,7 +27,9 @@ from torch import nn
 from transformers import T5Config
 from transformers.models.t5.modeling_t5 import T5Stack
 
-__all__ = ["DecoderCache", "RecommenderOutput", "T5Recommender", "code_loss"]
+__all__ = ["DecoderCache", "ENCODER_INPUTS", "RecommenderOutput", "T5Recommender", "code_loss"]
+
+ENCODER_INPUTS = ("codes", "items")
 
 
 class RecommenderOutput(NamedTuple):
@@ -94,6 +96,14 @@ class T5Recommender(nn.Module):
         feed_forward_proj: T5 feed-forward kind, ``"relu"`` (paper) or e.g. ``"gated-gelu"``.
         latent_dim: width of :attr:`RecommenderOutput.encoder_latent` (the tokenizer's ``e_dim``).
         semantic_dim: width of :attr:`RecommenderOutput.decoder_semantic` (item embedding width).
+        encoder_input: ``"codes"`` (paper): one encoder token per code, ``code_length`` per item, order
+            carried only by T5's relative bias; ``"items"``: one token per item, the sum of its code
+            embeddings plus a learned recency embedding (0 = the most recent item): ``code_length``
+            times fewer encoder tokens, and the order of the history is explicit.
+        max_history: longest history (items) the recency embedding covers (``"items"`` input).
+        repeat_bias: learn one logit offset per code position for the codes that continue an item of
+            the history (:meth:`history_bias`); it is part of the scores of both training and beam
+            search, so the model learns how likely a repeat is (no evaluation mask).
         gradient_checkpointing: recompute each T5 block's activations in the backward pass instead
             of keeping them (PyTorch activation checkpointing, dropout masks replayed exactly):
             much less memory for the same gradients, at the price of a second forward pass.
@@ -123,13 +133,19 @@ class T5Recommender(nn.Module):
         semantic_dim: int = 256,
         gradient_checkpointing: bool = False,
         attn_implementation: str = "sdpa",
+        encoder_input: str = "codes",
+        max_history: int = 50,
+        repeat_bias: bool = False,
     ) -> None:
         super().__init__()
         _check_positive(
             "T5Recommender", code_num=code_num, code_length=code_length, num_layers=num_layers,
             num_decoder_layers=num_decoder_layers, d_model=d_model, d_ff=d_ff,
             num_heads=num_heads, d_kv=d_kv, latent_dim=latent_dim, semantic_dim=semantic_dim,
+            max_history=max_history,
         )
+        if encoder_input not in ENCODER_INPUTS:
+            raise ValueError(f"T5Recommender encoder_input={encoder_input!r} must be one of {ENCODER_INPUTS!r}.")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"T5Recommender dropout={dropout!r} must lie in [0, 1); pass e.g. 0.1.")
         if attn_implementation not in ("sdpa", "eager"):
@@ -141,6 +157,7 @@ class T5Recommender(nn.Module):
         self.d_model = d_model
         self.num_heads = num_heads
         self.d_kv = d_kv
+        self.encoder_input = encoder_input
         config = T5Config(
             vocab_size=1, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers,
             num_decoder_layers=num_decoder_layers, num_heads=num_heads, dropout_rate=dropout,
@@ -168,6 +185,8 @@ class T5Recommender(nn.Module):
         self.bos = nn.Parameter(torch.randn(d_model))  # (d,)
         self.encoder_proj = nn.Linear(d_model, latent_dim)
         self.decoder_proj = nn.Linear(d_model, semantic_dim)
+        self.recency = nn.Embedding(max_history, d_model) if encoder_input == "items" else None
+        self.repeat_logit = nn.Parameter(torch.zeros(code_length)) if repeat_bias else None  # (L,)
 
     # ----------------------------------------------------------------------------- inputs
 
@@ -224,7 +243,8 @@ class T5Recommender(nn.Module):
         """Encode histories ``history_codes`` (B, H, L) with ``history_mask`` (B, H), True = real item.
 
         Returns:
-            ``(encoder_states, attention_mask)``: (B, T, d_model) and (B, T) bool, T = H' * L where
+            ``(encoder_states, attention_mask)``: (B, T, d_model) and (B, T) bool, T = H' * L (``"codes"`` input) or
+            H' (``"items"``) where
             H' drops the leading items that are padding in every row (they cannot change anything).
 
         Raises:
@@ -239,12 +259,49 @@ class T5Recommender(nn.Module):
         batch, history, length = history_codes.shape
         codes = history_codes.masked_fill(~history_mask[..., None], 0)  # padding: any valid code
         tokens = self.code_embedding[torch.arange(length, device=codes.device), codes]  # (B, H, L, d)
-        attention_mask = history_mask.repeat_interleave(length, dim=1)  # (B, H * L)
-        states = self.encoder(
-            inputs_embeds=tokens.reshape(batch, history * length, self.d_model),
-            attention_mask=attention_mask,
-        ).last_hidden_state
+        if self.recency is None:  # one token per code
+            attention_mask = history_mask.repeat_interleave(length, dim=1)  # (B, H * L)
+            inputs = tokens.reshape(batch, history * length, self.d_model)
+        else:  # one token per item: its codes summed, plus how recent it is (0 = last)
+            if history > self.recency.num_embeddings:
+                raise ValueError(
+                    f"histories of {history} items exceed max_history={self.recency.num_embeddings}; "
+                    "truncate them or build the model with a larger max_history."
+                )
+            recency = torch.arange(history - 1, -1, -1, device=codes.device)  # (H,)
+            attention_mask = history_mask  # (B, H)
+            inputs = tokens.sum(dim=2) + self.recency(recency)  # (B, H, d)
+        states = self.encoder(inputs_embeds=inputs, attention_mask=attention_mask).last_hidden_state
         return states, attention_mask
+
+    def history_bias(
+        self, history_codes: torch.Tensor, history_mask: torch.Tensor, prefix_codes: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The learned repeat offsets (N, K) for code position ``t`` after ``prefix_codes`` (N, t).
+
+        Code ``k`` gets ``repeat_logit[t]`` when some real item of the row's history has the codes
+        ``prefix_codes`` followed by ``k``: choosing ``k`` keeps a repeat of that item possible. Row
+        ``n`` of ``prefix_codes`` belongs to history ``n // G`` of ``history_codes`` (B, H, L) and
+        ``history_mask`` (B, H), as in :meth:`decode_logits`. None when the model has no repeat bias.
+        """
+        if self.repeat_logit is None:
+            return None
+        rows, t = prefix_codes.shape
+        group = rows // history_codes.shape[0]
+        history_codes = history_codes.repeat_interleave(group, dim=0)  # (N, H, L)
+        match = history_mask.bool().repeat_interleave(group, dim=0)  # (N, H)
+        if t:
+            match = match & (history_codes[:, :, :t] == prefix_codes[:, None, :]).all(dim=2)
+        hits = torch.zeros(rows, self.code_num, device=prefix_codes.device, dtype=self.repeat_logit.dtype)
+        hits.scatter_(1, history_codes[:, :, t], match.to(hits.dtype))  # 1 where some item continues
+        return hits * self.repeat_logit[t]
+
+    def _history_bias_all(
+        self, history_codes: torch.Tensor, history_mask: torch.Tensor, target_codes: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`history_bias` of every teacher-forced position: (B, L, K)."""
+        return torch.stack([self.history_bias(history_codes, history_mask, target_codes[:, :t])
+                            for t in range(self.code_length)], dim=1)
 
     def forward(
         self, history_codes: torch.Tensor, history_mask: torch.Tensor, target_codes: torch.Tensor
@@ -264,8 +321,11 @@ class T5Recommender(nn.Module):
         ).last_hidden_state  # (B, L, d)
         weights = attention_mask.to(states.dtype)[..., None]  # (B, T, 1)
         pooled = (states * weights).sum(dim=1) / weights.sum(dim=1)  # (B, d)
+        logits = self._score(hidden)
+        if self.repeat_logit is not None:
+            logits = logits + self._history_bias_all(history_codes, history_mask.bool(), target_codes)
         return RecommenderOutput(
-            logits=self._score(hidden),
+            logits=logits,
             encoder_latent=self.encoder_proj(pooled),
             decoder_semantic=self.decoder_proj(hidden[:, 0]),
         )

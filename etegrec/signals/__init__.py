@@ -43,6 +43,7 @@ __all__ = [
     "epoch_end",
     "evaluated",
     "is_strict",
+    "probed",
     "recording",
     "run_finished",
     "run_started",
@@ -180,6 +181,19 @@ Fired after every evaluation.
 Payload: stage (str), split (str: "valid" or "test"), epoch (int), metrics (dict[str, float],
 e.g. "ndcg@10", "recall@5"; reduced over ranks).""")
 
+probed = _bus.signal("probed", doc="""\
+Fired by the joint trainer after every validation: learning probes on a fixed subsample of the
+validation users, which say why the recommender is or is not learning.
+Payload: stage (str), split (str, "valid"), epoch (int), users (int, the subsample's size),
+probes (dict[str, float]): item_nll (mean teacher-forced NLL of the target item, the sum of its
+code cross-entropies, nats), popularity_nll (the same for training popularity), code_ce_{p} and
+code_floor_{p} (cross-entropy of code position p, and its no-history floor: the training targets'
+frequency of that code given the earlier ones), shuffle_overlap (share of the top-k kept when each
+history is shuffled; 1.0 = order-blind), drop_last_overlap (share kept when the most recent item is
+dropped; 1.0 = the last item is not used), repeat_share (share of top-k slots that are history
+items), data_repeat_rate (share of the subsample's targets that are in their history),
+codes_changed (share of items whose code changed at the last refresh).""")
+
 codebook_usage = _bus.signal("codebook_usage", doc="""\
 Fired by the codebook forward hooks once per layer at the end of an epoch.
 
@@ -199,7 +213,7 @@ Payload: stage (str), status (str: "completed", "interrupted", "failed"), best_m
 (dict[str, float]), best_checkpoint (str or None), seconds (float).""")
 
 ALL_SIGNALS: tuple[BusSignal, ...] = (
-    run_started, epoch_end, step_end, codes_assigned, evaluated, codebook_usage,
+    run_started, epoch_end, step_end, codes_assigned, evaluated, probed, codebook_usage,
     checkpoint_saved, run_finished,
 )
 

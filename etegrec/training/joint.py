@@ -32,6 +32,7 @@ from etegrec.models import CodeTrie, RecommenderOutput, T5Recommender, beam_sear
 
 from .cli import stage_main
 from .evaluation import gather_ranks, shard_bounds
+from .probing import Prober
 from .loop import EpochProgress, TrainingInterrupted, shuffled_batches, train_epoch
 from .rqvae import build_tokenizer, tokenizer_inputs
 from .run import Run, prepare_process, set_rng_state
@@ -104,7 +105,8 @@ class JointTrainer:
             num_layers=r.num_layers, num_decoder_layers=r.num_decoder_layers, d_model=r.d_model, d_ff=r.d_ff,
             num_heads=r.num_heads, d_kv=r.d_kv, dropout=r.dropout, feed_forward_proj=r.feed_forward_proj,
             latent_dim=config.tokenizer.e_dim, semantic_dim=self.item_emb.shape[1],
-            gradient_checkpointing=r.gradient_checkpointing,
+            gradient_checkpointing=r.gradient_checkpointing, encoder_input=r.encoder_input,
+            max_history=config.data.max_his_len, repeat_bias=r.repeat_bias,
             # under bf16 autocast SDPA falls back to an fp32 path on CPU; plain attention is ~1.7x faster
             attn_implementation="eager" if cfg.mixed_precision == "bf16" else "sdpa").to(device)
         self._samples(epoch=0)
@@ -117,6 +119,8 @@ class JointTrainer:
         self.sched_rec = self._schedule(self.opt_rec, rec_epochs)
         self.codes: torch.Tensor | None = None  # (n_items + 1, L + 1), row 0 = padding
         self.trie: CodeTrie | None = None
+        self.codes_changed = 1.0  # share of items whose code changed at the last refresh
+        self.prober = Prober(data, users=cfg.probe_users, seed=config.run.seed) if cfg.probe_users else None
 
     # --- pieces of the loop -------------------------------------------------------------------
 
@@ -170,6 +174,7 @@ class JointTrainer:
             result = get_code(self.tokenizer, self.item_emb, epoch=epoch, use_forge=cfg.use_forge,
                               policy=cfg.forge_policy, previous=self.codes, sender=self)
         self.codes = result.codes.to(self.run.accelerator.device)
+        self.codes_changed = result.assignment.changed / max(1, len(result.assignment.codes))
         check_same_on_every_rank(self.codes, self.run.accelerator, what=f"item codes for epoch {epoch}")
         self.trie = CodeTrie(self.codes[1:], code_num=self.recommender.code_num).to(self.run.accelerator.device)
 
@@ -202,18 +207,45 @@ class JointTrainer:
     @torch.no_grad()
     def evaluate_samples(self, history: np.ndarray, target: np.ndarray) -> dict[str, float]:
         """Beam-search Recall/NDCG of left-padded ``history`` [n, H] against ``target`` [n]."""
-        cfg, acc = self.config.joint, self.run.accelerator
+        acc = self.run.accelerator
         start, stop = shard_bounds(len(target), acc.process_index, acc.num_processes)
-        self.recommender.eval()
-        ranks = []
-        for lo in range(start, stop, cfg.eval_batch_size):
-            h = torch.as_tensor(history[lo:min(lo + cfg.eval_batch_size, stop)], device=acc.device)
-            t = torch.as_tensor(target[lo:min(lo + cfg.eval_batch_size, stop)], device=acc.device)
-            items = beam_search(self.recommender, self.codes[h], h != 0, self.trie, beam_size=cfg.beam_size,
-                                top_k=cfg.top_k, constrained=cfg.constrained).items  # (B, top_k)
-            hit = items == t[:, None]
-            ranks.append(torch.where(hit.any(1), hit.float().argmax(1) + 1, 0))
+        items = self._recommend(history[start:stop])  # (n, top_k)
+        hit = items == torch.as_tensor(target[start:stop], device=acc.device)[:, None]
+        ranks = [torch.where(hit.any(1), hit.float().argmax(1) + 1, 0)]
         return ranking_metrics(gather_ranks(ranks, acc))
+
+    @torch.no_grad()
+    def _recommend(self, history: np.ndarray) -> torch.Tensor:
+        """Top-k item ids (n, top_k) of left-padded ``history`` [n, H] by beam search, -1 = none."""
+        cfg, device = self.config.joint, self.run.accelerator.device
+        self.recommender.eval()
+        out = []
+        for lo in range(0, len(history), cfg.eval_batch_size):
+            h = torch.as_tensor(history[lo:lo + cfg.eval_batch_size], device=device)
+            out.append(beam_search(self.recommender, self.codes[h], h != 0, self.trie, beam_size=cfg.beam_size,
+                                   top_k=cfg.top_k, constrained=cfg.constrained).items)
+        return torch.cat(out) if out else torch.empty(0, cfg.top_k, dtype=torch.long, device=device)
+
+    def recommend(self, history: np.ndarray) -> np.ndarray:
+        """Top-k item ids [n, top_k] (numpy) for ``history`` [n, H]; what the probes rank."""
+        return self._recommend(history).cpu().numpy()
+
+    @torch.no_grad()
+    def code_nll(self, history: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """Teacher-forced cross-entropy [n, L + 1] of each code of ``target`` [n] after ``history``."""
+        cfg, device = self.config.joint, self.run.accelerator.device
+        self.recommender.eval()
+        out = []
+        for lo in range(0, len(target), cfg.eval_batch_size):
+            h = torch.as_tensor(history[lo:lo + cfg.eval_batch_size], device=device)
+            codes = self.codes[torch.as_tensor(target[lo:lo + cfg.eval_batch_size], device=device)]  # (B, L + 1)
+            logits = self.recommender(self.codes[h], h != 0, codes).logits  # (B, L + 1, K)
+            out.append(F.cross_entropy(logits.transpose(1, 2), codes, reduction="none"))  # (B, L + 1)
+        return torch.cat(out).cpu().numpy()
+
+    def item_codes(self) -> np.ndarray:
+        """The codes in use [n_items, L + 1] (row i = item i + 1)."""
+        return self.codes[1:].cpu().numpy()
 
     def state(self, epoch: int, position: dict | None = None, progress: EpochProgress | None = None) -> dict:
         """Everything a resumed run needs; ``position`` says where the loop goes on (see :meth:`fit`)."""
@@ -316,6 +348,9 @@ class JointTrainer:
         """Evaluate on validation, keep the best checkpoint; True when this epoch is the new best."""
         valid = self.evaluate("valid")
         signals.evaluated.send(self, stage=self.stage, split="valid", epoch=epoch, metrics=valid)
+        if self.prober is not None and signals.probed.receivers:
+            signals.probed.send(self, stage=self.stage, split="valid", epoch=epoch, users=len(self.prober),
+                                probes=self.prober.measure(self))
         improved = valid["ndcg@10"] > self.best
         if improved:
             self.best, self.best_valid, self.best_epoch = valid["ndcg@10"], valid, epoch
