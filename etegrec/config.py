@@ -145,6 +145,8 @@ class JointConfig:
     eval_batch_size: int = 256
     finetune_epochs: int = 0
     mixed_precision: str = "fp32"  # "bf16": the recommender's training forward under bfloat16 autocast
+    targets: str = "last"  # "last": one target per history (paper); "all": a target after every item of a window
+    window_stride: int | None = None  # with targets "all": new targets per window; None = data.max_his_len
     probe_users: int = 200  # validation users the learning probes run on at every validation; 0 = no probes
 
 
@@ -208,6 +210,17 @@ class Config:
         if self.recommender.encoder_input not in ENCODER_INPUTS:
             raise ConfigError(f"config key 'recommender.encoder_input' must be one of {', '.join(ENCODER_INPUTS)}, "
                               f"got {self.recommender.encoder_input!r}")
+        if self.joint.targets not in JOINT_TARGETS:
+            raise ConfigError(f"config key 'joint.targets' must be one of {', '.join(JOINT_TARGETS)}, "
+                              f"got {self.joint.targets!r}")
+        if self.joint.targets == "all" and self.recommender.encoder_input != "items":
+            raise ConfigError("config key 'joint.targets' is 'all', which needs recommender.encoder_input=items "
+                              f"(got {self.recommender.encoder_input!r}): a target after every item needs one "
+                              "encoder token per item")
+        joint_stride = self.joint.window_stride
+        if joint_stride is not None and joint_stride > self.data.max_his_len:
+            raise ConfigError(f"config key 'joint.window_stride' ({joint_stride}) must not exceed data.max_his_len "
+                              f"({self.data.max_his_len})")
         if self.joint.top_k > self.joint.beam_size:
             raise ConfigError(f"config key 'joint.top_k' ({self.joint.top_k}) must not exceed joint.beam_size "
                               f"({self.joint.beam_size})")
@@ -215,6 +228,7 @@ class Config:
 
 
 ENCODER_INPUTS = ("codes", "items")  # as etegrec.models.ENCODER_INPUTS (config imports no model code)
+JOINT_TARGETS = ("last", "all")
 MIXED_PRECISION = ("fp32", "bf16")  # not "no": YAML reads that as False
 _POSITIVE = {
     "min_count", "max_his_len", "max_users", "hidden", "n_layers", "n_heads", "batch_size", "epochs", "patience",

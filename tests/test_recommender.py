@@ -201,11 +201,13 @@ def test_eager_attention_gives_the_outputs_of_sdpa() -> None:
         tiny_model(attn_implementation="flash")
 
 
-@pytest.mark.parametrize("encoder_input", ["codes", "items"])
-def test_incremental_logits_plus_history_bias_match_teacher_forced_logits(encoder_input: str) -> None:
-    model = tiny_model(encoder_input=encoder_input, max_history=6, repeat_bias=True).eval()
+@pytest.mark.parametrize("encoder_input, causal", [("codes", False), ("items", False), ("items", True)])
+def test_incremental_logits_plus_history_bias_match_teacher_forced_logits(encoder_input: str, causal: bool) -> None:
+    model = tiny_model(encoder_input=encoder_input, max_history=6, repeat_bias=True, causal_encoder=causal).eval()
     with torch.no_grad():
         model.repeat_logit.copy_(torch.tensor([-1.0, -2.0, 3.0]))
+        if causal:  # a cross-attention recency bias that matters
+            model.cross_recency.copy_(torch.randn(model.cross_recency.shape, generator=torch.Generator().manual_seed(2)))
     codes, mask, _ = batch()
     group = 2
     target = codes[:, -1].repeat_interleave(group, 0).clone()  # repeats of the last item: the bias fires
@@ -247,3 +249,24 @@ def test_item_tokens_make_the_encoder_see_the_order_of_the_history() -> None:
     assert not torch.allclose(forward, backward, atol=1e-4)
     with pytest.raises(ValueError, match="max_history=3"):
         tiny_model(encoder_input="items", max_history=3)(codes, mask, target)
+
+
+def test_forward_all_equals_forward_on_every_prefix_of_the_window() -> None:
+    model = tiny_model(encoder_input="items", max_history=6, repeat_bias=True, causal_encoder=True).eval()
+    with torch.no_grad():
+        model.repeat_logit.copy_(torch.tensor([-1.0, 0.5, -2.0]))
+        model.cross_recency.copy_(torch.randn(model.cross_recency.shape, generator=torch.Generator().manual_seed(2)))
+    gen = torch.Generator().manual_seed(5)
+    items = torch.randint(0, CODE_NUM, (2, 5, CODE_LEN), generator=gen)
+    targets = torch.cat([items[:, 1:], torch.randint(0, CODE_NUM, (2, 1, CODE_LEN), generator=gen)], dim=1)
+    targets[0, 3] = items[0, 1]  # a repeat, so that the repeat bias takes part
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, :2] = False  # row 0 is left-padded
+    with torch.no_grad():
+        out = model.forward_all(items, mask, targets)
+        for i in range(5):
+            rows = [0, 1] if i >= 2 else [1]  # row 0 has no real item before position 2
+            one = model(items[rows, : i + 1], mask[rows, : i + 1], targets[rows, i])
+            torch.testing.assert_close(out.logits[rows, i], one.logits, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out.encoder_latent[rows, i], one.encoder_latent, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out.decoder_semantic[rows, i], one.decoder_semantic, rtol=1e-4, atol=1e-5)

@@ -63,7 +63,7 @@ class DecoderCache:
     """
 
     cross: list[tuple[torch.Tensor, torch.Tensor]]  # layers x 2 x (B, heads, T, d_kv)
-    cross_bias: torch.Tensor  # (B, 1, 1, T) additive mask: 0 for real tokens, dtype min for padding
+    cross_bias: torch.Tensor  # (B, 1 or heads, 1, T) additive mask: 0 (or a learned bias) for real tokens, dtype min for padding
     incremental: bool = True
     self_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # layers x 2 x (N, heads, t, d_kv)
 
@@ -136,6 +136,7 @@ class T5Recommender(nn.Module):
         encoder_input: str = "codes",
         max_history: int = 50,
         repeat_bias: bool = False,
+        causal_encoder: bool = False,
     ) -> None:
         super().__init__()
         _check_positive(
@@ -158,6 +159,8 @@ class T5Recommender(nn.Module):
         self.num_heads = num_heads
         self.d_kv = d_kv
         self.encoder_input = encoder_input
+        self.causal_encoder = causal_encoder
+        self.max_history = max_history
         config = T5Config(
             vocab_size=1, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers,
             num_decoder_layers=num_decoder_layers, num_heads=num_heads, dropout_rate=dropout,
@@ -185,7 +188,11 @@ class T5Recommender(nn.Module):
         self.bos = nn.Parameter(torch.randn(d_model))  # (d,)
         self.encoder_proj = nn.Linear(d_model, latent_dim)
         self.decoder_proj = nn.Linear(d_model, semantic_dim)
-        self.recency = nn.Embedding(max_history, d_model) if encoder_input == "items" else None
+        # recency: of each item in the input (bidirectional encoder), or, with a causal encoder whose
+        # states serve several targets, as a learned per-head bias of the cross-attention by how many
+        # items before the target a state lies
+        self.recency = nn.Embedding(max_history, d_model) if encoder_input == "items" and not causal_encoder else None
+        self.cross_recency = nn.Parameter(torch.zeros(num_heads, max_history)) if causal_encoder else None  # (h, H)
         self.repeat_logit = nn.Parameter(torch.zeros(code_length)) if repeat_bias else None  # (L,)
 
     # ----------------------------------------------------------------------------- inputs
@@ -259,20 +266,47 @@ class T5Recommender(nn.Module):
         batch, history, length = history_codes.shape
         codes = history_codes.masked_fill(~history_mask[..., None], 0)  # padding: any valid code
         tokens = self.code_embedding[torch.arange(length, device=codes.device), codes]  # (B, H, L, d)
-        if self.recency is None:  # one token per code
+        if self.encoder_input == "codes":  # one token per code
             attention_mask = history_mask.repeat_interleave(length, dim=1)  # (B, H * L)
             inputs = tokens.reshape(batch, history * length, self.d_model)
         else:  # one token per item: its codes summed, plus how recent it is (0 = last)
-            if history > self.recency.num_embeddings:
+            if history > self.max_history:
                 raise ValueError(
-                    f"histories of {history} items exceed max_history={self.recency.num_embeddings}; "
+                    f"histories of {history} items exceed max_history={self.max_history}; "
                     "truncate them or build the model with a larger max_history."
                 )
-            recency = torch.arange(history - 1, -1, -1, device=codes.device)  # (H,)
             attention_mask = history_mask  # (B, H)
-            inputs = tokens.sum(dim=2) + self.recency(recency)  # (B, H, d)
-        states = self.encoder(inputs_embeds=inputs, attention_mask=attention_mask).last_hidden_state
+            inputs = tokens.sum(dim=2)  # (B, H, d)
+            if self.recency is not None:
+                inputs = inputs + self.recency(torch.arange(history - 1, -1, -1, device=codes.device))
+        encoder_mask = self._additive(self._causal(attention_mask)) if self.causal_encoder else attention_mask
+        states = self.encoder(inputs_embeds=inputs, attention_mask=encoder_mask).last_hidden_state
         return states, attention_mask
+
+    @staticmethod
+    def _causal(mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) key mask -> (B, 1, T, T): query q sees real keys k <= q (and itself, so no row is empty)."""
+        t = mask.shape[1]
+        lower = torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
+        return ((mask[:, None, None, :] & lower) | torch.eye(t, dtype=torch.bool, device=mask.device))
+
+    def _cross_mask(self, attention_mask: torch.Tensor, target_at: torch.Tensor) -> torch.Tensor | torch.Tensor:
+        """Cross-attention mask of decoder queries whose target follows encoder position ``target_at``
+        (Q,): (B, heads, Q, T) additive, real states ``<= target_at`` only, plus the learned bias of
+        their distance from the target. Without a causal encoder: the plain (B, T) key mask."""
+        if self.cross_recency is None:
+            return attention_mask
+        keys = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        distance = target_at[:, None] - keys[None, :]  # (Q, T)
+        allowed = attention_mask[:, None, None, :] & (distance >= 0)[None, None]  # (B, 1, Q, T)
+        bias = self.cross_recency[:, distance.clamp(0, self.max_history - 1)]  # (heads, Q, T)
+        return (self._additive(allowed) + bias[None]).to(self.code_embedding.dtype)
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A boolean 4-d mask as T5's additive one: 0 where allowed, the dtype's minimum elsewhere."""
+        dtype = self.code_embedding.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
 
     def history_bias(
         self, history_codes: torch.Tensor, history_mask: torch.Tensor, prefix_codes: torch.Tensor
@@ -293,7 +327,8 @@ class T5Recommender(nn.Module):
         if t:
             match = match & (history_codes[:, :, :t] == prefix_codes[:, None, :]).all(dim=2)
         hits = torch.zeros(rows, self.code_num, device=prefix_codes.device, dtype=self.repeat_logit.dtype)
-        hits.scatter_(1, history_codes[:, :, t], match.to(hits.dtype))  # 1 where some item continues
+        # 1 where some matching item continues with code k (amax: items sharing a code do not overwrite)
+        hits.scatter_reduce_(1, history_codes[:, :, t], match.to(hits.dtype), reduce="amax")
         return hits * self.repeat_logit[t]
 
     def _history_bias_all(
@@ -313,10 +348,11 @@ class T5Recommender(nn.Module):
                 f"{tuple(target_codes.shape)!r}; pass the next item's code_length codes."
             )
         states, attention_mask = self.encode(history_codes, history_mask)
+        last = torch.full((self.code_length,), states.shape[1] - 1, device=states.device)  # the target follows it
         hidden = self.decoder(
             inputs_embeds=self._decoder_inputs(target_codes[:, :-1]),  # (B, L, d)
             encoder_hidden_states=states,
-            encoder_attention_mask=attention_mask,
+            encoder_attention_mask=self._cross_mask(attention_mask, last),
             use_cache=False,
         ).last_hidden_state  # (B, L, d)
         weights = attention_mask.to(states.dtype)[..., None]  # (B, T, 1)
@@ -328,6 +364,56 @@ class T5Recommender(nn.Module):
             logits=logits,
             encoder_latent=self.encoder_proj(pooled),
             decoder_semantic=self.decoder_proj(hidden[:, 0]),
+        )
+
+    def forward_all(
+        self, items_codes: torch.Tensor, items_mask: torch.Tensor, target_codes: torch.Tensor
+    ) -> RecommenderOutput:
+        """Teacher-forced logits of a target after *every* position of a window (causal encoder).
+
+        ``items_codes`` (B, W, L) with ``items_mask`` (B, W) are the inputs, ``target_codes``
+        (B, W, L) the item that follows each of them: target ``i`` is predicted from items ``<= i``.
+        One encoder pass serves all W targets; the decoder reads every target's code prefix in one
+        row of W * L tokens, each target attending only to its own prefix (its relative positions are
+        those of a lone decoding) and to the encoder states ``<= i``. Equal to :meth:`forward` on
+        each prefix (the tests check it).
+
+        Returns:
+            logits (B, W, L, K), encoder_latent (B, W, latent_dim) (mean of the states ``<= i``),
+            decoder_semantic (B, W, semantic_dim).
+        """
+        if not self.causal_encoder or self.encoder_input != "items":
+            raise ValueError("forward_all needs causal_encoder=True and encoder_input='items'; build the "
+                             "model with both, or train on one target per history with forward().")
+        items_mask = items_mask.bool()
+        first = int(items_mask.any(dim=0).int().argmax())  # columns padded in every row change nothing
+        items_codes, items_mask, target_codes = items_codes[:, first:], items_mask[:, first:], target_codes[:, first:]
+        batch, window, length = target_codes.shape
+        states, attention_mask = self.encode(items_codes, items_mask)  # (B, W, d), (B, W)
+        inputs = self._decoder_inputs(target_codes.reshape(batch * window, length)[:, :-1])  # (B * W, L, d)
+        block = torch.arange(window * length, device=states.device) // length  # target of each decoder token
+        self_allowed = (block[:, None] == block[None, :]) & torch.ones(
+            window * length, window * length, dtype=torch.bool, device=states.device).tril()
+        hidden = self.decoder(
+            inputs_embeds=inputs.reshape(batch, window * length, self.d_model),
+            attention_mask=self._additive(self_allowed[None, None]),
+            encoder_hidden_states=states,
+            encoder_attention_mask=self._cross_mask(attention_mask, block),  # (B, heads, W * L, W)
+            use_cache=False,
+        ).last_hidden_state.reshape(batch, window, length, self.d_model)
+        logits = torch.einsum("bwld,lkd->bwlk", hidden, self.code_embedding) * self.d_model ** -0.5
+        if self.repeat_logit is not None:  # target i's history is items <= i
+            rows = items_codes.repeat_interleave(window, dim=0)  # (B * W, W, L)
+            seen = items_mask[:, None, :] & torch.ones(window, window, dtype=torch.bool, device=states.device).tril()
+            bias = self._history_bias_all(rows, seen.reshape(batch * window, window),
+                                          target_codes.reshape(batch * window, length))
+            logits = logits + bias.view(batch, window, length, -1)
+        weights = attention_mask.to(states.dtype)[..., None]  # (B, W, 1)
+        pooled = (states * weights).cumsum(dim=1) / weights.cumsum(dim=1).clamp_min(1.0)  # (B, W, d)
+        return RecommenderOutput(
+            logits=logits,
+            encoder_latent=self.encoder_proj(pooled),
+            decoder_semantic=self.decoder_proj(hidden[:, :, 0]),
         )
 
     # ----------------------------------------------------------------------------- inference
@@ -344,6 +430,10 @@ class T5Recommender(nn.Module):
             v = attention.v(encoder_states).view(batch, length, self.num_heads, self.d_kv)
             cross.append((k.transpose(1, 2), v.transpose(1, 2)))  # 2 x (B, heads, T, d_kv)
         dtype = encoder_states.dtype
+        if self.cross_recency is not None:  # the target follows the last position
+            last = torch.full((1,), length - 1, device=encoder_states.device)
+            bias = self._cross_mask(attention_mask.bool(), last).to(dtype)  # (B, heads, 1, T)
+            return DecoderCache(cross=cross, cross_bias=bias, incremental=incremental)
         bias = torch.zeros(attention_mask.shape, dtype=dtype, device=encoder_states.device)
         bias = bias.masked_fill(~attention_mask.bool(), torch.finfo(dtype).min)  # (B, T)
         return DecoderCache(cross=cross, cross_bias=bias[:, None, None, :], incremental=incremental)

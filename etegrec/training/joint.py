@@ -33,6 +33,7 @@ from etegrec.models import CodeTrie, RecommenderOutput, T5Recommender, beam_sear
 from .cli import stage_main
 from .evaluation import gather_ranks, shard_bounds
 from .probing import Prober
+from .embed import make_windows
 from .loop import EpochProgress, TrainingInterrupted, shuffled_batches, train_epoch
 from .rqvae import build_tokenizer, tokenizer_inputs
 from .run import Run, prepare_process, set_rng_state
@@ -106,7 +107,7 @@ class JointTrainer:
             num_heads=r.num_heads, d_kv=r.d_kv, dropout=r.dropout, feed_forward_proj=r.feed_forward_proj,
             latent_dim=config.tokenizer.e_dim, semantic_dim=self.item_emb.shape[1],
             gradient_checkpointing=r.gradient_checkpointing, encoder_input=r.encoder_input,
-            max_history=config.data.max_his_len, repeat_bias=r.repeat_bias,
+            max_history=config.data.max_his_len, repeat_bias=r.repeat_bias, causal_encoder=cfg.targets == "all",
             # under bf16 autocast SDPA falls back to an fp32 path on CPU; plain attention is ~1.7x faster
             attn_implementation="eager" if cfg.mixed_precision == "bf16" else "sdpa").to(device)
         self._samples(epoch=0)
@@ -128,10 +129,19 @@ class JointTrainer:
         """The training samples of ``epoch``: with ``joint.shuffle_ties``, same-timestamp items are
         reordered at random (seeded by the run's seed and the epoch) before the prefixes are cut."""
         rng = np.random.default_rng([self.config.run.seed, epoch]) if self.config.joint.shuffle_ties else None
-        history, target = self.data.train_samples(rng)
         device = self.run.accelerator.device
+        if self.config.joint.targets == "all":  # windows: a target after every item (as the SASRec stage)
+            length = self.data.max_his_len
+            windows, counted = make_windows(self.data.train_sequences(rng), length + 1,
+                                            self.config.joint.window_stride or length)
+            self.windows = torch.as_tensor(windows, device=device)  # (n, W + 1)
+            self.counted = torch.as_tensor(counted, device=device)  # (n,) trailing targets to score
+            self.n_samples = len(windows)
+            return
+        history, target = self.data.train_samples(rng)
         self.history = torch.as_tensor(history, device=device)
         self.target = torch.as_tensor(target, device=device)
+        self.n_samples = len(target)
 
     def _schedule(self, optimizer, epochs: int):
         total = max(1, epochs * self.steps_per_epoch)
@@ -140,8 +150,7 @@ class JointTrainer:
 
     def _batches(self, epoch: int) -> list[np.ndarray]:
         cfg, acc = self.config.joint, self.run.accelerator
-        n = len(self.data.train_target)
-        batches = shuffled_batches(n, cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
+        batches = shuffled_batches(self.n_samples, cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
                                    rank=acc.process_index, world_size=acc.num_processes)
         keep = math.ceil(len(batches) * cfg.sample_fraction)  # a fresh random share of samples each epoch
         return batches[:keep]
@@ -180,12 +189,11 @@ class JointTrainer:
 
     def losses(self, index: np.ndarray, *, phase: str, weights: dict[str, float]) -> dict[str, torch.Tensor]:
         """Loss parts of one batch and their weighted sum ``loss``; both phases use this."""
-        idx = torch.as_tensor(index, device=self.history.device)
-        history, target = self.history[idx], self.target[idx]  # (B, H), (B,)
-        target_codes = self.codes[target]  # (B, L + 1)
+        idx = torch.as_tensor(index, device=self.codes.device)
         with torch.set_grad_enabled(phase != "id"), self._autocast():  # the frozen recommender needs no graph
-            out = self.recommender(self.codes[history], history != 0, target_codes)
+            out, target = self._forward(idx)  # one row per scored target
         out = RecommenderOutput(*(t.float() for t in out))  # the losses in fp32 under mixed precision too
+        target_codes = self.codes[target]  # (N, L + 1)
         parts = {"code_loss": code_loss(out.logits, target_codes)}
         align = weights.get("kl_loss", 0) > 0 or weights.get("dec_cl_loss", 0) > 0
         if phase == "id" or align:
@@ -199,6 +207,21 @@ class JointTrainer:
                 parts["dec_cl_loss"] = info_nce(out.decoder_semantic, tok.recon, self.config.joint.cl_temperature)
         parts["loss"] = sum(weights[k] * v for k, v in parts.items() if weights.get(k, 0) > 0)
         return parts
+
+    def _forward(self, idx: torch.Tensor) -> tuple[RecommenderOutput, torch.Tensor]:
+        """The recommender's outputs for the samples ``idx`` and their target items (N,), one row per target."""
+        if self.config.joint.targets == "last":
+            history, target = self.history[idx], self.target[idx]  # (B, H), (B,)
+            return self.recommender(self.codes[history], history != 0, self.codes[target]), target
+        windows = self.windows[idx]  # (B, W + 1)
+        inputs, targets = windows[:, :-1], windows[:, 1:]
+        width = inputs.shape[1]
+        scored = (inputs != 0) & (targets != 0) & (
+            torch.arange(width, device=idx.device) >= width - self.counted[idx][:, None])  # (B, W)
+        first = int((inputs != 0).any(0).int().argmax())  # columns padded in every row: skipped
+        inputs, targets, scored = inputs[:, first:], targets[:, first:], scored[:, first:]
+        out = self.recommender.forward_all(self.codes[inputs], inputs != 0, self.codes[targets])
+        return RecommenderOutput(*(t[scored] for t in out)), targets[scored]
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Beam-search Recall/NDCG over every user of ``split`` exactly once, reduced over processes."""
