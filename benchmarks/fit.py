@@ -16,7 +16,8 @@ A model that scores no better on ``train (last)`` than on ``valid`` has not fitt
 data (underfitting); ``valid`` far above ``test`` with ``test from valid history`` as low as
 ``test`` says the last item itself is harder for the model. Also prints, for SASRec runs, the
 share of top-10 slots given to items of the history (ml-100k users never rate an item twice).
-Prints a table and writes ``benchmarks/results/fit.json``.
+Prints a table and writes ``--output`` (default ``fit-<first run>.json`` beside the first run directory;
+the committed ``benchmarks/results/fit.json`` only when it is named).
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ from etegrec.config import load_config
 from etegrec.data.prepare import pad_histories
 from etegrec.training.stages import load_stage_data
 
-RESULTS = Path(__file__).parent / "results"
 SETS = ["train (last)", "valid", "test", "test from valid history"]
 
 
@@ -59,7 +59,7 @@ def joint_fit(run_dir: Path, config, data) -> dict:
     with tempfile.TemporaryDirectory() as tmp, Run(config, stage="joint", output_dir=tmp, log_with=(),
                                                    console=False) as run:
         embeddings, _ = ensure_embeddings(config, data, run.accelerator)
-        tokenizer_state, _ = ensure_tokenizer(config, embeddings, run.accelerator)
+        tokenizer_state, _ = ensure_tokenizer(config, embeddings, run.accelerator, data)
         trainer = JointTrainer(config, run, data, embeddings, tokenizer_state)
         trainer.load(torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False))
         return {name: trainer.evaluate_samples(h, t) for name, (h, t) in sample_sets(data).items()}
@@ -90,6 +90,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", type=Path, default=None,
+                        help="where to write the report (default: fit.json beside the first run directory; "
+                             "the README's table is benchmarks/results/fit.json, written only when named here)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report = {}
@@ -107,8 +110,10 @@ def main() -> None:
             shares = ", ".join(f"{s} {r['sets'][s]['history_share@10']:.1%}" for s in SETS)
             print(f"{'':<40}top-10 slots on history items: {shares}")
     print("cells: NDCG@10 (Recall@10)")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fit.json").write_text(json.dumps(report, indent=2))
+    output = args.output or args.runs[0].parent / f"fit-{args.runs[0].name}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    print(f"report: {output}")
 
 
 if __name__ == "__main__":

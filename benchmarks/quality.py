@@ -118,10 +118,10 @@ def stage_run(stage: str, run_dir: Path, seed: int, config: str, overrides: list
 def sasrec_metrics(seed: int, config: str, overrides: list[str]) -> dict[str, float]:
     """The test metrics of the SASRec stage cached for this seed (built by the joint runs)."""
     from etegrec.config import load_config
-    from etegrec.training.stages import stage_dir
+    from etegrec.training.stages import load_stage_data, stage_dir
 
     cfg = load_config(config, [*overrides, f"run.seed={seed}"])
-    return json.loads((stage_dir(cfg, "embed", ("embed",)) / "metrics.json").read_text())["test"]
+    return json.loads((stage_dir(cfg, "embed", ("embed",), load_stage_data(cfg)) / "metrics.json").read_text())["test"]
 
 
 def summarise(per_seed: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict]:

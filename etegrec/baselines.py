@@ -1,6 +1,6 @@
 """Count baselines: the simplest sequential recommenders, as pure functions of arrays.
 
-Every published quality table shows the generative models against these (PROTOCOL section "Anchors"):
+Every published quality table shows the generative models against these (docs/protocol.md, "Reference points"):
 a model that learns from sequences should beat counting them. Each builder returns a function
 ``score(history) -> (batch, n_items + 1)`` over left-padded histories (0 = padding; column 0 is
 -inf), ready for ``etegrec.training.evaluation.evaluate_full_ranking`` (ties count against the

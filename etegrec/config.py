@@ -145,6 +145,7 @@ class JointConfig:
     eval_batch_size: int = 256
     finetune_epochs: int = 0
     mixed_precision: str = "fp32"  # "bf16": the recommender's training forward under bfloat16 autocast
+    renormalize: bool = False  # each code's softmax over the codes that lead to an item, in the loss and the beam search
     targets: str = "last"  # "last": one target per history (paper); "all": a target after every item of a window
     window_stride: int | None = None  # with targets "all": new targets per window; None = data.max_his_len
     probe_users: int = 200  # validation users the learning probes run on at every validation; 0 = no probes
@@ -153,7 +154,7 @@ class JointConfig:
 @dataclass
 class RunConfig:
     seed: int = 2024
-    name: str = "experiment"
+    name: str | None = None  # the W&B run name (the spec's ckpt_name); None: the run directory's unique name
     log_every: int = 0  # emit step_end every N steps; 0 = never
     num_threads: int = 0  # torch threads; 0 = torch's default
 
@@ -210,6 +211,10 @@ class Config:
         if self.recommender.encoder_input not in ENCODER_INPUTS:
             raise ConfigError(f"config key 'recommender.encoder_input' must be one of {', '.join(ENCODER_INPUTS)}, "
                               f"got {self.recommender.encoder_input!r}")
+        if self.joint.forge_policy not in FORGE_POLICIES:
+            raise ConfigError(f"config key 'joint.forge_policy' must be one of {', '.join(FORGE_POLICIES)}, "
+                              f"got {self.joint.forge_policy!r}")
+        _check_feed_forward(self.recommender.feed_forward_proj)
         if self.joint.targets not in JOINT_TARGETS:
             raise ConfigError(f"config key 'joint.targets' must be one of {', '.join(JOINT_TARGETS)}, "
                               f"got {self.joint.targets!r}")
@@ -229,6 +234,7 @@ class Config:
 
 ENCODER_INPUTS = ("codes", "items")  # as etegrec.models.ENCODER_INPUTS (config imports no model code)
 JOINT_TARGETS = ("last", "all")
+FORGE_POLICIES = ("round_robin", "nearest_free")  # as etegrec.forge.POLICIES (a test keeps them equal)
 MIXED_PRECISION = ("fp32", "bf16")  # not "no": YAML reads that as False
 _POSITIVE = {
     "min_count", "max_his_len", "max_users", "hidden", "n_layers", "n_heads", "batch_size", "epochs", "patience",
@@ -240,6 +246,16 @@ _NON_NEGATIVE = {
     "finetune_epochs", "probe_users", "log_every", "num_threads", "restart_dead_every", "id_vq_weight", "id_code_weight", "id_kl_weight",
     "id_dec_cl_weight", "rec_code_weight", "rec_kl_weight", "rec_dec_cl_weight",
 }
+
+
+def _check_feed_forward(value: str) -> None:
+    """T5's ``feed_forward_proj``: an activation of ``transformers.activations`` (``relu``), or ``gated-`` one."""
+    from transformers.activations import ACT2FN  # here, not at import: config is read by light tools too
+
+    parts = value.split("-")
+    if not (len(parts) == 1 or (len(parts) == 2 and parts[0] == "gated")) or parts[-1] not in ACT2FN:
+        raise ConfigError(f"config key 'recommender.feed_forward_proj' must be an activation such as relu, gelu, "
+                          f"gated-gelu or gated-silu, got {value!r}")
 
 
 def _section_names() -> set[str]:

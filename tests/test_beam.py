@@ -173,3 +173,12 @@ def test_trie_rejects_items_sharing_a_code() -> None:
 def test_trie_rejects_codes_outside_code_num() -> None:
     with pytest.raises(ValueError, match="code_num=4"):
         CodeTrie(item_codes(), code_num=4)
+
+
+def test_allowed_codes_are_the_children_of_each_prefix_in_the_trie() -> None:
+    codes = torch.tensor([[0, 1], [0, 2], [3, 0]])  # items 1..3
+    trie = CodeTrie(codes, code_num=4)
+    allowed = trie.allowed(torch.tensor([[0, 2], [3, 0]]))  # (2, L, K)
+    assert allowed[0, 0].tolist() == [True, False, False, True]  # first codes of any item
+    assert allowed[0, 1].tolist() == [False, True, True, False]  # after 0: 1 or 2
+    assert allowed[1, 1].tolist() == [True, False, False, False]  # after 3: 0 only

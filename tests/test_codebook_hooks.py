@@ -162,3 +162,14 @@ def test_real_rqvae_layers_are_counted():
     for layer in range(3):
         np.testing.assert_array_equal(stats[layer]["counts"],
                                       torch.bincount(codes[:, layer], minlength=5).numpy())
+
+
+def test_an_epoch_without_quantizer_forwards_reports_no_usage_instead_of_a_collapse(model):
+    from etegrec import signals
+
+    with CodebookHooks(model, stage="joint") as hooks, signals.recording(signals.codebook_usage) as events:
+        model(batches(1)[0])
+        assert len(hooks.epoch_end(epoch=0)) == 2  # both layers ran
+        assert hooks.epoch_end(epoch=1) == []  # e.g. a fine-tuning epoch: the tokenizer never ran
+    assert [e.payload["epoch"] for e in events] == [0, 0]
+    assert all(e.payload["utilization"] > 0 for e in events)

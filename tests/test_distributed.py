@@ -124,7 +124,7 @@ def test_test_metrics_equal_a_one_process_evaluation_of_the_same_checkpoint(join
     data = load_stage_data(config)
     accelerator = make_accelerator()
     embeddings, _ = ensure_embeddings(config, data, accelerator)
-    tokenizer_state, _ = ensure_tokenizer(config, embeddings, accelerator)
+    tokenizer_state, _ = ensure_tokenizer(config, embeddings, accelerator, data)
     with Run(config, stage="joint", output_dir=launch.root / "one-process", console=False,
              accelerator=accelerator) as run:
         trainer = JointTrainer(config, run, data, embeddings, tokenizer_state)

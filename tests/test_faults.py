@@ -3,7 +3,9 @@ broken subscriber never stops training; W&B trouble falls back to offline."""
 from __future__ import annotations
 
 import logging
+import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 from conftest import make_accelerator, write_structured_inter
 from etegrec import signals
 from etegrec.config import load_config
+from etegrec.data import dataset_name_of
 from etegrec.hooks import read_events
 from etegrec.training import joint
 from etegrec.training.stages import load_stage_data, stage_dir
@@ -26,7 +29,8 @@ def data_file(tmp_path) -> Path:
 
 
 def _config(data_file: Path):
-    return load_config("tiny", [f"data.data_path={data_file}"])
+    # as the command line builds it: the dataset is named after the file
+    return load_config("tiny", [f"data.data_path={data_file}", f"data.dataset={dataset_name_of(data_file)}"])
 
 
 # --- a table of bad inputs: each gives exit status 2 and one line naming what is wrong ----------
@@ -45,7 +49,7 @@ def _bad_yaml(tmp_path, data_file):
 
 def _short_embeddings(tmp_path, data_file):
     config = _config(data_file)
-    folder = stage_dir(config, "embed", ("embed",))
+    folder = stage_dir(config, "embed", ("embed",), load_stage_data(config))
     folder.mkdir(parents=True)
     np.save(folder / "embeddings.npy", np.zeros((7, config.embed.hidden), dtype=np.float32))
     return ["--data-path", str(data_file)]
@@ -56,10 +60,10 @@ def _misfit_tokenizer(tmp_path, data_file):
 
     config = _config(data_file)
     n_items = load_stage_data(config).n_items
-    embed = stage_dir(config, "embed", ("embed",))
+    embed = stage_dir(config, "embed", ("embed",), load_stage_data(config))
     embed.mkdir(parents=True)
     np.save(embed / "embeddings.npy", np.zeros((n_items + 1, config.embed.hidden), dtype=np.float32))
-    folder = stage_dir(config, "rqvae", ("embed", "tokenizer", "rqvae"))
+    folder = stage_dir(config, "rqvae", ("embed", "tokenizer", "rqvae"), load_stage_data(config))
     (folder / "checkpoints").mkdir(parents=True)
     other = load_config("tiny", ["tokenizer.codebook_size=8"])
     torch.save({"model": build_tokenizer(other, config.embed.hidden).state_dict()}, folder / "checkpoints" / "best.pt")
@@ -87,6 +91,22 @@ def _raising_factory(tmp_path, data_file):
     return ["--data-path", str(data_file), "--subscriber", f"{path}:make"]
 
 
+def _output_under_a_file(tmp_path, data_file):
+    (tmp_path / "notes.txt").write_text("a file, not a directory")
+    return ["--output-dir", str(tmp_path / "notes.txt" / "run")]
+
+
+def _unwritable_home(tmp_path, data_file):
+    os.environ["ETEGREC_HOME"] = "/sys/etegrec-home"  # not writable even by root; the fixture restores it
+    return []
+
+
+def _subscriber_syntax_error(tmp_path, data_file):
+    path = tmp_path / "watch.py"
+    path.write_text("def on_epoch_end(sender, **payload:\n    pass\n")
+    return ["--subscriber", f"{path}:on_epoch_end"]
+
+
 def _args(*args):
     return lambda tmp_path, data_file: [a.format(data=data_file, tmp=tmp_path) for a in args]
 
@@ -103,6 +123,14 @@ BAD_INPUTS = [
     ("unknown config", _args("--config", "nosuch"), r"nosuch"),
     ("invalid YAML", _bad_yaml, r"bad\.yaml.*not valid YAML"),
     ("top_k above beam", _args("--set", "joint.top_k=50"), r"joint\.top_k.*beam_size"),
+    ("FORGE policy", _args("--set", "joint.forge_policy=bogus"), r"joint\.forge_policy.*round_robin.*'bogus'"),
+    ("T5 activation", _args("--set", "recommender.feed_forward_proj=bogus"),
+     r"recommender\.feed_forward_proj.*'bogus'"),
+    # paths
+    ("output dir under a file", _output_under_a_file, r"--output-dir '.*notes\.txt/run' cannot be used.*Not a directory"),
+    ("unwritable output dir", _args("--output-dir", "/sys/etegrec-run"),
+     r"--output-dir '/sys/etegrec-run' cannot be used.*not permitted"),
+    ("unwritable ETEGREC_HOME", _unwritable_home, r"\$ETEGREC_HOME '/sys/etegrec-home' cannot be used.*not permitted"),
     # artefacts
     ("embedding rows", _short_embeddings, r"embeddings\.npy.*shape \(7, 32\).*items"),
     ("tokenizer shape", _misfit_tokenizer, r"tokenizer checkpoint .*does not fit the tokenizer config.*\[8, 16\].*\[16, 16\]"),
@@ -113,13 +141,16 @@ BAD_INPUTS = [
     ("subscriber module", _args("--subscriber", "no_such_module:thing"), r"no_such_module"),
     ("subscriber attribute", _args("--subscriber", "json:no_such_thing"), r"no_such_thing"),
     ("subscriber factory raises", _raising_factory, r"make.*no database"),
+    ("subscriber syntax error", _subscriber_syntax_error, r"watch\.py' line 1: syntax error"),
 ]
 
 
 @pytest.mark.parametrize("name,make_args,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_is_one_clear_line(name, make_args, message, tmp_path, data_file, capsys):
     argv = BASE + make_args(tmp_path, data_file)
+    start = time.perf_counter()
     assert joint.main(argv) == 2
+    assert time.perf_counter() - start < 10  # refused before any stage trains (the cache is empty)
     err = capsys.readouterr().err
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -128,7 +159,7 @@ def test_bad_input_is_one_clear_line(name, make_args, message, tmp_path, data_fi
 
 
 def test_the_table_covers_every_kind_of_bad_input():
-    assert len(BAD_INPUTS) >= 12
+    assert len(BAD_INPUTS) >= 23
 
 
 def test_bad_input_on_the_real_command_line_has_no_traceback(tmp_path):

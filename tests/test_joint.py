@@ -141,7 +141,11 @@ def test_wandb_run_holds_every_joint_key(joint_run):
         [WANDB, "leet", "inspect", "--json", str(log_file)], capture_output=True, text=True, check=True,
     ).stdout.splitlines() if line.strip()]
     run = next(r["run"] for r in records if r["type"] == "run")
-    assert run["project"] == "ETEGRec-Joint" and run["display_name"] == "experiment"
+    # no run.name set: the run is named after its (unique) run directory
+    assert run["project"] == "ETEGRec-Joint" and run["display_name"] == "run"
+    # the program and arguments are the training process's (here pytest's), not W&B's own child's
+    environment = next(r["environment"] for r in records if r["type"] == "environment")
+    assert environment["args"] == sys.argv[1:] and "wandb_child" not in environment["program"]
     rows = [r["history"]["item"] for r in records if r["type"] == "history"]
     keys = set().union(*rows)
     expected = {"epoch", "train/rec_loss_total", "train/rec_code_loss", "train/rec_kl_loss", "train/rec_dec_cl_loss",

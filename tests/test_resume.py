@@ -115,8 +115,13 @@ def test_ctrl_c_writes_a_checkpoint_exits_130_and_resumes_mid_epoch(workspace):
     assert state["epoch"] == 2 and state["progress"]["step"] > 0  # in the middle of epoch 2 (a tokenizer epoch)
     events = read_events(run_dir / "events.jsonl")
     assert events[-1]["signal"] == "run_finished" and events[-1]["status"] == "interrupted"
+    assert events[-1]["best_checkpoint"] == str(run_dir / "checkpoints" / "best.pt")  # it exists: say so
     assert events[-2]["signal"] == "checkpoint_saved" and events[-2]["epoch"] == 2
     assert 2 not in {e["epoch"] for e in events if e["signal"] == "epoch_end"}
+    # the last line says how to go on, with the run's own options
+    hint = stopped.stderr.strip().splitlines()[-1]
+    assert hint.startswith("interrupted; continue with: python -m etegrec.training.joint ")
+    assert hint.endswith(f"--output-dir {run_dir} --resume") and "--subscriber" in hint
 
     resumed = _joint(workspace, "stopped", "--wandb-mode", "offline", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

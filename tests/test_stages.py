@@ -15,7 +15,7 @@ from etegrec import metrics, signals
 from etegrec.config import load_config
 from etegrec.hooks import read_events
 from etegrec.training.rqvae import run_rqvae
-from etegrec.training.stages import stage_dir
+from etegrec.training.stages import KNOWN_DATA, load_stage_data, stage_dir
 
 from conftest import write_structured_inter
 
@@ -99,7 +99,7 @@ def test_rqvae_run_directory_holds_config_events_metrics_and_checkpoints(rqvae_r
 
 def test_rqvae_stage_reuses_cached_embeddings(rqvae_run, tmp_path):
     config, _, _, _ = rqvae_run
-    folder = stage_dir(config, "embed", ("embed",))
+    folder = stage_dir(config, "embed", ("embed",), load_stage_data(config))
     assert (folder / "embeddings.npy").exists()
     with signals.recording(signals.run_started) as started:
         run_rqvae(config, output_dir=tmp_path / "again", wandb_mode="disabled")
@@ -143,7 +143,7 @@ def test_embed_stage_writes_embeddings_and_test_metrics(rqvae_run):
     assert all(e.payload["phase"] == "embed" for e in embed if e.signal == "epoch_end")
     splits = [e.payload["split"] for e in embed if e.signal == "evaluated"]
     assert splits == ["valid", "valid", "test"]
-    folder = stage_dir(config, "embed", ("embed",))
+    folder = stage_dir(config, "embed", ("embed",), load_stage_data(config))
     emb = np.load(folder / "embeddings.npy")
     items = json.loads((folder / "item_map.json").read_text())["items"]
     assert emb.shape == (len(items) + 1, config.embed.hidden)
@@ -193,7 +193,11 @@ def test_cache_keys_of_the_default_config_stay_those_of_existing_caches():
     # orphans every user's cached stages, unless it is listed in stages.ADDED_LATER.
     # (the repeat bias became the ml-100k default after these caches were made)
     config = load_config("ml-100k", ["run.seed=2024", "embed.repeat_bias=false"])
-    assert stage_dir(config, "embed", ("embed",)).name == "embed-ml-100k-767aad455e9f"
-    assert stage_dir(config, "rqvae", ("embed", "tokenizer", "rqvae")).name == "rqvae-ml-100k-b6f2d73aafc2"
+    # The data's digest joined the key later too: the default ml-100k preparation's is left out.
+    ml100k = KNOWN_DATA["ml-100k"]
+    assert stage_dir(config, "embed", ("embed",), ml100k).name == "embed-ml-100k-767aad455e9f"
+    assert stage_dir(config, "rqvae", ("embed", "tokenizer", "rqvae"), ml100k).name == "rqvae-ml-100k-b6f2d73aafc2"
     config.embed.repeat_bias = True  # a new key away from its neutral value is a different stage
-    assert stage_dir(config, "embed", ("embed",)).name != "embed-ml-100k-767aad455e9f"
+    assert stage_dir(config, "embed", ("embed",), ml100k).name != "embed-ml-100k-767aad455e9f"
+    config.embed.repeat_bias = False  # other content under the same name: another stage
+    assert stage_dir(config, "embed", ("embed",), "0" * 16).name != "embed-ml-100k-767aad455e9f"

@@ -191,17 +191,35 @@ def test_console_without_codebooks_skips_codebook_lines():
     assert len(out.getvalue().splitlines()) == 1 and "codebook" not in out.getvalue()
 
 
-def test_console_throttles_epoch_lines_of_fast_epochs_with_their_codebook_lines():
+def test_console_prints_every_epoch_line_of_fast_epochs_and_throttles_step_lines():
     out = io.StringIO()
     with ConsoleSubscriber(file=out, min_interval=3600):
         for epoch in range(5):
+            for step in range(3):
+                signals.step_end.send(None, stage="rec", phase="rec", epoch=epoch, step=3 * epoch + step,
+                                      losses={"loss": 1.0}, lr={"lr": 0.01})
             signals.codebook_usage.send(None, **{**CONSOLE_EVENTS[1][1], "epoch": epoch})
             signals.epoch_end.send(None, **{**EPOCH_END, "epoch": epoch})
         signals.evaluated.send(None, **{**CONSOLE_EVENTS[4][1], "epoch": 4})
 
     lines = out.getvalue().splitlines()
-    assert ["epoch 0 codebook" in lines[0], "epoch 0" in lines[1], "valid @ epoch 4" in lines[2]] == [True] * 3
-    assert len(lines) == 3
+    steps = [line for line in lines if " step " in line]
+    assert steps == ["[rec] epoch 0 step 0: loss=1 | lr=0.01"]  # one step line within the interval
+    for epoch in range(5):
+        assert sum(f"epoch {epoch} codebook layer 1" in line for line in lines) == 1
+        assert sum(line.startswith(f"[rec] epoch {epoch}: total=0.5") for line in lines) == 1
+    assert "valid @ epoch 4" in lines[-1]
+
+
+def test_console_says_the_test_line_is_the_best_checkpoints_and_never_doubles_words():
+    out = io.StringIO()
+    with ConsoleSubscriber(file=out):
+        signals.epoch_end.send(None, stage="embed", phase="embed", epoch=0, losses={"loss": 6.5}, lr={"lr": 0.001},
+                               seconds=1.0, samples_per_second=10.0)
+        signals.evaluated.send(None, stage="embed", split="test", epoch=11, metrics={"ndcg@10": 0.09})
+    first, second = out.getvalue().splitlines()
+    assert first.startswith("[embed] epoch 0: loss=6.5 | lr=0.001 |")
+    assert second == "[embed] test (best checkpoint, epoch 11): ndcg@10=0.09"
 
 
 # -------------------------------------------------------------------------------------- resolver

@@ -465,3 +465,23 @@ def test_usage_histogram_merges_adjacent_codes_above_512():
     assert len(values) <= 512 and len(edges) == len(values) + 1
     assert values.sum() == 1025 and edges[0] == 0 and edges[-1] == 1025
     assert values[0] == 3 and values[-1] == 1025 - 3 * (len(values) - 1)
+
+
+def test_a_training_process_killed_during_wandb_start_up_leaves_no_child_traceback(tmp_path, wandb_env):
+    # What a SIGKILL of the training process looks like to W&B's child: its socket closes right after
+    # it was asked for a run, while wandb.init is still starting.
+    import socket
+    import subprocess
+    import sys
+    from multiprocessing.connection import Connection
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        child = subprocess.Popen([sys.executable, "-m", "etegrec.hooks.wandb_child", str(theirs.fileno())],
+                                 pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True)
+        conn = Connection(ours.detach())
+    conn.send(("init", {"project": "t", "name": "t", "dir": str(tmp_path), "mode": "offline",
+                        "settings": {"console": "off"}}))
+    conn.close()  # gone before the child could answer "started"
+    _, err = child.communicate(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .prepare import SequenceData, k_core, pad_histories, prepare_interactions, prepare_splits
 from .readers import FORMATS, DataError, Interactions, PreparedSplits, detect_format, read_interactions, read_prepared
-from .sources import data_home, load_dataset
+from .sources import data_home, dataset_name_of, load_dataset
 
 __all__ = [
     "FORMATS",
@@ -16,6 +16,7 @@ __all__ = [
     "PreparedSplits",
     "SequenceData",
     "data_home",
+    "dataset_name_of",
     "detect_format",
     "k_core",
     "load_dataset",

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import FORMATS, DataError, load_dataset
+from . import FORMATS, DataError, dataset_name_of, load_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-his-len", type=int, default=20, help="history length kept (default 20)")
     parser.add_argument("--no-cache", action="store_true", help="prepare again and do not write the cache")
     args = parser.parse_args(argv)
-    name = args.dataset or (args.data_path and _name_of(args.data_path)) or "ml-100k"
+    name = args.dataset or (args.data_path and dataset_name_of(args.data_path)) or "ml-100k"
     start = time.perf_counter()
     try:
         data = load_dataset(name, data_path=args.data_path, fmt=args.format, min_count=args.min_count,
@@ -38,13 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"test samples  {stats['test_samples']}")
     print(f"({time.perf_counter() - start:.1f} s)")
     return 0
-
-
-def _name_of(path: str) -> str:
-    stem = Path(path).name
-    for suffix in (".train.jsonl", ".gz", ".jsonl", ".json", ".inter"):
-        stem = stem.removesuffix(suffix)
-    return stem or "data"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Filtering, chronological leave-one-out splitting and the prepared :class:`SequenceData`.
 
-The protocol (PROTOCOL.md): every interaction counts; iterative k-core on users and items; each
+The protocol (docs/protocol.md): every interaction counts; iterative k-core on users and items; each
 user's items sorted by timestamp with ties in file order; the last item is the test target, the
 second last the validation target, and every earlier position ``i >= 1`` is a training sample
 whose history is ``items[:i]``. Items are numbered ``1..N`` in order of first appearance in the
@@ -8,7 +8,9 @@ file (0 is padding); histories are left-padded to ``max_his_len`` and keep the m
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -42,6 +44,20 @@ class SequenceData:
     test_history: np.ndarray
     test_target: np.ndarray
     test_user: np.ndarray
+
+    @cached_property
+    def digest(self) -> str:
+        """A digest of the prepared content (sequences, timestamps, splits, item map): what a stage
+        trained on this data was trained on. Equal data, equal digest, whatever the file's path or
+        mtime; one changed timestamp changes it."""
+        h = hashlib.sha256()
+        for name in ("seq_offsets", "seq_items", "seq_times", "train_history", "train_target", "valid_history",
+                     "valid_target", "test_history", "test_target"):
+            array = np.ascontiguousarray(getattr(self, name))
+            h.update(f"{name}:{array.dtype.str}:{array.shape}\n".encode())
+            h.update(array.tobytes())
+        h.update("\n".join(self.item_map).encode())
+        return h.hexdigest()[:16]
 
     @property
     def n_items(self) -> int:

@@ -100,7 +100,7 @@ def detect_format(path: Path) -> str:
     if len(first.split()) == 4:
         return "movielens"
     raise DataError(f"{path}: cannot tell its format from line 1 ({first[:60]!r}); "
-                    f"pass one of {', '.join(FORMATS)} explicitly")
+                    f"pass --format (or --set data.format=) with one of {', '.join(FORMATS)}")
 
 
 def _unreadable(path: Path, exc: Exception) -> DataError:

@@ -23,13 +23,22 @@ import numpy as np
 from .prepare import SequenceData, first_users, prepare_interactions, prepare_splits
 from .readers import DataError, prepared_prefix, detect_format, read_interactions, read_prepared
 
-__all__ = ["CACHE_VERSION", "data_home", "fetch_ml100k", "load_dataset", "resolve_source"]
+__all__ = ["CACHE_VERSION", "data_home", "dataset_name_of", "fetch_ml100k", "load_dataset", "resolve_source"]
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # 2: seq_times
 RECBOLE_WHEEL = "recbole==1.2.1"
 ML100K_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.inter"
+
+
+def dataset_name_of(path: str | Path) -> str:
+    """The dataset name a data file implies: its file name without the data suffixes
+    (``reviews/Beauty.jsonl.gz`` -> ``Beauty``), used when no ``--dataset`` is given."""
+    stem = Path(path).name
+    for suffix in (".train.jsonl", ".gz", ".jsonl", ".json", ".inter"):
+        stem = stem.removesuffix(suffix)
+    return stem or "data"
 
 
 def data_home() -> Path:

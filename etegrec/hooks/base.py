@@ -86,13 +86,23 @@ def _import(module_spec: str, spec: str):
         loader_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules.setdefault(path.stem, module)
-        loader_spec.loader.exec_module(module)
+        try:
+            loader_spec.loader.exec_module(module)
+        except SyntaxError as exc:
+            raise SubscriberError(f"--subscriber {spec!r}: {module_spec!r} line {exc.lineno}: syntax error "
+                                  f"({exc.msg}); fix the file") from None
+        except Exception as exc:
+            raise SubscriberError(f"--subscriber {spec!r}: running {module_spec!r} raised "
+                                  f"{type(exc).__name__}: {exc}") from None
         return module
     try:
         return importlib.import_module(module_spec)
     except ModuleNotFoundError as exc:
         raise SubscriberError(f"--subscriber {spec!r}: cannot import module {module_spec!r} ({exc}); "
                               "is it on PYTHONPATH?") from None
+    except SyntaxError as exc:
+        raise SubscriberError(f"--subscriber {spec!r}: {exc.filename!r} line {exc.lineno}: syntax error "
+                              f"({exc.msg}); fix the module") from None
 
 
 def resolve_subscriber(spec: Any) -> Subscriber:

@@ -161,8 +161,9 @@ class CodebookHooks:
         reset either way.
 
         Returns:
-            One dict per layer with exactly the ``codebook_usage`` payload: stage, epoch, layer,
-            counts (np.ndarray [K]), utilization, perplexity, gini, dead_codes.
+            One dict per layer that saw codes this epoch, with exactly the ``codebook_usage``
+            payload: stage, epoch, layer, counts (np.ndarray [K]), utilization, perplexity, gini,
+            dead_codes. Layers that counted nothing are left out (and send nothing).
         """
         stage = self.stage if stage is None else stage
         self._fold_all()
@@ -178,8 +179,10 @@ class CodebookHooks:
 
         per_layer = [host[start:end] for start, end in self._bounds]  # views, one per layer
         usage = metrics.usage_stats_rows(per_layer, check=False)  # counts are >= 0 by construction
+        # A layer that quantized nothing this epoch (fine-tuning, a frozen tokenizer) is not reported:
+        # its all-zero histogram would read as a collapsed codebook.
         stats = [dict(stage=stage, epoch=epoch, layer=layer, counts=counts, **u)
-                 for layer, (counts, u) in enumerate(zip(per_layer, usage))]
+                 for layer, (counts, u) in enumerate(zip(per_layer, usage)) if u["dead_codes"] < len(counts)]
         if signals.codebook_usage.receivers:
             for payload in stats:
                 signals.codebook_usage.send(self.sender, **payload)

@@ -1,4 +1,4 @@
-"""The console subscriber: one readable line per event (epoch lines throttled), on the main rank only."""
+"""The console subscriber: one readable line per event (step lines throttled), on the main rank only."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +9,18 @@ from tqdm import tqdm
 from .base import Subscriber
 
 __all__ = ["ConsoleSubscriber"]
+
+
+def _phase(stage: str, phase: str) -> str:
+    return "" if phase == stage else f" {phase}"  # "[embed] epoch 3", not "[embed] epoch 3 embed"
+
+
+def _lr_text(lr: dict | None) -> str:
+    if not lr:
+        return ""
+    if list(lr) == ["lr"]:  # one optimiser: "lr=0.001", not "lr lr=0.001"
+        return f" | lr={lr['lr']:.3g}"
+    return f" | lr {_fmt(lr, 3)}"
 
 
 def _fmt(values: dict, digits: int = 4) -> str:
@@ -24,10 +36,10 @@ class ConsoleSubscriber(Subscriber):
         super().__init__()
         self.file = file
         self.codebooks = codebooks
-        # epoch lines (and their codebook lines) at most every min_interval seconds: a stage with
-        # sub-second epochs (RQ-VAE pretraining) would otherwise flood the terminal
+        # step lines (step_end, many per epoch) at most every min_interval seconds; every epoch,
+        # evaluation and checkpoint line is printed
         self.min_interval = min_interval
-        self._last_epoch_line = float("-inf")
+        self._last_step_line = float("-inf")
         self._codebook_lines: list[tuple] = []
 
     def _print(self, text: str) -> None:
@@ -40,16 +52,18 @@ class ConsoleSubscriber(Subscriber):
     def on_epoch_end(self, sender, *, stage, phase, epoch, losses, lr=None, seconds=0.0,
                      samples_per_second=0.0, **extra):
         codebook_lines, self._codebook_lines = self._codebook_lines, []
-        now = time.monotonic()
-        if now - self._last_epoch_line < self.min_interval:
-            return
-        self._last_epoch_line = now
         for stage_, epoch_, layer, utilization, perplexity, gini, dead in codebook_lines:
             self._print(f"[{stage_}] epoch {epoch_} codebook layer {layer}: utilization {utilization:.1%}, "
                         f"perplexity {perplexity:.1f}, gini {gini:.3f}, {dead} dead")
-        lr_text = f" | lr {_fmt(lr, 3)}" if lr else ""
-        self._print(f"[{stage}] epoch {epoch} {phase}: {_fmt(losses)}{lr_text} | {seconds:.1f} s, "
-                    f"{samples_per_second:.0f} samples/s")
+        self._print(f"[{stage}] epoch {epoch}{_phase(stage, phase)}: {_fmt(losses)}{_lr_text(lr)} | "
+                    f"{seconds:.1f} s, {samples_per_second:.0f} samples/s")
+
+    def on_step_end(self, sender, *, stage, phase, epoch, step, losses, lr=None, **extra):
+        now = time.monotonic()
+        if now - self._last_step_line < self.min_interval:
+            return
+        self._last_step_line = now
+        self._print(f"[{stage}] epoch {epoch}{_phase(stage, phase)} step {step}: {_fmt(losses)}{_lr_text(lr)}")
 
     def on_codes_assigned(self, sender, *, epoch, max_conflict, max_conflict_before, collision_rate,
                           changed, codes=None, seconds=0.0, **extra):
@@ -58,7 +72,9 @@ class ConsoleSubscriber(Subscriber):
                     f"collision rate {collision_rate:.2%}, {changed}/{n} changed, {seconds:.2f} s")
 
     def on_evaluated(self, sender, *, stage, split, epoch, metrics, **extra):
-        self._print(f"[{stage}] {split} @ epoch {epoch}: {_fmt(metrics)}")
+        # the test split is evaluated once, with the best checkpoint, whose epoch the payload carries
+        where = f"(best checkpoint, epoch {epoch})" if split == "test" else f"@ epoch {epoch}"
+        self._print(f"[{stage}] {split} {where}: {_fmt(metrics)}")
 
     def on_probed(self, sender, *, stage, split, epoch, users, probes, **extra):
         ce = " ".join(f"{probes[f'code_ce_{p}']:.2f}/{probes[f'code_floor_{p}']:.2f}"

@@ -6,6 +6,7 @@ neither torch nor Accelerate, so it starts in well under a second.
 """
 from __future__ import annotations
 
+import os
 import sys
 from multiprocessing.connection import Connection
 from typing import Any
@@ -36,14 +37,23 @@ def _serve(conn: Connection) -> None:
     """Own one W&B run: start it, then carry out the parent's calls until ``finish`` or EOF."""
     import wandb
 
-    _, kwargs = conn.recv()
+    try:
+        _, kwargs = conn.recv()
+    except (EOFError, OSError):  # the training process died before it asked for a run
+        return
+    command = kwargs.pop("command", None)
+    if command:  # W&B reads the program and args of the process that calls init: make them the user's
+        os.environ["WANDB_PROGRAM"] = command["program"]
+        sys.argv = command["argv"]
     try:
         settings = wandb.Settings(**kwargs.pop("settings"))
         run = wandb.init(settings=settings, **kwargs)
     except Exception as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        _send_quietly(conn, ("error", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("started", run.id))
+    if not _send_quietly(conn, ("started", run.id)):  # killed during start-up: end the run, no traceback
+        run.finish(exit_code=1)
+        return
     while True:
         try:
             op, *payload = conn.recv()
@@ -66,7 +76,16 @@ def _serve(conn: Connection) -> None:
             elif op == "define_metric":
                 run.define_metric(*payload[0], **payload[1])
         except Exception as exc:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            _send_quietly(conn, ("error", f"{type(exc).__name__}: {exc}"))
+
+
+def _send_quietly(conn: Connection, message: tuple) -> bool:
+    """Send to the training process; False (instead of a BrokenPipeError traceback) when it is gone."""
+    try:
+        conn.send(message)
+        return True
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":

@@ -154,7 +154,8 @@ class WandbProcessTracker(GeneralTracker):
             return
         settings.setdefault("x_stats_pid", os.getpid())
         settings.setdefault("console", "off")
-        kwargs = {**self.init_kwargs, "project": self.project, "settings": settings}
+        kwargs = {**self.init_kwargs, "project": self.project, "settings": settings,
+                  "command": _command_line()}  # W&B records the user's command, not the child's
         ours, theirs = socket.socketpair()
         with ours, theirs:
             process = subprocess.Popen([sys.executable, "-m", "etegrec.hooks.wandb_child", str(theirs.fileno())],
@@ -204,3 +205,13 @@ def _reap(process: subprocess.Popen | None, timeout: float) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def _command_line() -> dict[str, Any]:
+    """This (training) process's program as W&B names it (``-m etegrec.training.joint`` or a script) and
+    its arguments, for the child to record as the run's program and args."""
+    import __main__
+
+    spec = getattr(__main__, "__spec__", None)
+    program = f"-m {spec.name}" if spec is not None else getattr(__main__, "__file__", sys.argv[0])
+    return {"program": program, "argv": list(sys.argv)}

@@ -109,6 +109,21 @@ class CodeTrie:
         tables = sum(t.numel() * t.element_size() for t in self.next_node)
         return tables + self.leaf_item.numel() * self.leaf_item.element_size()
 
+    def allowed(self, codes: torch.Tensor) -> torch.Tensor:
+        """(..., L, K) bool: at each position of the items' ``codes`` (..., L), the codes that continue
+        the prefix before it towards some item (what constrained decoding lets through there).
+
+        With it, a training loss can normalise each position over the codes that lead to an item,
+        as ``beam_search(..., renormalize=True)`` scores them.
+        """
+        node = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
+        allowed = []
+        for depth, table in enumerate(self.next_node):
+            children = table[node.clamp_min(0)]  # (..., K)
+            allowed.append((children >= 0) & (node >= 0)[..., None])
+            node = torch.where(node < 0, node, children.gather(-1, codes[..., depth:depth + 1]).squeeze(-1).long())
+        return torch.stack(allowed, dim=-2)
+
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Item ids (...) of code tuples ``codes`` (..., L); -1 where a tuple is no item."""
         node = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)

@@ -3,22 +3,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from etegrec.config import Config, ConfigError, load_config
-from etegrec.data import DataError
+from etegrec.data import FORMATS, DataError, data_home, dataset_name_of
 from etegrec.forge import CodeOverflowError
 from etegrec.hooks import SubscriberError, resolve_subscriber
 
 from .loop import NonFiniteLossError
-from .run import check_trackers, resume_checkpoint
+from .run import check_resume_config, check_trackers, check_writable, default_run_dir, hold_run_dir, launch_rank, resume_checkpoint
 
 __all__ = ["StageArgs", "common_parser", "parse_stage_args", "run_main", "tracker_list"]
 
 # errors that name what is wrong and the remedy: one sentence, no traceback, exit status 2
 USER_ERRORS = (ConfigError, DataError, SubscriberError, CodeOverflowError, FileNotFoundError)
+
+
+class RunFinished(Exception):
+    """``--resume`` of a run that already ended: said in one line, exit status 0, nothing touched."""
 
 
 @dataclass
@@ -29,6 +35,7 @@ class StageArgs:
     subscribers: list  # resolved subscriber objects
     resume: bool
     log_with: tuple[str, ...] = ("wandb",)
+    rebuild: bool = False
 
 
 def tracker_list(text: str) -> tuple[str, ...]:
@@ -49,7 +56,9 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set rqvae.lr=1e-3 (repeatable)")
     parser.add_argument("--dataset", help="dataset name (default: the config's, ml-100k)")
-    parser.add_argument("--data-path", help="interaction file or prepared split to use")
+    parser.add_argument("--data-path", help="interaction file or prepared split to use (the dataset is named "
+                                            "after the file unless --dataset is given)")
+    parser.add_argument("--format", choices=FORMATS, help="force the reader of --data-path (detected otherwise)")
     parser.add_argument("--output-dir", help="run directory (default runs/<stage>-<dataset>-<time>)")
     parser.add_argument("--wandb-mode", choices=("online", "offline", "disabled"),
                         help="W&B mode (default: offline unless an API key is configured)")
@@ -59,6 +68,8 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--subscriber", dest="subscribers", action="append", default=[],
                         metavar="MODULE:CALLABLE", help="attach a subscriber of yours (repeatable)")
     parser.add_argument("--seed", type=int, help="random seed (default: the config's run.seed)")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="train the cached earlier stages (embeddings, tokenizer) again instead of reusing them")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its last checkpoint (checkpoints/last.pt)")
     return parser
@@ -67,40 +78,82 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> StageArgs:
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
-    if args.dataset:
-        overrides.append(f"data.dataset={args.dataset}")
+    if args.dataset or args.data_path:  # a file of the user's is named after itself, not after the default
+        overrides.append(f"data.dataset={args.dataset or dataset_name_of(args.data_path)}")
     if args.data_path:
         overrides.append(f"data.data_path={args.data_path}")
+    if args.format:
+        overrides.append(f"data.format={args.format}")
     if args.seed is not None:
         overrides.append(f"run.seed={args.seed}")
-    if args.resume:  # checked before any data is read
+    # Everything below is checked before any data is read or any stage trains.
+    if args.resume:
         if not args.output_dir:
             raise ConfigError("--resume needs --output-dir: the run directory to continue")
         resume_checkpoint(args.output_dir)
     config = load_config(args.config, overrides)
-    # resolved here, before any data is read or fetched: a mistyped --subscriber fails at once
+    if args.resume:
+        check_resume_config(args.output_dir, config)
+        if (Path(args.output_dir) / "metrics.json").exists():
+            raise RunFinished(f"the run in {args.output_dir!r} is finished (it has its metrics.json); nothing to "
+                              "resume, nothing was changed")
     subscribers = [resolve_subscriber(spec) for spec in args.subscribers]
+    if launch_rank() == 0:  # the paths the main process will write into
+        check_writable(data_home(), "$ETEGREC_HOME")
+        if args.output_dir:
+            hold_run_dir(check_writable(args.output_dir, "--output-dir"))
+        else:
+            check_writable("runs", "--output-dir (default runs/)")
     return StageArgs(config=config, output_dir=args.output_dir, wandb_mode=args.wandb_mode,
-                     subscribers=subscribers, resume=args.resume, log_with=args.log_with)
+                     subscribers=subscribers, resume=args.resume, log_with=args.log_with, rebuild=args.rebuild)
 
 
 def stage_main(prog: str, doc: str, run_stage: Callable[..., object], argv: list[str] | None = None) -> int:
     """A stage's ``main``: parse the common options and call ``run_stage(config, **options)``."""
     parser = common_parser(prog, doc.splitlines()[0])
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    stage = prog.rsplit(".", 1)[-1]  # "python -m etegrec.training.joint" -> "joint"
+    where: dict[str, str] = {}
+
     def body():
         args = parse_stage_args(parser, argv)
-        run_stage(args.config, output_dir=args.output_dir, wandb_mode=args.wandb_mode, log_with=args.log_with,
-                  subscribers=args.subscribers, resume=args.resume)
-    return run_main(body)
+        # a new default run directory is made here, exclusively (by the main process), so that the
+        # Ctrl-C hint can name it
+        run_dir = args.output_dir or str(default_run_dir(stage, args.config, create=launch_rank() == 0))
+        where["run_dir"] = run_dir
+        run_stage(args.config, output_dir=run_dir, wandb_mode=args.wandb_mode, log_with=args.log_with,
+                  subscribers=args.subscribers, resume=args.resume, rebuild=args.rebuild)
+
+    def resume_hint() -> str:
+        if "run_dir" not in where:
+            return ""
+        rest = _without_output_dir(argv)
+        return f"; continue with: {prog} {shlex.join([*rest, '--output-dir', where['run_dir'], '--resume'])}"
+    return run_main(body, on_interrupt=resume_hint)
 
 
-def run_main(body: Callable[[], object]) -> int:
+def _without_output_dir(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--output-dir":
+            skip = True
+        elif not arg.startswith("--output-dir=") and arg != "--resume":
+            out.append(arg)
+    return out
+
+
+def run_main(body: Callable[[], object], on_interrupt: Callable[[], str] = lambda: "") -> int:
     """Run a stage's command-line body: user errors print one line (exit 2), a non-finite loss one line
-    (exit 1), Ctrl-C exits with 130."""
+    (exit 1), Ctrl-C exits with 130 and says how to resume."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         body()
+    except RunFinished as exc:
+        print(str(exc), file=sys.stderr)
+        return 0
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -108,6 +161,6 @@ def run_main(body: Callable[[], object]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted{on_interrupt()}", file=sys.stderr)
         return 130
     return 0

@@ -26,7 +26,9 @@ from .loop import EpochProgress, TrainingInterrupted, shuffled_batches, train_ep
 from .run import Run, atomic_write_bytes, atomic_write_text, prepare_process, set_rng_state
 from .stages import load_stage_data
 
-__all__ = ["EmbedTrainer", "main", "make_windows", "run_embed"]
+__all__ = ["EmbedTrainer", "WANDB_PROJECT", "main", "make_windows", "run_embed"]
+
+WANDB_PROJECT = "ETEGRec-Embed"  # the SASRec stage run on its own; as a cached stage of the pipeline it logs no W&B run
 
 REPEAT_BIAS_LR = 0.05  # learning rate of SASRec's repeat bias (embed.repeat_bias)
 
@@ -185,12 +187,13 @@ def save_embeddings(run_dir: Path, embeddings: np.ndarray, data: SequenceData) -
 
 
 def run_embed(config: Config, *, output_dir=None, wandb_mode=None, log_with=("wandb",), subscribers=(),
-              resume: bool = False):
-    """Train SASRec and write its embeddings into its own run directory."""
+              resume: bool = False, rebuild: bool = False):
+    """Train SASRec and write its embeddings into its own run directory (``rebuild``: no stage comes
+    before it, so it changes nothing)."""
     prepare_process(config)
     data = load_stage_data(config)
-    with Run(config, stage="embed", output_dir=output_dir, wandb_mode=wandb_mode, log_with=log_with,
-             subscribers=subscribers, resume=resume) as run:
+    with Run(config, stage="embed", output_dir=output_dir, wandb_mode=wandb_mode, wandb_project=WANDB_PROJECT,
+             wandb_run_name=config.run.name, log_with=log_with, subscribers=subscribers, resume=resume) as run:
         return EmbedTrainer(config, run, data).fit()
 
 

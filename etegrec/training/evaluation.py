@@ -1,4 +1,4 @@
-"""Full-ranking evaluation shared by the stages (PROTOCOL.md).
+"""Full-ranking evaluation shared by the stages (docs/protocol.md).
 
 Every user of a split is scored exactly once, whatever the number of processes: rows are split
 into contiguous shards without padding, and ranks are gathered back in order.

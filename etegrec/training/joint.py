@@ -41,6 +41,8 @@ from .stages import ensure_embeddings, ensure_tokenizer, load_stage_data
 
 __all__ = ["JointTrainer", "check_same_on_every_rank", "info_nce", "main", "phase_of", "run_joint", "symmetric_kl"]
 
+REPEAT_BIAS_LR = 0.05  # as the SASRec stage's (etegrec.training.embed.REPEAT_BIAS_LR)
+
 LOSS_PARTS = {"id": ("vq_loss", "code_loss", "kl_loss", "dec_cl_loss"),
               "rec": ("code_loss", "kl_loss", "dec_cl_loss"),
               "finetune": ("code_loss",)}
@@ -112,7 +114,7 @@ class JointTrainer:
             attn_implementation="eager" if cfg.mixed_precision == "bf16" else "sdpa").to(device)
         self._samples(epoch=0)
         self.opt_id = torch.optim.AdamW(self.tokenizer.parameters(), lr=cfg.lr_id, weight_decay=cfg.weight_decay)
-        self.opt_rec = torch.optim.AdamW(self.recommender.parameters(), lr=cfg.lr_rec, weight_decay=cfg.weight_decay)
+        self.opt_rec = torch.optim.AdamW(self._rec_param_groups(), lr=cfg.lr_rec, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = len(self._batches(0))
         id_epochs = sum(phase_of(e, cfg.cycle, cfg.train_tokenizer) == "id" for e in range(cfg.epochs))
         rec_epochs = cfg.epochs - id_epochs + cfg.finetune_epochs
@@ -124,6 +126,18 @@ class JointTrainer:
         self.prober = Prober(data, users=cfg.probe_users, seed=config.run.seed) if cfg.probe_users else None
 
     # --- pieces of the loop -------------------------------------------------------------------
+
+    def _rec_param_groups(self) -> list[dict]:
+        """The recommender's parameters; its repeat bias (one number per code position, in logit units)
+        in a group of its own at :data:`REPEAT_BIAS_LR` without weight decay: Adam moves a parameter by
+        about its learning rate per step, and at the recommender's rate the bias would need thousands of
+        steps to reach the large negative value ml-100k asks for (the SASRec stage's finding)."""
+        bias = self.recommender.repeat_logit
+        rest = [p for p in self.recommender.parameters() if p is not bias]
+        groups = [{"params": rest}]
+        if bias is not None:
+            groups.append({"params": [bias], "lr": REPEAT_BIAS_LR, "weight_decay": 0.0})
+        return groups
 
     def _samples(self, epoch: int) -> None:
         """The training samples of ``epoch``: with ``joint.shuffle_ties``, same-timestamp items are
@@ -182,8 +196,9 @@ class JointTrainer:
         with self.hooks.pause():
             result = get_code(self.tokenizer, self.item_emb, epoch=epoch, use_forge=cfg.use_forge,
                               policy=cfg.forge_policy, previous=self.codes, sender=self)
+        first = self.codes is None  # the start's assignment changes nothing that was learned
         self.codes = result.codes.to(self.run.accelerator.device)
-        self.codes_changed = result.assignment.changed / max(1, len(result.assignment.codes))
+        self.codes_changed = 0.0 if first else result.assignment.changed / max(1, len(result.assignment.codes))
         check_same_on_every_rank(self.codes, self.run.accelerator, what=f"item codes for epoch {epoch}")
         self.trie = CodeTrie(self.codes[1:], code_num=self.recommender.code_num).to(self.run.accelerator.device)
 
@@ -194,7 +209,7 @@ class JointTrainer:
             out, target = self._forward(idx)  # one row per scored target
         out = RecommenderOutput(*(t.float() for t in out))  # the losses in fp32 under mixed precision too
         target_codes = self.codes[target]  # (N, L + 1)
-        parts = {"code_loss": code_loss(out.logits, target_codes)}
+        parts = {"code_loss": code_loss(self._normalizable(out.logits, target_codes), target_codes)}
         align = weights.get("kl_loss", 0) > 0 or weights.get("dec_cl_loss", 0) > 0
         if phase == "id" or align:
             with torch.set_grad_enabled(phase == "id"):  # the frozen tokenizer only gives targets
@@ -223,6 +238,13 @@ class JointTrainer:
         out = self.recommender.forward_all(self.codes[inputs], inputs != 0, self.codes[targets])
         return RecommenderOutput(*(t[scored] for t in out)), targets[scored]
 
+    def _normalizable(self, logits: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
+        """With ``joint.renormalize``, the logits (N, L, K) of codes that lead to no item after the
+        target's prefix are -inf: the softmax of each position runs over the trie's children only."""
+        if not self.config.joint.renormalize:
+            return logits
+        return logits.masked_fill(~self.trie.allowed(target_codes), float("-inf"))
+
     def evaluate(self, split: str) -> dict[str, float]:
         """Beam-search Recall/NDCG over every user of ``split`` exactly once, reduced over processes."""
         return self.evaluate_samples(*self.data.split(split))
@@ -246,7 +268,8 @@ class JointTrainer:
         for lo in range(0, len(history), cfg.eval_batch_size):
             h = torch.as_tensor(history[lo:lo + cfg.eval_batch_size], device=device)
             out.append(beam_search(self.recommender, self.codes[h], h != 0, self.trie, beam_size=cfg.beam_size,
-                                   top_k=cfg.top_k, constrained=cfg.constrained).items)
+                                   top_k=cfg.top_k, constrained=cfg.constrained,
+                                   renormalize=cfg.renormalize and cfg.constrained).items)
         return torch.cat(out) if out else torch.empty(0, cfg.top_k, dtype=torch.long, device=device)
 
     def recommend(self, history: np.ndarray) -> np.ndarray:
@@ -262,7 +285,7 @@ class JointTrainer:
         for lo in range(0, len(target), cfg.eval_batch_size):
             h = torch.as_tensor(history[lo:lo + cfg.eval_batch_size], device=device)
             codes = self.codes[torch.as_tensor(target[lo:lo + cfg.eval_batch_size], device=device)]  # (B, L + 1)
-            logits = self.recommender(self.codes[h], h != 0, codes).logits  # (B, L + 1, K)
+            logits = self._normalizable(self.recommender(self.codes[h], h != 0, codes).logits, codes)  # (B, L + 1, K)
             out.append(F.cross_entropy(logits.transpose(1, 2), codes, reduction="none"))  # (B, L + 1)
         return torch.cat(out).cpu().numpy()
 
@@ -398,15 +421,16 @@ class JointTrainer:
 
 
 def run_joint(config: Config, *, output_dir=None, wandb_mode=None, log_with=("wandb",), subscribers=(),
-              accelerator=None, resume: bool = False):
-    """The whole pipeline: embeddings and tokenizer (cached), then joint training in its run directory."""
+              accelerator=None, resume: bool = False, rebuild: bool = False):
+    """The whole pipeline: embeddings and tokenizer (cached; ``rebuild`` trains them again), then joint
+    training in its run directory."""
     prepare_process(config)
     data = load_stage_data(config)
     run = Run(config, stage="joint", output_dir=output_dir, wandb_mode=wandb_mode, wandb_project=JOINT_PROJECT,
               wandb_run_name=config.run.name, log_with=log_with, subscribers=subscribers, accelerator=accelerator,
               resume=resume)
-    embeddings, _ = ensure_embeddings(config, data, run.accelerator)
-    tokenizer_state, _ = ensure_tokenizer(config, embeddings, run.accelerator)
+    embeddings, _ = ensure_embeddings(config, data, run.accelerator, rebuild=rebuild)
+    tokenizer_state, _ = ensure_tokenizer(config, embeddings, run.accelerator, data, rebuild=rebuild)
     set_seed(config.run.seed)
     with run:
         result = JointTrainer(config, run, data, embeddings, tokenizer_state).fit()

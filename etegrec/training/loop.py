@@ -103,7 +103,8 @@ def train_epoch(*, sender, stage: str, phase: str, epoch: int, batches: list, lo
     bad_parts: torch.Tensor | None = None  # that step's loss parts
     iterator: Iterator = iter(batches[done:])
     if show_progress and accelerator.is_main_process:
-        iterator = tqdm(iterator, desc=f"{stage} {phase} epoch {epoch}", leave=False, dynamic_ncols=True,
+        name = stage if phase == stage else f"{stage} {phase}"  # "embed epoch 3", not "embed embed epoch 3"
+        iterator = tqdm(iterator, desc=f"{name} epoch {epoch}", leave=False, dynamic_ncols=True,
                         initial=done, total=len(batches))
     trained = [p for opt in optimizers for group in opt.param_groups for p in group["params"] if p.requires_grad]
     for step, batch in enumerate(iterator, start=done):

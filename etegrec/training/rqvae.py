@@ -162,15 +162,16 @@ class RQVAETrainer:
 
 
 def run_rqvae(config: Config, *, output_dir=None, wandb_mode=None, log_with=("wandb",), subscribers=(),
-              accelerator=None, resume: bool = False):
-    """Build (or reuse) the embeddings, then pretrain the tokenizer in its own run directory."""
+              accelerator=None, resume: bool = False, rebuild: bool = False):
+    """Build (or reuse) the embeddings, then pretrain the tokenizer in its own run directory
+    (``rebuild``: train the cached embeddings again first)."""
     prepare_process(config)
     data = load_stage_data(config)
     t = config.tokenizer
     run = Run(config, stage="rqvae", output_dir=output_dir, wandb_mode=wandb_mode, wandb_project=WANDB_PROJECT,
               wandb_run_name=f"{config.data.dataset}_layers{t.num_layers}_edim{t.e_dim}",
               log_with=log_with, subscribers=subscribers, accelerator=accelerator, resume=resume)
-    embeddings, _ = ensure_embeddings(config, data, run.accelerator)
+    embeddings, _ = ensure_embeddings(config, data, run.accelerator, rebuild=rebuild)
     set_seed(config.run.seed)
     with run:
         return RQVAETrainer(config, run, embeddings).fit()

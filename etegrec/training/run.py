@@ -8,6 +8,7 @@ main rank writes into it.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -31,11 +32,14 @@ from etegrec.hooks import ConsoleSubscriber, EventLog, Subscriber, resolve_subsc
 from etegrec.hooks.eventlog import read_events
 from etegrec.hooks.wandb import resolve_mode
 
-__all__ = ["Run", "atomic_write_bytes", "atomic_write_text", "check_world", "check_trackers",
-           "default_run_dir", "prepare_process", "resume_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["Run", "atomic_write_bytes", "atomic_write_text", "check_resume_config", "check_world", "check_trackers", "check_writable",
+           "default_run_dir", "hold_run_dir", "launch_rank", "prepare_process", "resume_checkpoint", "rng_state", "set_rng_state"]
 
 # where launchers put the number of processes they started (torchrun; Open MPI, Intel MPI/MPICH, MVAPICH)
 WORLD_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+# where launchers put this process's rank (torchrun, Accelerate; Open MPI, Intel MPI/MPICH, MVAPICH)
+RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
 
 # config sections a resumed run may change: how it runs, not what it trains
 RESUMABLE_CHANGES = ("run.name", "run.num_threads", "run.log_every")
@@ -44,11 +48,15 @@ log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename: never a torn file."""
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename: never a torn file.
+
+    The file gets the mode the umask gives a new file (0644 under umask 022), as ``open()`` would.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode a plain open() gives
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -57,6 +65,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -121,6 +136,21 @@ def resume_checkpoint(run_dir: str | Path) -> Path:
     return path
 
 
+def check_resume_config(run_dir: str | Path, config: Config) -> None:
+    """Refuse to resume the run in ``run_dir`` with a config that changes what it trains.
+
+    Raises:
+        ConfigError: the keys that differ from the run's ``config.yaml``, with both values.
+    """
+    saved_path = Path(run_dir) / "config.yaml"
+    if saved_path.exists():
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+        changes = _config_changes(saved, config.to_dict())
+        if changes:
+            raise ConfigError(f"--resume: the config differs from the run's {str(saved_path)!r} in "
+                              f"{', '.join(changes)}; resume with the same config or start a new run")
+
+
 def check_world(accelerator) -> None:
     """Stop a launch whose processes did not form one world, instead of training the same thing twice.
 
@@ -139,9 +169,77 @@ def check_world(accelerator) -> None:
             "would train alone; launch with torchrun or accelerate launch with a MULTI_CPU/MULTI_GPU config")
 
 
-def default_run_dir(stage: str, config: Config) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stage}-{config.data.dataset}-{stamp}"
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (0 for a plain ``python`` start), before any
+    process group exists."""
+    return next((int(os.environ[var]) for var in RANK_VARS if os.environ.get(var)), 0)
+
+
+def default_run_dir(stage: str, config: Config, *, create: bool = True) -> Path:
+    """A new run directory ``runs/<stage>-<dataset>-<time>``, created exclusively: when another run
+    took that name (started in the same second), ``-2``, ``-3``, ... is appended. ``create=False``
+    only names it (the other ranks of a launch, which write nothing)."""
+    base = Path("runs") / f"{stage}-{config.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not create:
+        return base
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+_HELD: dict[Path, int] = {}  # run directories this process holds: their lock files' descriptors
+
+
+def hold_run_dir(path: str | Path) -> None:
+    """Hold ``path/.lock`` (an exclusive ``flock``) for as long as this process lives.
+
+    Idempotent within a process. The lock goes with the process, however it ends (a SIGKILL too).
+
+    Raises:
+        ConfigError: another live process holds it, named by its pid.
+    """
+    import fcntl
+
+    path = Path(path).resolve()
+    if path in _HELD:
+        return
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"run directory {str(path)!r} is in use by another live run (pid {holder}); wait for it "
+                          "to end or choose another --output-dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[path] = fd
+
+
+def check_writable(path: str | Path, what: str) -> Path:
+    """Create the directory ``path`` (and its parents) and check a file can be written in it.
+
+    Raises:
+        ConfigError: it cannot be created or written (a file in the way, no permission, read-only),
+            naming ``what`` (the option or variable that chose it) and the path.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{what} {str(path)!r} cannot be used as a directory to write into ({reason}"
+                          f"{': ' + repr(exc.filename) if exc.filename and str(exc.filename) != str(path) else ''}); "
+                          f"choose another {what}") from None
+    return path
 
 
 def check_trackers(names: Sequence[str]) -> tuple[str, ...]:
@@ -206,7 +304,8 @@ class Run:
 
         self.config = config
         self.stage = stage
-        self.run_dir = Path(output_dir) if output_dir else default_run_dir(stage, config)
+        # a new default directory is made by the launch's first process only (the others write nothing)
+        self.run_dir = Path(output_dir) if output_dir else default_run_dir(stage, config, create=launch_rank() == 0)
         self.wandb_mode = resolve_mode(wandb_mode) if wandb_project else "disabled"
         self.log_with = [name for name in check_trackers(log_with)
                          if name != "wandb" or self.wandb_mode != "disabled"]
@@ -237,7 +336,7 @@ class Run:
                 from etegrec.hooks.wandb import WandbSubscriber  # drives every tracker, W&B or not
                 self.subscribers.append(WandbSubscriber(
                     accelerator=self.accelerator, project=wandb_project or stage, stage=stage,
-                    run_name=wandb_run_name or config.run.name, config=config.to_dict(),
+                    run_name=wandb_run_name or config.run.name or self.run_dir.name, config=config.to_dict(),
                     run_dir=self.run_dir, mode=self.wandb_mode, resume=resume))
         user = [resolve_subscriber(spec) for spec in subscribers] + list(extra_subscribers)
         self.subscribers += [s for s in user if self.is_main or not s.main_process_only]
@@ -258,13 +357,7 @@ class Run:
 
     def _load_resume_state(self) -> dict[str, Any]:
         resume_checkpoint(self.run_dir)
-        saved_path = self.run_dir / "config.yaml"
-        if saved_path.exists():
-            saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-            changes = _config_changes(saved, self.config.to_dict())
-            if changes:
-                raise ConfigError(f"--resume: the config differs from the run's {str(saved_path)!r} in "
-                                  f"{', '.join(changes)}; resume with the same config or start a new run")
+        check_resume_config(self.run_dir, self.config)
         try:
             state = torch.load(self.last_checkpoint, map_location="cpu", weights_only=False)
         except Exception as exc:
@@ -330,6 +423,7 @@ class Run:
     def __enter__(self) -> Run:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            hold_run_dir(self.run_dir)  # before anything is written: two live runs never share a directory
             if self.resumed:
                 self._cut_event_log()
             atomic_write_text(self.run_dir / "config.yaml",
@@ -350,8 +444,10 @@ class Run:
         elif exc_type is not None:
             self.status = "failed"
         if exc_type is not None:  # the trainer could not say it; say it for it
+            best = self.checkpoint_dir / "best.pt"
             signals.run_finished.send(self, stage=self.stage, status=self.status, best_metrics={},
-                                      best_checkpoint=None, seconds=time.perf_counter() - self._start)
+                                      best_checkpoint=str(best) if best.exists() else None,
+                                      seconds=time.perf_counter() - self._start)
         for sub in self.subscribers:
             sub.disconnect()
             try:

@@ -1,14 +1,16 @@
 """How stages find the output of earlier ones: a cache of finished runs keyed by their config.
 
 ``python -m etegrec.training.rqvae`` needs item embeddings; when none are given it looks under
-``$ETEGREC_HOME/stages/`` for an embed run made with the same data, embed config and seed, and
-trains one there (a complete run directory of its own) when there is none.
+``$ETEGREC_HOME/stages/`` for an embed run made with the same data (its prepared content, by
+digest), embed config and seed, and trains one there (a complete run directory of its own) when
+there is none.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +32,24 @@ def load_stage_data(config: Config) -> SequenceData:
 ADDED_LATER = {"embed.repeat_bias": False}
 
 
-def stage_dir(config: Config, stage: str, sections: tuple[str, ...]) -> Path:
-    """``$ETEGREC_HOME/stages/<stage>-<dataset>-<key>``; the key hashes the given config sections."""
+# Digests of prepared data that stage caches were made from before the digest joined the key (the
+# default ml-100k preparation): left out of the key, so those caches are still found.
+KNOWN_DATA = {"ml-100k": "e917804b1aec9c3a"}
+
+
+def stage_dir(config: Config, stage: str, sections: tuple[str, ...], data: SequenceData | str) -> Path:
+    """``$ETEGREC_HOME/stages/<stage>-<dataset>-<key>``; the key hashes the given config sections and
+    the digest of the prepared ``data`` (a :class:`SequenceData` or its ``digest``) the stage trains on,
+    so an edited data file never reuses a stage trained on the old content."""
+    digest = data if isinstance(data, str) else data.digest
     payload = {s: dataclasses.asdict(getattr(config, s)) for s in ("data", *sections)}
     for key, neutral in ADDED_LATER.items():
         section, name = key.split(".")
         if section in payload and payload[section][name] == neutral:
             del payload[section][name]
     payload["seed"] = config.run.seed
+    if KNOWN_DATA.get(config.data.dataset) != digest:
+        payload["data_digest"] = digest
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
     return data_home() / "stages" / f"{stage}-{config.data.dataset}-{key}"
 
@@ -59,12 +71,26 @@ def load_embeddings(run_dir: Path, data: SequenceData) -> np.ndarray:
     return emb
 
 
-def ensure_embeddings(config: Config, data: SequenceData, accelerator) -> tuple[np.ndarray, Path]:
-    """The cached embed run's embeddings for this config, training them first when missing.
+def _rebuild(folder: Path, accelerator) -> None:
+    """``--rebuild``: move a cached stage out of the way (to ``<folder>.replaced``) so that it is trained again."""
+    if accelerator.is_main_process and folder.exists():
+        old = folder.with_name(folder.name + ".replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        print(f"[{folder.name.split('-')[0]}] --rebuild: moved the cached stage to {old}; training it again")
+    accelerator.wait_for_everyone()
+
+
+def ensure_embeddings(config: Config, data: SequenceData, accelerator, *, rebuild: bool = False
+                      ) -> tuple[np.ndarray, Path]:
+    """The cached embed run's embeddings for this config and data, training them first when missing
+    (or always, with ``rebuild``).
 
     A cached run that was stopped before the end (killed, Ctrl-C) is resumed from its checkpoint.
     """
-    folder = stage_dir(config, "embed", ("embed",))
+    folder = stage_dir(config, "embed", ("embed",), data)
+    if rebuild:
+        _rebuild(folder, accelerator)
     if not (folder / "embeddings.npy").exists():
         from .embed import EmbedTrainer
         from .run import Run
@@ -78,8 +104,10 @@ def ensure_embeddings(config: Config, data: SequenceData, accelerator) -> tuple[
     return load_embeddings(folder, data), folder
 
 
-def ensure_tokenizer(config: Config, embeddings: np.ndarray, accelerator) -> tuple[dict, Path]:
-    """The cached pretrained tokenizer (best-collision checkpoint) for this config, pretraining it when missing.
+def ensure_tokenizer(config: Config, embeddings: np.ndarray, accelerator, data: SequenceData, *,
+                     rebuild: bool = False) -> tuple[dict, Path]:
+    """The cached pretrained tokenizer (best-collision checkpoint) for this config and data, pretraining it
+    when missing (or always, with ``rebuild``).
 
     The pretraining is complete when its ``metrics.json`` exists; a cached run stopped before that
     is resumed from its checkpoint.
@@ -89,7 +117,9 @@ def ensure_tokenizer(config: Config, embeddings: np.ndarray, accelerator) -> tup
     """
     import torch
 
-    folder = stage_dir(config, "rqvae", ("embed", "tokenizer", "rqvae"))
+    folder = stage_dir(config, "rqvae", ("embed", "tokenizer", "rqvae"), data)
+    if rebuild:
+        _rebuild(folder, accelerator)
     best = folder / "checkpoints" / "best.pt"
     if not (folder / "metrics.json").exists():
         from .rqvae import RQVAETrainer
