@@ -132,3 +132,38 @@ def test_resuming_a_finished_run_says_so_and_touches_nothing(tmp_path, capsys):
     assert joint.main([*argv, "--resume"]) == 0
     assert "is finished" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+@pytest.fixture(scope="module")
+def embed_run(tmp_path_factory):
+    from etegrec.training import embed
+
+    root = tmp_path_factory.mktemp("embed")
+    inter = write_structured_inter(root / "walk.inter")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ETEGREC_HOME", str(root / "home"))
+        assert embed.main(["--config", "tiny", "--set", "embed.epochs=1", "--data-path", str(inter),
+                           "--wandb-mode", "offline", "--output-dir", str(root / "run")]) == 0
+    return root
+
+
+def test_the_embed_stage_run_alone_logs_its_own_wandb_run(embed_run):
+    wandb = str(Path(sys.executable).with_name("wandb"))
+    log = next((embed_run / "run" / "wandb").glob("*/run-*.wandb"))
+    records = [json.loads(line) for line in subprocess.run([wandb, "leet", "inspect", "--json", str(log)],
+                                                           capture_output=True, text=True, check=True).stdout.splitlines()
+               if line.strip()]
+    run = next(r["run"] for r in records if r["type"] == "run")
+    assert run["project"] == "ETEGRec-Embed" and run["display_name"] == "run"
+    assert any("val/ndcg@10" in r["history"]["item"] for r in records if r["type"] == "history")
+
+
+def test_fit_diagnostics_never_overwrite_the_committed_results(embed_run):
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "fit.json"
+    before = committed.read_bytes()
+    subprocess.run([sys.executable, str(committed.parents[1] / "fit.py"), str(embed_run / "run")], check=True,
+                   capture_output=True, text=True, timeout=300,
+                   env={**os.environ, "ETEGREC_HOME": str(embed_run / "home")})
+    assert committed.read_bytes() == before
+    report = json.loads((embed_run / "fit-run.json").read_text())
+    assert str(embed_run / "run") in json.dumps(report)

@@ -192,7 +192,12 @@ class T5Recommender(nn.Module):
         # states serve several targets, as a learned per-head bias of the cross-attention by how many
         # items before the target a state lies
         self.recency = nn.Embedding(max_history, d_model) if encoder_input == "items" and not causal_encoder else None
-        self.cross_recency = nn.Parameter(torch.zeros(num_heads, max_history)) if causal_encoder else None  # (h, H)
+        self.cross_recency = None
+        if causal_encoder:  # (heads, H); starts as ALiBi-like slopes 1, 1/2, 1/4, ...: head 0 reads mostly the
+            # newest state, the last head nearly all of them (a prior for recency, which SASRec gets from using
+            # its last state only); learned from there
+            slopes = 2.0 ** -torch.arange(num_heads, dtype=torch.float32)
+            self.cross_recency = nn.Parameter(-slopes[:, None] * torch.arange(max_history, dtype=torch.float32))
         self.repeat_logit = nn.Parameter(torch.zeros(code_length)) if repeat_bias else None  # (L,)
 
     # ----------------------------------------------------------------------------- inputs
