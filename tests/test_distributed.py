@@ -66,10 +66,17 @@ def launch(tmp_path_factory):
     return run
 
 
-@pytest.fixture(scope="module")
-def joint_run(launch):
-    return launch("etegrec.training.joint", "joint", "--set", "joint.batch_size=16", "--set",
-                  "joint.sample_fraction=1.0")
+RECOMMENDERS = {  # the paper's recommender, and the ml-100k config's (item tokens, windows, renormalised)
+    "paper-recommender": [],
+    "ml-100k-recommender": ["--set", "recommender.encoder_input=items", "--set", "recommender.repeat_bias=true",
+                            "--set", "joint.targets=all", "--set", "joint.renormalize=true"],
+}
+
+
+@pytest.fixture(scope="module", params=list(RECOMMENDERS))
+def joint_run(launch, request):
+    return launch("etegrec.training.joint", f"joint-{request.param}", "--set", "joint.batch_size=16", "--set",
+                  "joint.sample_fraction=1.0", *RECOMMENDERS[request.param])
 
 
 def _records(records: Path) -> tuple[list[dict], list[dict]]:
@@ -125,7 +132,7 @@ def test_test_metrics_equal_a_one_process_evaluation_of_the_same_checkpoint(join
     accelerator = make_accelerator()
     embeddings, _ = ensure_embeddings(config, data, accelerator)
     tokenizer_state, _ = ensure_tokenizer(config, embeddings, accelerator, data)
-    with Run(config, stage="joint", output_dir=launch.root / "one-process", console=False,
+    with Run(config, stage="joint", output_dir=launch.root / f"one-process-{run_dir.name}", console=False,
              accelerator=accelerator) as run:
         trainer = JointTrainer(config, run, data, embeddings, tokenizer_state)
         trainer.load(torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False))

@@ -167,3 +167,13 @@ def test_fit_diagnostics_never_overwrite_the_committed_results(embed_run):
     assert committed.read_bytes() == before
     report = json.loads((embed_run / "fit-run.json").read_text())
     assert str(embed_run / "run") in json.dumps(report)
+
+
+def test_every_stage_takes_format_as_the_readers_error_says(tmp_path):
+    from etegrec.training.cli import common_parser, parse_stage_args
+
+    inter = write_structured_inter(tmp_path / "walk.txt")
+    args = parse_stage_args(common_parser("python -m etegrec.training.rqvae", "x"),
+                            ["--config", "tiny", "--data-path", str(inter), "--format", "inter",
+                             "--output-dir", str(tmp_path / "run")])
+    assert args.config.data.format == "inter" and args.config.data.dataset == "walk.txt"
