@@ -64,3 +64,35 @@ def test_yaml_file_sections_override_only_what_they_name(tmp_path):
     path.write_text("embed:\n  epochs: 7\n")
     c = load_config(str(path))
     assert c.embed.epochs == 7 and c.embed.hidden == 256
+
+
+def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, capsys):
+    import yaml
+
+    from etegrec.training import joint
+
+    assert joint.main(["--print-config", "--set", "joint.cycle=5", "--output-dir", str(tmp_path / "run")]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["joint"]["cycle"] == 5 and printed["recommender"]["encoder_input"] == "items"  # ml-100k's
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_lists_the_named_configs_with_what_each_is_for(capsys):
+    from etegrec.training import joint
+
+    with pytest.raises(SystemExit):
+        joint.main(["--help"])
+    out = capsys.readouterr().out
+    assert "ml-100k    Default: MovieLens-100K" in out and "paper " in out and "tiny " in out
+    assert "--print-config" in out and "examples:" in out
+
+
+def test_the_config_reference_in_docs_is_up_to_date_with_every_key():
+    from pathlib import Path
+
+    from etegrec.config import Config
+    from etegrec.config_reference import KEY_DOCS, render
+
+    assert set(KEY_DOCS) == set(Config().keys())  # a new key needs its line (and a stale line goes)
+    docs = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert docs.read_text() == render(), "regenerate: python -m etegrec.config_reference > docs/config.md"

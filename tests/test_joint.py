@@ -69,6 +69,21 @@ def test_codes_assigned_payload_matches_what_its_codes_imply(joint_run):
         assert assign_codes(codes[:, :-1], 16, use_forge=False).max_conflict == e.payload["max_conflict"]
 
 
+def test_item_codes_tsv_holds_the_best_checkpoints_codes_by_raw_item_id(joint_run):
+    lines = (joint_run["out"] / "item_codes.tsv").read_text().splitlines()
+    assert lines[0] == "item_id\tc0\tc1\tc2\tsuffix"
+    rows = [line.split("\t") for line in lines[1:]]
+    data = load_stage_data(joint_run["config"])
+    assert [r[0] for r in rows] == list(data.item_map)  # raw ids, as the data file spells them
+    table = np.array([[int(v) for v in r[1:]] for r in rows])
+    best = torch.load(joint_run["out"] / "checkpoints" / "best.pt", weights_only=False)
+    np.testing.assert_array_equal(table, best["codes"][1:].numpy())
+    # the codes validated at the best epoch: those of the last refresh up to it (a refresh after tokenizer
+    # epoch e serves from e + 1 on, and epoch e is validated after it)
+    refreshed = [e for e in joint_events(joint_run, "codes_assigned") if e.payload["epoch"] <= best["epoch"] + 1]
+    np.testing.assert_array_equal(table, np.asarray(refreshed[-1].payload["codes"]))
+
+
 def test_validation_every_epoch_then_test_then_run_finished_last(joint_run):
     mine = [e for e in joint_run["events"] if e.payload.get("stage") == "joint"]
     assert mine[0].signal == "run_started" and mine[-1].signal == "run_finished"

@@ -97,6 +97,18 @@ def test_rqvae_run_directory_holds_config_events_metrics_and_checkpoints(rqvae_r
     assert [e["signal"] for e in logged] == [e.signal for e in _of_stage(events, "rqvae")]
 
 
+def test_rqvae_stage_writes_its_best_codes_with_their_suffix_by_raw_item_id(rqvae_run):
+    from etegrec.forge import assign_codes
+
+    config, out, _, _ = rqvae_run
+    lines = (out / "item_codes.tsv").read_text().splitlines()
+    data = load_stage_data(config)
+    assert lines[0] == "item_id\tc0\tc1\tc2\tsuffix" and [l.split("\t")[0] for l in lines[1:]] == list(data.item_map)
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=False)["codes"]
+    expected = assign_codes(best, config.tokenizer.codebook_size, use_forge=False).codes
+    np.testing.assert_array_equal(np.array([[int(v) for v in l.split("\t")[1:]] for l in lines[1:]]), expected)
+
+
 def test_rqvae_stage_reuses_cached_embeddings(rqvae_run, tmp_path):
     config, _, _, _ = rqvae_run
     folder = stage_dir(config, "embed", ("embed",), load_stage_data(config))

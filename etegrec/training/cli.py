@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from etegrec.config import Config, ConfigError, load_config
 from etegrec.data import FORMATS, DataError, data_home, dataset_name_of
 from etegrec.forge import CodeOverflowError
@@ -21,6 +23,10 @@ __all__ = ["StageArgs", "common_parser", "parse_stage_args", "run_main", "tracke
 
 # errors that name what is wrong and the remedy: one sentence, no traceback, exit status 2
 USER_ERRORS = (ConfigError, DataError, SubscriberError, CodeOverflowError, FileNotFoundError)
+
+
+class PrintedConfig(Exception):
+    """``--print-config``: the resolved config's YAML goes to stdout, exit status 0, nothing else runs."""
 
 
 class RunFinished(Exception):
@@ -49,8 +55,23 @@ def tracker_list(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def named_config_help(prog: str) -> str:
+    """The ``--help`` epilog: every packaged config with the first line of its file, and two examples."""
+    from etegrec.config import CONFIG_DIR, named_configs
+
+    lines = ["named configs (--config NAME):"]
+    for name in named_configs():
+        first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0]
+        lines.append(f"  {name:<10} {first.lstrip('# ').strip()}")
+    lines += ["", "examples:", f"  {prog} --config tiny                        # a smoke run of seconds",
+              f"  {prog} --seed 2025 --set joint.epochs=12   # another seed, a longer joint phase",
+              f"  {prog} --print-config --set joint.cycle=2  # show the resolved config and stop"]
+    return "\n".join(lines)
+
+
 def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=named_config_help(prog),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="ml-100k",
                         help="packaged config (ml-100k, paper, tiny) or a YAML file (default ml-100k)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -68,6 +89,8 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--subscriber", dest="subscribers", action="append", default=[],
                         metavar="MODULE:CALLABLE", help="attach a subscriber of yours (repeatable)")
     parser.add_argument("--seed", type=int, help="random seed (default: the config's run.seed)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (YAML, with --config and every --set applied) and exit")
     parser.add_argument("--rebuild", action="store_true",
                         help="train the cached earlier stages (embeddings, tokenizer) again instead of reusing them")
     parser.add_argument("--resume", action="store_true",
@@ -92,6 +115,8 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = N
             raise ConfigError("--resume needs --output-dir: the run directory to continue")
         resume_checkpoint(args.output_dir)
     config = load_config(args.config, overrides)
+    if args.print_config:
+        raise PrintedConfig(yaml.safe_dump(config.to_dict(), sort_keys=False))
     if args.resume:
         check_resume_config(args.output_dir, config)
         if (Path(args.output_dir) / "metrics.json").exists():
@@ -151,6 +176,9 @@ def run_main(body: Callable[[], object], on_interrupt: Callable[[], str] = lambd
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         body()
+    except PrintedConfig as exc:
+        print(str(exc), end="")
+        return 0
     except RunFinished as exc:
         print(str(exc), file=sys.stderr)
         return 0

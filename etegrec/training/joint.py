@@ -39,13 +39,47 @@ from .rqvae import build_tokenizer, tokenizer_inputs
 from .run import Run, prepare_process, set_rng_state
 from .stages import ensure_embeddings, ensure_tokenizer, load_stage_data
 
-__all__ = ["JointTrainer", "check_same_on_every_rank", "info_nce", "main", "phase_of", "run_joint", "symmetric_kl"]
+__all__ = ["JointTrainer", "beam_recommend", "build_recommender", "check_same_on_every_rank", "info_nce", "main", "phase_of", "run_joint", "symmetric_kl"]
 
 REPEAT_BIAS_LR = 0.05  # as the SASRec stage's (etegrec.training.embed.REPEAT_BIAS_LR)
 
 LOSS_PARTS = {"id": ("vq_loss", "code_loss", "kl_loss", "dec_cl_loss"),
               "rec": ("code_loss", "kl_loss", "dec_cl_loss"),
               "finetune": ("code_loss",)}
+
+
+def build_recommender(config: Config, tokenizer, *, semantic_dim: int) -> T5Recommender:
+    """The T5 recommender the config describes, for ``tokenizer``'s codes (its codes plus the suffix)."""
+    r, cfg = config.recommender, config.joint
+    return T5Recommender(
+        code_num=tokenizer.codebook_size, code_length=tokenizer.code_length + 1,
+        num_layers=r.num_layers, num_decoder_layers=r.num_decoder_layers, d_model=r.d_model, d_ff=r.d_ff,
+        num_heads=r.num_heads, d_kv=r.d_kv, dropout=r.dropout, feed_forward_proj=r.feed_forward_proj,
+        latent_dim=config.tokenizer.e_dim, semantic_dim=semantic_dim,
+        gradient_checkpointing=r.gradient_checkpointing, encoder_input=r.encoder_input,
+        max_history=config.data.max_his_len, repeat_bias=r.repeat_bias, causal_encoder=cfg.targets == "all",
+        # under bf16 autocast SDPA falls back to an fp32 path on CPU; plain attention is ~1.7x faster
+        attn_implementation="eager" if cfg.mixed_precision == "bf16" else "sdpa")
+
+
+@torch.no_grad()
+def beam_recommend(recommender: T5Recommender, codes: torch.Tensor, trie: CodeTrie, history: np.ndarray,
+                   cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k item ids and scores, (n, top_k) each, of left-padded ``history`` [n, H] by the beam search
+    of evaluation (``cfg``: the joint config's beam_size, top_k, constrained, renormalize, eval_batch_size);
+    -1 / -inf where fewer items were reached. ``codes`` is (n_items + 1, L + 1) with row 0 padding."""
+    recommender.eval()
+    items, scores = [], []
+    for lo in range(0, len(history), cfg.eval_batch_size):
+        h = torch.as_tensor(history[lo:lo + cfg.eval_batch_size], device=codes.device)
+        out = beam_search(recommender, codes[h], h != 0, trie, beam_size=cfg.beam_size, top_k=cfg.top_k,
+                          constrained=cfg.constrained, renormalize=cfg.renormalize and cfg.constrained)
+        items.append(out.items)
+        scores.append(out.scores)
+    if not items:
+        empty = torch.empty(0, cfg.top_k, device=codes.device)
+        return empty.long(), empty
+    return torch.cat(items), torch.cat(scores)
 
 
 def phase_of(epoch: int, cycle: int, train_tokenizer: bool = True) -> str:
@@ -102,16 +136,7 @@ class JointTrainer:
         self.item_emb = torch.as_tensor(tokenizer_inputs(config, embeddings), device=device)  # (n_items + 1, d)
         self.tokenizer = build_tokenizer(config, self.item_emb.shape[1]).to(device)
         self.tokenizer.load_state_dict(tokenizer_state)
-        r = config.recommender
-        self.recommender = T5Recommender(
-            code_num=self.tokenizer.codebook_size, code_length=self.tokenizer.code_length + 1,
-            num_layers=r.num_layers, num_decoder_layers=r.num_decoder_layers, d_model=r.d_model, d_ff=r.d_ff,
-            num_heads=r.num_heads, d_kv=r.d_kv, dropout=r.dropout, feed_forward_proj=r.feed_forward_proj,
-            latent_dim=config.tokenizer.e_dim, semantic_dim=self.item_emb.shape[1],
-            gradient_checkpointing=r.gradient_checkpointing, encoder_input=r.encoder_input,
-            max_history=config.data.max_his_len, repeat_bias=r.repeat_bias, causal_encoder=cfg.targets == "all",
-            # under bf16 autocast SDPA falls back to an fp32 path on CPU; plain attention is ~1.7x faster
-            attn_implementation="eager" if cfg.mixed_precision == "bf16" else "sdpa").to(device)
+        self.recommender = build_recommender(config, self.tokenizer, semantic_dim=self.item_emb.shape[1]).to(device)
         self._samples(epoch=0)
         self.opt_id = torch.optim.AdamW(self.tokenizer.parameters(), lr=cfg.lr_id, weight_decay=cfg.weight_decay)
         self.opt_rec = torch.optim.AdamW(self._rec_param_groups(), lr=cfg.lr_rec, weight_decay=cfg.weight_decay)
@@ -259,18 +284,9 @@ class JointTrainer:
         ranks = [torch.where(hit.any(1), hit.float().argmax(1) + 1, 0)]
         return ranking_metrics(gather_ranks(ranks, acc))
 
-    @torch.no_grad()
     def _recommend(self, history: np.ndarray) -> torch.Tensor:
         """Top-k item ids (n, top_k) of left-padded ``history`` [n, H] by beam search, -1 = none."""
-        cfg, device = self.config.joint, self.run.accelerator.device
-        self.recommender.eval()
-        out = []
-        for lo in range(0, len(history), cfg.eval_batch_size):
-            h = torch.as_tensor(history[lo:lo + cfg.eval_batch_size], device=device)
-            out.append(beam_search(self.recommender, self.codes[h], h != 0, self.trie, beam_size=cfg.beam_size,
-                                   top_k=cfg.top_k, constrained=cfg.constrained,
-                                   renormalize=cfg.renormalize and cfg.constrained).items)
-        return torch.cat(out) if out else torch.empty(0, cfg.top_k, dtype=torch.long, device=device)
+        return beam_recommend(self.recommender, self.codes, self.trie, history, self.config.joint)[0]
 
     def recommend(self, history: np.ndarray) -> np.ndarray:
         """Top-k item ids [n, top_k] (numpy) for ``history`` [n, H]; what the probes rank."""
@@ -411,6 +427,7 @@ class JointTrainer:
         run.accelerator.wait_for_everyone()
         best_path = run.checkpoint_dir / "best.pt"
         self.load(torch.load(best_path, map_location="cpu", weights_only=False))
+        run.write_item_codes(self.item_codes(), self.data.item_map)  # the best checkpoint's codes, by raw item id
         test = self.evaluate("test")
         signals.evaluated.send(self, stage=self.stage, split="test", epoch=self.best_epoch, metrics=test)
         run.write_metrics({"valid": self.best_valid, "test": test, "best_epoch": self.best_epoch,

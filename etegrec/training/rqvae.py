@@ -9,6 +9,8 @@ codes in use (Gini 0.89). W&B project ``ETEGRec-RQVAE-Pretrain``.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import sys
 import time
 
@@ -18,6 +20,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from etegrec import metrics, signals
+from etegrec.forge import assign_codes
 from etegrec.config import Config
 from etegrec.hooks.codebook import CodebookHooks
 from etegrec.models import RQVAE
@@ -76,8 +79,10 @@ class RQVAETrainer:
 
     stage = "rqvae"
 
-    def __init__(self, config: Config, run: Run, embeddings: np.ndarray) -> None:
+    def __init__(self, config: Config, run: Run, embeddings: np.ndarray, item_ids: Sequence[str] | None = None
+                 ) -> None:
         self.config, self.run = config, run
+        self.item_ids = item_ids  # raw ids of items 1..n, for item_codes.tsv
         device = run.accelerator.device
         inputs = tokenizer_inputs(config, embeddings)
         self.items = torch.as_tensor(inputs[1:], device=device)  # (n_items, d); row 0 = padding dropped
@@ -155,6 +160,10 @@ class RQVAETrainer:
                     break
                 run.check_stop()
         best_path = run.checkpoint_dir / "best.pt"
+        if self.item_ids is not None and run.is_main:  # the best checkpoint's codes, with the suffix that separates
+            best_codes = torch.load(best_path, map_location="cpu", weights_only=False)["codes"]  # collisions
+            suffixed = assign_codes(best_codes, self.tokenizer.codebook_size, use_forge=False).codes
+            run.write_item_codes(suffixed, self.item_ids)
         run.write_metrics({"valid": best_quality, "best_checkpoint": str(best_path)})
         signals.run_finished.send(self, stage=self.stage, status="completed", best_metrics=best_quality,
                                   best_checkpoint=str(best_path), seconds=time.perf_counter() - start)
@@ -174,7 +183,7 @@ def run_rqvae(config: Config, *, output_dir=None, wandb_mode=None, log_with=("wa
     embeddings, _ = ensure_embeddings(config, data, run.accelerator, rebuild=rebuild)
     set_seed(config.run.seed)
     with run:
-        return RQVAETrainer(config, run, embeddings).fit()
+        return RQVAETrainer(config, run, embeddings, data.item_map).fit()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -480,6 +480,21 @@ class Run:
         signals.checkpoint_saved.send(sender, stage=self.stage, epoch=epoch, path=str(path), is_best=is_best)
         return path
 
+    def write_item_codes(self, codes: np.ndarray, item_ids: Sequence[str]) -> Path | None:
+        """Write ``item_codes.tsv`` atomically on the main rank: one row per item, its raw id (as the
+        data spells it), its RQ codes ``c0 ..`` and its suffix token; ``codes`` is ``[n_items, L + 1]``
+        (row i = item i + 1)."""
+        if not self.is_main:
+            return None
+        codes = np.asarray(codes)
+        if codes.shape[0] != len(item_ids):
+            raise AssertionError(f"{codes.shape[0]} code rows for {len(item_ids)} items")
+        header = "\t".join(["item_id", *(f"c{i}" for i in range(codes.shape[1] - 1)), "suffix"])
+        rows = ("\t".join([item, *map(str, row)]) for item, row in zip(item_ids, codes.tolist()))
+        path = self.run_dir / "item_codes.tsv"
+        atomic_write_text(path, header + "\n" + "\n".join(rows) + "\n")
+        return path
+
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         """Write ``metrics.json`` (stage, valid, test, ...) atomically on the main rank."""
         if self.is_main:

@@ -129,7 +129,7 @@ def ensure_tokenizer(config: Config, embeddings: np.ndarray, accelerator, data: 
             verb = "resuming the stopped pretraining" if resume else "pretraining the RQ-VAE"
             print(f"[rqvae] no cached tokenizer for this config; {verb} in {folder}")
         with Run(config, stage="rqvae", output_dir=folder, accelerator=accelerator, resume=resume) as run:
-            RQVAETrainer(config, run, embeddings).fit()
+            RQVAETrainer(config, run, embeddings, data.item_map).fit()
         accelerator.wait_for_everyone()
     state = torch.load(best, map_location="cpu", weights_only=False)
     check_tokenizer_state(state["model"], config, embeddings.shape[1], best)

@@ -1,0 +1,127 @@
+"""The config reference (``docs/config.md``): every key with its type, default and one line.
+
+    python -m etegrec.config_reference > docs/config.md
+
+A test keeps the file equal to what this prints, and every key of :class:`etegrec.config.Config`
+must have its line here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from etegrec.config import Config, _type_name, named_configs
+
+__all__ = ["KEY_DOCS", "render"]
+
+KEY_DOCS = {
+    "data.dataset": "dataset name; ml-100k is fetched on first use, a --data-path file names it after itself",
+    "data.data_path": "interaction file or prepared split to read instead of the named dataset",
+    "data.format": "force the reader (inter, movielens, amazon2023, amazon2014, prepared); detected otherwise",
+    "data.min_count": "k of the iterative k-core filter on users and items",
+    "data.max_his_len": "history length the models see (the most recent items)",
+    "data.max_users": "keep only the first N users of the file (smoke runs); null keeps all",
+    "embed.hidden": "SASRec width, also the width of the item embeddings the tokenizer reads",
+    "embed.n_layers": "SASRec transformer blocks",
+    "embed.n_heads": "SASRec attention heads",
+    "embed.dropout": "SASRec dropout",
+    "embed.tied_output": "score items against the input table (true) or a separate output table",
+    "embed.repeat_bias": "a learned logit offset for items already in the history",
+    "embed.shuffle_ties": "reorder same-timestamp training items at random every epoch",
+    "embed.window_stride": "new targets per training window; null = data.max_his_len (no overlap)",
+    "embed.lr": "SASRec learning rate (Adam)",
+    "embed.weight_decay": "SASRec weight decay",
+    "embed.batch_size": "SASRec windows per batch",
+    "embed.epochs": "SASRec epochs at most",
+    "embed.patience": "evaluations without a better validation NDCG@10 before SASRec stops",
+    "embed.eval_step": "SASRec epochs between evaluations",
+    "tokenizer.hidden_dims": "RQ-VAE encoder MLP widths (the decoder mirrors them)",
+    "tokenizer.e_dim": "RQ-VAE code dimension",
+    "tokenizer.num_layers": "residual quantizer layers (RQ codes per item)",
+    "tokenizer.codebook_size": "codes per layer (also the suffix token's range)",
+    "tokenizer.beta": "commitment loss weight",
+    "tokenizer.dropout": "RQ-VAE MLP dropout",
+    "tokenizer.kmeans_init": "initialise each codebook by k-means on its layer's residuals",
+    "tokenizer.standardize": "z-score the item embeddings (each dimension) before the tokenizer reads them",
+    "rqvae.lr": "tokenizer pretraining learning rate (AdamW)",
+    "rqvae.weight_decay": "tokenizer pretraining weight decay",
+    "rqvae.batch_size": "items per pretraining batch",
+    "rqvae.epochs": "pretraining epochs at most",
+    "rqvae.eval_step": "epochs between collision-rate evaluations",
+    "rqvae.patience": "evaluations without a lower collision rate before pretraining stops",
+    "rqvae.restart_dead_every": "move unused codes onto item residuals every N epochs; 0 = never",
+    "recommender.num_layers": "T5 encoder blocks",
+    "recommender.num_decoder_layers": "T5 decoder blocks",
+    "recommender.d_model": "T5 width (also the code embedding width)",
+    "recommender.d_ff": "T5 feed-forward width",
+    "recommender.num_heads": "T5 attention heads",
+    "recommender.d_kv": "T5 key/value width per head",
+    "recommender.dropout": "T5 dropout",
+    "recommender.feed_forward_proj": "T5 feed-forward activation: relu (paper), gelu, gated-gelu, gated-silu, ...",
+    "recommender.gradient_checkpointing": "recompute T5 activations in the backward pass: far less memory, same gradients",
+    "recommender.encoder_input": "codes: an encoder token per code (paper); items: a token per item (its codes summed)",
+    "recommender.repeat_bias": "learn a logit offset for the codes that continue a history item",
+    "joint.epochs": "joint epochs (tokenizer and recommender epochs together) at most",
+    "joint.cycle": "C: each cycle is one tokenizer epoch, then C - 1 recommender epochs",
+    "joint.train_tokenizer": "false: no tokenizer epochs, the pretrained codes stay fixed (TIGER-style)",
+    "joint.shuffle_ties": "reorder same-timestamp training items at random every epoch",
+    "joint.warm_epoch": "epochs at the start with the alignment losses off",
+    "joint.batch_size": "samples per batch (windows with targets: all)",
+    "joint.sample_fraction": "share of the training samples drawn per epoch, fresh each epoch",
+    "joint.lr_rec": "recommender learning rate (AdamW; its repeat bias learns at 0.05)",
+    "joint.lr_id": "tokenizer learning rate in joint training (AdamW)",
+    "joint.weight_decay": "AdamW weight decay of both models",
+    "joint.warmup_epochs": "linear warm-up, then cosine decay, per optimiser",
+    "joint.max_grad_norm": "gradient clipping norm; 0 = none",
+    "joint.id_vq_weight": "tokenizer epochs: weight of the RQ-VAE loss",
+    "joint.id_code_weight": "tokenizer epochs: weight of the code loss",
+    "joint.id_kl_weight": "tokenizer epochs: weight of the sequence-item alignment (symmetric KL)",
+    "joint.id_dec_cl_weight": "tokenizer epochs: weight of the preference-semantic alignment (InfoNCE)",
+    "joint.rec_code_weight": "recommender epochs: weight of the code loss",
+    "joint.rec_kl_weight": "recommender epochs: weight of the sequence-item alignment",
+    "joint.rec_dec_cl_weight": "recommender epochs: weight of the preference-semantic alignment",
+    "joint.cl_temperature": "InfoNCE temperature",
+    "joint.use_forge": "rebalance the last RQ code with FORGE when codes are (re)computed",
+    "joint.forge_policy": "FORGE policy: round_robin or nearest_free",
+    "joint.eval_step": "epochs between validations",
+    "joint.patience": "validations without a better NDCG@10 before the joint phase stops",
+    "joint.beam_size": "beams of the beam search",
+    "joint.top_k": "items returned per history (at most beam_size)",
+    "joint.constrained": "keep every beam on a prefix of a real item (the trie)",
+    "joint.eval_batch_size": "histories per beam-search batch",
+    "joint.finetune_epochs": "recommender-only epochs on fixed codes after the joint phase",
+    "joint.mixed_precision": "fp32, or bf16 autocast of the recommender's training forward (CPUs with AVX512-BF16, GPUs)",
+    "joint.renormalize": "each code's softmax over the codes that lead to an item, in the loss and the beam search",
+    "joint.targets": "last: one target per history (paper); all: a target after every item of a window",
+    "joint.window_stride": "with targets all: new targets per window; null = data.max_his_len",
+    "joint.probe_users": "validation users the learning probes run on at every validation; 0 = no probes",
+    "run.seed": "random seed",
+    "run.name": "W&B run name (the spec's ckpt_name); null = the run directory's unique name",
+    "run.log_every": "emit step_end every N steps; 0 = never",
+    "run.num_threads": "torch threads; 0 = torch's default (every core)",
+}
+
+
+def render() -> str:
+    """The markdown of ``docs/config.md``."""
+    config = Config()
+    lines = ["# Config reference", "",
+             "Every key, with its type and its default (the `Config` dataclasses). The packaged configs",
+             f"({', '.join(named_configs())}, in `etegrec/configs/`) change some of them; `--print-config` shows the",
+             "resolved values of a run. Generated by `python -m etegrec.config_reference > docs/config.md`.", ""]
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        hints = typing.get_type_hints(type(values))
+        lines += [f"## {section.name}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(values):
+            key = f"{section.name}.{f.name}"
+            default = getattr(values, f.name)
+            shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+            kind = _type_name(hints[f.name]).replace(" | ", " or ")  # a pipe would split the table cell
+            lines.append(f"| `{key}` | {kind} | `{shown}` | {KEY_DOCS[key]} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render(), end="")

@@ -1,0 +1,131 @@
+"""A finished joint run, loaded for use: ``etegrec.load_run(run_dir).recommend(histories)``.
+
+Everything comes from the run directory: ``config.yaml``, ``item_codes.tsv`` (the raw item ids in
+item order, with the codes of the best checkpoint) and ``checkpoints/best.pt``. No cache under
+``$ETEGREC_HOME`` is needed, so a run directory copied to another machine still recommends.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from etegrec.config import Config, ConfigError, load_config
+from etegrec.models import RQVAE, CodeTrie, T5Recommender
+
+from .joint import beam_recommend, build_recommender
+from .rqvae import build_tokenizer
+
+__all__ = ["TrainedRun", "load_run", "read_item_codes"]
+
+log = logging.getLogger(__name__)
+
+
+def read_item_codes(path: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
+    """``item_codes.tsv`` as (raw item ids, codes [n_items, L + 1]); row i is item i + 1.
+
+    Raises:
+        ConfigError: a missing file or a malformed line, named with its number.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{str(path)!r} does not exist: load_run needs a finished joint run's directory")
+    ids, rows = [], []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        try:
+            rows.append([int(v) for v in fields[1:]])
+        except ValueError:
+            raise ConfigError(f"{str(path)}: line {number}: expected an item id and integer codes, got {line!r}") from None
+        ids.append(fields[0])
+    if not rows or len({len(r) for r in rows}) != 1:
+        raise ConfigError(f"{str(path)}: expected one row of codes per item, all of one length")
+    return tuple(ids), np.array(rows, dtype=np.int64)
+
+
+@dataclass
+class TrainedRun:
+    """A joint run's config, item ids and codes, tokenizer and recommender, on ``device``."""
+
+    run_dir: Path
+    config: Config
+    item_ids: tuple[str, ...]  # raw id of item i + 1 at position i
+    index_of: dict[str, int]  # raw id -> item index (1-based; 0 is padding)
+    codes: torch.Tensor  # (n_items + 1, L + 1), row 0 = padding
+    tokenizer: RQVAE
+    recommender: T5Recommender
+    trie: CodeTrie
+
+    def recommend(self, histories: Sequence[Sequence[str]], k: int = 10, *, skip_unknown: bool = False
+                  ) -> list[list[tuple[str, float]]]:
+        """The top ``k`` items (raw id, score) after each history of raw item ids, oldest first.
+
+        The same constrained beam search as evaluation (``joint.beam_size`` beams; ``k`` at most
+        ``joint.top_k``); scores are the model's summed code log-probabilities. Only the most recent
+        ``data.max_his_len`` items of a history are read.
+
+        Raises:
+            ValueError: unknown item ids (listed; or skipped with a warning when ``skip_unknown``), an
+                empty history, or ``k`` above the beam's ``top_k``.
+        """
+        cfg = self.config.joint
+        if not 1 <= k <= cfg.top_k:
+            raise ValueError(f"k={k!r} must lie in [1, {cfg.top_k}] (joint.top_k of this run)")
+        rows = [self._indices(history, n, skip_unknown) for n, history in enumerate(histories)]
+        length = self.config.data.max_his_len
+        padded = np.zeros((len(rows), length), dtype=np.int64)
+        for i, row in enumerate(rows):
+            row = row[-length:]
+            padded[i, length - len(row):] = row
+        items, scores = beam_recommend(self.recommender, self.codes, self.trie, padded, cfg)
+        out = []
+        for item_row, score_row in zip(items[:, :k].tolist(), scores[:, :k].tolist()):
+            out.append([(self.item_ids[i - 1], s) for i, s in zip(item_row, score_row) if i > 0])
+        return out
+
+    def _indices(self, history: Sequence[str], n: int, skip_unknown: bool) -> list[int]:
+        unknown = [item for item in history if str(item) not in self.index_of]
+        if unknown and not skip_unknown:
+            raise ValueError(f"history {n}: unknown item ids {unknown[:10]!r} (not in {self.run_dir}/item_codes.tsv); "
+                             "pass skip_unknown=True (--skip-unknown) to leave them out")
+        if unknown:
+            log.warning("history %d: skipped unknown item ids %r", n, unknown[:10])
+        indices = [self.index_of[str(item)] for item in history if str(item) in self.index_of]
+        if not indices:
+            raise ValueError(f"history {n} has no known item; a recommendation needs at least one")
+        return indices
+
+
+def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> TrainedRun:
+    """Rebuild a finished joint run's tokenizer and recommender (best checkpoint) on ``device``.
+
+    Raises:
+        ConfigError: the directory lacks ``config.yaml``, ``item_codes.tsv`` or ``checkpoints/best.pt``,
+            or its codes and checkpoint disagree.
+    """
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "checkpoints/best.pt"):
+        if not (run_dir / name).exists():
+            raise ConfigError(f"{str(run_dir / name)!r} does not exist: load_run needs a finished joint run's directory")
+    config = load_config(str(run_dir / "config.yaml"))
+    item_ids, table = read_item_codes(run_dir / "item_codes.tsv")
+    state = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    codes = torch.cat([torch.zeros(1, table.shape[1], dtype=torch.long), torch.as_tensor(table)])
+    if state.get("stage") != "joint" or not torch.equal(state["codes"].cpu().long(), codes):
+        raise ConfigError(f"{str(run_dir / 'item_codes.tsv')!r} does not hold the codes of checkpoints/best.pt; "
+                          "the directory mixes two runs")
+    tokenizer = build_tokenizer(config, config.embed.hidden)
+    tokenizer.load_state_dict(state["tokenizer"])
+    recommender = build_recommender(config, tokenizer, semantic_dim=config.embed.hidden)
+    recommender.load_state_dict(state["recommender"])
+    device = torch.device(device)
+    codes = codes.to(device)
+    return TrainedRun(run_dir=run_dir, config=config, item_ids=item_ids,
+                      index_of={item: i + 1 for i, item in enumerate(item_ids)}, codes=codes,
+                      tokenizer=tokenizer.to(device).eval(), recommender=recommender.to(device).eval(),
+                      trie=CodeTrie(codes[1:], code_num=recommender.code_num).to(device))
