@@ -381,3 +381,30 @@ def test_subscriber_connects_its_on_signal_methods_strongly():
     signals.epoch_end.send(None, **EPOCH_END)
 
     assert seen == [2]
+
+
+def test_console_epoch_lines_say_the_pipeline_stage_and_the_epochs_left():
+    out = io.StringIO()
+    with ConsoleSubscriber(file=out):
+        signals.run_started.send(None, stage="joint", config={"joint": {"epochs": 9, "finetune_epochs": 3}},
+                                 run_dir="r", rank=0, world_size=1, resumed=False, start_epoch=0)
+        signals.epoch_end.send(None, **{**EPOCH_END, "stage": "joint", "epoch": 4})
+    line = out.getvalue().splitlines()[-1]
+    assert line.startswith("[joint] epoch 4 rec:") and line.split(" | ")[-1].startswith("stage 3/3, epoch 5/12, at most ")
+
+
+def test_progress_bars_stay_out_of_a_log_file(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import write_structured_inter
+
+    inter = write_structured_inter(tmp_path / "walk.inter")
+    with open(tmp_path / "log.txt", "w") as log:  # stderr is a file, as with `... 2> log.txt`
+        subprocess.run([sys.executable, "-m", "etegrec.training.rqvae", "--config", "tiny", "--set", "embed.epochs=1",
+                        "--data-path", str(inter), "--wandb-mode", "disabled", "--output-dir", str(tmp_path / "run")],
+                       stdout=log, stderr=log, check=True, timeout=300,
+                       env={**__import__("os").environ, "ETEGREC_HOME": str(tmp_path / "home")})
+    text = (tmp_path / "log.txt").read_text()
+    assert "\r" not in text and "it/s]" not in text
+    assert "[rqvae] epoch 5: " in text  # the console's lines are all there

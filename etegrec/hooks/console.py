@@ -8,7 +8,9 @@ from tqdm import tqdm
 
 from .base import Subscriber
 
-__all__ = ["ConsoleSubscriber"]
+__all__ = ["ConsoleSubscriber", "PIPELINE"]
+
+PIPELINE = ("embed", "rqvae", "joint")  # the stages of `python -m etegrec.training.joint`, in order
 
 
 def _phase(stage: str, phase: str) -> str:
@@ -40,12 +42,17 @@ class ConsoleSubscriber(Subscriber):
         # evaluation and checkpoint line is printed
         self.min_interval = min_interval
         self._last_step_line = float("-inf")
+        self._stage: tuple | None = None  # (stage, start time, first epoch, epochs in all) of the running stage
         self._codebook_lines: list[tuple] = []
 
     def _print(self, text: str) -> None:
         tqdm.write(text, file=self.file or sys.stderr)
 
-    def on_run_started(self, sender, *, stage, run_dir, world_size=1, resumed=False, **extra):
+    def on_run_started(self, sender, *, stage, run_dir, world_size=1, resumed=False, config=None, start_epoch=0,
+                       **extra):
+        section = (config or {}).get(stage) or {}
+        total = section.get("epochs", 0) + (section.get("finetune_epochs") or 0)
+        self._stage = (stage, time.monotonic(), start_epoch, total)
         how = "resumed" if resumed else "started"
         self._print(f"[{stage}] run {how} in {run_dir} ({world_size} process{'es' if world_size > 1 else ''})")
 
@@ -56,7 +63,19 @@ class ConsoleSubscriber(Subscriber):
             self._print(f"[{stage_}] epoch {epoch_} codebook layer {layer}: utilization {utilization:.1%}, "
                         f"perplexity {perplexity:.1f}, gini {gini:.3f}, {dead} dead")
         self._print(f"[{stage}] epoch {epoch}{_phase(stage, phase)}: {_fmt(losses)}{_lr_text(lr)} | "
-                    f"{seconds:.1f} s, {samples_per_second:.0f} samples/s")
+                    f"{seconds:.1f} s, {samples_per_second:.0f} samples/s{self._where(stage, epoch)}")
+
+    def _where(self, stage: str, epoch: int) -> str:
+        """`` | stage 3/3, epoch 5/12, at most 6 min left``: the pipeline's stage and the stage's ETA
+        (an upper bound: early stopping may end it sooner)."""
+        if self._stage is None or self._stage[0] != stage or not self._stage[3]:
+            return ""
+        _, started, first, total = self._stage
+        done = epoch + 1 - first
+        left = (time.monotonic() - started) / max(done, 1) * max(total - epoch - 1, 0)
+        number = f"stage {PIPELINE.index(stage) + 1}/{len(PIPELINE)}, " if stage in PIPELINE else ""
+        eta = f"at most {left / 60:.0f} min left" if left >= 90 else f"at most {left:.0f} s left"
+        return f" | {number}epoch {epoch + 1}/{total}, {eta}"
 
     def on_step_end(self, sender, *, stage, phase, epoch, step, losses, lr=None, **extra):
         now = time.monotonic()

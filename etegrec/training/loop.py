@@ -5,6 +5,7 @@ adds no host synchronisation per step for instrumentation.
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from etegrec import signals
 
-__all__ = ["EpochProgress", "EpochResult", "NonFiniteLossError", "TrainingInterrupted", "shuffled_batches",
+__all__ = ["EpochProgress", "EpochResult", "NonFiniteLossError", "TrainingInterrupted", "interactive", "shuffled_batches",
            "average_gradients", "train_epoch"]
 
 CHECK_EVERY = 20  # steps between host checks for a non-finite loss (found on the device every step)
@@ -62,6 +63,12 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.progress = progress
 
 
+def interactive() -> bool:
+    """Whether progress bars are drawn: only on a terminal. Redirected to a file, the log holds the
+    console's lines only (every epoch line says where the stage stands), no bar fragments."""
+    return sys.stderr.isatty()
+
+
 def shuffled_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
                      world_size: int = 1, shuffle: bool = True) -> list[np.ndarray]:
     """Index batches of this process's shard of ``range(n)``, reshuffled every epoch.
@@ -102,7 +109,7 @@ def train_epoch(*, sender, stage: str, phase: str, epoch: int, batches: list, lo
     first_bad = torch.full((), -1, device=device)  # first step whose loss was not finite
     bad_parts: torch.Tensor | None = None  # that step's loss parts
     iterator: Iterator = iter(batches[done:])
-    if show_progress and accelerator.is_main_process:
+    if show_progress and accelerator.is_main_process and interactive():
         name = stage if phase == stage else f"{stage} {phase}"  # "embed epoch 3", not "embed embed epoch 3"
         iterator = tqdm(iterator, desc=f"{name} epoch {epoch}", leave=False, dynamic_ncols=True,
                         initial=done, total=len(batches))

@@ -26,7 +26,7 @@ from etegrec.hooks.codebook import CodebookHooks
 from etegrec.models import RQVAE
 
 from .cli import stage_main
-from .loop import shuffled_batches, train_epoch
+from .loop import interactive, shuffled_batches, train_epoch
 from .run import Run, prepare_process, set_rng_state
 from .stages import ensure_embeddings, load_stage_data
 
@@ -126,7 +126,7 @@ class RQVAETrainer:
             run.save_checkpoint(self, self._state(epoch, quality, codes, at), "last", epoch=epoch)
 
         with CodebookHooks(self.tokenizer, stage=self.stage, sender=self) as hooks:
-            for epoch in tqdm(range(position["epoch"], cfg.epochs), desc="rqvae epochs", disable=not run.is_main,
+            for epoch in tqdm(range(position["epoch"], cfg.epochs), desc="rqvae epochs", disable=not (run.is_main and interactive()),
                               leave=False, dynamic_ncols=True, initial=position["epoch"], total=cfg.epochs):
                 batches = shuffled_batches(len(self.items), cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
                                            rank=acc.process_index, world_size=acc.num_processes)
