@@ -1,7 +1,12 @@
-"""Quality on ml-100k under PROTOCOL.md: test Recall@5/10 and NDCG@5/10, mean and std over seeds.
+"""Quality on ml-100k under docs/protocol.md: test Recall@5/10 and NDCG@5/10, mean and std over seeds.
 
-    python benchmarks/quality.py [--seeds 2024 2025 2026] [--jobs 2] [--config ml-100k] [--runs runs/quality]
-                                 [--models pop sasrec sasrec_repeat_bias tiger etegrec_noforge etegrec]
+    python benchmarks/quality.py [--seeds 2024 2025 2026] [--jobs 2] [--threads 1] [--config ml-100k]
+                                 [--runs runs/quality]
+                                 [--models pop markov cooccurrence sasrec sasrec_repeat_bias tiger etegrec_noforge etegrec]
+
+``--jobs 1 --threads 0`` runs each command alone on every core, as the README's command does (the
+README's table); the default, two one-thread jobs at a time, is faster in all but gives other
+figures for a run (float sums in another order).
 
 Models (same split, same evaluation code):
 

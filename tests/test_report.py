@@ -1,0 +1,84 @@
+"""The offline report: its figures hold the values of the events, for one run, two runs and a killed one;
+the page loads in a real headless browser where one is installed."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import write_structured_inter
+from etegrec.hooks import read_events
+from etegrec.report import FIGURES, figure_series, load_run_record, main, render_html
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from etegrec.training import joint
+
+    root = tmp_path_factory.mktemp("report")
+    inter = write_structured_inter(root / "walk.inter")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ETEGREC_HOME", str(root / "home"))
+        for seed in (1, 2):
+            assert joint.main(["--config", "tiny", "--data-path", str(inter), "--wandb-mode", "disabled", "--seed",
+                               str(seed), "--set", "embed.epochs=1", "--set", "rqvae.epochs=2",
+                               "--output-dir", str(root / f"seed{seed}")]) == 0
+    killed = root / "killed"
+    shutil.copytree(root / "seed1", killed)
+    log = (killed / "events.jsonl").read_text()
+    (killed / "events.jsonl").write_text(log[: len(log) * 2 // 3].rstrip("\n")[:-7])  # torn mid-line
+    (killed / "metrics.json").unlink()
+    return root
+
+
+def test_figure_data_are_the_values_of_the_events(runs):
+    events = read_events(runs / "seed1" / "events.jsonl")
+    series = figure_series(load_run_record(runs / "seed1"))
+    valid = [e for e in events if e["signal"] == "evaluated" and e["split"] == "valid"]
+    (label, xs, ys), *test = series["ndcg"]["ndcg@10"]
+    assert label == "valid" and xs == [e["epoch"] for e in valid] and ys == [e["metrics"]["ndcg@10"] for e in valid]
+    assert test[0][0] == "test" and test[0][2] == [next(e for e in events if e.get("split") == "test")["metrics"]["ndcg@10"]]
+    assigned = [e for e in events if e["signal"] == "codes_assigned"]
+    assert series["conflict"]["max_conflict"][0][2] == [e["max_conflict"] for e in assigned]
+    assert series["changed"]["codes changed"][0][2] == [e["changed"] / len(e["codes"]) for e in assigned[1:]]
+    usage = [e for e in events if e["signal"] == "codebook_usage" and e["layer"] == 2]
+    (panel, [(_, _, counts)]), = [(p, v) for p, v in series["usage"].items() if p.startswith("layer 2")]
+    assert panel == f"layer 2 (epoch {usage[-1]['epoch']})" and counts == usage[-1]["counts"]
+    probes = [e for e in events if e["signal"] == "probed"]
+    assert dict((l, y) for l, _, y in series["probes"]["NLL (nats)"])["item_nll"] == [p["probes"]["item_nll"]
+                                                                                     for p in probes]
+    rec = [e for e in events if e["signal"] == "epoch_end" and e["phase"] == "rec"]
+    assert dict((l, y) for l, _, y in series["losses"]["rec"])["code_loss"] == [e["losses"]["code_loss"] for e in rec]
+
+
+@pytest.mark.parametrize("names", [["seed1"], ["seed1", "seed2"], ["killed"]], ids=["one", "two", "killed"])
+def test_the_page_has_every_figure_and_the_final_metrics(runs, names, tmp_path):
+    assert main([str(runs / n) for n in names] + ["--output", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    for key in FIGURES:
+        assert re.search(rf'<figure id="{key}"><figcaption>[^<]+</figcaption><img alt="[^"]+" src="data:image/png;base64,',
+                         page), key
+    if names == ["killed"]:
+        assert "not finished" in page
+    else:
+        assert "test ndcg@10" in page
+    if len(names) == 2:  # the key the two runs differ in is listed
+        assert "run.seed" in page
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no headless Chromium here (Debian package chromium)")
+def test_the_page_loads_in_a_headless_browser_with_every_figure_drawn(runs, tmp_path):
+    page = tmp_path / "r.html"
+    (page).write_text(render_html([load_run_record(runs / "seed1"), load_run_record(runs / "seed2")]))
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert dom.stdout.count("data:image/png;base64,") == len(FIGURES)
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--no-first-run", f"--user-data-dir={tmp_path / 'profile2'}", f"--screenshot={shot}",
+                    "--window-size=1400,6000", page.as_uri()], capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 50_000  # the figures are drawn, not an empty page
