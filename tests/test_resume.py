@@ -203,3 +203,25 @@ def test_a_run_from_before_a_config_key_existed_resumes_when_the_key_keeps_its_d
     assert _config_changes(saved, current) == []
     changed = load_config("tiny", ["joint.shuffle_ties=true"]).to_dict()
     assert _config_changes(saved, changed) == ["joint.shuffle_ties (None -> True)"]
+
+
+def test_a_finished_run_extended_by_two_epochs_trains_exactly_two_more_into_the_same_logs(tmp_path):
+    from etegrec.training import joint
+
+    inter = write_structured_inter(tmp_path / "walk.inter")
+    argv = ["--config", "tiny", "--data-path", str(inter), "--wandb-mode", "offline", "--set", "embed.epochs=1",
+            "--set", "rqvae.epochs=2", "--set", "joint.epochs=2", "--set", "joint.finetune_epochs=1",
+            "--output-dir", str(tmp_path / "run")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ETEGREC_HOME", str(tmp_path / "home"))
+        assert joint.main(argv) == 0
+        assert joint.main([*argv, "--resume", "--set", "joint.finetune_epochs=3"]) == 0
+        assert joint.main([*argv, "--resume", "--set", "joint.finetune_epochs=3"]) == 0  # finished again: no-op
+        assert joint.main([*argv, "--resume", "--set", "joint.finetune_epochs=2"]) == 2  # shorter: refused
+    events = read_events(tmp_path / "run" / "events.jsonl")
+    epochs = [(e["epoch"], e["phase"]) for e in events if e["signal"] == "epoch_end"]
+    assert epochs == [(0, "id"), (1, "rec"), (2, "finetune"), (3, "finetune"), (4, "finetune")]
+    assert [e["status"] for e in events if e["signal"] == "run_finished"] == ["completed", "completed"]
+    run_id = (tmp_path / "run" / "wandb" / "run-id").read_text().strip()
+    folders = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith(run_id) for f in folders)  # one W&B run, continued

@@ -17,7 +17,7 @@ from etegrec.forge import CodeOverflowError
 from etegrec.hooks import SubscriberError, resolve_subscriber
 
 from .loop import NonFiniteLossError
-from .run import check_resume_config, check_trackers, check_writable, default_run_dir, hold_run_dir, launch_rank, resume_checkpoint
+from .run import check_resume_config, lengthened_keys, check_trackers, check_writable, default_run_dir, hold_run_dir, launch_rank, resume_checkpoint
 
 __all__ = ["StageArgs", "common_parser", "parse_stage_args", "run_main", "tracker_list"]
 
@@ -119,7 +119,7 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = N
         raise PrintedConfig(yaml.safe_dump(config.to_dict(), sort_keys=False))
     if args.resume:
         check_resume_config(args.output_dir, config)
-        if (Path(args.output_dir) / "metrics.json").exists():
+        if (Path(args.output_dir) / "metrics.json").exists() and not lengthened_keys(args.output_dir, config):
             raise RunFinished(f"the run in {args.output_dir!r} is finished (it has its metrics.json); nothing to "
                               "resume, nothing was changed")
     subscribers = [resolve_subscriber(spec) for spec in args.subscribers]

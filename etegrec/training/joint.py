@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from transformers import get_cosine_schedule_with_warmup
 
 from etegrec import signals
-from etegrec.config import Config
+from etegrec.config import Config, ConfigError
 from etegrec.data import SequenceData
 from etegrec.forge import get_code
 from etegrec.hooks.codebook import CodebookHooks
@@ -357,6 +357,8 @@ class JointTrainer:
             position, progress = {"epoch": 0, "segment": 0, "index": 0, "bad": 0}, None
             if run.resumed:
                 position, progress = self.restore(run.resume_state)
+                if run.lengthened:  # more epochs asked for: they all train, whatever stopped the run before
+                    position = self._lengthen(position, segments)
             run.announce_start(self, start_epoch=position["epoch"])
             if not run.resumed:
                 self.refresh_codes(0)
@@ -383,6 +385,20 @@ class JointTrainer:
                     epoch += 1
                     run.check_stop()
         return self._test(start)
+
+    def _lengthen(self, position: dict, segments: list[list[str]]) -> dict:
+        """The position of a run resumed with a larger ``joint.epochs`` or ``joint.finetune_epochs``.
+
+        A finished (or early-stopped) segment left its index at its old length, so exactly the added
+        epochs remain; the early-stopping count starts again so that they all train.
+
+        Raises:
+            ConfigError: ``joint.epochs`` raised after fine-tuning has begun (lengthen the fine-tuning).
+        """
+        if position["segment"] == 1 and "joint.epochs" in self.run.lengthened and segments[1]:
+            raise ConfigError("--resume: joint.epochs cannot grow once fine-tuning has begun; raise "
+                              "joint.finetune_epochs to train this run longer")
+        return {**position, "bad": 0}
 
     def train_one_epoch(self, epoch: int, phase: str, progress: EpochProgress | None = None) -> None:
         """One epoch of ``phase``; both phases share this loop and differ in what trains and the weights."""

@@ -43,6 +43,8 @@ RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
 
 # config sections a resumed run may change: how it runs, not what it trains
 RESUMABLE_CHANGES = ("run.name", "run.num_threads", "run.log_every")
+# keys a resumed run may raise (never lower): they only lengthen training, so a finished run goes on
+LENGTHENING_KEYS = ("joint.epochs", "joint.finetune_epochs")
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +120,28 @@ def _config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
             key = f"{section}.{name}"
             if name not in old and new.get(name) == (defaults.get(section) or {}).get(name):
                 continue
-            if key not in RESUMABLE_CHANGES and old.get(name) != new.get(name):
-                changed.append(f"{key} ({old.get(name)!r} -> {new.get(name)!r})")
+            if key in RESUMABLE_CHANGES or old.get(name) == new.get(name):
+                continue
+            if key in LENGTHENING_KEYS and isinstance(old.get(name), int) and new.get(name) > old[name]:
+                continue  # see lengthened_keys
+            changed.append(f"{key} ({old.get(name)!r} -> {new.get(name)!r})")
     return changed
+
+
+def lengthened_keys(run_dir: str | Path, config: Config) -> list[str]:
+    """The :data:`LENGTHENING_KEYS` that ``config`` raises above the run's ``config.yaml``."""
+    saved_path = Path(run_dir) / "config.yaml"
+    if not saved_path.exists():
+        return []
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    current = config.to_dict()
+    out = []
+    for key in LENGTHENING_KEYS:
+        section, name = key.split(".")
+        old, new = (saved.get(section) or {}).get(name), current[section][name]
+        if isinstance(old, int) and new > old:
+            out.append(key)
+    return out
 
 
 def resume_checkpoint(run_dir: str | Path) -> Path:
@@ -322,6 +343,8 @@ class Run:
         check_world(self.accelerator)
         self.is_main = self.accelerator.is_main_process
         self.resume_state = self._load_resume_state() if resume else None
+        # a finished or stopped run resumed with more epochs (joint.epochs, joint.finetune_epochs)
+        self.lengthened = lengthened_keys(self.run_dir, config) if resume else []
         if not resume and self.last_checkpoint.exists():
             raise ConfigError(f"run directory {str(self.run_dir)!r} already holds a run ({self.last_checkpoint.name} "
                               "in checkpoints/); pass --resume to continue it or choose another --output-dir")
