@@ -161,6 +161,10 @@ def test_wandb_run_holds_every_joint_key(joint_run):
     # the program and arguments are the training process's (here pytest's), not W&B's own child's
     environment = next(r["environment"] for r in records if r["type"] == "environment")
     assert environment["args"] == sys.argv[1:] and "wandb_child" not in environment["program"]
+    # the final code table travels with the run as an artifact
+    artifact = next(r["artifact"] for r in records if r["type"] == "artifact")
+    assert artifact["name"] == f"item-codes-{run['run_id']}" and artifact["type"] == "item-codes"
+    assert [c["path"] for c in artifact["manifest"]["contents"]] == ["item_codes.tsv"]
     rows = [r["history"]["item"] for r in records if r["type"] == "history"]
     keys = set().union(*rows)
     expected = {"epoch", "train/rec_loss_total", "train/rec_code_loss", "train/rec_kl_loss", "train/rec_dec_cl_loss",

@@ -418,6 +418,9 @@ class WandbSubscriber(Subscriber):
         if self._logging and best_metrics and self.run is not None:
             run, best = self.run, {f"best/{k}": float(v) for k, v in best_metrics.items()}
             self._submit(lambda: run.summary.update(best))
+        codes = self.run_dir / "item_codes.tsv" if self.run_dir is not None else None
+        if self._logging and self.run is not None and status == "completed" and codes is not None and codes.exists():
+            self._submit(lambda: _log_codes(self.run, codes))  # the tokenizer's product, as an artifact
         self.finish(status)
 
     # logging
@@ -488,3 +491,15 @@ def _log_wandb(run: Any, row: dict[str, Any], usage: Mapping[str, np.ndarray]) -
     import wandb
 
     run.log({**row, **{k: wandb.Histogram(np_histogram=usage_histogram(c)) for k, c in usage.items()}})
+
+
+def _log_codes(run: Any, path: Path) -> None:
+    """The run's ``item_codes.tsv`` as the W&B artifact ``item-codes-<run id>`` (type ``item-codes``)."""
+    from .wandb_child import log_file_artifact
+    from .wandb_process import RemoteRun
+
+    name = f"item-codes-{run.id}"
+    if isinstance(run, RemoteRun):
+        run.log_file_artifact(str(path), name, "item-codes")
+    else:  # a W&B run in this process (a tracker the user built)
+        log_file_artifact(run, str(path), name, "item-codes")

@@ -75,8 +75,19 @@ def _serve(conn: Connection) -> None:
                 run.summary.update(payload[0])
             elif op == "define_metric":
                 run.define_metric(*payload[0], **payload[1])
+            elif op == "artifact":
+                log_file_artifact(run, *payload)
         except Exception as exc:
             _send_quietly(conn, ("error", f"{type(exc).__name__}: {exc}"))
+
+
+def log_file_artifact(run: Any, path: str, name: str, kind: str) -> None:
+    """Log one file as a W&B artifact of ``run`` (offline, it stays in the run's files until a sync)."""
+    import wandb
+
+    artifact = wandb.Artifact(name, type=kind)
+    artifact.add_file(path)
+    run.log_artifact(artifact)
 
 
 def _send_quietly(conn: Connection, message: tuple) -> bool:

@@ -86,6 +86,10 @@ class RemoteRun:
     def define_metric(self, *args: Any, **kwargs: Any) -> None:
         self._send("define_metric", args, kwargs)
 
+    def log_file_artifact(self, path: str, name: str, kind: str) -> None:
+        """Log the file ``path`` as a W&B artifact ``name`` of type ``kind`` (built in the child)."""
+        self._send("artifact", str(path), name, kind)
+
     def finish(self, exit_code: int = 0) -> None:
         """Finish the run (failed unless ``exit_code`` is 0) and wait for the child, at most
         ``finish_timeout`` seconds plus a grace; never raises. Calling it again does nothing."""
