@@ -96,3 +96,13 @@ def test_the_config_reference_in_docs_is_up_to_date_with_every_key():
     assert set(KEY_DOCS) == set(Config().keys())  # a new key needs its line (and a stale line goes)
     docs = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert docs.read_text() == render(), "regenerate: python -m etegrec.config_reference > docs/config.md"
+
+
+def test_python_m_etegrec_lists_the_stages_and_their_commands():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "etegrec"], capture_output=True, text=True, check=True).stdout
+    for command in ("python -m etegrec.data", "python -m etegrec.training.embed", "python -m etegrec.training.rqvae",
+                    "python -m etegrec.training.joint"):
+        assert command in out

@@ -49,6 +49,14 @@ def test_figure_data_are_the_values_of_the_events(runs):
     probes = [e for e in events if e["signal"] == "probed"]
     assert dict((l, y) for l, _, y in series["probes"]["NLL (nats)"])["item_nll"] == [p["probes"]["item_nll"]
                                                                                      for p in probes]
+    for key in ("utilization", "perplexity", "gini"):
+        layer0 = [e for e in events if e["signal"] == "codebook_usage" and e["layer"] == 0]
+        assert dict((l, y) for l, _, y in series[key][key])["layer 0"] == [e[key] for e in layer0]
+    assert series["collision"]["collision rate"][0][2] == [e["collision_rate"] for e in assigned]
+    recall = dict((l, y) for l, _, y in series["recall"]["recall@10"])
+    assert recall["valid"] == [e["metrics"]["recall@10"] for e in valid]
+    ends = [e for e in events if e["signal"] == "epoch_end"]
+    assert dict((l, y) for l, _, y in series["lr"]["learning rate"])["rec"] == [e["lr"]["rec"] for e in ends]
     rec = [e for e in events if e["signal"] == "epoch_end" and e["phase"] == "rec"]
     assert dict((l, y) for l, _, y in series["losses"]["rec"])["code_loss"] == [e["losses"]["code_loss"] for e in rec]
 
