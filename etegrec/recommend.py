@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run(args.run_dir, device=args.device)
         histories = [args.history.split(",")] if args.history else _read_histories(args.input)
         batches = range(0, len(histories), BATCH)
-        if len(histories) > BATCH:
+        if len(histories) > BATCH and sys.stderr.isatty():  # a bar on a terminal only, as the trainers
             batches = tqdm(batches, desc="recommend", unit="batch", file=sys.stderr)
         results = []
         for lo in batches:
