@@ -150,3 +150,22 @@ def test_restart_dead_codes_moves_unused_codes_onto_data_residuals():
     for row in codebook[1:]:  # each restarted code is the latent of some item
         assert torch.isclose(latent, row).all(dim=1).any()
     assert model.quantizer.layers[0].distances(latent).argmin(1).unique().numel() > 1
+
+
+def test_a_quantizer_layer_restarts_its_own_dead_codes_and_returns_the_codes_after():
+    vq = VectorQuantizer(codebook_size=4, dim=2)
+    residual = torch.randn(10, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        vq.embedding.weight[1:] = 1e3  # three codes nobody can pick
+    restarted, codes = vq.restart_dead_codes(residual, generator=torch.Generator().manual_seed(1))
+    assert restarted == 3
+    assert torch.equal(codes, vq.distances(residual).argmin(1))
+    assert all(torch.isclose(residual, row).all(dim=1).any() for row in vq.codebook[1:])
+
+
+def test_walk_gives_each_layer_the_residual_the_previous_layers_left():
+    rq = ResidualQuantizer(num_layers=3, codebook_size=4, dim=2)
+    x = torch.randn(5, 2)
+    seen = rq.walk(x, lambda layer, residual: (residual, torch.full_like(residual, 1.0)))
+    for depth, residual in enumerate(seen):
+        torch.testing.assert_close(residual, x - depth)

@@ -1,4 +1,5 @@
-"""Models: the SASRec baseline and the RQ-VAE item tokenizer (quantizer layers marked for hooks).
+"""Models: the SASRec baseline, the RQ-VAE item tokenizer (quantizer layers marked for hooks), the T5
+generative recommender with its beam search, and their losses.
 
 Models never import ``etegrec.training``, ``etegrec.hooks`` or ``etegrec.signals``: a model does
 not know it is observed.
@@ -15,7 +16,8 @@ from etegrec.models.rqvae import (
     kmeans,
 )
 from etegrec.models.sasrec import SASRec
-from etegrec.models.recommender import DecoderCache, RecommenderOutput, T5Recommender, code_loss
+from etegrec.models.losses import code_loss, info_nce, symmetric_kl
+from etegrec.models.recommender import DecoderCache, RecommenderOutput, T5Recommender
 from etegrec.models.beam import BeamSearchOutput, CodeTrie, beam_search
 
 __all__ = [
@@ -34,4 +36,6 @@ __all__ = [
     "T5Recommender",
     "beam_search",
     "code_loss",
+    "info_nce",
+    "symmetric_kl",
 ]

@@ -1,0 +1,144 @@
+"""The decoder side of :class:`~etegrec.models.T5Recommender`: its inputs, scores and cached decoding.
+
+The decoder reads a learned BOS vector and then the target's codes, token ``p`` looked up in table
+``p`` of ``code_embedding``; its output at position ``p`` is scored against the same table (tied
+weights), plus the learned repeat offsets. :meth:`CodeDecoding.decode_logits` is the step-by-step
+decoder of beam search, on the T5 weights through :class:`~etegrec.models.t5_decoding.T5Decoding`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from etegrec.models.code_history import additive_mask, recency_cross_mask, repeat_hits
+from etegrec.models.t5_decoding import DecoderCache, T5Decoding
+
+__all__ = ["CodeDecoding"]
+
+
+class CodeDecoding:
+    """Decoder-side methods of :class:`~etegrec.models.T5Recommender` (a mixin of it).
+
+    They read the recommender's ``code_embedding`` (L, K, d), ``bos`` (d,), ``repeat_logit`` (L,) or
+    None, ``cross_recency`` (heads, max_history) or None, its T5 ``decoder`` stack and its sizes.
+    """
+
+    decoder: nn.Module  # the T5 decoder stack
+    code_embedding: torch.Tensor
+    bos: torch.Tensor
+    repeat_logit: torch.Tensor | None
+    cross_recency: torch.Tensor | None
+    code_num: int
+    code_length: int
+    d_model: int
+    training: bool
+
+    def _embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Embeddings (..., t, d) of ``codes`` (..., t), token j looked up in table j (t <= L)."""
+        positions = torch.arange(codes.shape[-1], device=codes.device)
+        return self.code_embedding[positions, codes]
+
+    def _decoder_inputs(self, prefix_codes: torch.Tensor) -> torch.Tensor:
+        """BOS then the embedded ``prefix_codes`` (N, t): decoder inputs (N, t + 1, d)."""
+        bos = self.bos.expand(prefix_codes.shape[0], 1, self.d_model)
+        return torch.cat([bos, self._embed(prefix_codes)], dim=1)
+
+    def _score(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        """Tied logits: ``hidden`` (N, L, d) -> (N, L, K), or (N, d) -> (N, K) for one ``position``."""
+        scale = self.d_model ** -0.5
+        if position is None:
+            return torch.einsum("nld,lkd->nlk", hidden, self.code_embedding) * scale
+        return (hidden @ self.code_embedding[position].T) * scale
+
+    def _cross_mask(self, attention_mask: torch.Tensor, target_at: torch.Tensor) -> torch.Tensor:
+        """Cross-attention mask of decoder queries whose target follows encoder position ``target_at``
+        (Q,): with a causal encoder the (B, heads, Q, T) additive :func:`recency_cross_mask`, without
+        one the plain (B, T) key mask."""
+        if self.cross_recency is None:
+            return attention_mask
+        return recency_cross_mask(attention_mask, target_at, self.cross_recency, self.code_embedding.dtype)
+
+    def history_bias(
+        self, history_codes: torch.Tensor, history_mask: torch.Tensor, prefix_codes: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The learned repeat offsets (N, K) for code position ``t`` after ``prefix_codes`` (N, t).
+
+        Code ``k`` gets ``repeat_logit[t]`` when some real item of the row's history has the codes
+        ``prefix_codes`` followed by ``k``: choosing ``k`` keeps a repeat of that item possible. Row
+        ``n`` of ``prefix_codes`` belongs to history ``n // G`` of ``history_codes`` (B, H, L) and
+        ``history_mask`` (B, H), as in :meth:`decode_logits`. None when the model has no repeat bias.
+        """
+        if self.repeat_logit is None:
+            return None
+        hits = repeat_hits(history_codes, history_mask, prefix_codes, code_num=self.code_num,
+                           dtype=self.repeat_logit.dtype)  # (N, K)
+        return hits * self.repeat_logit[prefix_codes.shape[1]]
+
+    def _history_bias_all(
+        self, history_codes: torch.Tensor, history_mask: torch.Tensor, target_codes: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`history_bias` of every teacher-forced position: (B, L, K)."""
+        return torch.stack([self.history_bias(history_codes, history_mask, target_codes[:, :t])
+                            for t in range(self.code_length)], dim=1)
+
+    def decoder_cache(
+        self, encoder_states: torch.Tensor, attention_mask: torch.Tensor, *, incremental: bool = True
+    ) -> DecoderCache:
+        """Cross-attention keys/values of ``encoder_states`` (B, T, d) for :meth:`decode_logits`."""
+        dtype = encoder_states.dtype
+        if self.cross_recency is not None:  # the target follows the last position
+            last = torch.full((1,), encoder_states.shape[1] - 1, device=encoder_states.device)
+            bias = self._cross_mask(attention_mask.bool(), last).to(dtype)  # (B, heads, 1, T)
+        else:
+            bias = additive_mask(attention_mask.bool(), dtype)[:, None, None, :]  # (B, 1, 1, T)
+        return T5Decoding(self.decoder).cache(encoder_states, bias, incremental=incremental)
+
+    def decode_logits(
+        self,
+        encoder_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix_codes: torch.Tensor,
+        *,
+        cache: DecoderCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (N, K) of code position ``t`` after ``prefix_codes`` (N, t); inference, no dropout.
+
+        ``encoder_states`` (B, T, d) and ``attention_mask`` (B, T) come from :meth:`encode`, once per
+        history; N must be a multiple G of B and row ``n`` of ``prefix_codes`` continues history
+        ``n // G`` (the beams of a history are consecutive rows, as ``repeat_interleave`` lays them
+        out). Without ``cache`` the cross-attention keys and values are computed in this call; with an
+        incremental ``cache`` (from :meth:`decoder_cache`) only the newest prefix token is run, the
+        cache must hold exactly t tokens and the caller re-aligns it with ``cache.reorder`` whenever
+        it reorders or repeats rows.
+
+        Raises:
+            ValueError: in training mode, for ``t >= code_length``, N not a multiple of B, or a cache
+                of the wrong length.
+        """
+        if self.training:
+            raise ValueError(
+                "T5Recommender.decode_logits runs without dropout and is for inference only; call "
+                "model.eval() first."
+            )
+        rows, t = prefix_codes.shape
+        batch = encoder_states.shape[0]
+        if t >= self.code_length or rows % batch:
+            raise ValueError(
+                f"decode_logits got prefix_codes of shape {tuple(prefix_codes.shape)!r} for "
+                f"{batch} encoded histories; pass fewer than code_length={self.code_length} codes "
+                "per row and a whole number of rows per history."
+            )
+        if cache is None:
+            cache = self.decoder_cache(encoder_states, attention_mask, incremental=False)
+        if cache.incremental:
+            if cache.length != t:
+                raise ValueError(
+                    f"the decoder cache holds {cache.length} tokens but prefix_codes has {t}; "
+                    "feed the prefixes one code longer per call, starting from an empty prefix."
+                )
+            new_inputs = self._decoder_inputs(prefix_codes)[:, t:]  # (N, 1, d)
+        else:
+            cache.self_kv = None
+            new_inputs = self._decoder_inputs(prefix_codes)  # (N, t + 1, d)
+        hidden = T5Decoding(self.decoder).step(new_inputs, cache, group=rows // batch)  # (N, s, d)
+        return self._score(hidden[:, -1], t)

@@ -1,0 +1,34 @@
+"""Losses of the generative recommender and of its alignment with the tokenizer."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["code_loss", "info_nce", "symmetric_kl"]
+
+
+def code_loss(logits: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` (B, L, K) for ``target_codes`` (B, L), batch and positions."""
+    if logits.dim() != 3 or target_codes.shape != logits.shape[:2]:
+        raise ValueError(
+            f"code_loss needs logits (batch, code_length, code_num) and target_codes (batch, "
+            f"code_length), got {tuple(logits.shape)!r} and {tuple(target_codes.shape)!r}; "
+            "pass the logits of T5Recommender.forward and the codes it was given."
+        )
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target_codes.reshape(-1))
+
+
+def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """KL(a||b) + KL(b||a) of two (batch, K) logit sets, mean over the batch."""
+    log_a, log_b = logits_a.log_softmax(-1), logits_b.log_softmax(-1)
+    kl_ab = F.kl_div(log_b, log_a, log_target=True, reduction="batchmean")
+    kl_ba = F.kl_div(log_a, log_b, log_target=True, reduction="batchmean")
+    return kl_ab + kl_ba
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric in-batch InfoNCE between rows of ``a`` and ``b`` (batch, d): row i matches row i."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    logits = a @ b.T / temperature  # (batch, batch)
+    labels = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
