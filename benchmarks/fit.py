@@ -52,16 +52,17 @@ def sample_sets(data) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def joint_fit(run_dir: Path, config, data) -> dict:
     from etegrec.training.joint import JointTrainer
+    from etegrec.training.options import RunOptions
+    from etegrec.training.pipeline import ensure_embeddings, ensure_tokenizer
     from etegrec.training.run import Run, prepare_process
-    from etegrec.training.stages import ensure_embeddings, ensure_tokenizer
 
     prepare_process(config)  # as the pipeline does, should a missing stage have to be rebuilt here
-    with tempfile.TemporaryDirectory() as tmp, Run(config, stage="joint", output_dir=tmp, log_with=(),
-                                                   console=False) as run:
+    with tempfile.TemporaryDirectory() as tmp, Run(config, RunOptions(output_dir=Path(tmp), console=False),
+                                                   stage="joint") as run:
         embeddings, _ = ensure_embeddings(config, data, run.accelerator)
         tokenizer_state, _ = ensure_tokenizer(config, embeddings, run.accelerator, data)
         trainer = JointTrainer(config, run, data, embeddings, tokenizer_state)
-        trainer.load(torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False))
+        trainer.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False))
         return {name: trainer.evaluate_samples(h, t) for name, (h, t) in sample_sets(data).items()}
 
 

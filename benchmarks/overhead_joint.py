@@ -28,7 +28,8 @@ from etegrec.hooks import ConsoleSubscriber, EventLog
 from etegrec.hooks.codebook import CodebookHooks
 from etegrec.hooks.wandb import JOINT_PROJECT, WandbSubscriber
 from etegrec.training.joint import JointTrainer
-from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
+from etegrec.training.factories import build_tokenizer, tokenizer_inputs
+from etegrec.training.options import RunOptions
 from etegrec.training.run import Run
 from etegrec.training.stages import load_stage_data
 
@@ -61,7 +62,7 @@ def main() -> None:
     tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config, embeddings)[1:]))
     times = {"bare": 0.0, "instrumented": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
-        run = Run(config, stage="joint", output_dir=tmp, wandb_mode="disabled", console=False)
+        run = Run(config, RunOptions(output_dir=Path(tmp), console=False), stage="joint")
         trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
         all_batches = trainer._batches
 

@@ -31,6 +31,7 @@ from etegrec.hooks.codebook import CodebookHooks
 from etegrec.hooks.wandb import PRETRAIN_PROJECT, WandbSubscriber
 from etegrec.training.loop import shuffled_batches, train_epoch
 from etegrec.training.rqvae import RQVAETrainer
+from etegrec.training.options import RunOptions
 from etegrec.training.run import Run
 
 RESULTS = Path(__file__).parent / "results"
@@ -51,9 +52,7 @@ def one_epoch(trainer: RQVAETrainer, epoch: int, hooks: CodebookHooks | None) ->
     if hooks is not None:
         hooks.epoch_end(epoch)
     counted = time.perf_counter()
-    losses = {"loss_total": result.losses["loss"], "loss_recon": result.losses["loss_recon"],
-              "loss_commit": result.losses["loss_commit"]}
-    signals.epoch_end.send(trainer, stage="rqvae", phase="rqvae", epoch=epoch, losses=losses,
+    signals.epoch_end.send(trainer, stage="rqvae", phase="rqvae", epoch=epoch, losses=result.losses,
                            lr={"lr": trainer.optimizer.param_groups[0]["lr"]}, seconds=result.seconds,
                            samples_per_second=result.samples_per_second)
     end = time.perf_counter()
@@ -75,7 +74,7 @@ def main() -> None:
            else np.random.default_rng(0).normal(size=(1350, 256)).astype(np.float32))
     config = load_config("ml-100k")
     with tempfile.TemporaryDirectory() as tmp:
-        run = Run(config, stage="rqvae", output_dir=tmp, wandb_mode="disabled", console=False)
+        run = Run(config, RunOptions(output_dir=Path(tmp), console=False), stage="rqvae")
         trainer = RQVAETrainer(config, run, emb)
         from accelerate import Accelerator
         wandb_acc = Accelerator(cpu=not torch.cuda.is_available(), log_with="wandb")  # the device Run picked

@@ -36,7 +36,8 @@ from etegrec.config import load_config
 from etegrec.hooks.codebook import CodebookHooks
 from etegrec.models import beam_search
 from etegrec.training.joint import JointTrainer
-from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
+from etegrec.training.factories import build_tokenizer, tokenizer_inputs
+from etegrec.training.options import RunOptions
 from etegrec.training.run import Run
 from etegrec.training.stages import load_stage_data
 
@@ -101,7 +102,7 @@ def measure(args: argparse.Namespace, overrides: list[str]) -> dict:
     embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
     tokenizer = build_tokenizer(config, embeddings.shape[1])
     tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config, embeddings)[1:]))
-    with tempfile.TemporaryDirectory() as tmp, Run(config, stage="joint", output_dir=tmp, console=False) as run:
+    with tempfile.TemporaryDirectory() as tmp, Run(config, RunOptions(output_dir=Path(tmp), console=False), stage="joint") as run:
         trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
         with CodebookHooks(trainer.tokenizer, stage="joint") as trainer.hooks:
             trainer.refresh_codes(0)

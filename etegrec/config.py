@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from .config_rules import (ENCODER_INPUTS, FORGE_POLICIES, JOINT_TARGETS, MIXED_PRECISION, _NON_NEGATIVE,
+                           _POSITIVE, ConfigError, _check_feed_forward, _coerce)
+
 __all__ = [
     "CONFIG_DIR",
     "Config",
@@ -33,8 +36,6 @@ __all__ = [
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
-    """A config key, value or file that cannot be used."""
 
 
 @dataclass
@@ -232,65 +233,8 @@ class Config:
         return self
 
 
-ENCODER_INPUTS = ("codes", "items")  # as etegrec.models.ENCODER_INPUTS (config imports no model code)
-JOINT_TARGETS = ("last", "all")
-FORGE_POLICIES = ("round_robin", "nearest_free")  # as etegrec.forge.POLICIES (a test keeps them equal)
-MIXED_PRECISION = ("fp32", "bf16")  # not "no": YAML reads that as False
-_POSITIVE = {
-    "min_count", "max_his_len", "max_users", "hidden", "n_layers", "n_heads", "batch_size", "epochs", "patience",
-    "eval_step", "e_dim", "num_layers", "codebook_size", "num_decoder_layers", "d_model", "d_ff", "num_heads",
-    "d_kv", "cycle", "sample_fraction", "cl_temperature", "beam_size", "top_k", "eval_batch_size", "window_stride",
-}
-_NON_NEGATIVE = {
-    "lr", "lr_rec", "lr_id", "weight_decay", "dropout", "beta", "warm_epoch", "warmup_epochs", "max_grad_norm",
-    "finetune_epochs", "probe_users", "log_every", "num_threads", "restart_dead_every", "id_vq_weight", "id_code_weight", "id_kl_weight",
-    "id_dec_cl_weight", "rec_code_weight", "rec_kl_weight", "rec_dec_cl_weight",
-}
-
-
-def _check_feed_forward(value: str) -> None:
-    """T5's ``feed_forward_proj``: an activation of ``transformers.activations`` (``relu``), or ``gated-`` one."""
-    from transformers.activations import ACT2FN  # here, not at import: config is read by light tools too
-
-    parts = value.split("-")
-    if not (len(parts) == 1 or (len(parts) == 2 and parts[0] == "gated")) or parts[-1] not in ACT2FN:
-        raise ConfigError(f"config key 'recommender.feed_forward_proj' must be an activation such as relu, gelu, "
-                          f"gated-gelu or gated-silu, got {value!r}")
-
-
 def _section_names() -> set[str]:
     return {f.name for f in dataclasses.fields(Config)}
-
-
-def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
-    """Check ``value`` against the annotation ``hint`` (int, float, str, bool, list[int], X | None)."""
-    args = typing.get_args(hint)
-    if type(None) in args:
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-    origin_type = typing.get_origin(hint) or hint
-    if origin_type is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
-    ok = (isinstance(value, bool) if origin_type is bool
-          else isinstance(value, (int, float)) and not isinstance(value, bool) if origin_type is float
-          else isinstance(value, int) and not isinstance(value, bool) if origin_type is int
-          else isinstance(value, origin_type))
-    if not ok:
-        raise ConfigError(f"{origin}: config key {key!r} expects {_type_name(hint)}, got {value!r}")
-    if origin_type is float:
-        return float(value)
-    if origin_type is list:
-        item = typing.get_args(hint)[0]
-        return [_coerce(v, item, key, origin) for v in value]
-    return value
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", str(hint)).replace("typing.", "")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

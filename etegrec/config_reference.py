@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from etegrec.config import Config, _type_name, named_configs
+from etegrec.config import Config, named_configs
+from etegrec.config_rules import _type_name
 
 __all__ = ["KEY_DOCS", "render"]
 

@@ -122,8 +122,10 @@ def test_test_metrics_equal_a_one_process_evaluation_of_the_same_checkpoint(join
 
     from etegrec.config import load_config
     from etegrec.training.joint import JointTrainer
+    from etegrec.training.options import RunOptions
     from etegrec.training.run import Run
-    from etegrec.training.stages import ensure_embeddings, ensure_tokenizer, load_stage_data
+    from etegrec.training.pipeline import ensure_embeddings, ensure_tokenizer
+    from etegrec.training.stages import load_stage_data
 
     run_dir, _, _ = joint_run
     monkeypatch.setenv("ETEGREC_HOME", str(launch.root / "home"))  # the stages the 2-process run built
@@ -132,10 +134,10 @@ def test_test_metrics_equal_a_one_process_evaluation_of_the_same_checkpoint(join
     accelerator = make_accelerator()
     embeddings, _ = ensure_embeddings(config, data, accelerator)
     tokenizer_state, _ = ensure_tokenizer(config, embeddings, accelerator, data)
-    with Run(config, stage="joint", output_dir=launch.root / f"one-process-{run_dir.name}", console=False,
-             accelerator=accelerator) as run:
+    with Run(config, RunOptions(output_dir=launch.root / f"one-process-{run_dir.name}", console=False),
+             stage="joint", accelerator=accelerator) as run:
         trainer = JointTrainer(config, run, data, embeddings, tokenizer_state)
-        trainer.load(torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False))
+        trainer.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False))
         one_process = trainer.evaluate("test")
     two_processes = json.loads((run_dir / "metrics.json").read_text())["test"]
     assert one_process == pytest.approx(two_processes, abs=1e-6)

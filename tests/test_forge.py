@@ -1,6 +1,8 @@
 """FORGE code assignment (``assign_codes``) and ``get_code``, checked against plain-loop references."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import hashlib
 import os
 import subprocess
@@ -160,10 +162,13 @@ def test_prefix_offsets_match_zlib_for_any_digit_count():
 
 
 def test_codes_do_not_depend_on_python_hash_seed():
-    # Loads assign.py alone (numpy only) so that the two interpreters start fast.
-    program = ("import hashlib, importlib.util, sys, numpy as np; "
-               f"spec = importlib.util.spec_from_file_location('assign', {ASSIGN_PATH!r}); "
-               "module = sys.modules['assign'] = importlib.util.module_from_spec(spec); "
+    # Loads assign.py and its checks alone (numpy only, not the package's torch) so that the two
+    # interpreters start fast.
+    program = ("import hashlib, importlib.util, sys, types, numpy as np; "
+               "package = sys.modules['forge'] = types.ModuleType('forge'); "
+               f"package.__path__ = [{str(Path(ASSIGN_PATH).parent)!r}]; "
+               f"spec = importlib.util.spec_from_file_location('forge.assign', {ASSIGN_PATH!r}); "
+               "module = sys.modules['forge.assign'] = importlib.util.module_from_spec(spec); "
                "spec.loader.exec_module(module); "
                "rq = np.random.default_rng(5).integers(0, 16, size=(2000, 3)); "
                "print(hashlib.sha256(module.assign_codes(rq, 16).codes.tobytes()).hexdigest())")

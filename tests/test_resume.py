@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import make_accelerator, write_structured_inter
 from etegrec.hooks.eventlog import read_events
@@ -63,14 +65,16 @@ def _by_epoch(events: list[dict], name: str, **match) -> dict[int, dict]:
     return {e["epoch"]: e for e in chosen}
 
 
-def _assert_same_training(run_dir: Path, reference: Path) -> None:
-    """Every epoch once, with the reference's losses, codebook counts, validation and test metrics."""
+def _assert_same_training(run_dir: Path, reference: Path, renamed: dict[str, str] | None = None) -> None:
+    """Every epoch once, with the reference's losses, codebook counts, validation and test metrics
+    (``renamed``: loss names of the run's older records that today's trainers emit under another name)."""
     events, ref = read_events(run_dir / "events.jsonl"), read_events(reference / "events.jsonl")
     ends, ref_ends = _by_epoch(events, "epoch_end"), _by_epoch(ref, "epoch_end")
     assert sorted(ends) == sorted(ref_ends) == list(range(5))
     for epoch, end in ends.items():
         assert end["phase"] == ref_ends[epoch]["phase"]
-        assert end["losses"] == pytest.approx(ref_ends[epoch]["losses"], abs=1e-6), epoch
+        losses = {(renamed or {}).get(k, k): v for k, v in end["losses"].items()}
+        assert losses == pytest.approx(ref_ends[epoch]["losses"], abs=1e-6), epoch
     valid, ref_valid = _by_epoch(events, "evaluated", split="valid"), _by_epoch(ref, "evaluated", split="valid")
     assert sorted(valid) == sorted(ref_valid)
     for epoch in valid:
@@ -134,6 +138,25 @@ def test_ctrl_c_writes_a_checkpoint_exits_130_and_resumes_mid_epoch(workspace):
     assert len(folders) == 2 and all(f.endswith(f"-{run_id}") for f in folders)
 
 
+def test_a_checkpoint_written_before_the_one_fit_loop_still_resumes_and_ends_like_an_uninterrupted_run(workspace):
+    # tests/data/joint-run-v1: this workspace's run (same data, config and seed) stopped by Ctrl-C in
+    # epoch 2, written by the code of commit bc4d9e8, when each stage kept its own position dict and
+    # the joint checkpoint its best_ndcg/best_epoch/best_valid
+    run_dir = workspace / "joint-run-v1"
+    shutil.copytree(Path(__file__).parent / "data" / "joint-run-v1", run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["data"]["data_path"] = str(workspace / "data.inter")  # the run moved here with its data
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert "early_stopping" not in torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+
+    resumed = _joint(workspace, "joint-run-v1", "--wandb-mode", "disabled", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the epochs before the stop were logged when the optimised sum was still called "loss"
+    _assert_same_training(run_dir, workspace / "reference", renamed={"loss": "loss_total"})
+    starts = [e for e in read_events(run_dir / "events.jsonl") if e["signal"] == "run_started"]
+    assert [(s["resumed"], s["start_epoch"]) for s in starts] == [(False, 0), (True, 2)]
+
+
 def test_a_fresh_run_into_a_run_directory_is_refused(workspace):
     again = _joint(workspace, "reference", "--wandb-mode", "disabled")
     assert again.returncode == 2
@@ -167,7 +190,8 @@ def test_embed_and_tokenizer_stages_resume_after_ctrl_c_like_an_uninterrupted_ru
     from etegrec.config import load_config
     from etegrec.training.embed import run_embed
     from etegrec.training.rqvae import run_rqvae
-    from etegrec.training.stages import ensure_embeddings, load_stage_data
+    from etegrec.training.pipeline import ensure_embeddings
+    from etegrec.training.stages import load_stage_data
 
     inter = write_structured_inter(tmp_path / "data.inter", n_users=60)
     config = load_config("tiny", [f"data.data_path={inter}", "embed.batch_size=8", "embed.epochs=3",
@@ -195,7 +219,7 @@ def test_embed_and_tokenizer_stages_resume_after_ctrl_c_like_an_uninterrupted_ru
 
 def test_a_run_from_before_a_config_key_existed_resumes_when_the_key_keeps_its_default():
     from etegrec.config import load_config
-    from etegrec.training.run import _config_changes
+    from etegrec.training.resume import _config_changes
 
     current = load_config("tiny").to_dict()
     saved = {section: dict(values) for section, values in current.items()}

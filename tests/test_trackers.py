@@ -17,7 +17,8 @@ from etegrec.config import load_config
 from etegrec.hooks.wandb import JOINT_PROJECT, WandbSubscriber, flat_config
 from etegrec.training import joint
 from etegrec.training.cli import common_parser
-from etegrec.training.run import Run, check_trackers
+from etegrec.training.options import RunOptions, check_trackers
+from etegrec.training.run import Run
 from test_wandb import K, emit_joint, inspect_records, logged
 
 accelerate = pytest.importorskip("accelerate")
@@ -142,13 +143,13 @@ def test_flat_config_joins_keys_and_turns_lists_into_strings():
 
 def test_wandb_mode_disabled_drops_wandb_and_keeps_the_other_trackers(tmp_path):
     config = load_config("tiny")
-    run = Run(config, stage="joint", output_dir=tmp_path, wandb_mode="disabled", wandb_project=JOINT_PROJECT,
-              log_with=("wandb", "tensorboard"), console=False)
+    run = Run(config, RunOptions.resolve(config, output_dir=tmp_path, wandb_mode="disabled",
+                                         log_with=("wandb", "tensorboard"), console=False), stage="joint")
     assert [str(t) for t in run.accelerator.log_with] == ["tensorboard"]
     assert run.accelerator.logging_dir == str(tmp_path / "tensorboard")
     assert any(isinstance(s, WandbSubscriber) for s in run.subscribers)
-    alone = Run(config, stage="joint", output_dir=tmp_path, wandb_mode="disabled", wandb_project=JOINT_PROJECT,
-                console=False)
+    alone = Run(config, RunOptions.resolve(config, output_dir=tmp_path, wandb_mode="disabled", console=False),
+                stage="joint")
     assert not alone.accelerator.log_with and not any(isinstance(s, WandbSubscriber) for s in alone.subscribers)
 
 

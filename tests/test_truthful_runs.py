@@ -16,7 +16,7 @@ from conftest import write_structured_inter
 from etegrec import signals
 from etegrec.config import load_config
 from etegrec.training import joint
-from etegrec.training.run import default_run_dir, hold_run_dir
+from etegrec.training.rundir import default_run_dir, hold_run_dir
 from etegrec.training.stages import load_stage_data, stage_dir
 
 TINY = ["--config", "tiny", "--wandb-mode", "disabled", "--set", "embed.epochs=1", "--set", "rqvae.epochs=2",
@@ -85,7 +85,7 @@ def test_a_directory_a_live_run_holds_is_refused_in_one_line(tmp_path):
     run_dir = tmp_path / "held"
     run_dir.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from etegrec.training.run import hold_run_dir; "
+        "import sys, time; from etegrec.training.rundir import hold_run_dir; "
         f"hold_run_dir({str(run_dir)!r}); print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -87,8 +87,8 @@ def emit_pretrain():
 
 def emit_joint():
     codes = np.zeros((10, 4), dtype=np.int64)
-    rec = {"loss": 2.0, "code_loss": 1.5, "kl_loss": 0.25, "dec_cl_loss": 0.125}
-    id_ = {"loss": 3.0, "vq_loss": 0.5, "code_loss": 1.75, "kl_loss": 0.5, "dec_cl_loss": 0.25}
+    rec = {"loss_total": 2.0, "code_loss": 1.5, "kl_loss": 0.25, "dec_cl_loss": 0.125}
+    id_ = {"loss_total": 3.0, "vq_loss": 0.5, "code_loss": 1.75, "kl_loss": 0.5, "dec_cl_loss": 0.25}
     for epoch, phase, losses, lr in [(0, "id", id_, {"id": 1e-4}), (1, "rec", rec, {"rec": 5e-3}),
                                      (2, "id", id_, {"id": 2e-4})]:
         signals.epoch_end.send(None, stage="joint", phase=phase, epoch=epoch, losses=losses, lr=lr,
@@ -102,7 +102,7 @@ def emit_joint():
         signals.evaluated.send(None, stage="joint", split="valid", epoch=epoch,
                                metrics={"recall@10": 0.25 + epoch, "ndcg@10": 0.125 + epoch})
     signals.epoch_end.send(None, stage="joint", phase="finetune", epoch=3,
-                           losses={"loss": 1.25, "code_loss": 1.0}, lr={"rec": 1e-3}, seconds=1.0,
+                           losses={"loss_total": 1.25, "code_loss": 1.0}, lr={"rec": 1e-3}, seconds=1.0,
                            samples_per_second=10.0)
     # An earlier stage's payload in the same process must not land in this run.
     signals.epoch_end.send(None, stage="rqvae", phase="rqvae", epoch=0, losses={"loss_total": 9.0})
@@ -247,7 +247,7 @@ def test_a_wandb_error_is_warned_once_and_the_run_goes_on(wandb_env, tmp_path, c
         calls.append(args)
         raise RuntimeError("W&B is down")
 
-    subscriber.run.log = subscriber.run.log_now = broken_log  # whichever way the row goes
+    subscriber.run.log = broken_log
     try:
         with signals.strict(), caplog.at_level(logging.WARNING, logger="etegrec.hooks.wandb"):
             for epoch in range(3):
@@ -312,6 +312,40 @@ def test_the_wandb_run_lives_in_another_process(wandb_env, tmp_path):
     assert child.returncode == 0
 
 
+def test_start_leaves_the_accelerators_trackers_as_it_was_built_with(wandb_env, tmp_path):
+    accelerator = make_accelerator(log_with="wandb")
+    log_with = list(accelerator.log_with)
+    subscriber = WandbSubscriber(accelerator=accelerator, project="p", run_name="r", config={}, run_dir=tmp_path,
+                                 stage="rqvae", mode="disabled")
+    subscriber.start()
+    try:
+        assert list(accelerator.log_with) == log_with
+        assert [type(t) for t in accelerator.trackers] == [WandbProcessTracker]
+        assert accelerate.tracking.LOGGER_TYPE_TO_CLASS["wandb"] is accelerate.tracking.WandBTracker
+    finally:
+        subscriber.finish()
+
+
+def test_online_without_an_api_key_starts_offline_with_one_warning(wandb_env, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    tracker = WandbProcessTracker("p", name="r", dir=str(tmp_path), mode="online", id="nokey1",
+                                  settings={"finish_timeout": 30})
+    with caplog.at_level(logging.WARNING, logger="etegrec.hooks.wandb_process"):
+        tracker.start()
+    try:
+        assert tracker.init_kwargs["mode"] == "offline"
+        assert len([r for r in caplog.records if "no API key" in r.getMessage()]) == 1
+    finally:
+        tracker.finish()
+    assert list((tmp_path / "wandb").glob("offline-run-*-nokey1"))
+
+
+def test_an_invalid_mode_is_an_error_for_the_subscriber(tmp_path):
+    with pytest.raises(ValueError, match="wandb mode 'cloud'"):
+        WandbSubscriber(accelerator=make_accelerator(log_with="wandb"), project="p", run_name="r", config={},
+                        run_dir=tmp_path, stage="joint", mode="cloud")
+
+
 KILLED_DURING_TRAINING = """
 import os, sys
 import accelerate
@@ -322,9 +356,7 @@ sub = WandbSubscriber(accelerator=accelerate.Accelerator(log_with="wandb", cpu=T
 sub.start()
 sub.connect()
 signals.epoch_end.send(None, stage="rqvae", phase="rqvae", epoch=0, losses={"loss_total": 0.5})
-sub._queue.put(None)  # let the worker hand the row to W&B's process, then die without finishing
-sub._worker.join()
-os._exit(9)
+os._exit(9)  # the row is in W&B's socket once send returns: die without finishing
 """
 
 

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,9 @@ __all__ = ["EventLog", "read_events", "to_jsonable"]
 
 MAX_LIST_ELEMENTS = 100_000  # larger arrays are summarised instead of written out
 _ENCODER = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps(separators=...) builds one per call
+KEPT_ON_RESUME = ("run_started", "run_finished")  # every attempt stays in the log
+
+log = logging.getLogger(__name__)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -76,6 +82,34 @@ class EventLog(Subscriber):
         record = {"signal": name, "time": time.time(), "rank": self.rank, **to_jsonable(payload)}
         self._file.write(_ENCODER.encode(record) + "\n")
         self._file.flush()
+
+    def cut_back(self, checkpoint: str, epoch: int) -> None:
+        """Before a resumed run writes: drop the records after the ``checkpoint_saved`` record of the
+        checkpoint file named ``checkpoint`` at ``epoch`` (their work is done again).
+
+        They are appended to ``events.superseded.jsonl`` beside the log, not lost; ``run_started``
+        and ``run_finished`` records stay, so the log still shows every attempt.
+        """
+        if not self.path.exists():
+            return
+        events = read_events(self.path)
+        cut = next((i for i in range(len(events) - 1, -1, -1)
+                    if events[i].get("signal") == "checkpoint_saved" and events[i].get("is_best") is False
+                    and Path(events[i].get("path", "")).name == checkpoint and events[i].get("epoch") == epoch), None)
+        if cut is None:
+            log.warning("%s has no checkpoint_saved record of epoch %s; the event log is kept as it is", self.path, epoch)
+            return
+        later = events[cut + 1:]
+        kept = events[:cut + 1] + [e for e in later if e.get("signal") in KEPT_ON_RESUME]
+        dropped = [e for e in later if e.get("signal") not in KEPT_ON_RESUME]
+        if dropped:
+            with open(self.path.with_name("events.superseded.jsonl"), "a", encoding="utf-8") as f:
+                f.writelines(_ENCODER.encode(e) + "\n" for e in dropped)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".events.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:  # through a temporary file: never a torn log
+            f.writelines(_ENCODER.encode(e) + "\n" for e in kept)
+        os.chmod(tmp, self.path.stat().st_mode & 0o777)
+        os.replace(tmp, self.path)
 
     def finish(self, status: str = "completed") -> None:
         if self._file is not None:

@@ -19,22 +19,37 @@ sends ``(op, ...)`` tuples over a socket pair and never imports ``wandb``.
 * An error in the child (a failed ``wandb.init``, a ``log`` that raised) comes back as a message;
   the next call in the parent raises it as :class:`WandbProcessError`.
 * Mode ``disabled`` starts no process: the run drops everything, as W&B's disabled run does.
+* W&B never stops the training: ``online`` without an API key, or a W&B that cannot start online
+  within its ``init_timeout`` (no network, server down), starts offline instead, with one warning.
+* :func:`wandb_in_its_own_process` makes Accelerate build ``"wandb"`` in ``log_with`` as this
+  tracker; :func:`log_row` and :func:`log_artifact_file` take this run or a W&B run of this process
+  (a ``WandBTracker`` the user built) alike.
 """
 from __future__ import annotations
 
+import logging
 import os
-import select
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
+from accelerate import tracking
 from accelerate.tracking import GeneralTracker
 
-__all__ = ["RemoteRun", "WandbProcessError", "WandbProcessTracker"]
+from .wandb_child import usage_histogram
+from .wandb_mode import has_api_key
+
+__all__ = ["RemoteRun", "WandbProcessError", "WandbProcessTracker", "log_artifact_file", "log_row",
+           "wandb_in_its_own_process"]
+
+log = logging.getLogger(__name__)
 
 START_GRACE = 30.0  # seconds a child may take beyond W&B's init_timeout to answer the start
 
@@ -68,20 +83,6 @@ class RemoteRun:
         """Log one row; ``histograms`` maps keys to usage counts, turned into W&B histograms
         (see :func:`etegrec.hooks.wandb_child.usage_histogram`) in the child."""
         self._send(*_log_message(values, step, histograms))
-
-    def log_now(self, values: Mapping[str, Any], histograms: Mapping[str, Any] | None = None) -> bool:
-        """:meth:`log`, but only if the row fits in the socket without waiting for the child to
-        read: returns False, having sent nothing, when it would wait. One ``select`` call sees both
-        that and an error the child reported."""
-        if self._conn is None:
-            return True
-        readable, writable, _ = select.select([self._conn], [self._conn], [], 0)
-        if readable:
-            self._raise_reported()
-        if not writable:
-            return False
-        self._conn.send(_log_message(values, None, histograms))
-        return True
 
     def define_metric(self, *args: Any, **kwargs: Any) -> None:
         self._send("define_metric", args, kwargs)
@@ -147,10 +148,29 @@ class WandbProcessTracker(GeneralTracker):
     def start(self) -> None:
         """Start the child and the W&B run in it; wait for it to answer.
 
+        In mode ``online``, starts offline instead (one warning, a fresh run id: W&B holds the
+        failed online one as in use) when there is no API key or the online start failed.
+
         Raises:
             WandbProcessError: ``wandb.init`` failed in the child, or the child did not answer in
                 time (W&B's ``init_timeout`` plus :data:`START_GRACE` seconds).
         """
+        kwargs, where = self.init_kwargs, Path(self.init_kwargs.get("dir") or ".") / "wandb"
+        if kwargs.get("mode") == "online" and not has_api_key():
+            log.warning("W&B mode is online but no API key is configured (WANDB_API_KEY or `wandb login`); "
+                        "logging offline under %s instead", where)
+            kwargs["mode"] = "offline"
+        try:
+            self._start()
+        except Exception as exc:
+            if kwargs.get("mode") != "online":
+                raise
+            log.warning("W&B could not start online (%s: %s); logging offline under %s instead",
+                        type(exc).__name__, exc, where)
+            kwargs.update(mode="offline", id=uuid.uuid4().hex[:12])
+            self._start()
+
+    def _start(self) -> None:
         settings = dict(self.init_kwargs.get("settings") or {})
         finish_timeout = float(settings.get("finish_timeout", 60.0))
         if self.init_kwargs.get("mode") == "disabled":
@@ -192,6 +212,41 @@ class WandbProcessTracker(GeneralTracker):
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish(exit_code=0)
+
+
+@contextmanager
+def wandb_in_its_own_process() -> Iterator[None]:
+    """While open, Accelerate builds a ``"wandb"`` named in ``log_with`` as a :class:`WandbProcessTracker`.
+
+    Accelerate looks tracker names up in its ``LOGGER_TYPE_TO_CLASS`` when ``init_trackers`` runs:
+    pointing ``"wandb"`` there for that call leaves the accelerator's ``log_with`` as it was given.
+    """
+    previous = tracking.LOGGER_TYPE_TO_CLASS["wandb"]
+    tracking.LOGGER_TYPE_TO_CLASS["wandb"] = WandbProcessTracker
+    try:
+        yield
+    finally:
+        tracking.LOGGER_TYPE_TO_CLASS["wandb"] = previous
+
+
+def log_row(run: Any, row: Mapping[str, Any], usage: Mapping[str, Any]) -> None:
+    """Log ``row`` plus one usage histogram per ``usage`` entry (key -> codebook counts) to ``run``."""
+    if isinstance(run, RemoteRun):  # the histograms are made in W&B's process
+        run.log(row, histograms=usage)
+        return
+    import wandb
+
+    run.log({**row, **{k: wandb.Histogram(np_histogram=usage_histogram(c)) for k, c in usage.items()}})
+
+
+def log_artifact_file(run: Any, path: str | os.PathLike, name: str, kind: str) -> None:
+    """Log the file ``path`` as the W&B artifact ``name`` of type ``kind`` to ``run``."""
+    if isinstance(run, RemoteRun):
+        run.log_file_artifact(str(path), name, kind)
+    else:
+        from .wandb_child import log_file_artifact
+
+        log_file_artifact(run, str(path), name, kind)
 
 
 def _log_message(values: Mapping[str, Any], step: int | None, histograms: Mapping[str, Any] | None) -> tuple:

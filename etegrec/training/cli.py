@@ -6,18 +6,19 @@ import logging
 import shlex
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import yaml
 
 from etegrec.config import Config, ConfigError, load_config
 from etegrec.data import FORMATS, DataError, data_home, dataset_name_of
 from etegrec.forge import CodeOverflowError
-from etegrec.hooks import SubscriberError, resolve_subscriber
+from etegrec.hooks import SubscriberError
 
 from .loop import NonFiniteLossError
-from .run import check_resume_config, lengthened_keys, check_trackers, check_writable, default_run_dir, hold_run_dir, launch_rank, resume_checkpoint
+from .options import RunOptions, check_trackers
+from .run import launch_rank
+from .rundir import check_writable, default_run_dir, hold_run_dir
 
 __all__ = ["StageArgs", "common_parser", "parse_stage_args", "run_main", "tracker_list"]
 
@@ -33,15 +34,12 @@ class RunFinished(Exception):
     """``--resume`` of a run that already ended: said in one line, exit status 0, nothing touched."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageArgs:
+    """The command line, resolved: the config and how the stage runs."""
+
     config: Config
-    output_dir: str | None
-    wandb_mode: str | None
-    subscribers: list  # resolved subscriber objects
-    resume: bool
-    log_with: tuple[str, ...] = ("wandb",)
-    rebuild: bool = False
+    options: RunOptions
 
 
 def tracker_list(text: str) -> tuple[str, ...]:
@@ -98,7 +96,10 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> StageArgs:
+def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = None, *,
+                     stage: str | None = None) -> StageArgs:
+    """Parse and resolve a stage's command line; everything that can be checked before any data is
+    read is checked here (``stage``: make the default run directory ``runs/<stage>-...``)."""
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if args.dataset or args.data_path:  # a file of the user's is named after itself, not after the default
@@ -110,31 +111,28 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = N
     if args.seed is not None:
         overrides.append(f"run.seed={args.seed}")
     # Everything below is checked before any data is read or any stage trains.
-    if args.resume:
-        if not args.output_dir:
-            raise ConfigError("--resume needs --output-dir: the run directory to continue")
-        resume_checkpoint(args.output_dir)
     config = load_config(args.config, overrides)
     if args.print_config:
         raise PrintedConfig(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    if args.resume:
-        check_resume_config(args.output_dir, config)
-        if (Path(args.output_dir) / "metrics.json").exists() and not lengthened_keys(args.output_dir, config):
-            raise RunFinished(f"the run in {args.output_dir!r} is finished (it has its metrics.json); nothing to "
-                              "resume, nothing was changed")
-    subscribers = [resolve_subscriber(spec) for spec in args.subscribers]
+    options = RunOptions.resolve(config, output_dir=args.output_dir, wandb_mode=args.wandb_mode,
+                                 log_with=args.log_with, subscribers=args.subscribers, resume=args.resume,
+                                 rebuild=args.rebuild)
+    if options.resume and (options.output_dir / "metrics.json").exists() and not options.lengthened:
+        raise RunFinished(f"the run in {args.output_dir!r} is finished (it has its metrics.json); nothing to "
+                          "resume, nothing was changed")
     if launch_rank() == 0:  # the paths the main process will write into
         check_writable(data_home(), "$ETEGREC_HOME")
         if args.output_dir:
             hold_run_dir(check_writable(args.output_dir, "--output-dir"))
         else:
             check_writable("runs", "--output-dir (default runs/)")
-    return StageArgs(config=config, output_dir=args.output_dir, wandb_mode=args.wandb_mode,
-                     subscribers=subscribers, resume=args.resume, log_with=args.log_with, rebuild=args.rebuild)
+    if options.output_dir is None and stage:  # made here, exclusively (by the main process): the Ctrl-C hint names it
+        options = replace(options, output_dir=default_run_dir(stage, config, create=launch_rank() == 0))
+    return StageArgs(config=config, options=options)
 
 
 def stage_main(prog: str, doc: str, run_stage: Callable[..., object], argv: list[str] | None = None) -> int:
-    """A stage's ``main``: parse the common options and call ``run_stage(config, **options)``."""
+    """A stage's ``main``: parse and resolve the common options, then ``run_stage(config, options)``."""
     parser = common_parser(prog, doc.splitlines()[0])
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -142,13 +140,9 @@ def stage_main(prog: str, doc: str, run_stage: Callable[..., object], argv: list
     where: dict[str, str] = {}
 
     def body():
-        args = parse_stage_args(parser, argv)
-        # a new default run directory is made here, exclusively (by the main process), so that the
-        # Ctrl-C hint can name it
-        run_dir = args.output_dir or str(default_run_dir(stage, args.config, create=launch_rank() == 0))
-        where["run_dir"] = run_dir
-        run_stage(args.config, output_dir=run_dir, wandb_mode=args.wandb_mode, log_with=args.log_with,
-                  subscribers=args.subscribers, resume=args.resume, rebuild=args.rebuild)
+        args = parse_stage_args(parser, argv, stage=stage)
+        where["run_dir"] = str(args.options.output_dir)
+        run_stage(args.config, args.options)
 
     def resume_hint() -> str:
         if "run_dir" not in where:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +21,15 @@ from etegrec.models import SASRec
 
 from .cli import stage_main
 from .evaluation import evaluate_full_ranking
-from .loop import EpochProgress, TrainingInterrupted, shuffled_batches, train_epoch
-from .run import Run, atomic_write_bytes, atomic_write_text, prepare_process, set_rng_state
+from .fit import StageTrainer, fit_stage
+from .loop import EpochProgress, shuffled_batches, train_epoch
+from .options import RunOptions
+from .run import Run, prepare_process
+from .rundir import atomic_write_bytes, atomic_write_text
 from .stages import load_stage_data
+from .stopping import EarlyStopping
 
-__all__ = ["EmbedTrainer", "WANDB_PROJECT", "main", "make_windows", "run_embed"]
-
-WANDB_PROJECT = "ETEGRec-Embed"  # the SASRec stage run on its own; as a cached stage of the pipeline it logs no W&B run
+__all__ = ["EmbedTrainer", "main", "make_windows", "run_embed"]
 
 REPEAT_BIAS_LR = 0.05  # learning rate of SASRec's repeat bias (embed.repeat_bias)
 
@@ -62,7 +63,7 @@ def make_windows(sequences: list[np.ndarray], length: int, stride: int | None = 
     return windows, np.asarray(counted, dtype=np.int64)
 
 
-class EmbedTrainer:
+class EmbedTrainer(StageTrainer):
     """Trains SASRec on one dataset and reports through the signals."""
 
     stage = "embed"
@@ -81,6 +82,8 @@ class EmbedTrainer:
         groups = [{"params": rest}] + ([{"params": bias, "lr": REPEAT_BIAS_LR, "weight_decay": 0.0}] if bias else [])
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.windows = self._windows(epoch=0)
+        self.eval_every = cfg.eval_step
+        self.stopping = EarlyStopping("ndcg@10", mode="max", patience=cfg.patience)
 
     def _windows(self, epoch: int) -> torch.Tensor:
         """Training windows; with ``shuffle_ties`` re-cut every epoch from a new order of tied items."""
@@ -105,76 +108,50 @@ class EmbedTrainer:
         self.model.train()
         return metrics
 
-    def _state(self, epoch: int, position: dict | None = None, progress: EpochProgress | None = None) -> dict:
-        return {"model": self.sasrec.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
-                "position": position, "progress": progress.state_dict() if progress else None}
+    # --- what fit_stage asks for ----------------------------------------------------------------
+
+    def segments(self) -> list[list[str]]:
+        return [["embed"] * self.config.embed.epochs]
+
+    def begin(self, resumed: bool) -> None:
+        self.model.train()
+
+    def train_one_epoch(self, epoch: int, phase: str, progress: EpochProgress | None) -> None:
+        cfg, acc = self.config.embed, self.run.accelerator
+        if cfg.shuffle_ties and epoch:
+            self.windows = self._windows(epoch)
+        batches = shuffled_batches(len(self.windows), cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
+                                   rank=acc.process_index, world_size=acc.num_processes)
+        result = train_epoch(sender=self, stage=self.stage, phase=phase, epoch=epoch, batches=batches,
+                             loss_fn=self._loss, optimizers=[self.optimizer], accelerator=acc,
+                             log_every=self.config.run.log_every, progress=progress,
+                             should_stop=self.run.step_stop())
+        signals.epoch_end.send(self, stage=self.stage, phase=phase, epoch=epoch, losses=result.losses,
+                               lr={"lr": self.optimizer.param_groups[0]["lr"]}, seconds=result.seconds,
+                               samples_per_second=result.samples_per_second)
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        valid = self.evaluate("valid")
+        signals.evaluated.send(self, stage=self.stage, split="valid", epoch=epoch, metrics=valid)
+        return valid
+
+    def state_dict(self) -> dict:
+        return {"model": self.sasrec.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict, *, resume: bool = False) -> None:
+        self.sasrec.load_state_dict(state["model"])
+        if resume:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def finish(self, best: dict) -> dict:
+        test = self.evaluate("test")
+        signals.evaluated.send(self, stage=self.stage, split="test", epoch=self.stopping.best_epoch, metrics=test)
+        if self.run.is_main:
+            save_embeddings(self.run.run_dir, self.sasrec.item_embeddings().detach().cpu().numpy(), self.data)
+        return {"valid": self.stopping.best_metrics, "test": test, "best_epoch": self.stopping.best_epoch}
 
     def fit(self) -> dict[str, dict[str, float]]:
-        """Epochs until ``epochs`` or early stopping; ``last.pt`` after every epoch and on Ctrl-C (``--resume``)."""
-        cfg, acc, run = self.config.embed, self.run.accelerator, self.run
-        start = time.perf_counter()
-        position, progress = {"epoch": 0, "best": -1.0, "best_epoch": -1, "best_valid": {}, "bad": 0}, None
-        if run.resumed:
-            state = run.resume_state
-            self.sasrec.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            position = state["position"]
-            progress = EpochProgress.from_state(state["progress"], acc.device)
-            set_rng_state(state["rng"])
-        run.announce_start(self, start_epoch=position["epoch"])
-        best, best_epoch, best_valid, bad = (position[k] for k in ("best", "best_epoch", "best_valid", "bad"))
-
-        def where(next_epoch: int) -> dict:
-            return {"epoch": next_epoch, "best": best, "best_epoch": best_epoch, "best_valid": best_valid, "bad": bad}
-
-        self.model.train()
-        for epoch in range(position["epoch"], cfg.epochs):
-            if cfg.shuffle_ties and epoch:
-                self.windows = self._windows(epoch)
-            batches = shuffled_batches(len(self.windows), cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
-                                       rank=acc.process_index, world_size=acc.num_processes)
-            try:
-                result = train_epoch(sender=self, stage=self.stage, phase="embed", epoch=epoch, batches=batches,
-                                     loss_fn=self._loss, optimizers=[self.optimizer], accelerator=acc,
-                                     log_every=self.config.run.log_every, progress=progress,
-                                     should_stop=run.step_stop())
-            except TrainingInterrupted as stop:
-                run.save_checkpoint(self, self._state(epoch, where(epoch), stop.progress), "last", epoch=epoch)
-                raise
-            progress = None
-            signals.epoch_end.send(self, stage=self.stage, phase="embed", epoch=epoch, losses=result.losses,
-                                   lr={"lr": self.optimizer.param_groups[0]["lr"]}, seconds=result.seconds,
-                                   samples_per_second=result.samples_per_second)
-            if (epoch + 1) % cfg.eval_step == 0 or epoch + 1 == cfg.epochs:
-                valid = self.evaluate("valid")
-                signals.evaluated.send(self, stage=self.stage, split="valid", epoch=epoch, metrics=valid)
-                if valid["ndcg@10"] > best:
-                    best, best_epoch, best_valid, bad = valid["ndcg@10"], epoch, valid, 0
-                    run.save_checkpoint(self, self._state(epoch), "best", epoch=epoch, is_best=True)
-                else:
-                    bad += 1
-            done = bad >= cfg.patience
-            run.save_checkpoint(self, self._state(epoch, where(cfg.epochs if done else epoch + 1)), "last",
-                                epoch=epoch)
-            if done:
-                break
-            run.check_stop()
-        return self._finish(best_epoch, best_valid, start)
-
-    def _finish(self, best_epoch: int, best_valid: dict, start: float) -> dict[str, dict[str, float]]:
-        run, acc = self.run, self.run.accelerator
-        acc.wait_for_everyone()
-        best_path = run.checkpoint_dir / "best.pt"
-        state = torch.load(best_path, map_location="cpu", weights_only=False)  # our own file (it holds RNG states)
-        self.sasrec.load_state_dict(state["model"])
-        test = self.evaluate("test")
-        signals.evaluated.send(self, stage=self.stage, split="test", epoch=best_epoch, metrics=test)
-        if run.is_main:
-            save_embeddings(run.run_dir, self.sasrec.item_embeddings().detach().cpu().numpy(), self.data)
-        run.write_metrics({"valid": best_valid, "test": test, "best_epoch": best_epoch})
-        signals.run_finished.send(self, stage=self.stage, status="completed", best_metrics=best_valid,
-                                  best_checkpoint=str(best_path), seconds=time.perf_counter() - start)
-        return {"valid": best_valid, "test": test}
+        return fit_stage(self, self.run)
 
 
 def save_embeddings(run_dir: Path, embeddings: np.ndarray, data: SequenceData) -> None:
@@ -186,14 +163,14 @@ def save_embeddings(run_dir: Path, embeddings: np.ndarray, data: SequenceData) -
     atomic_write_text(run_dir / "item_map.json", json.dumps({"dataset": data.name, "items": list(data.item_map)}))
 
 
-def run_embed(config: Config, *, output_dir=None, wandb_mode=None, log_with=("wandb",), subscribers=(),
-              resume: bool = False, rebuild: bool = False):
-    """Train SASRec and write its embeddings into its own run directory (``rebuild``: no stage comes
-    before it, so it changes nothing)."""
+def run_embed(config: Config, options: RunOptions | None = None, **option_args):
+    """Train SASRec and write its embeddings into its own run directory; ``options`` (or the
+    arguments of :meth:`RunOptions.resolve`) say how it runs (``rebuild`` changes nothing here: no
+    stage comes before this one)."""
+    options = options or RunOptions.resolve(config, **option_args)
     prepare_process(config)
     data = load_stage_data(config)
-    with Run(config, stage="embed", output_dir=output_dir, wandb_mode=wandb_mode, wandb_project=WANDB_PROJECT,
-             wandb_run_name=config.run.name, log_with=log_with, subscribers=subscribers, resume=resume) as run:
+    with Run(config, options, stage="embed") as run:
         return EmbedTrainer(config, run, data).fit()
 
 

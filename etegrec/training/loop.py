@@ -49,7 +49,7 @@ class EpochProgress:
 
 @dataclass
 class EpochResult:
-    losses: dict[str, float]  # epoch means, averaged over processes
+    losses: dict[str, float]  # epoch means, averaged over processes; the optimised "loss" as "loss_total"
     seconds: float
     samples_per_second: float  # summed over processes
     steps: int
@@ -149,7 +149,8 @@ def train_epoch(*, sender, stage: str, phase: str, epoch: int, batches: list, lo
     stacked = torch.stack([sums[k] for k in names] + [samples]) if names else samples[None]
     stacked = accelerator.reduce(stacked, reduction="sum")  # one collective per epoch
     total = float(stacked[-1])
-    losses = {k: float(stacked[i]) / max(total, 1.0) for i, k in enumerate(names)}
+    # the name every epoch_end payload (and W&B's train/..._loss_total) uses for the optimised sum
+    losses = {("loss_total" if k == "loss" else k): float(stacked[i]) / max(total, 1.0) for i, k in enumerate(names)}
     seconds = before + time.perf_counter() - start
     return EpochResult(losses=losses, seconds=seconds, samples_per_second=total / max(seconds, 1e-9),
                        steps=len(batches))

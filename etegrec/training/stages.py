@@ -1,9 +1,9 @@
-"""How stages find the output of earlier ones: a cache of finished runs keyed by their config.
+"""Where stages find the output of earlier ones: a cache of finished runs keyed by their config.
 
-``python -m etegrec.training.rqvae`` needs item embeddings; when none are given it looks under
-``$ETEGREC_HOME/stages/`` for an embed run made with the same data (its prepared content, by
-digest), embed config and seed, and trains one there (a complete run directory of its own) when
-there is none.
+A stage that needs item embeddings (or a pretrained tokenizer) looks under
+``$ETEGREC_HOME/stages/`` for a run made with the same data (its prepared content, by digest),
+config sections and seed; :mod:`etegrec.training.pipeline` trains one there (a complete run
+directory of its own) when there is none.
 """
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ import numpy as np
 from etegrec.config import Config
 from etegrec.data import DataError, SequenceData, data_home, load_dataset
 
-__all__ = ["ensure_embeddings", "ensure_tokenizer", "load_embeddings", "load_stage_data", "stage_dir"]
+from .factories import build_tokenizer
+
+__all__ = ["check_tokenizer_state", "load_embeddings", "load_stage_data", "stage_dir"]
 
 
 def load_stage_data(config: Config) -> SequenceData:
@@ -71,79 +73,12 @@ def load_embeddings(run_dir: Path, data: SequenceData) -> np.ndarray:
     return emb
 
 
-def _rebuild(folder: Path, accelerator) -> None:
-    """``--rebuild``: move a cached stage out of the way (to ``<folder>.replaced``) so that it is trained again."""
-    if accelerator.is_main_process and folder.exists():
-        old = folder.with_name(folder.name + ".replaced")
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-        print(f"[{folder.name.split('-')[0]}] --rebuild: moved the cached stage to {old}; training it again")
-    accelerator.wait_for_everyone()
-
-
-def ensure_embeddings(config: Config, data: SequenceData, accelerator, *, rebuild: bool = False
-                      ) -> tuple[np.ndarray, Path]:
-    """The cached embed run's embeddings for this config and data, training them first when missing
-    (or always, with ``rebuild``).
-
-    A cached run that was stopped before the end (killed, Ctrl-C) is resumed from its checkpoint.
-    """
-    folder = stage_dir(config, "embed", ("embed",), data)
-    if rebuild:
-        _rebuild(folder, accelerator)
-    if not (folder / "embeddings.npy").exists():
-        from .embed import EmbedTrainer
-        from .run import Run
-        resume = (folder / "checkpoints" / "last.pt").exists()
-        if accelerator.is_main_process:
-            verb = "resuming the stopped SASRec run" if resume else "training SASRec"
-            print(f"[embed] no cached item embeddings for this config; {verb} in {folder}")
-        with Run(config, stage="embed", output_dir=folder, accelerator=accelerator, resume=resume) as run:
-            EmbedTrainer(config, run, data).fit()
-        accelerator.wait_for_everyone()
-    return load_embeddings(folder, data), folder
-
-
-def ensure_tokenizer(config: Config, embeddings: np.ndarray, accelerator, data: SequenceData, *,
-                     rebuild: bool = False) -> tuple[dict, Path]:
-    """The cached pretrained tokenizer (best-collision checkpoint) for this config and data, pretraining it
-    when missing (or always, with ``rebuild``).
-
-    The pretraining is complete when its ``metrics.json`` exists; a cached run stopped before that
-    is resumed from its checkpoint.
-
-    Raises:
-        DataError: a cached checkpoint whose shapes do not fit the tokenizer config.
-    """
-    import torch
-
-    folder = stage_dir(config, "rqvae", ("embed", "tokenizer", "rqvae"), data)
-    if rebuild:
-        _rebuild(folder, accelerator)
-    best = folder / "checkpoints" / "best.pt"
-    if not (folder / "metrics.json").exists():
-        from .rqvae import RQVAETrainer
-        from .run import Run
-        resume = (folder / "checkpoints" / "last.pt").exists()
-        if accelerator.is_main_process:
-            verb = "resuming the stopped pretraining" if resume else "pretraining the RQ-VAE"
-            print(f"[rqvae] no cached tokenizer for this config; {verb} in {folder}")
-        with Run(config, stage="rqvae", output_dir=folder, accelerator=accelerator, resume=resume) as run:
-            RQVAETrainer(config, run, embeddings, data.item_map).fit()
-        accelerator.wait_for_everyone()
-    state = torch.load(best, map_location="cpu", weights_only=False)
-    check_tokenizer_state(state["model"], config, embeddings.shape[1], best)
-    return state["model"], folder
-
-
 def check_tokenizer_state(state: dict, config: Config, in_dim: int, path: Path) -> None:
     """Check a tokenizer checkpoint's tensors against the tokenizer the config builds.
 
     Raises:
         DataError: a tensor missing or of another shape, named with both shapes.
     """
-    from .rqvae import build_tokenizer
-
     for name, tensor in build_tokenizer(config, in_dim).state_dict().items():
         found = state.get(name)
         if found is None or tuple(found.shape) != tuple(tensor.shape):

@@ -17,8 +17,8 @@ import torch
 from etegrec.config import Config, ConfigError, load_config
 from etegrec.models import RQVAE, CodeTrie, T5Recommender
 
-from .joint import beam_recommend, build_recommender
-from .rqvae import build_tokenizer
+from .evaluation import beam_recommend
+from .factories import build_recommender, build_tokenizer
 
 __all__ = ["TrainedRun", "load_run", "read_item_codes"]
 

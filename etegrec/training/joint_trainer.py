@@ -1,0 +1,285 @@
+"""ETEGRec's alternating optimisation (the joint stage's trainer).
+
+The tokenizer (RQ-VAE) and a T5 generative recommender are trained in cycles of ``cycle`` epochs:
+the first epoch of a cycle trains the tokenizer with the recommender frozen (phase ``id``), the
+others train the recommender with the tokenizer frozen (phase ``rec``); both phases share one loop
+and differ in what trains and the loss weights. Item codes come from ``etegrec.forge.get_code``
+(with FORGE) at the start and after every tokenizer epoch. Validation by beam search, early
+stopping on NDCG@10, optional fine-tuning of the recommender alone on fixed codes (from the best
+checkpoint), and a final test with the best checkpoint.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import numpy as np
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from etegrec import signals
+from etegrec.config import Config, ConfigError
+from etegrec.data import SequenceData
+from etegrec.forge import get_code
+from etegrec.hooks.codebook import CodebookHooks
+from etegrec.models import CodeTrie, RecommenderOutput, code_loss, info_nce, symmetric_kl
+
+from .embed import make_windows
+from .evaluation import BeamEvaluation, check_same_on_every_rank
+from .factories import build_recommender, build_tokenizer, tokenizer_inputs
+from .fit import LoopPosition, StageTrainer, fit_stage
+from .loop import EpochProgress, shuffled_batches, train_epoch
+from .probing import Prober
+from .run import Run
+from .stopping import EarlyStopping
+
+__all__ = ["JointTrainer", "LOSS_PARTS", "REPEAT_BIAS_LR", "phase_of"]
+
+REPEAT_BIAS_LR = 0.05  # as the SASRec stage's (etegrec.training.embed.REPEAT_BIAS_LR)
+
+LOSS_PARTS = {"id": ("vq_loss", "code_loss", "kl_loss", "dec_cl_loss"),
+              "rec": ("code_loss", "kl_loss", "dec_cl_loss"),
+              "finetune": ("code_loss",)}
+
+
+def phase_of(epoch: int, cycle: int, train_tokenizer: bool = True) -> str:
+    """``id`` for the first epoch of every cycle of ``cycle`` epochs, ``rec`` for the others
+    (every epoch when the tokenizer is not trained)."""
+    return "id" if train_tokenizer and epoch % cycle == 0 else "rec"
+
+
+class JointTrainer(BeamEvaluation, StageTrainer):
+    """ETEGRec's alternating optimisation; talks only through the signals."""
+
+    stage = "joint"
+
+    def __init__(self, config: Config, run: Run, data: SequenceData, embeddings: np.ndarray,
+                 tokenizer_state: dict) -> None:
+        self.config, self.run, self.data = config, run, data
+        acc, cfg = run.accelerator, config.joint
+        device = acc.device
+        self.item_emb = torch.as_tensor(tokenizer_inputs(config, embeddings), device=device)  # (n_items + 1, d)
+        self.tokenizer = build_tokenizer(config, self.item_emb.shape[1]).to(device)
+        self.tokenizer.load_state_dict(tokenizer_state)
+        self.recommender = build_recommender(config, self.tokenizer, semantic_dim=self.item_emb.shape[1]).to(device)
+        self._samples(epoch=0)
+        self.opt_id = torch.optim.AdamW(self.tokenizer.parameters(), lr=cfg.lr_id, weight_decay=cfg.weight_decay)
+        self.opt_rec = torch.optim.AdamW(self._rec_param_groups(), lr=cfg.lr_rec, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = len(self._batches(0))
+        id_epochs = sum(phase_of(e, cfg.cycle, cfg.train_tokenizer) == "id" for e in range(cfg.epochs))
+        rec_epochs = cfg.epochs - id_epochs + cfg.finetune_epochs
+        self.sched_id = self._schedule(self.opt_id, id_epochs)
+        self.sched_rec = self._schedule(self.opt_rec, rec_epochs)
+        self.codes: torch.Tensor | None = None  # (n_items + 1, L + 1), row 0 = padding
+        self.trie: CodeTrie | None = None
+        self.codes_changed = 1.0  # share of items whose code changed at the last refresh
+        self.prober = Prober(data, users=cfg.probe_users, seed=config.run.seed) if cfg.probe_users else None
+        self.eval_every = cfg.eval_step
+        self.stopping = EarlyStopping("ndcg@10", mode="max", patience=cfg.patience)
+        self.hooks = CodebookHooks(self.tokenizer, stage=self.stage, sender=self)
+
+    # --- pieces of the loop -------------------------------------------------------------------
+
+    def _rec_param_groups(self) -> list[dict]:
+        """The recommender's parameters; its repeat bias (one number per code position, in logit units)
+        in a group of its own at :data:`REPEAT_BIAS_LR` without weight decay: Adam moves a parameter by
+        about its learning rate per step, and at the recommender's rate the bias would need thousands of
+        steps to reach the large negative value ml-100k asks for (the SASRec stage's finding)."""
+        bias = self.recommender.repeat_logit
+        rest = [p for p in self.recommender.parameters() if p is not bias]
+        groups = [{"params": rest}]
+        if bias is not None:
+            groups.append({"params": [bias], "lr": REPEAT_BIAS_LR, "weight_decay": 0.0})
+        return groups
+
+    def _samples(self, epoch: int) -> None:
+        """The training samples of ``epoch``: with ``joint.shuffle_ties``, same-timestamp items are
+        reordered at random (seeded by the run's seed and the epoch) before the prefixes are cut."""
+        rng = np.random.default_rng([self.config.run.seed, epoch]) if self.config.joint.shuffle_ties else None
+        device = self.run.accelerator.device
+        if self.config.joint.targets == "all":  # windows: a target after every item (as the SASRec stage)
+            length = self.data.max_his_len
+            windows, counted = make_windows(self.data.train_sequences(rng), length + 1,
+                                            self.config.joint.window_stride or length)
+            self.windows = torch.as_tensor(windows, device=device)  # (n, W + 1)
+            self.counted = torch.as_tensor(counted, device=device)  # (n,) trailing targets to score
+            self.n_samples = len(windows)
+            return
+        history, target = self.data.train_samples(rng)
+        self.history = torch.as_tensor(history, device=device)
+        self.target = torch.as_tensor(target, device=device)
+        self.n_samples = len(target)
+
+    def _schedule(self, optimizer, epochs: int):
+        total = max(1, epochs * self.steps_per_epoch)
+        warmup = min(total // 2, round(self.config.joint.warmup_epochs * self.steps_per_epoch))
+        return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        cfg, acc = self.config.joint, self.run.accelerator
+        batches = shuffled_batches(self.n_samples, cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
+                                   rank=acc.process_index, world_size=acc.num_processes)
+        keep = math.ceil(len(batches) * cfg.sample_fraction)  # a fresh random share of samples each epoch
+        return batches[:keep]
+
+    def weights(self, phase: str, epoch: int) -> dict[str, float]:
+        """Loss weights in force for ``phase`` at ``epoch`` (alignment losses off during warm-up)."""
+        cfg = self.config.joint
+        prefix = "id" if phase == "id" else "rec"
+        weights = {part: getattr(cfg, f"{prefix}_{part.removesuffix('_loss')}_weight") for part in LOSS_PARTS[phase]}
+        if epoch < cfg.warm_epoch:
+            weights.update({k: 0.0 for k in ("kl_loss", "dec_cl_loss") if k in weights})
+        return weights
+
+    def _autocast(self):
+        """bfloat16 autocast for the recommender's training forward when ``joint.mixed_precision`` is bf16
+        (weights, optimiser and losses stay fp32; evaluation always runs in fp32)."""
+        return torch.autocast(self.run.accelerator.device.type, dtype=torch.bfloat16,
+                              enabled=self.config.joint.mixed_precision == "bf16")
+
+    def set_phase(self, phase: str) -> None:
+        """Only the model of ``phase`` trains; the other is frozen and in eval mode."""
+        train_tokenizer = phase == "id"
+        self.tokenizer.requires_grad_(train_tokenizer).train(train_tokenizer)
+        self.recommender.requires_grad_(not train_tokenizer).train(not train_tokenizer)
+
+    def refresh_codes(self, epoch: int) -> None:
+        """Recompute the item codes (FORGE) for use from ``epoch`` on, and the prefix trie."""
+        cfg = self.config.joint
+        with self.hooks.pause():
+            result = get_code(self.tokenizer, self.item_emb, epoch=epoch, use_forge=cfg.use_forge,
+                              policy=cfg.forge_policy, previous=self.codes, sender=self)
+        first = self.codes is None  # the start's assignment changes nothing that was learned
+        self.codes = result.codes.to(self.run.accelerator.device)
+        self.codes_changed = 0.0 if first else result.assignment.changed / max(1, len(result.assignment.codes))
+        check_same_on_every_rank(self.codes, self.run.accelerator, what=f"item codes for epoch {epoch}")
+        self.trie = CodeTrie(self.codes[1:], code_num=self.recommender.code_num).to(self.run.accelerator.device)
+
+    def losses(self, index: np.ndarray, *, phase: str, weights: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Loss parts of one batch and their weighted sum ``loss``; both phases use this."""
+        idx = torch.as_tensor(index, device=self.codes.device)
+        with torch.set_grad_enabled(phase != "id"), self._autocast():  # the frozen recommender needs no graph
+            out, target = self._forward(idx)  # one row per scored target
+        out = RecommenderOutput(*(t.float() for t in out))  # the losses in fp32 under mixed precision too
+        target_codes = self.codes[target]  # (N, L + 1)
+        parts = {"code_loss": code_loss(self._normalizable(out.logits, target_codes), target_codes)}
+        align = weights.get("kl_loss", 0) > 0 or weights.get("dec_cl_loss", 0) > 0
+        if phase == "id" or align:
+            with torch.set_grad_enabled(phase == "id"):  # the frozen tokenizer only gives targets
+                tok = self.tokenizer(self.item_emb[target])
+            if phase == "id":
+                parts["vq_loss"] = tok.loss
+            if align:
+                seq_logits = self.tokenizer.code_logits(out.encoder_latent)  # negative distances
+                parts["kl_loss"] = sum(symmetric_kl(s, t) for s, t in zip(seq_logits, tok.logits))
+                parts["dec_cl_loss"] = info_nce(out.decoder_semantic, tok.recon, self.config.joint.cl_temperature)
+        parts["loss"] = sum(weights[k] * v for k, v in parts.items() if weights.get(k, 0) > 0)
+        return parts
+
+    def _forward(self, idx: torch.Tensor) -> tuple[RecommenderOutput, torch.Tensor]:
+        """The recommender's outputs for the samples ``idx`` and their target items (N,), one row per target."""
+        if self.config.joint.targets == "last":
+            history, target = self.history[idx], self.target[idx]  # (B, H), (B,)
+            return self.recommender(self.codes[history], history != 0, self.codes[target]), target
+        windows = self.windows[idx]  # (B, W + 1)
+        inputs, targets = windows[:, :-1], windows[:, 1:]
+        width = inputs.shape[1]
+        scored = (inputs != 0) & (targets != 0) & (
+            torch.arange(width, device=idx.device) >= width - self.counted[idx][:, None])  # (B, W)
+        first = int((inputs != 0).any(0).int().argmax())  # columns padded in every row: skipped
+        inputs, targets, scored = inputs[:, first:], targets[:, first:], scored[:, first:]
+        out = self.recommender.forward_all(self.codes[inputs], inputs != 0, self.codes[targets])
+        return RecommenderOutput(*(t[scored] for t in out)), targets[scored]
+
+    def _normalizable(self, logits: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
+        """With ``joint.renormalize``, the logits (N, L, K) of codes that lead to no item after the
+        target's prefix are -inf: the softmax of each position runs over the trie's children only."""
+        if not self.config.joint.renormalize:
+            return logits
+        return logits.masked_fill(~self.trie.allowed(target_codes), float("-inf"))
+
+    def item_codes(self) -> np.ndarray:
+        """The codes in use [n_items, L + 1] (row i = item i + 1)."""
+        return self.codes[1:].cpu().numpy()
+
+    # --- what fit_stage asks for ----------------------------------------------------------------
+
+    def segments(self) -> list[list[str]]:
+        """The alternating epochs, then the fine-tuning epochs."""
+        cfg = self.config.joint
+        return [[phase_of(e, cfg.cycle, cfg.train_tokenizer) for e in range(cfg.epochs)],
+                ["finetune"] * cfg.finetune_epochs]
+
+    def begin(self, resumed: bool) -> None:
+        if not resumed:
+            self.refresh_codes(0)
+
+    def start_segment(self, segment: int) -> None:
+        if segment == 1 and self.stopping.best_epoch >= 0:  # fine-tuning starts from the best checkpoint
+            self.load_state_dict(torch.load(self.run.checkpoint_dir / "best.pt", map_location="cpu",
+                                            weights_only=False))
+
+    def check_lengthened(self, position: LoopPosition) -> None:
+        """Raises: ConfigError: ``joint.epochs`` raised after fine-tuning has begun (lengthen the fine-tuning)."""
+        if position.segment == 1 and "joint.epochs" in self.run.lengthened and self.config.joint.finetune_epochs:
+            raise ConfigError("--resume: joint.epochs cannot grow once fine-tuning has begun; raise "
+                              "joint.finetune_epochs to train this run longer")
+
+    def train_one_epoch(self, epoch: int, phase: str, progress: EpochProgress | None = None) -> None:
+        """One epoch of ``phase``; both phases share this loop and differ in what trains and the weights."""
+        cfg, acc = self.config.joint, self.run.accelerator
+        if cfg.shuffle_ties:
+            self._samples(epoch)
+        self.set_phase(phase)
+        weights = self.weights(phase, epoch)
+        opt, sched = (self.opt_id, self.sched_id) if phase == "id" else (self.opt_rec, self.sched_rec)
+        model = self.tokenizer if phase == "id" else self.recommender
+        result = train_epoch(
+            sender=self, stage=self.stage, phase=phase, epoch=epoch, batches=self._batches(epoch),
+            loss_fn=partial(self.losses, phase=phase, weights=weights), optimizers=[opt], schedulers=[sched],
+            accelerator=acc, parameters=list(model.parameters()), max_grad_norm=cfg.max_grad_norm,
+            log_every=self.config.run.log_every, global_step=epoch * self.steps_per_epoch,
+            lr_fn=self.learning_rates, progress=progress, should_stop=self.run.step_stop())
+        self.hooks.epoch_end(epoch)
+        signals.epoch_end.send(self, stage=self.stage, phase=phase, epoch=epoch, losses=result.losses,
+                               lr=self.learning_rates(), seconds=result.seconds,
+                               samples_per_second=result.samples_per_second, weights=weights)
+        if phase == "id":
+            self.refresh_codes(epoch + 1)
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        valid = self.evaluate("valid")
+        signals.evaluated.send(self, stage=self.stage, split="valid", epoch=epoch, metrics=valid)
+        if self.prober is not None and signals.probed.receivers:
+            signals.probed.send(self, stage=self.stage, split="valid", epoch=epoch, users=len(self.prober),
+                                probes=self.prober.measure(self))
+        return valid
+
+    def learning_rates(self) -> dict[str, float]:
+        return {"rec": self.opt_rec.param_groups[0]["lr"], "id": self.opt_id.param_groups[0]["lr"]}
+
+
+    def state_dict(self) -> dict:
+        return {"tokenizer": self.tokenizer.state_dict(), "recommender": self.recommender.state_dict(),
+                "codes": self.codes.cpu(), "opt_id": self.opt_id.state_dict(), "opt_rec": self.opt_rec.state_dict(),
+                "sched_id": self.sched_id.state_dict(), "sched_rec": self.sched_rec.state_dict()}
+
+    def load_state_dict(self, state: dict, *, resume: bool = False) -> None:
+        """The models and codes of a checkpoint (what evaluation needs); ``resume``: the optimisers too."""
+        self.tokenizer.load_state_dict(state["tokenizer"])
+        self.recommender.load_state_dict(state["recommender"])
+        self.codes = state["codes"].to(self.run.accelerator.device)
+        self.trie = CodeTrie(self.codes[1:], code_num=self.recommender.code_num).to(self.run.accelerator.device)
+        if resume:
+            for name in ("opt_id", "opt_rec", "sched_id", "sched_rec"):
+                getattr(self, name).load_state_dict(state[name])
+
+    def finish(self, best: dict) -> dict:
+        self.run.write_item_codes(self.item_codes(), self.data.item_map)  # the best checkpoint's codes, by raw id
+        test = self.evaluate("test")
+        signals.evaluated.send(self, stage=self.stage, split="test", epoch=self.stopping.best_epoch, metrics=test)
+        return {"valid": self.stopping.best_metrics, "test": test, "best_epoch": self.stopping.best_epoch,
+                "best_checkpoint": str(self.run.checkpoint_dir / "best.pt")}
+
+    def fit(self) -> dict[str, dict[str, float]]:
+        return fit_stage(self, self.run)
