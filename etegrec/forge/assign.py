@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .checks import _MAX_CODE_NUM, _check_distances, _check_previous, _check_rq_codes, _readonly
+from .checks import _check_distances, _check_previous, _check_rq_codes, _readonly
 
 __all__ = ["POLICIES", "CodeAssignment", "CodeOverflowError", "assign_codes", "prefix_offsets"]
 
