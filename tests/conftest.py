@@ -74,6 +74,22 @@ def write_structured_inter(path: Path, n_users: int = 40, n_items: int = 48) -> 
     return path
 
 
+def tiny_command(root: Path, stage: str, *args: str) -> Path:
+    """Run ``python -m etegrec.training.<stage> --config tiny`` in this process on the structured walk
+    ``root/walk.inter`` (written the first time), with ``$ETEGREC_HOME`` at ``root/home``; the command
+    must succeed. Returns the data file."""
+    import importlib
+
+    inter = root / "walk.inter"
+    if not inter.exists():
+        write_structured_inter(inter)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ETEGREC_HOME", str(root / "home"))
+        main = importlib.import_module(f"etegrec.training.{stage}").main
+        assert main(["--config", "tiny", "--data-path", str(inter), *args]) == 0
+    return inter
+
+
 def make_accelerator(**kwargs) -> Accelerator:
     """An Accelerator on the device a Run picks (the GPU when there is one).
 

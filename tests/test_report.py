@@ -8,23 +8,17 @@ import subprocess
 
 import pytest
 
-from conftest import write_structured_inter
+from conftest import tiny_command
 from etegrec.hooks import read_events
 from etegrec.report import FIGURES, figure_series, load_run_record, main, render_html
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from etegrec.training import joint
-
     root = tmp_path_factory.mktemp("report")
-    inter = write_structured_inter(root / "walk.inter")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ETEGREC_HOME", str(root / "home"))
-        for seed in (1, 2):
-            assert joint.main(["--config", "tiny", "--data-path", str(inter), "--wandb-mode", "disabled", "--seed",
-                               str(seed), "--set", "embed.epochs=1", "--set", "rqvae.epochs=2",
-                               "--output-dir", str(root / f"seed{seed}")]) == 0
+    for seed in (1, 2):
+        tiny_command(root, "joint", "--wandb-mode", "disabled", "--seed", str(seed), "--set", "embed.epochs=1",
+                     "--set", "rqvae.epochs=2", "--output-dir", str(root / f"seed{seed}"))
     killed = root / "killed"
     shutil.copytree(root / "seed1", killed)
     log = (killed / "events.jsonl").read_text()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import etegrec
-from conftest import write_structured_inter
+from conftest import tiny_command
 from etegrec.config import load_config
 from etegrec.metrics import ranking_metrics
 from etegrec.training.stages import load_stage_data
@@ -18,17 +18,13 @@ from etegrec.training.stages import load_stage_data
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    from etegrec.training import joint
-
     root = tmp_path_factory.mktemp("trained")
-    inter = write_structured_inter(root / "walk.inter")
+    tiny_command(root, "joint", "--wandb-mode", "disabled", "--set", "embed.epochs=1", "--set", "rqvae.epochs=2",
+                 "--set", "joint.epochs=2", "--set", "recommender.encoder_input=items",
+                 "--set", "recommender.repeat_bias=true", "--set", "joint.targets=all",
+                 "--set", "joint.renormalize=true", "--output-dir", str(root / "run"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ETEGREC_HOME", str(root / "home"))
-        assert joint.main(["--config", "tiny", "--data-path", str(inter), "--wandb-mode", "disabled",
-                           "--set", "embed.epochs=1", "--set", "rqvae.epochs=2", "--set", "joint.epochs=2",
-                           "--set", "recommender.encoder_input=items", "--set", "recommender.repeat_bias=true",
-                           "--set", "joint.targets=all", "--set", "joint.renormalize=true",
-                           "--output-dir", str(root / "run")]) == 0
         data = load_stage_data(load_config(str(root / "run" / "config.yaml")))
     return root / "run", data
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_structured_inter
+from conftest import tiny_command, write_structured_inter
 from etegrec import signals
 from etegrec.config import load_config
 from etegrec.training import joint
@@ -136,14 +136,8 @@ def test_resuming_a_finished_run_says_so_and_touches_nothing(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def embed_run(tmp_path_factory):
-    from etegrec.training import embed
-
     root = tmp_path_factory.mktemp("embed")
-    inter = write_structured_inter(root / "walk.inter")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ETEGREC_HOME", str(root / "home"))
-        assert embed.main(["--config", "tiny", "--set", "embed.epochs=1", "--data-path", str(inter),
-                           "--wandb-mode", "offline", "--output-dir", str(root / "run")]) == 0
+    tiny_command(root, "embed", "--set", "embed.epochs=1", "--wandb-mode", "offline", "--output-dir", str(root / "run"))
     return root
 
 
