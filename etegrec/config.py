@@ -138,6 +138,8 @@ class JointConfig:
     cl_temperature: float = 0.07
     use_forge: bool = True
     forge_policy: str = "round_robin"
+    code_margin: float = 0.0  # sticky codes: keep an item's code at a refresh unless the nearest is this much closer
+    id_trains_rec: bool = False  # tokenizer epochs train the recommender too (paper: it is frozen in them)
     eval_step: int = 1
     patience: int = 5
     beam_size: int = 20

@@ -84,6 +84,10 @@ KEY_DOCS = {
     "joint.cl_temperature": "InfoNCE temperature",
     "joint.use_forge": "rebalance the last RQ code with FORGE when codes are (re)computed",
     "joint.forge_policy": "FORGE policy: round_robin or nearest_free",
+    "joint.code_margin": "sticky codes: at a refresh an item keeps its code at each level unless the nearest is closer "
+                         "by more than this relative margin (squared distances); 0 = always the nearest (paper)",
+    "joint.id_trains_rec": "true: tokenizer epochs train the recommender as well, on the codes in use; false: it is "
+                           "frozen in them (paper)",
     "joint.eval_step": "epochs between validations",
     "joint.patience": "validations without a better NDCG@10 before the joint phase stops",
     "joint.beam_size": "beams of the beam search",

@@ -31,6 +31,7 @@ def get_code(
     policy: str = "round_robin",
     code_num: int | None = None,
     previous: Any = None,
+    margin: float = 0.0,
     batch_size: int = 4096,
     sender: Any = None,
     device: torch.device | str | None = None,
@@ -54,6 +55,10 @@ def get_code(
             returned, its ``codes`` tensor (``[n_items + 1, L+1]``, padding row 0 included), or a
             numpy array ``[n_items, L+1]`` without padding (``assignment.codes``, the payload's
             ``codes``). None counts every item as changed.
+        margin: sticky codes: with ``previous``, an item keeps its previous code at each quantizer
+            level unless the nearest code is closer by more than this relative margin (squared
+            distances; ``tokenizer.sticky_codes``). 0: every item takes its nearest codes. The last
+            level's previous code is the one FORGE gave it.
         batch_size: items per tokenizer call.
         sender: the object emitting ``codes_assigned`` (the trainer).
         device: where the returned tensor lives; ``item_embeddings.device`` when None.
@@ -70,13 +75,18 @@ def get_code(
         raise ValueError(f"batch_size={batch_size!r} must be at least 1; pass a positive batch size.")
     if policy not in POLICIES:  # checked before the tokenizer pass, not after it
         raise ValueError(f"policy={policy!r} is not a FORGE policy; use one of {POLICIES!r}.")
+    if not margin >= 0:
+        raise ValueError(f"margin={margin!r} must be 0 (nearest codes) or a positive relative margin, e.g. 0.1.")
     n_items = item_embeddings.shape[0] - 1
     code_num = tokenizer.codebook_size if code_num is None else code_num
     need_distances = use_forge and policy == "nearest_free"
-    rq_codes, distances = _encode(tokenizer, item_embeddings[1:], batch_size, need_distances)
+    prev = _previous_codes(previous, n_items)
+    keep = None
+    if margin > 0 and prev is not None:
+        keep = torch.as_tensor(np.asarray(prev)[:, :tokenizer.code_length], dtype=torch.long)
+    rq_codes, distances = _encode(tokenizer, item_embeddings[1:], batch_size, need_distances, keep, margin)
     assignment = assign_codes(
-        rq_codes, code_num, use_forge=use_forge, policy=policy, distances=distances,
-        previous=_previous_codes(previous, n_items),
+        rq_codes, code_num, use_forge=use_forge, policy=policy, distances=distances, previous=prev,
     )
     table = np.zeros((n_items + 1, assignment.codes.shape[1]), np.int64)
     table[1:] = assignment.codes
@@ -93,8 +103,10 @@ def get_code(
 
 def _encode(
     tokenizer: nn.Module, items: torch.Tensor, batch_size: int, need_distances: bool,
+    keep: torch.Tensor | None = None, margin: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """RQ codes ``[n, L]`` of ``items`` and, if asked, their last-layer distances ``[n, K]``."""
+    """RQ codes ``[n, L]`` of ``items`` and, if asked, their last-layer distances ``[n, K]``; with
+    ``keep`` ``[n, L]``, the sticky codes of ``tokenizer.sticky_codes`` instead of the nearest."""
     modes = [(module, module.training) for module in tokenizer.modules()]
     param = next(tokenizer.parameters(), None)
     tokenizer_device = items.device if param is None else param.device
@@ -103,10 +115,17 @@ def _encode(
     try:
         with torch.no_grad():
             for start in range(0, items.shape[0], batch_size):
-                out = tokenizer(items[start:start + batch_size].to(tokenizer_device))
-                codes.append(out.codes)  # (batch, L)
+                batch = items[start:start + batch_size].to(tokenizer_device)
+                if keep is None:
+                    out = tokenizer(batch)
+                    batch_codes, last = out.codes, -out.logits[-1]  # (batch, L), (batch, K)
+                else:
+                    batch_codes, layer_distances = tokenizer.sticky_codes(
+                        batch, keep[start:start + batch_size].to(tokenizer_device), margin)
+                    last = layer_distances[-1]
+                codes.append(batch_codes)
                 if need_distances:
-                    distances.append((-out.logits[-1]).float().cpu())  # (batch, K)
+                    distances.append(last.float().cpu())
     finally:
         for module, training in modes:
             module.training = training

@@ -145,6 +145,38 @@ class RQVAE(nn.Module):
         return self.quantizer.code_logits(latent)
 
     @torch.no_grad()
+    def sticky_codes(self, x: torch.Tensor, previous: torch.Tensor, margin: float
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Codes (batch, num_layers) of ``x`` (batch, in_dim) that keep ``previous`` where it is nearly as near,
+        and each layer's squared distances (batch, K_l) along that path.
+
+        Layer by layer, a row keeps its code of ``previous`` (batch, num_layers) unless the nearest code
+        is closer by more than the relative ``margin``: it moves when ``d_prev > (1 + margin) * d_nearest``
+        (squared distances to the layer's residual); the next layer quantizes what the kept code leaves.
+        ``margin=0`` gives the nearest codes, as :meth:`forward`. Runs in eval mode (dropout off).
+        """
+        if previous.shape != (x.shape[0], self.code_length):
+            raise ValueError(f"previous has shape {tuple(previous.shape)!r}; pass one code per layer "
+                             f"for every row of x: ({x.shape[0]}, {self.code_length}).")
+        columns = iter(previous.unbind(dim=1))
+
+        def step(layer, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            distances = layer.distances(residual)  # (batch, K)
+            nearest = distances.argmin(dim=1)
+            kept = next(columns)
+            moved = distances.gather(1, kept[:, None])[:, 0] > (1.0 + margin) * distances.gather(1, nearest[:, None])[:, 0]
+            codes = torch.where(moved, nearest, kept)
+            return (codes, distances), layer.embedding(codes)
+
+        was_training = self.training
+        self.eval()
+        try:
+            codes, distances = zip(*self.quantizer.walk(self.encode(x), step))
+            return torch.stack(codes, dim=1), list(distances)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
     def restart_dead_codes(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> list[int]:
         """Move every code that no row of ``x`` (N, in_dim) picks onto the residual of a random row.
 

@@ -67,7 +67,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         self.opt_rec = torch.optim.AdamW(self._rec_param_groups(), lr=cfg.lr_rec, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = len(self._batches(0))
         id_epochs = sum(phase_of(e, cfg.cycle, cfg.train_tokenizer) == "id" for e in range(cfg.epochs))
-        rec_epochs = cfg.epochs - id_epochs + cfg.finetune_epochs
+        rec_epochs = cfg.epochs - (0 if cfg.id_trains_rec else id_epochs) + cfg.finetune_epochs
         self.sched_id = self._schedule(self.opt_id, id_epochs)
         self.sched_rec = self._schedule(self.opt_rec, rec_epochs)
         self.codes: torch.Tensor | None = None  # (n_items + 1, L + 1), row 0 = padding
@@ -137,18 +137,22 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         return torch.autocast(self.run.accelerator.device.type, dtype=torch.bfloat16,
                               enabled=self.config.joint.mixed_precision == "bf16")
 
+    def trains_rec(self, phase: str) -> bool:
+        """Whether the recommender trains in ``phase`` (in tokenizer epochs only with ``joint.id_trains_rec``)."""
+        return phase != "id" or self.config.joint.id_trains_rec
+
     def set_phase(self, phase: str) -> None:
-        """Only the model of ``phase`` trains; the other is frozen and in eval mode."""
-        train_tokenizer = phase == "id"
+        """Only the models of ``phase`` train; a frozen one is in eval mode."""
+        train_tokenizer, train_rec = phase == "id", self.trains_rec(phase)
         self.tokenizer.requires_grad_(train_tokenizer).train(train_tokenizer)
-        self.recommender.requires_grad_(not train_tokenizer).train(not train_tokenizer)
+        self.recommender.requires_grad_(train_rec).train(train_rec)
 
     def refresh_codes(self, epoch: int) -> None:
         """Recompute the item codes (FORGE) for use from ``epoch`` on, and the prefix trie."""
         cfg = self.config.joint
         with self.hooks.pause():
             result = get_code(self.tokenizer, self.item_emb, epoch=epoch, use_forge=cfg.use_forge,
-                              policy=cfg.forge_policy, previous=self.codes, sender=self)
+                              policy=cfg.forge_policy, previous=self.codes, margin=cfg.code_margin, sender=self)
         first = self.codes is None  # the start's assignment changes nothing that was learned
         self.codes = result.codes.to(self.run.accelerator.device)
         self.codes_changed = 0.0 if first else result.assignment.changed / max(1, len(result.assignment.codes))
@@ -158,7 +162,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
     def losses(self, index: np.ndarray, *, phase: str, weights: dict[str, float]) -> dict[str, torch.Tensor]:
         """Loss parts of one batch and their weighted sum ``loss``; both phases use this."""
         idx = torch.as_tensor(index, device=self.codes.device)
-        with torch.set_grad_enabled(phase != "id"), self._autocast():  # the frozen recommender needs no graph
+        with torch.set_grad_enabled(self.trains_rec(phase)), self._autocast():  # a frozen recommender needs no graph
             out, target = self._forward(idx)  # one row per scored target
         out = RecommenderOutput(*(t.float() for t in out))  # the losses in fp32 under mixed precision too
         target_codes = self.codes[target]  # (N, L + 1)
@@ -232,12 +236,13 @@ class JointTrainer(BeamEvaluation, StageTrainer):
             self._samples(epoch)
         self.set_phase(phase)
         weights = self.weights(phase, epoch)
-        opt, sched = (self.opt_id, self.sched_id) if phase == "id" else (self.opt_rec, self.sched_rec)
-        model = self.tokenizer if phase == "id" else self.recommender
+        trained = ([(self.tokenizer, self.opt_id, self.sched_id)] if phase == "id" else []) + (
+            [(self.recommender, self.opt_rec, self.sched_rec)] if self.trains_rec(phase) else [])
         result = train_epoch(
             sender=self, stage=self.stage, phase=phase, epoch=epoch, batches=self._batches(epoch),
-            loss_fn=partial(self.losses, phase=phase, weights=weights), optimizers=[opt], schedulers=[sched],
-            accelerator=acc, parameters=list(model.parameters()), max_grad_norm=cfg.max_grad_norm,
+            loss_fn=partial(self.losses, phase=phase, weights=weights), optimizers=[t[1] for t in trained],
+            schedulers=[t[2] for t in trained], accelerator=acc,
+            parameters=[list(t[0].parameters()) for t in trained], max_grad_norm=cfg.max_grad_norm,
             log_every=self.config.run.log_every, global_step=epoch * self.steps_per_epoch,
             lr_fn=self.learning_rates, progress=progress, should_stop=self.run.step_stop())
         self.hooks.epoch_end(epoch)

@@ -83,7 +83,7 @@ def shuffled_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: in
 
 def train_epoch(*, sender, stage: str, phase: str, epoch: int, batches: list, loss_fn: Callable[[object], dict],
                 optimizers: list[torch.optim.Optimizer], schedulers: list = (), accelerator,
-                parameters: list[torch.nn.Parameter] | None = None, max_grad_norm: float = 0.0,
+                parameters: list | None = None, max_grad_norm: float = 0.0,
                 log_every: int = 0, lr_fn: Callable[[], dict[str, float]] | None = None,
                 global_step: int = 0, show_progress: bool = True, progress: EpochProgress | None = None,
                 should_stop: Callable[[], bool] | None = None) -> EpochResult:
@@ -92,7 +92,8 @@ def train_epoch(*, sender, stage: str, phase: str, epoch: int, batches: list, lo
     Returns the epoch means of every part, reduced over processes. ``progress`` (from an
     interrupted run) skips the batches already done and starts from their loss sums.
     ``should_stop`` is asked after every step; when it says yes, :class:`TrainingInterrupted`
-    carries the epoch's progress out.
+    carries the epoch's progress out. ``parameters`` are clipped to ``max_grad_norm``: a list of
+    parameters, or a list of such lists (one per model), each clipped on its own.
 
     Raises:
         NonFiniteLossError: a step's loss was NaN or infinite. It is seen on the device at every step
@@ -122,7 +123,8 @@ def train_epoch(*, sender, stage: str, phase: str, epoch: int, batches: list, lo
         if accelerator.num_processes > 1:
             average_gradients(trained, accelerator.num_processes)
         if max_grad_norm and parameters:
-            accelerator.clip_grad_norm_(parameters, max_grad_norm)
+            for group in (parameters if isinstance(parameters[0], (list, tuple)) else [parameters]):
+                accelerator.clip_grad_norm_(group, max_grad_norm)
         for opt in optimizers:
             opt.step()
         for sched in schedulers:
