@@ -378,3 +378,29 @@ def test_get_code_rejects_previous_tensor_without_padding_row():
     first = get_code(tokenizer, items, epoch=0)
     with pytest.raises(ValueError, match=r"previous is a tensor of shape \(60, 3\).*padding row 0"):
         get_code(tokenizer, items, epoch=1, previous=first.codes[1:])
+
+
+def test_get_code_with_a_margin_keeps_previous_codes_that_are_nearly_as_near():
+    from etegrec.models import RQVAE
+
+    torch.manual_seed(0)
+    tokenizer = RQVAE(in_dim=4, hidden_dims=[8], e_dim=4, num_layers=2, codebook_size=8)
+    items = item_table(n_items=50)
+    tokenizer.kmeans_init_from(items[1:])
+    first = get_code(tokenizer, items, epoch=0, use_forge=False)
+    with torch.no_grad():  # move the tokenizer a little: some items change their nearest codes
+        for p in tokenizer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    nearest = get_code(tokenizer, items, epoch=1, use_forge=False, previous=first)
+    kept = get_code(tokenizer, items, epoch=1, use_forge=False, previous=first, margin=0.3)
+    assert get_code(tokenizer, items, epoch=1, use_forge=False, previous=first, margin=0.0).assignment.changed \
+        == nearest.assignment.changed > 0
+    assert kept.assignment.changed < nearest.assignment.changed
+    sticky, _ = tokenizer.sticky_codes(items[1:], first.codes[1:, :2], 0.3)
+    np.testing.assert_array_equal(kept.assignment.codes[:, :2], sticky.numpy())
+    huge = get_code(tokenizer, items, epoch=1, use_forge=False, previous=first, margin=1e9)
+    np.testing.assert_array_equal(huge.assignment.codes[:, :2], first.assignment.codes[:, :2])
+    without_previous = get_code(tokenizer, items, epoch=1, use_forge=False, margin=0.3)  # nothing to keep
+    np.testing.assert_array_equal(without_previous.codes, nearest.codes)
+    with pytest.raises(ValueError, match=r"margin=-0.1 must be 0"):
+        get_code(tokenizer, items, epoch=1, margin=-0.1)

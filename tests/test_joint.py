@@ -280,6 +280,37 @@ def test_without_tokenizer_training_codes_stay_those_of_the_pretrained_tokenizer
     assert all(set(e.payload["losses"]) == {"code_loss", "loss_total"} for e in events if e.signal == "epoch_end")
 
 
+def test_tokenizer_epochs_train_the_recommender_too_with_id_trains_rec_and_sticky_codes_move_fewer_items(
+        joint_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("ETEGREC_HOME", str(joint_run["root"] / "home"))  # reuse the cached earlier stages
+    config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "joint.id_trains_rec=true",
+                                  "joint.code_margin=0.5"])
+    weights = []  # (phase, recommender weights, tokenizer weights) at every epoch's end
+
+    def snapshot(sender, **payload):
+        if payload["stage"] == "joint":
+            weights.append((payload["phase"], [p.detach().clone() for p in sender.recommender.parameters()],
+                            [p.detach().clone() for p in sender.tokenizer.parameters()]))
+
+    signals.epoch_end.connect(snapshot)
+    try:
+        with signals.recording(signals.epoch_end, signals.codes_assigned) as events:
+            run_joint(config, output_dir=tmp_path / "run", wandb_mode="disabled")
+    finally:
+        signals.epoch_end.disconnect(snapshot)
+    assert [phase for phase, _, _ in weights] == ["id", "rec", "id", "rec", "finetune"]
+    changed = lambda before, after: any(not torch.equal(a, b) for a, b in zip(before, after))  # noqa: E731
+    alternating = weights[:4]  # (fine-tuning starts from the best checkpoint's weights)
+    for (_, rec_before, tok_before), (phase, rec_after, tok_after) in zip(alternating, alternating[1:]):
+        assert changed(rec_before, rec_after), phase  # the recommender trains in every epoch, "id" ones too
+        assert changed(tok_before, tok_after) == (phase == "id")
+    id_lr = [e.payload["lr"]["rec"] for e in events if e.signal == "epoch_end" and e.payload["phase"] == "id"]
+    assert id_lr[0] > 0  # its schedule counts the tokenizer epochs (no such step: still 0 after warm-up's first)
+    sticky = [e.payload["changed"] for e in events if e.signal == "codes_assigned"][1:]
+    default = [e.payload["changed"] for e in joint_events(joint_run, "codes_assigned")][1:]
+    assert sum(sticky) < sum(default)
+
+
 def test_bf16_mixed_precision_runs_the_recommender_under_autocast_and_keeps_losses_fp32(joint_run, tmp_path):
     data = load_stage_data(joint_run["config"])
     rng = np.random.default_rng(0)

@@ -169,3 +169,38 @@ def test_walk_gives_each_layer_the_residual_the_previous_layers_left():
     seen = rq.walk(x, lambda layer, residual: (residual, torch.full_like(residual, 1.0)))
     for depth, residual in enumerate(seen):
         torch.testing.assert_close(residual, x - depth)
+
+
+def _two_level_tokenizer() -> RQVAE:
+    """An RQVAE whose encoder is the identity on 2-d inputs, with hand-set codebooks:
+    level 0 codes (0, 0) and (1, 0); level 1 codes (0.5, 0) and (-0.5, 0)."""
+    model = RQVAE(in_dim=2, hidden_dims=[], e_dim=2, num_layers=2, codebook_size=2, kmeans_init=False).eval()
+    with torch.no_grad():
+        model.encoder[0].weight.copy_(torch.eye(2))
+        model.encoder[0].bias.zero_()
+        model.quantizer.layers[0].embedding.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
+        model.quantizer.layers[1].embedding.weight.copy_(torch.tensor([[0.5, 0.0], [-0.5, 0.0]]))
+    return model
+
+
+def test_sticky_codes_keep_a_previous_code_within_the_margin_and_quantize_the_rest_along_it():
+    model = _two_level_tokenizer()
+    x = torch.tensor([[0.52, 0.0]])  # level 0: d(code 0) = 0.2704, d(code 1) = 0.2304, ratio 1.17
+    assert model(x).codes.tolist() == [[1, 1]]  # nearest: code 1, residual (-0.48, 0) -> code 1
+    previous = torch.tensor([[0, 1]])
+    codes, distances = model.sticky_codes(x, previous, margin=0.0)
+    assert codes.tolist() == [[1, 1]]  # margin 0: the nearest codes
+    codes, _ = model.sticky_codes(x, previous, margin=0.1)
+    assert codes.tolist() == [[1, 1]]  # 0.2704 > 1.1 * 0.2304: moves
+    codes, distances = model.sticky_codes(x, previous, margin=0.2)
+    # 0.2704 <= 1.2 * 0.2304: keeps code 0; level 1 then sees the residual (0.52, 0), whose nearest is
+    # code 0 (d 0.0004) and not the previous code 1 (d 1.0404): it moves there
+    assert codes.tolist() == [[0, 0]]
+    assert torch.allclose(distances[1], torch.tensor([[0.0004, 1.0404]]), atol=1e-5)
+    assert torch.allclose(distances[0], torch.tensor([[0.2704, 0.2304]]), atol=1e-5)
+
+
+def test_sticky_codes_refuse_previous_codes_of_the_wrong_shape():
+    model = _two_level_tokenizer()
+    with pytest.raises(ValueError, match=r"previous has shape \(1, 3\).*\(1, 2\)"):
+        model.sticky_codes(torch.zeros(1, 2), torch.zeros(1, 3, dtype=torch.long), margin=0.1)
