@@ -83,7 +83,7 @@ def get_code(
     prev = _previous_codes(previous, n_items)
     keep = None
     if margin > 0 and prev is not None:
-        keep = torch.as_tensor(np.asarray(prev)[:, :tokenizer.code_length], dtype=torch.long)
+        keep = torch.tensor(np.asarray(prev)[:, :tokenizer.code_length], dtype=torch.long)  # a copy: prev is read-only
     rq_codes, distances = _encode(tokenizer, item_embeddings[1:], batch_size, need_distances, keep, margin)
     assignment = assign_codes(
         rq_codes, code_num, use_forge=use_forge, policy=policy, distances=distances, previous=prev,
