@@ -164,7 +164,8 @@ class RQVAE(nn.Module):
             distances = layer.distances(residual)  # (batch, K)
             nearest = distances.argmin(dim=1)
             kept = next(columns)
-            moved = distances.gather(1, kept[:, None])[:, 0] > (1.0 + margin) * distances.gather(1, nearest[:, None])[:, 0]
+            d_kept, d_nearest = distances.gather(1, kept[:, None])[:, 0], distances.gather(1, nearest[:, None])[:, 0]
+            moved = d_kept > (1.0 + margin) * d_nearest
             codes = torch.where(moved, nearest, kept)
             return (codes, distances), layer.embedding(codes)
 

@@ -5,9 +5,9 @@ the first epoch of a cycle trains the tokenizer with the recommender frozen (pha
 ``joint.id_trains_rec`` the recommender trains in it too), the others train the recommender with the
 tokenizer frozen (phase ``rec``); both phases share one loop and differ in what trains and the loss
 weights. Item codes come from ``etegrec.forge.get_code`` (with FORGE) at the start and after every
-tokenizer epoch; with ``joint.code_margin`` an item keeps its code unless the nearest is clearly closer. Validation by beam search, early
-stopping on NDCG@10, optional fine-tuning of the recommender alone on fixed codes (from the best
-checkpoint), and a final test with the best checkpoint.
+tokenizer epoch; with ``joint.code_margin`` an item keeps its code unless the nearest is clearly
+closer. Validation by beam search, early stopping on NDCG@10, optional fine-tuning of the
+recommender alone on fixed codes (from the best checkpoint), and a final test with the best checkpoint.
 """
 from __future__ import annotations
 
