@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .config_rules import (ENCODER_INPUTS, FORGE_POLICIES, JOINT_TARGETS, MIXED_PRECISION, _NON_NEGATIVE,
+from .config_rules import (CL_NEGATIVES, ENCODER_INPUTS, FORGE_POLICIES, JOINT_TARGETS, MIXED_PRECISION, _NON_NEGATIVE,
                            _POSITIVE, ConfigError, _check_feed_forward, _coerce)
 
 __all__ = [
@@ -136,6 +136,7 @@ class JointConfig:
     rec_kl_weight: float = 1e-4
     rec_dec_cl_weight: float = 3e-4
     cl_temperature: float = 0.07
+    cl_negatives: str = "batch"  # the InfoNCE's negatives: "batch" (paper, both ways) or "catalogue" (every item)
     use_forge: bool = True
     forge_policy: str = "round_robin"
     code_margin: float = 0.0  # sticky codes: keep an item's code at a refresh unless the nearest is this much closer
@@ -218,6 +219,9 @@ class Config:
             raise ConfigError(f"config key 'joint.forge_policy' must be one of {', '.join(FORGE_POLICIES)}, "
                               f"got {self.joint.forge_policy!r}")
         _check_feed_forward(self.recommender.feed_forward_proj)
+        if self.joint.cl_negatives not in CL_NEGATIVES:
+            raise ConfigError(f"config key 'joint.cl_negatives' must be one of {', '.join(CL_NEGATIVES)}, "
+                              f"got {self.joint.cl_negatives!r}")
         if self.joint.targets not in JOINT_TARGETS:
             raise ConfigError(f"config key 'joint.targets' must be one of {', '.join(JOINT_TARGETS)}, "
                               f"got {self.joint.targets!r}")

@@ -82,6 +82,8 @@ KEY_DOCS = {
     "joint.rec_kl_weight": "recommender epochs: weight of the sequence-item alignment",
     "joint.rec_dec_cl_weight": "recommender epochs: weight of the preference-semantic alignment",
     "joint.cl_temperature": "InfoNCE temperature",
+    "joint.cl_negatives": "the preference-semantic alignment's negatives: batch (the other targets of the batch, both "
+                          "ways; paper) or catalogue (every item's reconstruction, the target's against all others)",
     "joint.use_forge": "rebalance the last RQ code with FORGE when codes are (re)computed",
     "joint.forge_policy": "FORGE policy: round_robin or nearest_free",
     "joint.code_margin": "sticky codes: at a refresh an item keeps its code at each level unless the nearest is closer "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typing
 from typing import Any
 
-__all__ = ["ENCODER_INPUTS", "FORGE_POLICIES", "JOINT_TARGETS", "MIXED_PRECISION", "ConfigError"]
+__all__ = ["CL_NEGATIVES", "ENCODER_INPUTS", "FORGE_POLICIES", "JOINT_TARGETS", "MIXED_PRECISION", "ConfigError"]
 
 
 class ConfigError(ValueError):
@@ -14,6 +14,7 @@ class ConfigError(ValueError):
 
 ENCODER_INPUTS = ("codes", "items")  # as etegrec.models.ENCODER_INPUTS (config imports no model code)
 JOINT_TARGETS = ("last", "all")
+CL_NEGATIVES = ("batch", "catalogue")
 FORGE_POLICIES = ("round_robin", "nearest_free")  # as etegrec.forge.POLICIES (a test keeps them equal)
 MIXED_PRECISION = ("fp32", "bf16")  # not "no": YAML reads that as False
 _POSITIVE = {

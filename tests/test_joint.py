@@ -342,6 +342,43 @@ def test_bf16_mixed_precision_runs_the_recommender_under_autocast_and_keeps_loss
     assert losses["bf16"]["loss"].item() != losses["fp32"]["loss"].item()
 
 
+def test_catalogue_negatives_contrast_the_decoder_state_with_every_items_reconstruction(joint_run, tmp_path):
+    from etegrec.models import catalogue_nce
+    from etegrec.training.factories import build_tokenizer, tokenizer_inputs
+    data = load_stage_data(joint_run["config"])
+    embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
+    tokenizer = build_tokenizer(joint_run["config"], 256)
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(joint_run["config"], embeddings)[1:]))
+    config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "joint.cl_negatives=catalogue",
+                                  "recommender.dropout=0", "tokenizer.dropout=0"])
+    with Run(config, RunOptions(output_dir=tmp_path / "run", console=False), stage="joint") as run:
+        trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
+        with trainer.hooks:
+            trainer.refresh_codes(0)
+            index = np.arange(16)
+            for phase in ("rec", "id"):
+                trainer.set_phase(phase)
+                trainer.tokenizer.zero_grad()
+                torch.manual_seed(0)
+                parts = trainer.losses(index, phase=phase, weights=trainer.weights(phase, 100))
+                with torch.no_grad():
+                    torch.manual_seed(0)
+                    out, target = trainer._forward(torch.as_tensor(index))
+                    recon = trainer.tokenizer(trainer.item_emb[1:]).recon
+                expected = catalogue_nce(out.decoder_semantic, recon, target - 1, config.joint.cl_temperature)
+                assert parts["dec_cl_loss"].item() == pytest.approx(expected.item(), rel=1e-5), phase
+                parts["loss"].backward()
+                grads = [p.grad for p in trainer.tokenizer.decoder.parameters()]
+                # the tokenizer learns from the alignment in its own epochs only
+                assert any(g is not None and g.abs().sum() > 0 for g in grads) == (phase == "id"), phase
+
+
+def test_unknown_cl_negatives_is_refused():
+    from etegrec.config import ConfigError
+    with pytest.raises(ConfigError, match="joint.cl_negatives.*catalogue.*'items'"):
+        load_config("tiny", ["joint.cl_negatives=items"])
+
+
 def test_unknown_mixed_precision_is_refused():
     from etegrec.config import ConfigError
     with pytest.raises(ConfigError, match="joint.mixed_precision.*bf16.*'fp16'"):

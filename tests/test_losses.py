@@ -1,9 +1,12 @@
 """The models' losses: code cross-entropy lives in test_recommender; here the alignment losses."""
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
-from etegrec.models import info_nce, symmetric_kl
+from etegrec.models import catalogue_nce, info_nce, symmetric_kl
 
 
 def test_symmetric_kl_is_zero_for_equal_logits_and_symmetric_otherwise():
@@ -19,3 +22,25 @@ def test_info_nce_is_lower_when_rows_match_their_partner():
     a = torch.randn(8, 5, generator=gen)
     shuffled = a[torch.randperm(8, generator=gen)]
     assert info_nce(a, 2.0 * a, 0.1) < info_nce(a, shuffled, 0.1)
+
+
+def test_catalogue_nce_is_the_cross_entropy_of_the_target_among_every_item():
+    items = torch.eye(5)  # orthonormal: a row's cosine is 1 with itself and 0 with every other item
+    a = 3.0 * items[[2, 4]]
+    expected = -math.log(math.exp(1 / 0.5) / (math.exp(1 / 0.5) + 4))
+    assert catalogue_nce(a, items, torch.tensor([2, 4]), 0.5).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_catalogue_nce_never_takes_a_repeated_target_for_a_negative():
+    gen = torch.Generator().manual_seed(2)
+    items = torch.randn(6, 4, generator=gen)
+    a = torch.randn(1, 4, generator=gen)
+    twice, once = catalogue_nce(a.repeat(2, 1), items, torch.tensor([3, 3]), 0.1), catalogue_nce(a, items, torch.tensor([3]), 0.1)
+    torch.testing.assert_close(twice, once)
+    # in-batch InfoNCE counts the second copy of item 3 as a negative of the first
+    assert info_nce(a.repeat(2, 1), items[[3, 3]], 0.1) > info_nce(a, items[[3]], 0.1)
+
+
+def test_catalogue_nce_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="catalogue_nce needs"):
+        catalogue_nce(torch.zeros(2, 4), torch.zeros(6, 3), torch.tensor([0, 1]), 0.1)

@@ -16,7 +16,7 @@ from etegrec.models.rqvae import (
     kmeans,
 )
 from etegrec.models.sasrec import SASRec
-from etegrec.models.losses import code_loss, info_nce, symmetric_kl
+from etegrec.models.losses import catalogue_nce, code_loss, info_nce, symmetric_kl
 from etegrec.models.recommender import DecoderCache, RecommenderOutput, T5Recommender
 from etegrec.models.beam import BeamSearchOutput, CodeTrie, beam_search
 
@@ -36,6 +36,7 @@ __all__ = [
     "T5Recommender",
     "beam_search",
     "code_loss",
+    "catalogue_nce",
     "info_nce",
     "symmetric_kl",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["code_loss", "info_nce", "symmetric_kl"]
+__all__ = ["catalogue_nce", "code_loss", "info_nce", "symmetric_kl"]
 
 
 def code_loss(logits: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
@@ -32,3 +32,14 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     logits = a @ b.T / temperature  # (batch, batch)
     labels = torch.arange(len(a), device=a.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def catalogue_nce(a: torch.Tensor, items: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE of rows ``a`` (batch, d) against every item: ``items`` (n_items, d) holds one row per item and
+    ``target`` (batch,) the row each ``a`` should pick (cosine similarity over ``temperature``). Unlike
+    :func:`info_nce`, a target that occurs twice in a batch is never its own negative."""
+    if items.dim() != 2 or a.shape[-1] != items.shape[-1] or target.shape != a.shape[:1]:
+        raise ValueError(f"catalogue_nce needs a (batch, d), items (n_items, d) and target (batch,), got "
+                         f"{tuple(a.shape)!r}, {tuple(items.shape)!r} and {tuple(target.shape)!r}")
+    logits = F.normalize(a, dim=-1) @ F.normalize(items, dim=-1).T / temperature  # (batch, n_items)
+    return F.cross_entropy(logits, target)

@@ -23,7 +23,7 @@ from etegrec.config import Config, ConfigError
 from etegrec.data import SequenceData
 from etegrec.forge import get_code
 from etegrec.hooks.codebook import CodebookHooks
-from etegrec.models import CodeTrie, RecommenderOutput, code_loss, info_nce, symmetric_kl
+from etegrec.models import CodeTrie, RecommenderOutput, catalogue_nce, code_loss, info_nce, symmetric_kl
 
 from .embed import make_windows
 from .evaluation import BeamEvaluation, check_same_on_every_rank
@@ -177,9 +177,21 @@ class JointTrainer(BeamEvaluation, StageTrainer):
             if align:
                 seq_logits = self.tokenizer.code_logits(out.encoder_latent)  # negative distances
                 parts["kl_loss"] = sum(symmetric_kl(s, t) for s, t in zip(seq_logits, tok.logits))
-                parts["dec_cl_loss"] = info_nce(out.decoder_semantic, tok.recon, self.config.joint.cl_temperature)
+                parts["dec_cl_loss"] = self._semantic_alignment(out.decoder_semantic, tok.recon, target, phase)
         parts["loss"] = sum(weights[k] * v for k, v in parts.items() if weights.get(k, 0) > 0)
         return parts
+
+    def _semantic_alignment(self, semantic: torch.Tensor, recon: torch.Tensor, target: torch.Tensor,
+                            phase: str) -> torch.Tensor:
+        """ETEGRec's preference-semantic alignment: InfoNCE of the decoder's first states against the
+        tokenizer's reconstructions of the targets (``recon``), the batch's other targets the negatives;
+        with ``joint.cl_negatives=catalogue`` against the reconstructions of every item instead."""
+        cfg = self.config.joint
+        if cfg.cl_negatives == "batch":
+            return info_nce(semantic, recon, cfg.cl_temperature)
+        with torch.set_grad_enabled(phase == "id"), self.hooks.pause():  # not code usage: no histogram counts it
+            catalogue = self.tokenizer(self.item_emb[1:]).recon  # (n_items, d): row i is item i + 1
+        return catalogue_nce(semantic, catalogue, target - 1, cfg.cl_temperature)
 
     def _forward(self, idx: torch.Tensor) -> tuple[RecommenderOutput, torch.Tensor]:
         """The recommender's outputs for the samples ``idx`` and their target items (N,), one row per target."""
