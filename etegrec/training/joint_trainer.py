@@ -74,6 +74,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         self.codes: torch.Tensor | None = None  # (n_items + 1, L + 1), row 0 = padding
         self.trie: CodeTrie | None = None
         self.codes_changed = 1.0  # share of items whose code changed at the last refresh
+        self._catalogue_cache: tuple[tuple[int, ...], torch.Tensor] | None = None  # see _catalogue
         self.prober = Prober(data, users=cfg.probe_users, seed=config.run.seed) if cfg.probe_users else None
         self.eval_every = cfg.eval_step
         self.stopping = EarlyStopping("ndcg@10", mode="max", patience=cfg.patience)
@@ -189,9 +190,21 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         cfg = self.config.joint
         if cfg.cl_negatives == "batch":
             return info_nce(semantic, recon, cfg.cl_temperature)
-        with torch.set_grad_enabled(phase == "id"), self.hooks.pause():  # not code usage: no histogram counts it
-            catalogue = self.tokenizer(self.item_emb[1:]).recon  # (n_items, d): row i is item i + 1
-        return catalogue_nce(semantic, catalogue, target - 1, cfg.cl_temperature)
+        return catalogue_nce(semantic, self._catalogue(train=phase == "id"), target - 1, cfg.cl_temperature)
+
+    def _catalogue(self, *, train: bool) -> torch.Tensor:
+        """The tokenizer's reconstruction of every item (n_items, d), row i = item i + 1. A frozen
+        tokenizer (eval mode, no gradient) gives the same rows until its weights change, so they are
+        kept until any of its parameters is written (an optimiser step or a checkpoint load bumps
+        the tensors' version counters); a training one recomputes them at every call."""
+        version = tuple(p._version for p in self.tokenizer.parameters())
+        if not train and self._catalogue_cache is not None and self._catalogue_cache[0] == version \
+                and not self.tokenizer.training:
+            return self._catalogue_cache[1]
+        with torch.set_grad_enabled(train), self.hooks.pause():  # not code usage: no histogram counts it
+            catalogue = self.tokenizer(self.item_emb[1:]).recon
+        self._catalogue_cache = None if train or self.tokenizer.training else (version, catalogue)
+        return catalogue
 
     def _forward(self, idx: torch.Tensor) -> tuple[RecommenderOutput, torch.Tensor]:
         """The recommender's outputs for the samples ``idx`` and their target items (N,), one row per target."""
