@@ -383,6 +383,16 @@ def test_catalogue_negatives_contrast_the_decoder_state_with_every_items_reconst
             torch.testing.assert_close(fresh, trainer.tokenizer(trainer.item_emb[1:]).recon)
 
 
+def test_window_targets_score_real_next_items_among_the_rows_last_counted_positions():
+    from etegrec.training.joint_trainer import window_targets
+    windows = torch.tensor([[0, 0, 5, 6, 7],  # padded start: the first real input is item 5
+                            [1, 2, 3, 4, 8]])  # overlaps the window before it: only its last 2 are new
+    inputs, targets, scored = window_targets(windows, torch.tensor([4, 2]))
+    assert inputs.tolist() == [[0, 0, 5, 6], [1, 2, 3, 4]]
+    assert targets.tolist() == [[0, 5, 6, 7], [2, 3, 4, 8]]
+    assert targets[scored].tolist() == [6, 7, 4, 8]
+
+
 def test_unknown_cl_negatives_is_refused():
     from etegrec.config import ConfigError
     with pytest.raises(ConfigError, match="joint.cl_negatives.*catalogue.*'items'"):

@@ -34,13 +34,23 @@ from .probing import Prober
 from .run import Run
 from .stopping import EarlyStopping
 
-__all__ = ["JointTrainer", "LOSS_PARTS", "REPEAT_BIAS_LR", "phase_of"]
+__all__ = ["JointTrainer", "LOSS_PARTS", "REPEAT_BIAS_LR", "phase_of", "window_targets"]
 
 REPEAT_BIAS_LR = 0.05  # as the SASRec stage's (etegrec.training.embed.REPEAT_BIAS_LR)
 
 LOSS_PARTS = {"id": ("vq_loss", "code_loss", "kl_loss", "dec_cl_loss"),
               "rec": ("code_loss", "kl_loss", "dec_cl_loss"),
               "finetune": ("code_loss",)}
+
+
+def window_targets(windows: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs (B, W), next items (B, W) and which of them are scored (B, W) of ``windows`` (B, W + 1) with
+    ``targets: all``: a real item after a real input, among the row's last ``counted`` (B,) positions
+    (an overlapping window scores only the targets the previous one did not)."""
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    width = inputs.shape[1]
+    scored = (inputs != 0) & (targets != 0) & (torch.arange(width, device=windows.device) >= width - counted[:, None])
+    return inputs, targets, scored
 
 
 def phase_of(epoch: int, cycle: int, train_tokenizer: bool = True) -> str:
@@ -211,11 +221,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         if self.config.joint.targets == "last":
             history, target = self.history[idx], self.target[idx]  # (B, H), (B,)
             return self.recommender(self.codes[history], history != 0, self.codes[target]), target
-        windows = self.windows[idx]  # (B, W + 1)
-        inputs, targets = windows[:, :-1], windows[:, 1:]
-        width = inputs.shape[1]
-        scored = (inputs != 0) & (targets != 0) & (
-            torch.arange(width, device=idx.device) >= width - self.counted[idx][:, None])  # (B, W)
+        inputs, targets, scored = window_targets(self.windows[idx], self.counted[idx])
         first = int((inputs != 0).any(0).int().argmax())  # columns padded in every row: skipped
         inputs, targets, scored = inputs[:, first:], targets[:, first:], scored[:, first:]
         out = self.recommender.forward_all(self.codes[inputs], inputs != 0, self.codes[targets])
