@@ -15,12 +15,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from etegrec.config import load_config
-from etegrec.training.embed import make_windows
-from etegrec.training.joint_trainer import window_targets
+from etegrec.training.embed import make_windows, window_targets
 from etegrec.training.loop import shuffled_batches
 from etegrec.training.stages import load_stage_data
 

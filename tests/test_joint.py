@@ -373,18 +373,18 @@ def test_catalogue_negatives_contrast_the_decoder_state_with_every_items_reconst
                 assert any(g is not None and g.abs().sum() > 0 for g in grads) == (phase == "id"), phase
         # a frozen tokenizer's reconstructions are kept until one of its weights is written
         trainer.set_phase("rec")
-        kept = trainer._catalogue(train=False)
-        assert trainer._catalogue(train=False) is kept
+        kept = trainer.alignment.catalogue(train=False)
+        assert trainer.alignment.catalogue(train=False) is kept
         state = {k: v + 0.01 for k, v in trainer.tokenizer.state_dict().items()}
         trainer.tokenizer.load_state_dict(state)
-        fresh = trainer._catalogue(train=False)
+        fresh = trainer.alignment.catalogue(train=False)
         assert fresh is not kept and not torch.allclose(fresh, kept)
         with torch.no_grad():
             torch.testing.assert_close(fresh, trainer.tokenizer(trainer.item_emb[1:]).recon)
 
 
 def test_window_targets_score_real_next_items_among_the_rows_last_counted_positions():
-    from etegrec.training.joint_trainer import window_targets
+    from etegrec.training.embed import window_targets
     windows = torch.tensor([[0, 0, 5, 6, 7],  # padded start: the first real input is item 5
                             [1, 2, 3, 4, 8]])  # overlaps the window before it: only its last 2 are new
     inputs, targets, scored = window_targets(windows, torch.tensor([4, 2]))

@@ -23,9 +23,10 @@ from etegrec.config import Config, ConfigError
 from etegrec.data import SequenceData
 from etegrec.forge import get_code
 from etegrec.hooks.codebook import CodebookHooks
-from etegrec.models import CodeTrie, RecommenderOutput, catalogue_nce, code_loss, info_nce, symmetric_kl
+from etegrec.models import CodeTrie, RecommenderOutput, code_loss
 
-from .embed import make_windows
+from .alignment import Alignment
+from .embed import make_windows, window_targets
 from .evaluation import BeamEvaluation, check_same_on_every_rank
 from .factories import build_recommender, build_tokenizer, tokenizer_inputs
 from .fit import LoopPosition, StageTrainer, fit_stage
@@ -34,23 +35,13 @@ from .probing import Prober
 from .run import Run
 from .stopping import EarlyStopping
 
-__all__ = ["JointTrainer", "LOSS_PARTS", "REPEAT_BIAS_LR", "phase_of", "window_targets"]
+__all__ = ["JointTrainer", "LOSS_PARTS", "REPEAT_BIAS_LR", "phase_of"]
 
 REPEAT_BIAS_LR = 0.05  # as the SASRec stage's (etegrec.training.embed.REPEAT_BIAS_LR)
 
 LOSS_PARTS = {"id": ("vq_loss", "code_loss", "kl_loss", "dec_cl_loss"),
               "rec": ("code_loss", "kl_loss", "dec_cl_loss"),
               "finetune": ("code_loss",)}
-
-
-def window_targets(windows: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs (B, W), next items (B, W) and which of them are scored (B, W) of ``windows`` (B, W + 1) with
-    ``targets: all``: a real item after a real input, among the row's last ``counted`` (B,) positions
-    (an overlapping window scores only the targets the previous one did not)."""
-    inputs, targets = windows[:, :-1], windows[:, 1:]
-    width = inputs.shape[1]
-    scored = (inputs != 0) & (targets != 0) & (torch.arange(width, device=windows.device) >= width - counted[:, None])
-    return inputs, targets, scored
 
 
 def phase_of(epoch: int, cycle: int, train_tokenizer: bool = True) -> str:
@@ -84,11 +75,11 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         self.codes: torch.Tensor | None = None  # (n_items + 1, L + 1), row 0 = padding
         self.trie: CodeTrie | None = None
         self.codes_changed = 1.0  # share of items whose code changed at the last refresh
-        self._catalogue_cache: tuple[tuple[int, ...], torch.Tensor] | None = None  # see _catalogue
         self.prober = Prober(data, users=cfg.probe_users, seed=config.run.seed) if cfg.probe_users else None
         self.eval_every = cfg.eval_step
         self.stopping = EarlyStopping("ndcg@10", mode="max", patience=cfg.patience)
         self.hooks = CodebookHooks(self.tokenizer, stage=self.stage, sender=self)
+        self.alignment = Alignment(config, self.tokenizer, self.item_emb, self.hooks)
 
     # --- pieces of the loop -------------------------------------------------------------------
 
@@ -186,35 +177,9 @@ class JointTrainer(BeamEvaluation, StageTrainer):
             if phase == "id":
                 parts["vq_loss"] = tok.loss
             if align:
-                seq_logits = self.tokenizer.code_logits(out.encoder_latent)  # negative distances
-                parts["kl_loss"] = sum(symmetric_kl(s, t) for s, t in zip(seq_logits, tok.logits))
-                parts["dec_cl_loss"] = self._semantic_alignment(out.decoder_semantic, tok.recon, target, phase)
+                parts.update(self.alignment.losses(out, tok, target, train_tokenizer=phase == "id"))
         parts["loss"] = sum(weights[k] * v for k, v in parts.items() if weights.get(k, 0) > 0)
         return parts
-
-    def _semantic_alignment(self, semantic: torch.Tensor, recon: torch.Tensor, target: torch.Tensor,
-                            phase: str) -> torch.Tensor:
-        """ETEGRec's preference-semantic alignment: InfoNCE of the decoder's first states against the
-        tokenizer's reconstructions of the targets (``recon``), the batch's other targets the negatives;
-        with ``joint.cl_negatives=catalogue`` against the reconstructions of every item instead."""
-        cfg = self.config.joint
-        if cfg.cl_negatives == "batch":
-            return info_nce(semantic, recon, cfg.cl_temperature)
-        return catalogue_nce(semantic, self._catalogue(train=phase == "id"), target - 1, cfg.cl_temperature)
-
-    def _catalogue(self, *, train: bool) -> torch.Tensor:
-        """The tokenizer's reconstruction of every item (n_items, d), row i = item i + 1. A frozen
-        tokenizer (eval mode, no gradient) gives the same rows until its weights change, so they are
-        kept until any of its parameters is written (an optimiser step or a checkpoint load bumps
-        the tensors' version counters); a training one recomputes them at every call."""
-        version = tuple(p._version for p in self.tokenizer.parameters())
-        if not train and self._catalogue_cache is not None and self._catalogue_cache[0] == version \
-                and not self.tokenizer.training:
-            return self._catalogue_cache[1]
-        with torch.set_grad_enabled(train), self.hooks.pause():  # not code usage: no histogram counts it
-            catalogue = self.tokenizer(self.item_emb[1:]).recon
-        self._catalogue_cache = None if train or self.tokenizer.training else (version, catalogue)
-        return catalogue
 
     def _forward(self, idx: torch.Tensor) -> tuple[RecommenderOutput, torch.Tensor]:
         """The recommender's outputs for the samples ``idx`` and their target items (N,), one row per target."""
