@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from etegrec.config import load_config
-from etegrec.training.embed import make_windows, window_targets
+from etegrec.models import window_targets
+from etegrec.training.embed import make_windows
 from etegrec.training.loop import shuffled_batches
 from etegrec.training.stages import load_stage_data
 

@@ -384,7 +384,7 @@ def test_catalogue_negatives_contrast_the_decoder_state_with_every_items_reconst
 
 
 def test_window_targets_score_real_next_items_among_the_rows_last_counted_positions():
-    from etegrec.training.embed import window_targets
+    from etegrec.models import window_targets
     windows = torch.tensor([[0, 0, 5, 6, 7],  # padded start: the first real input is item 5
                             [1, 2, 3, 4, 8]])  # overlaps the window before it: only its last 2 are new
     inputs, targets, scored = window_targets(windows, torch.tensor([4, 2]))

@@ -13,7 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SASRec"]
+__all__ = ["SASRec", "window_targets"]
+
+
+def window_targets(windows: torch.Tensor, counted: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs (B, W), next items (B, W) and which of them are scored (B, W) of left-padded ``windows``
+    (B, W + 1): a real item after a real input, among the row's last ``counted`` (B,) positions when
+    given (an overlapping window scores only the targets the previous one did not)."""
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    scored = (inputs != 0) & (targets != 0)
+    if counted is not None:
+        width = inputs.shape[1]
+        scored &= torch.arange(width, device=windows.device)[None, :] >= (width - counted)[:, None]
+    return inputs, targets, scored
 
 
 class SASRec(nn.Module):
@@ -159,12 +172,8 @@ class SASRec(nn.Module):
         empty history), are ignored. ``counted`` (batch,), when given, keeps only the last
         ``counted[b]`` targets of window b (overlapping windows predict each item once).
         """
-        inputs, targets = seq[:, :-1], seq[:, 1:]  # (batch, T) each
-        ignored = inputs == 0
-        if counted is not None:
-            position = torch.arange(targets.shape[1], device=seq.device)
-            ignored |= position[None, :] < (targets.shape[1] - counted)[:, None]
-        targets = targets.masked_fill(ignored, 0)
+        inputs, targets, scored = window_targets(seq, counted)  # (batch, T) each
+        targets = targets.masked_fill(~scored, 0)
         seen = self._seen(inputs) if self.repeat_bias is not None else None
         logits = self._logits(self.forward(inputs), seen)  # (batch, T, n_items + 1)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0)

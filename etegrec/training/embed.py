@@ -29,7 +29,7 @@ from .rundir import atomic_write_bytes, atomic_write_text
 from .stages import load_stage_data
 from .stopping import EarlyStopping
 
-__all__ = ["EmbedTrainer", "main", "make_windows", "run_embed", "window_targets"]
+__all__ = ["EmbedTrainer", "main", "make_windows", "run_embed"]
 
 REPEAT_BIAS_LR = 0.05  # learning rate of SASRec's repeat bias (embed.repeat_bias)
 
@@ -61,16 +61,6 @@ def make_windows(sequences: list[np.ndarray], length: int, stride: int | None = 
             end -= stride
     windows = np.asarray(rows, dtype=np.int64).reshape(-1, length)
     return windows, np.asarray(counted, dtype=np.int64)
-
-
-def window_targets(windows: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs (B, W), next items (B, W) and which of them are scored (B, W) of ``windows`` (B, W + 1) with
-    ``targets: all``: a real item after a real input, among the row's last ``counted`` (B,) positions
-    (an overlapping window scores only the targets the previous one did not)."""
-    inputs, targets = windows[:, :-1], windows[:, 1:]
-    width = inputs.shape[1]
-    scored = (inputs != 0) & (targets != 0) & (torch.arange(width, device=windows.device) >= width - counted[:, None])
-    return inputs, targets, scored
 
 
 class EmbedTrainer(StageTrainer):

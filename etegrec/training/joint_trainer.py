@@ -23,10 +23,10 @@ from etegrec.config import Config, ConfigError
 from etegrec.data import SequenceData
 from etegrec.forge import get_code
 from etegrec.hooks.codebook import CodebookHooks
-from etegrec.models import CodeTrie, RecommenderOutput, code_loss
+from etegrec.models import CodeTrie, RecommenderOutput, code_loss, window_targets
 
 from .alignment import Alignment
-from .embed import make_windows, window_targets
+from .embed import make_windows
 from .evaluation import BeamEvaluation, check_same_on_every_rank
 from .factories import build_recommender, build_tokenizer, tokenizer_inputs
 from .fit import LoopPosition, StageTrainer, fit_stage
