@@ -1,7 +1,7 @@
 """Quality on ml-100k under docs/protocol.md: test Recall@5/10 and NDCG@5/10, mean and std over seeds.
 
     python benchmarks/quality.py [--seeds 2024 2025 2026] [--jobs 2] [--threads 1] [--config ml-100k]
-                                 [--runs runs/quality]
+                                 [--runs runs/quality] [--repeats 1] [--pool EARLIER.json ...]
                                  [--models pop markov cooccurrence sasrec sasrec_repeat_bias tiger etegrec_noforge etegrec]
 
 ``--jobs 1 --threads 0`` runs each command alone on every core, as the README's command does (the
@@ -27,6 +27,15 @@ Every run is a command (``python -m etegrec.training.joint ...`` or ``.embed``) 
 under ``--runs``; a finished run (its ``metrics.json``) is not run again and a stopped one is
 resumed, so the benchmark can be stopped and restarted. Prints the table and writes
 ``benchmarks/results/quality.json``.
+
+Two runs of the same command and seed on two threads differ by several thousandths of NDCG@10 (float
+sums in another order), about as much as two models may differ. ``--repeats K`` runs every trained
+model K times per seed (``<model>-<seed>``, then ``<model>-<seed>-rep2`` ...); ``--pool FILE`` adds the
+per-seed values of an earlier results file as one more run of each model and seed it holds. A seed's
+value is then the mean of its runs; ``std`` is still over seeds, and ``run_std`` (the pooled std of
+runs within a seed) says how far one run is from another. With ``tiger`` and ``etegrec`` both in the
+table, ``gap`` compares them: the difference of the means, the pooled std over seeds
+(``sqrt((std_a^2 + std_b^2) / 2)``) and the difference per seed.
 """
 from __future__ import annotations
 
@@ -129,18 +138,65 @@ def sasrec_metrics(seed: int, config: str, overrides: list[str]) -> dict[str, fl
     return json.loads((stage_dir(cfg, "embed", ("embed",), load_stage_data(cfg)) / "metrics.json").read_text())["test"]
 
 
-def summarise(per_seed: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict]:
+def run_dir(root: Path, model: str, seed: int, repeat: int) -> Path:
+    """A run's directory: the first repetition keeps the plain ``<model>-<seed>`` name."""
+    return root / (f"{model}-{seed}" if repeat == 1 else f"{model}-{seed}-rep{repeat}")
+
+
+def summarise(per_seed: dict[str, dict[int, list[dict[str, float]]]]) -> dict[str, dict]:
+    """Per model: each metric's mean and std over seeds of the per-seed means of the runs.
+
+    ``per_seed[model][seed]`` is the list of that seed's runs (their test metrics). ``values`` are the
+    per-seed means; with more than one run for some seed the row also holds every run (``runs``) and
+    ``run_std``, the pooled within-seed std (the root of the mean within-seed variance)."""
     table = {}
-    for model, runs in per_seed.items():
-        if not runs:
+    for model, seeds in per_seed.items():
+        seeds = {s: runs for s, runs in seeds.items() if runs}
+        if not seeds:
             continue
-        row = {"seeds": sorted(runs)}
+        row = {"seeds": sorted(seeds), "runs_per_seed": [len(seeds[s]) for s in sorted(seeds)]}
         for m in METRICS:
-            values = [runs[s][m] for s in sorted(runs)]
+            runs = [[run[m] for run in seeds[s]] for s in sorted(seeds)]
+            values = [statistics.fmean(r) for r in runs]
             row[m] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                       "values": values}
+            repeated = [r for r in runs if len(r) > 1]
+            if repeated:
+                row[m]["runs"] = runs
+                row[m]["run_std"] = statistics.fmean(statistics.variance(r) for r in repeated) ** 0.5
         table[model] = row
     return table
+
+
+def gap(table: dict[str, dict], model: str = "etegrec", baseline: str = "tiger", metric: str = "ndcg@10") -> dict | None:
+    """``model`` against ``baseline`` on the seeds both have: difference of the means, pooled std over
+    seeds and the difference per seed (``None`` when either is missing)."""
+    if model not in table or baseline not in table:
+        return None
+    a, b = table[model], table[baseline]
+    common = sorted(set(a["seeds"]) & set(b["seeds"]))
+    if not common:
+        return None
+    va = [a[metric]["values"][a["seeds"].index(s)] for s in common]
+    vb = [b[metric]["values"][b["seeds"].index(s)] for s in common]
+    std = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+    return {"metric": metric, "model": model, "baseline": baseline, "seeds": common,
+            "difference": statistics.fmean(va) - statistics.fmean(vb),
+            "pooled_std": ((std(va) ** 2 + std(vb) ** 2) / 2) ** 0.5,
+            "per_seed": [x - y for x, y in zip(va, vb)]}
+
+
+def pooled_runs(path: Path, models: list[str], seeds: list[int]) -> dict[tuple[str, int], dict[str, float]]:
+    """An earlier results file's per-seed test metrics, as one run per (model, seed) it holds."""
+    earlier = json.loads(Path(path).read_text())["models"]
+    runs = {}
+    for model in models:
+        row = earlier.get(model)
+        for seed in seeds if row else ():
+            if seed in row["seeds"]:
+                i = row["seeds"].index(seed)
+                runs[(model, seed)] = {m: row[m]["values"][i] for m in METRICS if m in row}
+    return runs
 
 
 def main() -> None:
@@ -157,6 +213,9 @@ def main() -> None:
     parser.add_argument("--output", default=str(RESULTS / "quality.json"))
     parser.add_argument("--summarise-only", action="store_true",
                         help="run nothing: summarise the finished runs under --runs (missing ones are listed)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per trained model and seed")
+    parser.add_argument("--pool", action="append", default=[], metavar="FILE",
+                        help="an earlier results file whose per-seed values count as one more run each")
     args = parser.parse_args()
 
     root = Path(args.runs)
@@ -165,50 +224,67 @@ def main() -> None:
         joint_models = ["etegrec"]  # the SASRec stage is built by a pipeline run
     other_models = [m for m in args.models if m in VARIANTS and VARIANTS[m][0] != "joint"]
 
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, not {args.repeats}")
+    for path in args.pool:
+        if not Path(path).is_file():
+            parser.error(f"--pool: no results file at {path}")
+
     def run(job):
-        model, seed = job
+        model, seed, repeat = job
         stage, overrides = VARIANTS[model]
-        return job, stage_run(stage, root / f"{model}-{seed}", seed, args.config, [*args.overrides, *overrides],
-                              args.threads)
+        return job, stage_run(stage, run_dir(root, model, seed, repeat), seed, args.config,
+                              [*args.overrides, *overrides], args.threads)
 
     # a seed's first run builds its cached embedding and tokenizer stages, which its other runs reuse:
     # the first runs of all seeds go first (different seeds never share a stage), then the others
-    first = [(joint_models[0], s) for s in args.seeds] if joint_models else []
-    rest = [(m, s) for m in [*joint_models[1:], *other_models] for s in args.seeds]  # model by model
+    first = [(joint_models[0], s, 1) for s in args.seeds] if joint_models else []
+    rest = [(m, s, r) for r in range(1, args.repeats + 1) for m in [*joint_models, *other_models] for s in args.seeds
+            if (m, s, r) not in first]  # repetition by repetition, model by model
     if args.summarise_only:
-        done = {job: json.loads((root / f"{job[0]}-{job[1]}" / "metrics.json").read_text())
-                for job in first + rest if (root / f"{job[0]}-{job[1]}" / "metrics.json").exists()}
-        missing = [f"{m}-{s}" for m, s in first + rest if (m, s) not in done]
+        done = {job: json.loads((run_dir(root, *job) / "metrics.json").read_text())
+                for job in first + rest if (run_dir(root, *job) / "metrics.json").exists()}
+        missing = [run_dir(root, *job).name for job in first + rest if job not in done]
         if missing:
             print(f"not finished (left out): {', '.join(missing)}")
     else:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             done = dict(pool.map(run, first))
             done.update(pool.map(run, rest))
-    per_seed: dict[str, dict[int, dict[str, float]]] = {}
+    pooled = [pooled_runs(path, list(VARIANTS), args.seeds) for path in args.pool]
+    per_seed: dict[str, dict[int, list[dict[str, float]]]] = {}
     if "pop" in args.models:
         pop = popularity(args.config, args.overrides)
-        per_seed["pop"] = {s: pop for s in args.seeds}
+        per_seed["pop"] = {s: [pop] for s in args.seeds}
     for name in ("markov", "cooccurrence"):
         if name in args.models:
             metrics = count_baseline(name, args.config, args.overrides)
-            per_seed[name] = {s: metrics for s in args.seeds}
+            per_seed[name] = {s: [metrics] for s in args.seeds}
     if "sasrec" in args.models:
-        per_seed["sasrec"] = {s: sasrec_metrics(s, args.config, args.overrides) for s in args.seeds}
+        per_seed["sasrec"] = {s: [sasrec_metrics(s, args.config, args.overrides)] for s in args.seeds}
     for model in (m for m in args.models if m in VARIANTS):
-        per_seed[model] = {s: done[(model, s)]["test"] for s in args.seeds if (model, s) in done}
+        per_seed[model] = {s: [done[(model, s, r)]["test"] for r in range(1, args.repeats + 1) if (model, s, r) in done]
+                              + [earlier[(model, s)] for earlier in pooled if (model, s) in earlier]
+                           for s in args.seeds}
 
     table = summarise(per_seed)
+    comparison = gap(table)
     print(f"ml-100k test metrics, mean ± std over seeds {args.seeds} ({args.config} config)")
-    print(f"{'model (seeds)':<30}" + "".join(f"{m:>18}" for m in METRICS))
+    print(f"{'model (runs per seed)':<30}" + "".join(f"{m:>18}" for m in METRICS) + "   run-to-run std")
     for model, row in table.items():
-        name = f"{model} ({len(row['seeds'])})"
-        print(f"{name:<30}" + "".join(f"{row[m]['mean']:>10.4f} ± {row[m]['std']:.4f}" for m in METRICS))
+        name = f"{model} ({'/'.join(map(str, row['runs_per_seed']))})"
+        spread = f"   {row['ndcg@10']['run_std']:.4f}" if "run_std" in row["ndcg@10"] else ""
+        print(f"{name:<30}" + "".join(f"{row[m]['mean']:>10.4f} ± {row[m]['std']:.4f}" for m in METRICS) + spread)
     for name, anchor in ANCHORS.items():
         print(f"{name:<30}" + "".join(f"{anchor[m]:>10.4f}        " for m in METRICS))
+    if comparison:
+        print(f"{comparison['model']} - {comparison['baseline']}, test {comparison['metric']}: "
+              f"{comparison['difference']:+.4f} (pooled std over seeds {comparison['pooled_std']:.4f}; per seed "
+              + " / ".join(f"{d:+.4f}" for d in comparison["per_seed"]) + ")")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps({"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
-                                             "models": table, "anchors": ANCHORS}, indent=2))
+                                             "repeats": args.repeats, "pooled": args.pool, "models": table,
+                                             "gap": comparison, "anchors": ANCHORS}, indent=2))
 
 
 if __name__ == "__main__":

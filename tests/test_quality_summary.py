@@ -1,0 +1,90 @@
+"""benchmarks/quality.py's table: per-seed means over repeated runs, earlier results pooled in, and the
+ETEGRec-against-TIGER gap, checked on constructed runs whose figures are known."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", QUALITY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def metrics(ndcg10: float) -> dict[str, float]:
+    return {"recall@5": 2 * ndcg10, "recall@10": 3 * ndcg10, "ndcg@5": ndcg10 / 2, "ndcg@10": ndcg10}
+
+
+def test_a_seed_is_the_mean_of_its_runs_and_run_std_is_their_pooled_spread(quality):
+    table = quality.summarise({"etegrec": {2024: [metrics(0.10), metrics(0.20)], 2025: [metrics(0.30)]}})
+    row = table["etegrec"]["ndcg@10"]
+    assert table["etegrec"]["runs_per_seed"] == [2, 1]
+    assert row["values"] == pytest.approx([0.15, 0.30])
+    assert row["mean"] == pytest.approx(0.225)
+    assert row["std"] == pytest.approx(math.sqrt(2) * 0.075)  # stdev of (0.15, 0.30)
+    assert row["runs"] == [[0.10, 0.20], [0.30]]
+    assert row["run_std"] == pytest.approx(math.sqrt(0.005))  # variance of (0.1, 0.2); seed 2025 has one run
+    single = quality.summarise({"tiger": {2024: [metrics(0.1)], 2025: [metrics(0.2)]}})["tiger"]["ndcg@10"]
+    assert "runs" not in single and "run_std" not in single
+
+
+def test_gap_is_the_difference_of_means_against_the_pooled_std_over_seeds(quality):
+    table = quality.summarise({
+        "etegrec": {2024: [metrics(0.08)], 2025: [metrics(0.06)], 2026: [metrics(0.07)]},
+        "tiger": {2024: [metrics(0.07)], 2025: [metrics(0.07)], 2026: [metrics(0.07)]},
+    })
+    result = quality.gap(table)
+    assert result["seeds"] == [2024, 2025, 2026]
+    assert result["difference"] == pytest.approx(0.0)
+    assert result["pooled_std"] == pytest.approx(math.sqrt((0.01 ** 2 + 0.0) / 2))
+    assert result["per_seed"] == pytest.approx([0.01, -0.01, 0.0])
+    assert quality.gap(quality.summarise({"etegrec": {2024: [metrics(0.1)]}})) is None
+
+
+def test_summarise_only_pools_an_earlier_results_file_as_one_more_run(quality, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    finished = {("etegrec", 2024, 1): 0.08, ("etegrec", 2024, 2): 0.06, ("etegrec", 2025, 1): 0.07,
+                ("tiger", 2024, 1): 0.07, ("tiger", 2025, 1): 0.075}
+    for (model, seed, repeat), value in finished.items():
+        directory = quality.run_dir(runs, model, seed, repeat)
+        directory.mkdir(parents=True)
+        (directory / "metrics.json").write_text(json.dumps({"test": metrics(value)}))
+    assert quality.run_dir(runs, "tiger", 2025, 1).name == "tiger-2025"
+    assert quality.run_dir(runs, "tiger", 2025, 2).name == "tiger-2025-rep2"
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"models": quality.summarise(
+        {"etegrec": {2024: [metrics(0.10)], 2025: [metrics(0.09)]}, "tiger": {2025: [metrics(0.065)]}})}))
+    output = tmp_path / "quality.json"
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--summarise-only", "--models", "tiger", "etegrec",
+                                      "--seeds", "2024", "2025", "--repeats", "2", "--runs", str(runs),
+                                      "--pool", str(earlier), "--output", str(output)])
+    quality.main()
+    printed = capsys.readouterr().out
+    assert "not finished (left out): tiger-2024-rep2, tiger-2025-rep2, etegrec-2025-rep2" in printed
+    result = json.loads(output.read_text())
+    assert result["models"]["etegrec"]["ndcg@10"]["runs"] == [[0.08, 0.06, 0.10], [0.07, 0.09]]
+    assert result["models"]["etegrec"]["ndcg@10"]["values"] == pytest.approx([0.08, 0.08])
+    assert result["models"]["tiger"]["ndcg@10"]["runs"] == [[0.07], [0.075, 0.065]]
+    assert result["gap"]["per_seed"] == pytest.approx([0.01, 0.01])
+    assert result["gap"]["difference"] == pytest.approx(0.01)
+    assert "etegrec - tiger, test ndcg@10: +0.0100" in printed
+
+
+def test_a_missing_pool_file_is_named_before_anything_runs(quality, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--models", "etegrec", "--runs", str(tmp_path / "runs"),
+                                      "--pool", str(tmp_path / "nowhere.json")])
+    with pytest.raises(SystemExit) as stopped:
+        quality.main()
+    assert stopped.value.code == 2
+    assert f"--pool: no results file at {tmp_path / 'nowhere.json'}" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
