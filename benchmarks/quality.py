@@ -245,7 +245,9 @@ def main() -> None:
         done = {job: json.loads((run_dir(root, *job) / "metrics.json").read_text())
                 for job in first + rest if (run_dir(root, *job) / "metrics.json").exists()}
         missing = [run_dir(root, *job).name for job in first + rest if job not in done]
-        if missing:
+        if not root.exists():
+            print(f"no runs under {root}: only the --pool files are summarised" if args.pool else f"no runs under {root}")
+        elif missing:
             print(f"not finished (left out): {', '.join(missing)}")
     else:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -88,3 +88,15 @@ def test_a_missing_pool_file_is_named_before_anything_runs(quality, tmp_path, mo
     assert stopped.value.code == 2
     assert f"--pool: no results file at {tmp_path / 'nowhere.json'}" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_summarise_only_from_earlier_results_alone_says_there_are_no_runs(quality, tmp_path, monkeypatch, capsys):
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"models": quality.summarise({"etegrec": {2024: [metrics(0.1)]}})}))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--summarise-only", "--models", "etegrec", "--seeds", "2024",
+                                      "--runs", str(tmp_path / "none"), "--pool", str(earlier), "--pool", str(earlier),
+                                      "--output", str(tmp_path / "out.json")])
+    quality.main()
+    assert f"no runs under {tmp_path / 'none'}: only the --pool files are summarised" in capsys.readouterr().out
+    row = json.loads((tmp_path / "out.json").read_text())["models"]["etegrec"]
+    assert row["runs_per_seed"] == [2] and row["ndcg@10"]["runs"] == [[0.1, 0.1]]
