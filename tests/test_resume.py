@@ -65,7 +65,8 @@ def _by_epoch(events: list[dict], name: str, **match) -> dict[int, dict]:
     return {e["epoch"]: e for e in chosen}
 
 
-def _assert_same_training(run_dir: Path, reference: Path, renamed: dict[str, str] | None = None) -> None:
+def _assert_same_training(run_dir: Path, reference: Path, renamed: dict[str, str] | None = None,
+                          weights_atol: float = 1e-6) -> None:
     """Every epoch once, with the reference's losses, codebook counts, validation and test metrics
     (``renamed``: loss names of the run's older records that today's trainers emit under another name)."""
     events, ref = read_events(run_dir / "events.jsonl"), read_events(reference / "events.jsonl")
@@ -87,7 +88,7 @@ def _assert_same_training(run_dir: Path, reference: Path, renamed: dict[str, str
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
     ref_last = torch.load(reference / "checkpoints" / "last.pt", weights_only=False)
     for name, tensor in ref_last["recommender"].items():
-        assert torch.allclose(last["recommender"][name], tensor, atol=1e-6), name
+        assert torch.allclose(last["recommender"][name], tensor, atol=weights_atol), name
     assert torch.equal(last["codes"], ref_last["codes"])
 
 
@@ -151,8 +152,10 @@ def test_a_checkpoint_written_before_the_one_fit_loop_still_resumes_and_ends_lik
 
     resumed = _joint(workspace, "joint-run-v1", "--wandb-mode", "disabled", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # the epochs before the stop were logged when the optimised sum was still called "loss"
-    _assert_same_training(run_dir, workspace / "reference", renamed={"loss": "loss_total"})
+    # the epochs before the stop were logged when the optimised sum was still called "loss". Those epochs
+    # ran on whichever CPU wrote the checkpoint: on one with other vector kernels (AVX-512 against AVX2) the
+    # final weights come out up to 1.3e-5 apart (measured) while every loss and metric still agrees to 1e-6
+    _assert_same_training(run_dir, workspace / "reference", renamed={"loss": "loss_total"}, weights_atol=1e-4)
     starts = [e for e in read_events(run_dir / "events.jsonl") if e["signal"] == "run_started"]
     assert [(s["resumed"], s["start_epoch"]) for s in starts] == [(False, 0), (True, 2)]
 
