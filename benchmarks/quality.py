@@ -143,6 +143,11 @@ def run_dir(root: Path, model: str, seed: int, repeat: int) -> Path:
     return root / (f"{model}-{seed}" if repeat == 1 else f"{model}-{seed}-rep{repeat}")
 
 
+def spread(values: list[float]) -> float:
+    """Sample std, 0 for a single value."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarise(per_seed: dict[str, dict[int, list[dict[str, float]]]]) -> dict[str, dict]:
     """Per model: each metric's mean and std over seeds of the per-seed means of the runs.
 
@@ -158,8 +163,7 @@ def summarise(per_seed: dict[str, dict[int, list[dict[str, float]]]]) -> dict[st
         for m in METRICS:
             runs = [[run[m] for run in seeds[s]] for s in sorted(seeds)]
             values = [statistics.fmean(r) for r in runs]
-            row[m] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                      "values": values}
+            row[m] = {"mean": statistics.fmean(values), "std": spread(values), "values": values}
             repeated = [r for r in runs if len(r) > 1]
             if repeated:
                 row[m]["runs"] = runs
@@ -179,10 +183,9 @@ def gap(table: dict[str, dict], model: str = "etegrec", baseline: str = "tiger",
         return None
     va = [a[metric]["values"][a["seeds"].index(s)] for s in common]
     vb = [b[metric]["values"][b["seeds"].index(s)] for s in common]
-    std = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
     return {"metric": metric, "model": model, "baseline": baseline, "seeds": common,
             "difference": statistics.fmean(va) - statistics.fmean(vb),
-            "pooled_std": ((std(va) ** 2 + std(vb) ** 2) / 2) ** 0.5,
+            "pooled_std": ((spread(va) ** 2 + spread(vb) ** 2) / 2) ** 0.5,
             "per_seed": [x - y for x, y in zip(va, vb)]}
 
 

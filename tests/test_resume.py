@@ -153,7 +153,7 @@ def test_a_checkpoint_written_before_the_one_fit_loop_still_resumes_and_ends_lik
     resumed = _joint(workspace, "joint-run-v1", "--wandb-mode", "disabled", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # the epochs before the stop were logged when the optimised sum was still called "loss". Those epochs
-    # ran on whichever CPU wrote the checkpoint: on one with other vector kernels (AVX-512 against AVX2) the
+    # ran on whichever CPU wrote the checkpoint: on one with other vector kernels (AVX-512 here, none there) the
     # final weights come out up to 1.3e-5 apart (measured) while every loss and metric still agrees to 1e-6
     _assert_same_training(run_dir, workspace / "reference", renamed={"loss": "loss_total"}, weights_atol=1e-4)
     starts = [e for e in read_events(run_dir / "events.jsonl") if e["signal"] == "run_started"]
