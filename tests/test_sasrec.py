@@ -143,12 +143,14 @@ def test_repeat_bias_shifts_exactly_the_history_items():
 def test_repeat_bias_in_training_covers_each_positions_own_history_only():
     model = _tiny(repeat_bias=True)
     inputs = torch.tensor([[0, 0, 3, 4, 5, 3], [1, 2, 7, 8, 9, 10]])
-    seen = model._seen(inputs)
+    rows, positions = torch.meshgrid(torch.arange(2), torch.arange(6), indexing="ij")
+    seen = model._seen(inputs, rows.flatten(), positions.flatten()).view(2, 6, 31)
     for b in range(2):
         for t in range(6):
             expected = torch.zeros(31)
             expected[inputs[b, : t + 1]] = 1.0
-            assert torch.equal(seen[b, t], expected), (b, t)
+            # column 0 is padding: its logit is -inf whatever seen says
+            assert torch.equal(seen[b, t, 1:], expected[1:]), (b, t)
 
 
 def test_repeat_bias_learns_to_push_history_items_down_when_users_never_repeat():
@@ -161,3 +163,23 @@ def test_repeat_bias_learns_to_push_history_items_down_when_users_never_repeat()
         model.window_loss(windows).backward()
         optimizer.step()
     assert model.repeat_bias.item() < -0.1
+
+
+def test_window_loss_is_the_mean_loss_of_every_scored_position_with_its_own_history_biased():
+    model = _tiny(repeat_bias=True)
+    with torch.no_grad():
+        model.repeat_bias.fill_(-2.0)
+        windows = torch.tensor([[0, 0, 0, 4, 9, 4, 2], [3, 1, 5, 7, 3, 8, 6]])
+        states = model(windows[:, :-1])  # (2, 6, hidden)
+        losses = []
+        for b in range(2):
+            for t in range(6):
+                history, target = windows[b, : t + 1], windows[b, t + 1]
+                if history[-1] == 0 or target == 0:
+                    continue
+                seen = torch.zeros(31)
+                seen[history] = 1.0
+                logits = model._logits(states[b, t], seen)
+                losses.append(torch.nn.functional.cross_entropy(logits[None], target[None]))
+        assert len(losses) == 9
+        assert torch.allclose(model.window_loss(windows), torch.stack(losses).mean(), atol=1e-6)

@@ -148,13 +148,13 @@ class SASRec(nn.Module):
         logits[..., 0] = float("-inf")
         return logits
 
-    def _seen(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(batch, T, n_items + 1): 1 where the item is among ``inputs[:, :t + 1]`` (position t's history)."""
-        batch, length = inputs.shape
-        causal = torch.ones(length, length, device=inputs.device).tril()  # [t, s] = 1 when s <= t
-        seen = torch.zeros(batch, length, self.n_items + 1, device=inputs.device)
-        return seen.scatter_reduce_(2, inputs[:, None, :].expand(batch, length, length),
-                                    causal.expand(batch, length, length), reduce="amax")
+    def _seen(self, inputs: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(n, n_items + 1): 1 for the items of ``inputs[rows[i], :positions[i] + 1]``, the history of
+        each scored position (column 0, padding, may be set: its logit is -inf anyway)."""
+        history = inputs[rows]  # (n, T)
+        visible = torch.arange(inputs.shape[1], device=inputs.device)[None, :] <= positions[:, None]
+        seen = torch.zeros(len(rows), self.n_items + 1, device=inputs.device)
+        return seen.scatter_(1, history * visible, 1.0)
 
     def score(self, history: torch.Tensor) -> torch.Tensor:
         """Logits (batch, n_items + 1) of the next item after each history; column 0 is -inf."""
@@ -173,7 +173,10 @@ class SASRec(nn.Module):
         ``counted[b]`` targets of window b (overlapping windows predict each item once).
         """
         inputs, targets, scored = window_targets(seq, counted)  # (batch, T) each
-        targets = targets.masked_fill(~scored, 0)
-        seen = self._seen(inputs) if self.repeat_bias is not None else None
-        logits = self._logits(self.forward(inputs), seen)  # (batch, T, n_items + 1)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0)
+        rows, positions = scored.nonzero(as_tuple=True)  # (n,) each
+        # Logits only where a target is scored: short histories leave most of a window padded, and
+        # the (targets, n_items) logit matrix is the stage's largest cost.
+        states = self.forward(inputs)[rows, positions]  # (n, hidden)
+        seen = self._seen(inputs, rows, positions) if self.repeat_bias is not None else None
+        logits = self._logits(states, seen)  # (n, n_items + 1)
+        return F.cross_entropy(logits, targets[rows, positions])
