@@ -153,6 +153,7 @@ class JointConfig:
     targets: str = "last"  # "last": one target per history (paper); "all": a target after every item of a window
     window_stride: int | None = None  # with targets "all": new targets per window; None = data.max_his_len
     probe_users: int = 200  # validation users the learning probes run on at every validation; 0 = no probes
+    valid_users: int = 0  # validation users model selection scores (a fixed seeded subsample); 0 = every user
 
 
 @dataclass

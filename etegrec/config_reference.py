@@ -102,6 +102,7 @@ KEY_DOCS = {
     "joint.targets": "last: one target per history (paper); all: a target after every item of a window",
     "joint.window_stride": "with targets all: new targets per window; null = data.max_his_len",
     "joint.probe_users": "validation users the learning probes run on at every validation; 0 = no probes",
+    "joint.valid_users": "validation users that model selection scores by beam search, a fixed subsample (the same for every seed and run); 0 = every user. Test always scores every user",
     "run.seed": "random seed",
     "run.name": "W&B run name (the spec's ckpt_name); null = the run directory's unique name",
     "run.log_every": "emit step_end every N steps; 0 = never",

@@ -24,7 +24,7 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {
     "lr", "lr_rec", "lr_id", "weight_decay", "dropout", "beta", "warm_epoch", "warmup_epochs", "max_grad_norm",
-    "finetune_epochs", "probe_users", "log_every", "num_threads", "restart_dead_every", "id_vq_weight", "id_code_weight", "id_kl_weight",
+    "finetune_epochs", "probe_users", "valid_users", "log_every", "num_threads", "restart_dead_every", "id_vq_weight", "id_code_weight", "id_kl_weight",
     "id_dec_cl_weight", "rec_code_weight", "rec_kl_weight", "rec_dec_cl_weight", "code_margin",
 }
 
