@@ -100,3 +100,21 @@ def test_summarise_only_from_earlier_results_alone_says_there_are_no_runs(qualit
     assert f"no runs under {tmp_path / 'none'}: only the --pool files are summarised" in capsys.readouterr().out
     row = json.loads((tmp_path / "out.json").read_text())["models"]["etegrec"]
     assert row["runs_per_seed"] == [2] and row["ndcg@10"]["runs"] == [[0.1, 0.1]]
+
+
+def test_another_dataset_prints_its_published_rows_marked_as_published(quality, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    (quality.run_dir(runs, "etegrec", 2024, 1)).mkdir(parents=True)
+    (quality.run_dir(runs, "etegrec", 2024, 1) / "metrics.json").write_text(json.dumps({"test": metrics(0.04)}))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--summarise-only", "--dataset", "amazon-beauty",
+                                      "--models", "etegrec", "--seeds", "2024", "--runs", str(runs),
+                                      "--output", str(tmp_path / "out.json")])
+    quality.main()
+    printed = capsys.readouterr().out
+    assert printed.startswith("amazon-beauty test metrics")
+    tiger = next(line for line in printed.splitlines() if line.startswith("published: TIGER (TIGER paper"))
+    assert tiger.split()[-4:] == ["0.0454", "0.0648", "0.0321", "0.0384"]  # R@5, R@10, N@5, N@10
+    assert "published: Pop (RecBole)" not in printed  # ml-100k's rows stay with ml-100k
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["dataset"] == "amazon-beauty"
+    assert result["published"]["TIGER (GenRec library, 2026)"] == {"ndcg@10": 0.0354}
