@@ -4,17 +4,28 @@ Every reader returns :class:`Interactions` in file order (the chronological sort
 is stable, so file order breaks timestamp ties). ETEGRec-style prepared splits are already split
 and are read by :func:`read_prepared` into a :class:`PreparedSplits`.
 
+The sequence formats the field passes around (S3-Rec/P5 text, LC-Rec/LETTER ``.inter.json``) have
+no timestamps: each user's items are listed in time order. Their readers give ``timestamps=None``
+rather than invented times, and the preparation keeps their file order. With the id map found
+beside such a file (P5 ``datamaps.json``, LC-Rec ``<Name>.item2id`` / ``<Name>.user2id``), the
+raw reviewer ids and ASINs become the tokens, so everything downstream speaks ASINs.
+
 Bad input raises :class:`DataError` with one sentence naming the file, the line and what was
 expected; the command line prints it without a traceback.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .errors import DataError
+from .idmaps import IdMap, lcrec_maps, p5_datamaps
 
 __all__ = [
     "FORMATS",
@@ -27,20 +38,21 @@ __all__ = [
     "read_prepared",
 ]
 
-FORMATS = ("inter", "movielens", "amazon2023", "amazon2014", "prepared")
-
-
-class DataError(ValueError):
-    """Bad or missing input data; the message names the file and what was wrong."""
+FORMATS = ("inter", "movielens", "movielens-dat", "movielens-csv", "amazon2023", "amazon2014", "s3rec", "lcrec",
+           "prepared")
 
 
 @dataclass(frozen=True)
 class Interactions:
-    """Raw interactions in file order: user and item tokens and a timestamp per row."""
+    """Raw interactions in file order: user and item tokens and a timestamp per row.
+
+    ``timestamps`` is ``None`` for the formats without them (``s3rec``, ``lcrec``): there each
+    user's rows are already in time order, and no time is invented that could pass for a real one.
+    """
 
     users: np.ndarray  # (n,) str
     items: np.ndarray  # (n,) str
-    timestamps: np.ndarray  # (n,) float64
+    timestamps: np.ndarray | None  # (n,) float64, or None: file order is time order
 
 
 @dataclass(frozen=True)
@@ -78,29 +90,48 @@ def detect_format(path: Path) -> str:
                         "pass the interaction file itself with --data-path")
     if path.suffix == ".inter":
         return "inter"
+    if path.name.endswith(".inter.json"):
+        return "lcrec"
     try:
         with _open_text(path) as f:
             first = f.readline().strip()
     except (UnicodeDecodeError, EOFError, OSError) as exc:
         raise _unreadable(path, exc) from None
+    if first == "{":  # a pretty-printed JSON object; JSON lines put a whole record on each line
+        return "lcrec"
     if first.startswith("{"):
-        try:
-            keys = json.loads(first).keys()
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line 1 is not valid JSON ({exc.msg})") from None
-        if "parent_asin" in keys:
-            return "amazon2023"
-        if "reviewerID" in keys or "asin" in keys:
-            return "amazon2014"
-        raise DataError(f"{path}: line 1 has keys {sorted(keys)}; expected Amazon 2023 reviews "
-                        "(user_id, parent_asin, timestamp) or 2014/2018 ones (reviewerID, asin, unixReviewTime)")
+        return _detect_json_record(path, first)
+    if "::" in first:
+        return "movielens-dat"
+    if first.split(",")[:2] == ["userId", "movieId"]:
+        return "movielens-csv"
     fields = first.split("\t")
     if any(":" in f for f in fields):
         return "inter"
-    if len(first.split()) == 4:
+    fields = first.split()
+    # u.data is tab-separated with a 9- or 10-digit unix time last; an S3-Rec line is space-separated ids
+    if len(fields) == 4 and ("\t" in first or len(fields[3]) >= 9):
         return "movielens"
+    if len(fields) >= 2 and all(f.isdigit() for f in fields):
+        return "s3rec"
     raise DataError(f"{path}: cannot tell its format from line 1 ({first[:60]!r}); "
                     f"pass --format (or --set data.format=) with one of {', '.join(FORMATS)}")
+
+
+def _detect_json_record(path: Path, first: str) -> str:
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: line 1 is not valid JSON ({exc.msg})") from None
+    keys = record.keys()
+    if "parent_asin" in keys:
+        return "amazon2023"
+    if "reviewerID" in keys or "asin" in keys:
+        return "amazon2014"
+    if record and all(isinstance(v, list) for v in record.values()):  # a one-line {"user": [items]}
+        return "lcrec"
+    raise DataError(f"{path}: line 1 has keys {sorted(keys)}; expected Amazon 2023 reviews "
+                    "(user_id, parent_asin, timestamp) or 2014/2018 ones (reviewerID, asin, unixReviewTime)")
 
 
 def _unreadable(path: Path, exc: Exception) -> DataError:
@@ -108,53 +139,56 @@ def _unreadable(path: Path, exc: Exception) -> DataError:
                      "gzip-compressed when the name ends in .gz")
 
 
-def _read_inter(path: Path) -> Interactions:
+def _read_with_header(path: Path, sep: str, user: str, item: str, time: str) -> Interactions:
+    """A delimited file whose header names its columns (RecBole ``name:type``, MovieLens ``name``)."""
     users, items, times = [], [], []
     with _open_text(path) as f:
-        header = f.readline().rstrip("\n").split("\t")
+        header = f.readline().rstrip("\r\n").split(sep)
         names = [h.split(":", 1)[0] for h in header]
-        columns = {}
-        for want in ("user_id", "item_id", "timestamp"):
+        columns = []
+        for want in (user, item, time):
             if want not in names:
                 raise DataError(f"{path}: no {want!r} column in the header; found {names}")
-            columns[want] = names.index(want)
-        ui, ii, ti = columns["user_id"], columns["item_id"], columns["timestamp"]
+            columns.append(names.index(want))
+        ui, ii, ti = columns
         for lineno, line in enumerate(f, start=2):
             if not line.strip():
                 continue
-            fields = line.rstrip("\n").split("\t")
+            fields = line.rstrip("\r\n").split(sep)
             if len(fields) != len(names):
-                raise DataError(f"{path}: line {lineno}: expected {len(names)} tab-separated fields "
-                                f"({', '.join(header)}), found {len(fields)}")
-            try:
-                t = float(fields[ti])
-            except ValueError:
-                raise DataError(f"{path}: line {lineno}: timestamp {fields[ti]!r} is not a number") from None
+                raise DataError(f"{path}: line {lineno}: expected {len(names)} {_SEPARATOR_NAMES[sep]}-separated "
+                                f"fields ({', '.join(header)}), found {len(fields)}")
             users.append(fields[ui])
             items.append(fields[ii])
-            times.append(t)
+            times.append(_timestamp(fields[ti], path, lineno))
     return _as_arrays(users, items, times)
 
 
-def _read_movielens(path: Path) -> Interactions:
-    """GroupLens ``u.data``: ``user item rating timestamp``, whitespace-separated, no header."""
+_SEPARATOR_NAMES = {"\t": "tab", ",": "comma", "::": "'::'", None: "whitespace"}
+
+
+def _read_headerless(path: Path, sep: str | None) -> Interactions:
+    """MovieLens without a header: ``user item rating timestamp`` (u.data: whitespace; ml-1m: ``::``)."""
     users, items, times = [], [], []
     with _open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            fields = line.split()
+            fields = line.strip().split(sep)
             if len(fields) != 4:
-                raise DataError(f"{path}: line {lineno}: expected 4 fields (user item rating timestamp), "
-                                f"found {len(fields)}")
-            try:
-                t = float(fields[3])
-            except ValueError:
-                raise DataError(f"{path}: line {lineno}: timestamp {fields[3]!r} is not a number") from None
+                raise DataError(f"{path}: line {lineno}: expected 4 {_SEPARATOR_NAMES[sep]}-separated fields "
+                                f"(user item rating timestamp), found {len(fields)}")
             users.append(fields[0])
             items.append(fields[1])
-            times.append(t)
+            times.append(_timestamp(fields[3], path, lineno))
     return _as_arrays(users, items, times)
+
+
+def _timestamp(text: str, path: Path, lineno: int) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise DataError(f"{path}: line {lineno}: timestamp {text!r} is not a number") from None
 
 
 def _json_lines(path: Path):
@@ -187,35 +221,107 @@ def _read_json_reviews(path: Path, user_key: str, item_key: str, time_key: str) 
     return _as_arrays(users, items, times)
 
 
+def _read_s3rec(path: Path) -> Interactions:
+    """S3-Rec/P5 text: ``user item1 item2 ...`` per line, items in time order, no timestamps.
+
+    P5's ``datamaps.json`` beside the file, when present, turns the ids into reviewer ids and ASINs.
+    """
+    user_map, item_map = p5_datamaps(path)
+    users, items = [], []
+    with _open_text(path) as f:  # text mode reads P5's CRLF copies as well
+        for lineno, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            bad = next((f for f in fields if not f.isdigit()), None)
+            if len(fields) < 2 or bad is not None:
+                found = f"{bad!r} is not an integer id" if bad is not None else "only a user id"
+                raise DataError(f"{path}: line {lineno}: expected 'user item1 item2 ...' (integer ids separated "
+                                f"by spaces), but {found}")
+            _append_sequence(users, items, fields[0], fields[1:], user_map, item_map, path,
+                             functools.partial(str, f"line {lineno}"))
+    return _as_arrays(users, items, None)
+
+
+def _read_lcrec(path: Path) -> Interactions:
+    """LC-Rec/LETTER ``.inter.json``: ``{"user": [item, ...]}``, items in time order, no timestamps.
+
+    ``<Name>.user2id`` / ``<Name>.item2id`` beside the file, when present, give the raw tokens.
+    """
+    user_map, item_map = lcrec_maps(path)
+    with _open_text(path) as f:
+        text = f.read()
+    try:
+        sequences = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: line {exc.lineno} is not valid JSON ({exc.msg})") from None
+    if not isinstance(sequences, dict):
+        raise DataError(f"{path}: a JSON {type(sequences).__name__}; expected an object "
+                        '{"user id": [item ids in time order]} (LC-Rec .inter.json)')
+    users, items = [], []
+    for user, seq in sequences.items():
+        where = functools.partial(_line_of_key, text, user)
+        if not isinstance(seq, list) or not seq or not all(type(i) is int for i in seq):
+            raise DataError(f"{path}: {where()}: expected a non-empty list of integer item ids, found "
+                            f"{json.dumps(seq)[:60]}")
+        _append_sequence(users, items, user, [str(i) for i in seq], user_map, item_map, path, where)
+    return _as_arrays(users, items, None)
+
+
+def _line_of_key(text: str, key: str) -> str:
+    """Where ``key`` of a JSON object starts (only on errors: it scans the text), as ``line N (user 'key')``."""
+    at = max(text.find(json.dumps(key) + ":"), 0)
+    return f"line {text.count(chr(10), 0, at) + 1} (user {key!r})"
+
+
+def _append_sequence(users: list, items: list, user: str, seq: list[str], user_map: IdMap | None,
+                     item_map: IdMap | None, path: Path, where: Callable[[], str]) -> None:
+    """Add one user's sequence as rows, with raw tokens from the id maps where there are maps."""
+    if user_map is not None:
+        user = user_map.token(user, path, where)
+    if item_map is not None:
+        seq = [item_map.token(i, path, where) for i in seq]
+    users.extend([user] * len(seq))
+    items.extend(seq)
+
+
 def _as_arrays(users, items, times) -> Interactions:
     return Interactions(np.asarray(users, dtype=str), np.asarray(items, dtype=str),
-                        np.asarray(times, dtype=np.float64))
+                        None if times is None else np.asarray(times, dtype=np.float64))
+
+
+_READERS = {
+    "inter": lambda p: _read_with_header(p, "\t", "user_id", "item_id", "timestamp"),
+    "movielens": lambda p: _read_headerless(p, None),
+    "movielens-dat": lambda p: _read_headerless(p, "::"),
+    "movielens-csv": lambda p: _read_with_header(p, ",", "userId", "movieId", "timestamp"),
+    "amazon2023": lambda p: _read_json_reviews(p, "user_id", "parent_asin", "timestamp"),
+    "amazon2014": lambda p: _read_json_reviews(p, "reviewerID", "asin", "unixReviewTime"),
+    "s3rec": _read_s3rec,
+    "lcrec": _read_lcrec,
+}
 
 
 def read_interactions(path: str | Path, fmt: str | None = None) -> Interactions:
     """Read an interaction file in file order; ``fmt`` forces a format, else it is detected.
 
     Amazon 2023 timestamps are milliseconds and 2014/2018 ones seconds; only their order matters.
+    ``s3rec`` and ``lcrec`` give no timestamps (``None``): their file order is time order.
 
     Raises:
-        DataError: missing file, unknown format, malformed line or missing column.
+        DataError: missing file, unknown format, malformed line, missing column, or an id the
+            id map beside the file lacks.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {str(path)!r} does not exist; check --data-path")
     fmt = fmt or detect_format(path)
-    readers = {
-        "inter": _read_inter,
-        "movielens": _read_movielens,
-        "amazon2023": lambda p: _read_json_reviews(p, "user_id", "parent_asin", "timestamp"),
-        "amazon2014": lambda p: _read_json_reviews(p, "reviewerID", "asin", "unixReviewTime"),
-    }
     if fmt == "prepared":
         raise DataError(f"{path} holds prepared splits; read it with read_prepared")
-    if fmt not in readers:
+    if fmt not in _READERS:
         raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
     try:
-        return readers[fmt](path)
+        return _READERS[fmt](path)
     except (UnicodeDecodeError, EOFError, OSError) as exc:  # gzip.BadGzipFile is an OSError
         raise _unreadable(path, exc) from None
 
