@@ -128,8 +128,8 @@ def _download(name: str, file: RemoteFile, raw_dir: Path, missing: list[RemoteFi
         # "HTTP Error 404: Not Found" says more than its reason; a URLError's reason is the socket error
         reason = exc.reason if type(exc) is urllib.error.URLError else exc
         places = "; ".join(f"{raw_dir / f.name} from {f.url()}" for f in missing if not (raw_dir / f.name).exists())
-        raise DataError(f"{name}: cannot download {url} ({reason}); without internet, put the files there "
-                        f"by hand: {places}") from None
+        raise DataError(f"{name}: cannot download {url} ({reason}); on a machine without internet, place "
+                        f"each file by hand: {places}") from None
     if digest.hexdigest() != file.sha256:
         partial.unlink(missing_ok=True)  # a bad download is never kept, so it is never used
         raise DataError(f"{name}: {file.name} downloaded from {url} has sha256 {digest.hexdigest()}, expected "
