@@ -4,28 +4,23 @@ Every reader returns :class:`Interactions` in file order (the chronological sort
 is stable, so file order breaks timestamp ties). ETEGRec-style prepared splits are already split
 and are read by :func:`read_prepared` into a :class:`PreparedSplits`.
 
-The sequence formats the field passes around (S3-Rec/P5 text, LC-Rec/LETTER ``.inter.json``) have
-no timestamps: each user's items are listed in time order. Their readers give ``timestamps=None``
-rather than invented times, and the preparation keeps their file order. With the id map found
-beside such a file (P5 ``datamaps.json``, LC-Rec ``<Name>.item2id`` / ``<Name>.user2id``), the
-raw reviewer ids and ASINs become the tokens, so everything downstream speaks ASINs.
+The sequence formats (``s3rec``, ``lcrec``; parsed in :mod:`.sequences` with their id maps) have no
+timestamps: their file order is time order, and their readers give ``timestamps=None``.
 
 Bad input raises :class:`DataError` with one sentence naming the file, the line and what was
 expected; the command line prints it without a traceback.
 """
 from __future__ import annotations
 
-import functools
 import gzip
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DataError
-from .idmaps import IdMap, lcrec_maps, p5_datamaps
+from .sequences import lcrec_rows, s3rec_rows
 
 __all__ = [
     "FORMATS",
@@ -184,11 +179,11 @@ def _read_headerless(path: Path, sep: str | None) -> Interactions:
     return _as_arrays(users, items, times)
 
 
-def _timestamp(text: str, path: Path, lineno: int) -> float:
+def _timestamp(value, path: Path, lineno: int, name: str = "timestamp") -> float:
     try:
-        return float(text)
-    except ValueError:
-        raise DataError(f"{path}: line {lineno}: timestamp {text!r} is not a number") from None
+        return float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: line {lineno}: {name} {value!r} is not a number") from None
 
 
 def _json_lines(path: Path):
@@ -211,78 +206,17 @@ def _read_json_reviews(path: Path, user_key: str, item_key: str, time_key: str) 
         missing = [k for k in (user_key, item_key, time_key) if k not in record]
         if missing:
             raise DataError(f"{path}: line {lineno} has no {missing[0]!r} field; found {sorted(record)}")
-        try:
-            t = float(record[time_key])
-        except (TypeError, ValueError):
-            raise DataError(f"{path}: line {lineno}: {time_key} {record[time_key]!r} is not a number") from None
+        times.append(_timestamp(record[time_key], path, lineno, time_key))
         users.append(str(record[user_key]))
         items.append(str(record[item_key]))
-        times.append(t)
     return _as_arrays(users, items, times)
 
 
-def _read_s3rec(path: Path) -> Interactions:
-    """S3-Rec/P5 text: ``user item1 item2 ...`` per line, items in time order, no timestamps.
-
-    P5's ``datamaps.json`` beside the file, when present, turns the ids into reviewer ids and ASINs.
-    """
-    user_map, item_map = p5_datamaps(path)
-    users, items = [], []
+def _read_sequences(path: Path, rows) -> Interactions:
+    """A sequence format (see :mod:`.sequences`): ``rows(path, file)`` gives its users and items."""
     with _open_text(path) as f:  # text mode reads P5's CRLF copies as well
-        for lineno, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            bad = next((f for f in fields if not f.isdigit()), None)
-            if len(fields) < 2 or bad is not None:
-                found = f"{bad!r} is not an integer id" if bad is not None else "only a user id"
-                raise DataError(f"{path}: line {lineno}: expected 'user item1 item2 ...' (integer ids separated "
-                                f"by spaces), but {found}")
-            _append_sequence(users, items, fields[0], fields[1:], user_map, item_map, path,
-                             functools.partial(str, f"line {lineno}"))
+        users, items = rows(path, f)
     return _as_arrays(users, items, None)
-
-
-def _read_lcrec(path: Path) -> Interactions:
-    """LC-Rec/LETTER ``.inter.json``: ``{"user": [item, ...]}``, items in time order, no timestamps.
-
-    ``<Name>.user2id`` / ``<Name>.item2id`` beside the file, when present, give the raw tokens.
-    """
-    user_map, item_map = lcrec_maps(path)
-    with _open_text(path) as f:
-        text = f.read()
-    try:
-        sequences = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: line {exc.lineno} is not valid JSON ({exc.msg})") from None
-    if not isinstance(sequences, dict):
-        raise DataError(f"{path}: a JSON {type(sequences).__name__}; expected an object "
-                        '{"user id": [item ids in time order]} (LC-Rec .inter.json)')
-    users, items = [], []
-    for user, seq in sequences.items():
-        where = functools.partial(_line_of_key, text, user)
-        if not isinstance(seq, list) or not seq or not all(type(i) is int for i in seq):
-            raise DataError(f"{path}: {where()}: expected a non-empty list of integer item ids, found "
-                            f"{json.dumps(seq)[:60]}")
-        _append_sequence(users, items, user, [str(i) for i in seq], user_map, item_map, path, where)
-    return _as_arrays(users, items, None)
-
-
-def _line_of_key(text: str, key: str) -> str:
-    """Where ``key`` of a JSON object starts (only on errors: it scans the text), as ``line N (user 'key')``."""
-    at = max(text.find(json.dumps(key) + ":"), 0)
-    return f"line {text.count(chr(10), 0, at) + 1} (user {key!r})"
-
-
-def _append_sequence(users: list, items: list, user: str, seq: list[str], user_map: IdMap | None,
-                     item_map: IdMap | None, path: Path, where: Callable[[], str]) -> None:
-    """Add one user's sequence as rows, with raw tokens from the id maps where there are maps."""
-    if user_map is not None:
-        user = user_map.token(user, path, where)
-    if item_map is not None:
-        seq = [item_map.token(i, path, where) for i in seq]
-    users.extend([user] * len(seq))
-    items.extend(seq)
 
 
 def _as_arrays(users, items, times) -> Interactions:
@@ -297,8 +231,8 @@ _READERS = {
     "movielens-csv": lambda p: _read_with_header(p, ",", "userId", "movieId", "timestamp"),
     "amazon2023": lambda p: _read_json_reviews(p, "user_id", "parent_asin", "timestamp"),
     "amazon2014": lambda p: _read_json_reviews(p, "reviewerID", "asin", "unixReviewTime"),
-    "s3rec": _read_s3rec,
-    "lcrec": _read_lcrec,
+    "s3rec": lambda p: _read_sequences(p, s3rec_rows),
+    "lcrec": lambda p: _read_sequences(p, lcrec_rows),
 }
 
 

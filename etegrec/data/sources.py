@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .prepare import SequenceData, first_users, prepare_interactions, prepare_splits
-from .idmaps import map_files
+from .sequences import map_files
 from .readers import DataError, prepared_prefix, detect_format, read_interactions, read_prepared
 from .registry import DATASETS, fetch_named
 
@@ -38,7 +38,7 @@ def dataset_name_of(path: str | Path) -> str:
     """The dataset name a data file implies: its file name without the data suffixes
     (``reviews/Beauty.jsonl.gz`` -> ``Beauty``), used when no ``--dataset`` is given."""
     stem = Path(path).name
-    for suffix in (".train.jsonl", ".gz", ".jsonl", ".json", ".inter", ".txt", ".dat", ".csv"):
+    for suffix in (".train.jsonl", ".gz", ".jsonl", ".json", ".inter"):
         stem = stem.removesuffix(suffix)
     return stem or "data"
 
