@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -116,7 +117,10 @@ def _download(name: str, file: RemoteFile, raw_dir: Path, missing: list[RemoteFi
     url = file.url()
     raw_dir.mkdir(parents=True, exist_ok=True)
     print(f"{name}: no local copy of {file.name}; downloading {url} into {raw_dir}", file=sys.stderr)
-    partial = dest.with_name(dest.name + ".partial")
+    # one temporary file per process: every rank of a multi-process run may download at once
+    handle, partial_name = tempfile.mkstemp(prefix=file.name + ".", suffix=".partial", dir=raw_dir)
+    os.close(handle)
+    partial = Path(partial_name)
     digest = hashlib.sha256()
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
