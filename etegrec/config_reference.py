@@ -16,9 +16,11 @@ from etegrec.config_rules import _type_name
 __all__ = ["KEY_DOCS", "render"]
 
 KEY_DOCS = {
-    "data.dataset": "dataset name; ml-100k is fetched on first use, a --data-path file names it after itself",
+    "data.dataset": "dataset name; ml-100k and amazon-beauty, amazon-sports, amazon-instruments are fetched on "
+                    "first use, a --data-path file names it after itself",
     "data.data_path": "interaction file or prepared split to read instead of the named dataset",
-    "data.format": "force the reader (inter, movielens, amazon2023, amazon2014, prepared); detected otherwise",
+    "data.format": "force the reader (inter, movielens, movielens-dat, movielens-csv, amazon2023, amazon2014, "
+                   "s3rec, lcrec, prepared); detected otherwise",
     "data.min_count": "k of the iterative k-core filter on users and items",
     "data.max_his_len": "history length the models see (the most recent items)",
     "data.max_users": "keep only the first N users of the file (smoke runs); null keeps all",

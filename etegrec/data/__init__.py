@@ -1,18 +1,22 @@
 """Data: readers, k-core filtering, leave-one-out splits and the prepared-data cache.
 
-``load_dataset("ml-100k")`` gives a :class:`SequenceData`; ``python -m etegrec.data`` prepares a
+``load_dataset("ml-100k")`` (or a name in :data:`DATASETS`, e.g. ``amazon-beauty``) gives a
+:class:`SequenceData`; ``python -m etegrec.data`` prepares a
 dataset and prints its statistics. This package imports nothing else of etegrec.
 """
 from __future__ import annotations
 
 from .prepare import SequenceData, k_core, pad_histories, prepare_interactions, prepare_splits
 from .readers import FORMATS, DataError, Interactions, PreparedSplits, detect_format, read_interactions, read_prepared
+from .registry import DATASETS, NamedDataset
 from .sources import data_home, dataset_name_of, load_dataset
 
 __all__ = [
+    "DATASETS",
     "FORMATS",
     "DataError",
     "Interactions",
+    "NamedDataset",
     "PreparedSplits",
     "SequenceData",
     "data_home",

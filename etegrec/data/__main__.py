@@ -12,7 +12,8 @@ from . import FORMATS, DataError, dataset_name_of, load_dataset
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m etegrec.data", description=__doc__)
     parser.add_argument("dataset", nargs="?", default=None,
-                        help="dataset name (default ml-100k, or the file name of --data-path)")
+                        help="dataset name: ml-100k (default), amazon-beauty, amazon-sports, amazon-instruments "
+                             "(fetched on first use), or the file name of --data-path")
     parser.add_argument("--data-path", help="interaction file or prepared split to read instead of the named dataset")
     parser.add_argument("--format", choices=FORMATS, help="force the reader (detected from the file otherwise)")
     parser.add_argument("--min-count", type=int, default=5, help="k of the iterative k-core filter (default 5)")

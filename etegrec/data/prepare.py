@@ -1,7 +1,8 @@
 """Filtering, chronological leave-one-out splitting and the prepared :class:`SequenceData`.
 
 The protocol (docs/protocol.md): every interaction counts; iterative k-core on users and items; each
-user's items sorted by timestamp with ties in file order; the last item is the test target, the
+user's items sorted by timestamp with ties in file order (formats without timestamps: in file
+order, which is their time order); the last item is the test target, the
 second last the validation target, and every earlier position ``i >= 1`` is a training sample
 whose history is ``items[:i]``. Items are numbered ``1..N`` in order of first appearance in the
 file (0 is padding); histories are left-padded to ``max_his_len`` and keep the most recent items.
@@ -34,7 +35,10 @@ class SequenceData:
     item_map: tuple[str, ...]  # raw token of item i at position i - 1
     seq_offsets: np.ndarray
     seq_items: np.ndarray
-    seq_times: np.ndarray  # timestamp of every seq_items entry (prepared splits: positions)
+    # The ordering key of every seq_items entry: its timestamp where the source has them; where it
+    # has none (prepared splits, s3rec, lcrec) its position in the file, never a made-up time.
+    # Positions are distinct, so those users have no ties for shuffle_ties to reorder.
+    seq_times: np.ndarray
     train_history: np.ndarray
     train_target: np.ndarray
     train_user: np.ndarray
@@ -141,7 +145,8 @@ def first_users(inter: Interactions, n: int) -> Interactions:
     _, first = np.unique(inter.users, return_index=True)
     keep_users = inter.users[np.sort(first)[:n]]
     keep = np.isin(inter.users, keep_users)
-    return Interactions(inter.users[keep], inter.items[keep], inter.timestamps[keep])
+    return Interactions(inter.users[keep], inter.items[keep],
+                        None if inter.timestamps is None else inter.timestamps[keep])
 
 
 def pad_histories(histories: list[np.ndarray] | list[list[int]], max_his_len: int) -> np.ndarray:
@@ -204,7 +209,9 @@ def prepare_interactions(inter: Interactions, *, name: str, min_count: int = 5,
             f"{source or name}: no interactions left after the {min_count}-core filter "
             f"(before filtering: {len(np.unique(inter.users))} users, {len(np.unique(inter.items))} items, "
             f"{len(inter.users)} interactions); use a larger dataset or a smaller min_count")
-    users, items, times = inter.users[keep], inter.items[keep], inter.timestamps[keep]
+    # no timestamps: the file's positions order the rows (file order is time order there)
+    order_key = np.arange(len(keep), dtype=np.float64) if inter.timestamps is None else inter.timestamps
+    users, items, times = inter.users[keep], inter.items[keep], order_key[keep]
     user_codes, _ = _first_appearance_codes(users)
     item_codes, item_tokens = _first_appearance_codes(items)
     # sort by (user, timestamp); lexsort is stable, so file order breaks timestamp ties

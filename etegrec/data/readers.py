@@ -4,6 +4,9 @@ Every reader returns :class:`Interactions` in file order (the chronological sort
 is stable, so file order breaks timestamp ties). ETEGRec-style prepared splits are already split
 and are read by :func:`read_prepared` into a :class:`PreparedSplits`.
 
+The sequence formats (``s3rec``, ``lcrec``; parsed in :mod:`.sequences` with their id maps) have no
+timestamps: their file order is time order, and their readers give ``timestamps=None``.
+
 Bad input raises :class:`DataError` with one sentence naming the file, the line and what was
 expected; the command line prints it without a traceback.
 """
@@ -16,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DataError
+from .sequences import lcrec_rows, s3rec_rows
+
 __all__ = [
     "FORMATS",
     "DataError",
@@ -27,20 +33,21 @@ __all__ = [
     "read_prepared",
 ]
 
-FORMATS = ("inter", "movielens", "amazon2023", "amazon2014", "prepared")
-
-
-class DataError(ValueError):
-    """Bad or missing input data; the message names the file and what was wrong."""
+FORMATS = ("inter", "movielens", "movielens-dat", "movielens-csv", "amazon2023", "amazon2014", "s3rec", "lcrec",
+           "prepared")
 
 
 @dataclass(frozen=True)
 class Interactions:
-    """Raw interactions in file order: user and item tokens and a timestamp per row."""
+    """Raw interactions in file order: user and item tokens and a timestamp per row.
+
+    ``timestamps`` is ``None`` for the formats without them (``s3rec``, ``lcrec``): there each
+    user's rows are already in time order, and no time is invented that could pass for a real one.
+    """
 
     users: np.ndarray  # (n,) str
     items: np.ndarray  # (n,) str
-    timestamps: np.ndarray  # (n,) float64
+    timestamps: np.ndarray | None  # (n,) float64, or None: file order is time order
 
 
 @dataclass(frozen=True)
@@ -78,29 +85,48 @@ def detect_format(path: Path) -> str:
                         "pass the interaction file itself with --data-path")
     if path.suffix == ".inter":
         return "inter"
+    if path.name.endswith(".inter.json"):
+        return "lcrec"
     try:
         with _open_text(path) as f:
             first = f.readline().strip()
     except (UnicodeDecodeError, EOFError, OSError) as exc:
         raise _unreadable(path, exc) from None
+    if first == "{":  # a pretty-printed JSON object; JSON lines put a whole record on each line
+        return "lcrec"
     if first.startswith("{"):
-        try:
-            keys = json.loads(first).keys()
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line 1 is not valid JSON ({exc.msg})") from None
-        if "parent_asin" in keys:
-            return "amazon2023"
-        if "reviewerID" in keys or "asin" in keys:
-            return "amazon2014"
-        raise DataError(f"{path}: line 1 has keys {sorted(keys)}; expected Amazon 2023 reviews "
-                        "(user_id, parent_asin, timestamp) or 2014/2018 ones (reviewerID, asin, unixReviewTime)")
+        return _detect_json_record(path, first)
+    if "::" in first:
+        return "movielens-dat"
+    if first.split(",")[:2] == ["userId", "movieId"]:
+        return "movielens-csv"
     fields = first.split("\t")
     if any(":" in f for f in fields):
         return "inter"
-    if len(first.split()) == 4:
+    fields = first.split()
+    # u.data is tab-separated with a 9- or 10-digit unix time last; an S3-Rec line is space-separated ids
+    if len(fields) == 4 and ("\t" in first or len(fields[3]) >= 9):
         return "movielens"
+    if len(fields) >= 2 and all(f.isdigit() for f in fields):
+        return "s3rec"
     raise DataError(f"{path}: cannot tell its format from line 1 ({first[:60]!r}); "
                     f"pass --format (or --set data.format=) with one of {', '.join(FORMATS)}")
+
+
+def _detect_json_record(path: Path, first: str) -> str:
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: line 1 is not valid JSON ({exc.msg})") from None
+    keys = record.keys()
+    if "parent_asin" in keys:
+        return "amazon2023"
+    if "reviewerID" in keys or "asin" in keys:
+        return "amazon2014"
+    if record and all(isinstance(v, list) for v in record.values()):  # a one-line {"user": [items]}
+        return "lcrec"
+    raise DataError(f"{path}: line 1 has keys {sorted(keys)}; expected Amazon 2023 reviews "
+                    "(user_id, parent_asin, timestamp) or 2014/2018 ones (reviewerID, asin, unixReviewTime)")
 
 
 def _unreadable(path: Path, exc: Exception) -> DataError:
@@ -108,53 +134,56 @@ def _unreadable(path: Path, exc: Exception) -> DataError:
                      "gzip-compressed when the name ends in .gz")
 
 
-def _read_inter(path: Path) -> Interactions:
+def _read_with_header(path: Path, sep: str, user: str, item: str, time: str) -> Interactions:
+    """A delimited file whose header names its columns (RecBole ``name:type``, MovieLens ``name``)."""
     users, items, times = [], [], []
     with _open_text(path) as f:
-        header = f.readline().rstrip("\n").split("\t")
+        header = f.readline().rstrip("\r\n").split(sep)
         names = [h.split(":", 1)[0] for h in header]
-        columns = {}
-        for want in ("user_id", "item_id", "timestamp"):
+        columns = []
+        for want in (user, item, time):
             if want not in names:
                 raise DataError(f"{path}: no {want!r} column in the header; found {names}")
-            columns[want] = names.index(want)
-        ui, ii, ti = columns["user_id"], columns["item_id"], columns["timestamp"]
+            columns.append(names.index(want))
+        ui, ii, ti = columns
         for lineno, line in enumerate(f, start=2):
             if not line.strip():
                 continue
-            fields = line.rstrip("\n").split("\t")
+            fields = line.rstrip("\r\n").split(sep)
             if len(fields) != len(names):
-                raise DataError(f"{path}: line {lineno}: expected {len(names)} tab-separated fields "
-                                f"({', '.join(header)}), found {len(fields)}")
-            try:
-                t = float(fields[ti])
-            except ValueError:
-                raise DataError(f"{path}: line {lineno}: timestamp {fields[ti]!r} is not a number") from None
+                raise DataError(f"{path}: line {lineno}: expected {len(names)} {_SEPARATOR_NAMES[sep]}-separated "
+                                f"fields ({', '.join(header)}), found {len(fields)}")
             users.append(fields[ui])
             items.append(fields[ii])
-            times.append(t)
+            times.append(_timestamp(fields[ti], path, lineno))
     return _as_arrays(users, items, times)
 
 
-def _read_movielens(path: Path) -> Interactions:
-    """GroupLens ``u.data``: ``user item rating timestamp``, whitespace-separated, no header."""
+_SEPARATOR_NAMES = {"\t": "tab", ",": "comma", "::": "'::'", None: "whitespace"}
+
+
+def _read_headerless(path: Path, sep: str | None) -> Interactions:
+    """MovieLens without a header: ``user item rating timestamp`` (u.data: whitespace; ml-1m: ``::``)."""
     users, items, times = [], [], []
     with _open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            fields = line.split()
+            fields = line.strip().split(sep)
             if len(fields) != 4:
-                raise DataError(f"{path}: line {lineno}: expected 4 fields (user item rating timestamp), "
-                                f"found {len(fields)}")
-            try:
-                t = float(fields[3])
-            except ValueError:
-                raise DataError(f"{path}: line {lineno}: timestamp {fields[3]!r} is not a number") from None
+                raise DataError(f"{path}: line {lineno}: expected 4 {_SEPARATOR_NAMES[sep]}-separated fields "
+                                f"(user item rating timestamp), found {len(fields)}")
             users.append(fields[0])
             items.append(fields[1])
-            times.append(t)
+            times.append(_timestamp(fields[3], path, lineno))
     return _as_arrays(users, items, times)
+
+
+def _timestamp(value, path: Path, lineno: int, name: str = "timestamp") -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: line {lineno}: {name} {value!r} is not a number") from None
 
 
 def _json_lines(path: Path):
@@ -177,45 +206,56 @@ def _read_json_reviews(path: Path, user_key: str, item_key: str, time_key: str) 
         missing = [k for k in (user_key, item_key, time_key) if k not in record]
         if missing:
             raise DataError(f"{path}: line {lineno} has no {missing[0]!r} field; found {sorted(record)}")
-        try:
-            t = float(record[time_key])
-        except (TypeError, ValueError):
-            raise DataError(f"{path}: line {lineno}: {time_key} {record[time_key]!r} is not a number") from None
+        times.append(_timestamp(record[time_key], path, lineno, time_key))
         users.append(str(record[user_key]))
         items.append(str(record[item_key]))
-        times.append(t)
     return _as_arrays(users, items, times)
+
+
+def _read_sequences(path: Path, rows) -> Interactions:
+    """A sequence format (see :mod:`.sequences`): ``rows(path, file)`` gives its users and items."""
+    with _open_text(path) as f:  # text mode reads P5's CRLF copies as well
+        users, items = rows(path, f)
+    return _as_arrays(users, items, None)
 
 
 def _as_arrays(users, items, times) -> Interactions:
     return Interactions(np.asarray(users, dtype=str), np.asarray(items, dtype=str),
-                        np.asarray(times, dtype=np.float64))
+                        None if times is None else np.asarray(times, dtype=np.float64))
+
+
+_READERS = {
+    "inter": lambda p: _read_with_header(p, "\t", "user_id", "item_id", "timestamp"),
+    "movielens": lambda p: _read_headerless(p, None),
+    "movielens-dat": lambda p: _read_headerless(p, "::"),
+    "movielens-csv": lambda p: _read_with_header(p, ",", "userId", "movieId", "timestamp"),
+    "amazon2023": lambda p: _read_json_reviews(p, "user_id", "parent_asin", "timestamp"),
+    "amazon2014": lambda p: _read_json_reviews(p, "reviewerID", "asin", "unixReviewTime"),
+    "s3rec": lambda p: _read_sequences(p, s3rec_rows),
+    "lcrec": lambda p: _read_sequences(p, lcrec_rows),
+}
 
 
 def read_interactions(path: str | Path, fmt: str | None = None) -> Interactions:
     """Read an interaction file in file order; ``fmt`` forces a format, else it is detected.
 
     Amazon 2023 timestamps are milliseconds and 2014/2018 ones seconds; only their order matters.
+    ``s3rec`` and ``lcrec`` give no timestamps (``None``): their file order is time order.
 
     Raises:
-        DataError: missing file, unknown format, malformed line or missing column.
+        DataError: missing file, unknown format, malformed line, missing column, or an id the
+            id map beside the file lacks.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {str(path)!r} does not exist; check --data-path")
     fmt = fmt or detect_format(path)
-    readers = {
-        "inter": _read_inter,
-        "movielens": _read_movielens,
-        "amazon2023": lambda p: _read_json_reviews(p, "user_id", "parent_asin", "timestamp"),
-        "amazon2014": lambda p: _read_json_reviews(p, "reviewerID", "asin", "unixReviewTime"),
-    }
     if fmt == "prepared":
         raise DataError(f"{path} holds prepared splits; read it with read_prepared")
-    if fmt not in readers:
+    if fmt not in _READERS:
         raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
     try:
-        return readers[fmt](path)
+        return _READERS[fmt](path)
     except (UnicodeDecodeError, EOFError, OSError) as exc:  # gzip.BadGzipFile is an OSError
         raise _unreadable(path, exc) from None
 

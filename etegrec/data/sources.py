@@ -1,4 +1,4 @@
-"""Where data comes from (the default ml-100k download) and the on-disk cache of prepared data.
+"""Where data comes from (the ml-100k and named-dataset downloads) and the on-disk cache of prepared data.
 
 Everything lives under ``$ETEGREC_HOME`` (default ``~/.cache/etegrec``): raw files under
 ``raw/<dataset>/`` and prepared datasets under ``prepared/<dataset>-<key>/``, where the key hashes
@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from .prepare import SequenceData, first_users, prepare_interactions, prepare_splits
+from .sequences import map_files
 from .readers import DataError, prepared_prefix, detect_format, read_interactions, read_prepared
+from .registry import DATASETS, fetch_named
 
 __all__ = ["CACHE_VERSION", "data_home", "dataset_name_of", "fetch_ml100k", "load_dataset", "resolve_source"]
 
@@ -81,6 +83,8 @@ def resolve_source(dataset: str, data_path: str | Path | None) -> Path:
     if dataset == "ml-100k":
         path = raw_dir / "ml-100k.inter"
         return path if path.exists() else fetch_ml100k(path)
+    if dataset in DATASETS:
+        return fetch_named(dataset, raw_dir)
     candidates = sorted(raw_dir.glob("*")) if raw_dir.is_dir() else []
     if not candidates:
         raise DataError(f"no data for dataset {dataset!r} in {raw_dir}; put its interaction file there "
@@ -88,9 +92,9 @@ def resolve_source(dataset: str, data_path: str | Path | None) -> Path:
     return raw_dir if prepared_prefix(raw_dir) else candidates[0]
 
 
-def _source_digest(path: Path) -> str:
+def _source_digest(path: Path, fmt: str) -> str:
     prefix = prepared_prefix(path)
-    files = [path]
+    files = [path, *map_files(path, fmt)]  # an id map changes the tokens, so it is part of the source
     if prefix:  # the item map changes the item ids and tokens too, so it is part of the source
         files = [Path(f"{prefix}.{s}.jsonl") for s in ("train", "valid", "test")]
         files += [m for m in (Path(f"{prefix}.emb_map.json"), Path(f"{prefix}.item2id.json")) if m.exists()][:1]
@@ -134,7 +138,7 @@ def load_dataset(dataset: str = "ml-100k", *, data_path: str | Path | None = Non
     """Load a prepared dataset, preparing and caching it on first use.
 
     Args:
-        dataset: dataset name (``ml-100k`` is fetched automatically when missing).
+        dataset: dataset name (``ml-100k`` and the names in ``DATASETS`` are fetched when missing).
         data_path: an interaction file or prepared split; overrides the name lookup.
         fmt: force a reader (see ``etegrec.data.FORMATS``); detected from the file otherwise.
         min_count: k of the iterative k-core filter.
@@ -148,7 +152,7 @@ def load_dataset(dataset: str = "ml-100k", *, data_path: str | Path | None = Non
     source = resolve_source(dataset, data_path)
     fmt = fmt or detect_format(source)
     params = {"version": CACHE_VERSION, "format": fmt, "min_count": min_count, "max_his_len": max_his_len,
-              "max_users": max_users, "source": _source_digest(source)}
+              "max_users": max_users, "source": _source_digest(source, fmt)}
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     folder = data_home() / "prepared" / f"{dataset}-{key}"
     if use_cache and (folder / "data.npz").exists():

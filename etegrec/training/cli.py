@@ -74,7 +74,8 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         help="packaged config (ml-100k, paper, tiny) or a YAML file (default ml-100k)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set rqvae.lr=1e-3 (repeatable)")
-    parser.add_argument("--dataset", help="dataset name (default: the config's, ml-100k)")
+    parser.add_argument("--dataset", help="dataset name (default: the config's, ml-100k); amazon-beauty, "
+                                          "amazon-sports, amazon-instruments are fetched on first use too")
     parser.add_argument("--data-path", help="interaction file or prepared split to use (the dataset is named "
                                             "after the file unless --dataset is given)")
     parser.add_argument("--format", choices=FORMATS, help="force the reader of --data-path (detected otherwise)")
