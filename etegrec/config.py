@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from .config_rules import (CL_NEGATIVES, ENCODER_INPUTS, FORGE_POLICIES, JOINT_TARGETS, MIXED_PRECISION, _NON_NEGATIVE,
-                           _POSITIVE, ConfigError, _check_feed_forward, _coerce)
+from .config_rules import (CL_NEGATIVES, ENCODER_INPUTS, FORGE_POLICIES, JOINT_TARGETS, MIXED_PRECISION, SEED_RANGE,
+                           _NON_NEGATIVE, _POSITIVE, ConfigError, _check_feed_forward, _coerce)
 
 __all__ = [
     "CONFIG_DIR",
@@ -203,6 +203,10 @@ class Config:
                 raise ConfigError(f"config key {key!r} must not be negative, got {value!r}")
             if name == "hidden_dims" and (not value or any(v <= 0 for v in value)):
                 raise ConfigError(f"config key {key!r} must be a non-empty list of positive sizes, got {value!r}")
+        low, high = SEED_RANGE
+        if not low <= self.run.seed <= high:
+            raise ConfigError(f"config key 'run.seed' (--seed) must lie in [{low}, {high}], got {self.run.seed!r}; "
+                              "choose a seed in that range")
         if not 0 < self.joint.sample_fraction <= 1:
             raise ConfigError(f"config key 'joint.sample_fraction' must be in (0, 1], got {self.joint.sample_fraction!r}")
         stride = self.embed.window_stride

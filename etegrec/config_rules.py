@@ -2,10 +2,11 @@
 value is checked against its annotation. Pure; :mod:`etegrec.config` applies them."""
 from __future__ import annotations
 
+import math
 import typing
 from typing import Any
 
-__all__ = ["CL_NEGATIVES", "ENCODER_INPUTS", "FORGE_POLICIES", "JOINT_TARGETS", "MIXED_PRECISION", "ConfigError"]
+__all__ = ["CL_NEGATIVES", "ENCODER_INPUTS", "FORGE_POLICIES", "JOINT_TARGETS", "MIXED_PRECISION", "SEED_RANGE", "ConfigError"]
 
 
 class ConfigError(ValueError):
@@ -17,6 +18,7 @@ JOINT_TARGETS = ("last", "all")
 CL_NEGATIVES = ("batch", "catalogue")
 FORGE_POLICIES = ("round_robin", "nearest_free")  # as etegrec.forge.POLICIES (a test keeps them equal)
 MIXED_PRECISION = ("fp32", "bf16")  # not "no": YAML reads that as False
+SEED_RANGE = (0, 2**32 - 1)  # what numpy's and Python's generators are seeded with
 _POSITIVE = {
     "min_count", "max_his_len", "max_users", "hidden", "n_layers", "n_heads", "batch_size", "epochs", "patience",
     "eval_step", "e_dim", "num_layers", "codebook_size", "num_decoder_layers", "d_model", "d_ff", "num_heads",
@@ -59,7 +61,13 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
     if not ok:
         raise ConfigError(f"{origin}: config key {key!r} expects {_type_name(hint)}, got {value!r}")
     if origin_type is float:
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond any float
+            number = math.inf
+        if not math.isfinite(number):  # a NaN or infinite rate or weight would only show up later, as a NaN loss
+            raise ConfigError(f"{origin}: config key {key!r} must be a finite number, got {value!r}; give a finite value")
+        return number
     if origin_type is list:
         item = typing.get_args(hint)[0]
         return [_coerce(v, item, key, origin) for v in value]
