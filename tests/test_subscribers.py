@@ -159,7 +159,7 @@ CONSOLE_EVENTS = [
     (signals.codebook_usage, {"stage": "rqvae", "epoch": 2, "layer": 1, "counts": np.ones(8),
                               "utilization": 1.0, "perplexity": 8.0, "gini": 0.0, "dead_codes": 0}),
     (signals.epoch_end, EPOCH_END),
-    (signals.codes_assigned, {"epoch": 2, "codes": np.zeros((5, 4), dtype=np.int64), "use_forge": True,
+    (signals.codes_assigned, {"stage": "joint", "epoch": 2, "codes": np.zeros((5, 4), dtype=np.int64), "use_forge": True,
                               "policy": "sorted", "max_conflict": 12, "max_conflict_before": 40,
                               "collision_rate": 0.02, "changed": 3, "seconds": 0.1}),
     (signals.evaluated, {"stage": "rec", "split": "valid", "epoch": 2, "metrics": {"ndcg@10": 0.05}}),

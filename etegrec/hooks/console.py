@@ -84,10 +84,10 @@ class ConsoleSubscriber(Subscriber):
         self._last_step_line = now
         self._print(f"[{stage}] epoch {epoch}{_phase(stage, phase)} step {step}: {_fmt(losses)}{_lr_text(lr)}")
 
-    def on_codes_assigned(self, sender, *, epoch, max_conflict, max_conflict_before, collision_rate,
+    def on_codes_assigned(self, sender, *, stage, epoch, max_conflict, max_conflict_before, collision_rate,
                           changed, codes=None, seconds=0.0, **extra):
         n = len(codes) if codes is not None else 0
-        self._print(f"[codes] epoch {epoch}: max_conflict {max_conflict} (before FORGE {max_conflict_before}), "
+        self._print(f"[{stage}] codes for epoch {epoch}: max_conflict {max_conflict} (before FORGE {max_conflict_before}), "
                     f"collision rate {collision_rate:.2%}, {changed}/{n} changed, {seconds:.2f} s")
 
     def on_evaluated(self, sender, *, stage, split, epoch, metrics, **extra):
