@@ -6,7 +6,8 @@ import math
 import typing
 from typing import Any
 
-__all__ = ["CL_NEGATIVES", "ENCODER_INPUTS", "FORGE_POLICIES", "JOINT_TARGETS", "MIXED_PRECISION", "SEED_RANGE", "ConfigError"]
+__all__ = ["CL_NEGATIVES", "ENCODER_INPUTS", "FORGE_POLICIES", "JOINT_TARGETS", "MIXED_PRECISION", "SEED_RANGE",
+           "ConfigError"]
 
 
 class ConfigError(ValueError):
@@ -66,7 +67,8 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
         except OverflowError:  # an int beyond any float
             number = math.inf
         if not math.isfinite(number):  # a NaN or infinite rate or weight would only show up later, as a NaN loss
-            raise ConfigError(f"{origin}: config key {key!r} must be a finite number, got {value!r}; give a finite value")
+            raise ConfigError(f"{origin}: config key {key!r} must be a finite number, got {value!r}; "
+                              "give a finite value")
         return number
     if origin_type is list:
         item = typing.get_args(hint)[0]
