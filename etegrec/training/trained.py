@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from etegrec.config import Config, ConfigError, load_config
+from etegrec.config import Config, ConfigError, run_config
 from etegrec.models import RQVAE, CodeTrie, T5Recommender
 
 from .evaluation import beam_recommend
@@ -105,7 +105,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Trai
     for name in ("config.yaml", "checkpoints/best.pt"):
         if not (run_dir / name).exists():
             raise ConfigError(f"{str(run_dir / name)!r} does not exist: load_run needs a finished joint run's directory")
-    config = load_config(str(run_dir / "config.yaml"))
+    config = run_config(run_dir / "config.yaml")
     item_ids, table = read_item_codes(run_dir / "item_codes.tsv")
     state = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
     codes = torch.cat([torch.zeros(1, table.shape[1], dtype=torch.long), torch.as_tensor(table)])
