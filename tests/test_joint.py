@@ -49,6 +49,7 @@ def joint_events(run, name=None):
 def test_epochs_follow_the_cycle_then_finetune(joint_run):
     phases = [e.payload["phase"] for e in joint_events(joint_run, "epoch_end")]
     assert phases == ["id", "rec", "id", "rec", "finetune"]
+    assert joint_events(joint_run, "run_started")[0].payload["phases"] == phases  # the plan the console times
     assert [e.payload["epoch"] for e in joint_events(joint_run, "epoch_end")] == [0, 1, 2, 3, 4]
 
 

@@ -149,7 +149,8 @@ run_started = _bus.signal("run_started", doc="""\
 Fired once when a trainer starts, before its first epoch (also on resume).
 
 Payload: stage (str: "embed", "rqvae", "joint"), config (dict, the fully resolved config),
-run_dir (str), rank (int), world_size (int), resumed (bool), start_epoch (int).""")
+run_dir (str), rank (int), world_size (int), resumed (bool), start_epoch (int), phases (list[str],
+the phase of every epoch the stage plans, in order; early stopping may end it sooner).""")
 
 epoch_end = _bus.signal("epoch_end", doc="""\
 Fired after every training epoch of every trainer.
