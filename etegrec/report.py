@@ -69,6 +69,10 @@ def load_run_record(run_dir: str | Path) -> RunRecord:
     metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.yaml"
     metrics = _mapping(metrics_path, json.loads, "JSON") if metrics_path.exists() else None
     config = _mapping(config_path, yaml.safe_load, "YAML") if config_path.exists() else {}
+    for section, values in (config or {}).items():  # a file cut inside its first key still parses
+        if not isinstance(values, dict):
+            raise ValueError(f"{str(config_path)!r} holds a section {section!r} that is a {type(values).__name__}, "
+                             "not the mapping a run writes; restore it, or leave that run out of the report")
     return RunRecord(run_dir.name, read_events(run_dir / "events.jsonl"), metrics, config or {})
 
 
