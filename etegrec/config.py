@@ -1,9 +1,10 @@
 """Configuration: one dataclass per component, loaded from packaged named configs or YAML files.
 
 A config file has one section per component (``data``, ``embed``, ``tokenizer``, ``rqvae``,
-``run``); a section may list only the keys it changes. ``--set section.key=value`` overrides one
-key; values are parsed as YAML (``--set rqvae.lr=1e-3``). Unknown keys, wrong types and
-non-positive sizes are errors naming the key.
+``run``); a section may list only the keys it changes. A user's file is layered on the config its
+``base:`` names (``base: tiny``), on ``ml-100k``, the default, when it names none. ``--set
+section.key=value`` overrides one key; values are parsed as YAML (``--set rqvae.lr=1e-3``).
+Unknown keys, wrong types and non-positive sizes are errors naming the key.
 """
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ from typing import Any
 
 import yaml
 
-from .config_rules import (CL_NEGATIVES, ENCODER_INPUTS, FORGE_POLICIES, JOINT_TARGETS, MIXED_PRECISION, _NON_NEGATIVE,
-                           _POSITIVE, ConfigError, _check_feed_forward, _coerce)
+from .config_rules import ConfigError, _coerce, check_config
 
 __all__ = [
     "CONFIG_DIR",
@@ -31,6 +31,7 @@ __all__ = [
     "RunConfig",
     "TokenizerConfig",
     "load_config",
+    "run_config",
 ]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -194,49 +195,8 @@ class Config:
         setattr(section, name, _coerce(value, hint, key, origin))
 
     def validate(self) -> Config:
-        """Check sizes and ranges that the types alone do not catch."""
-        for key in self.keys():
-            section, name = key.split(".")
-            value = getattr(getattr(self, section), name)
-            if name in _POSITIVE and value is not None and value <= 0:
-                raise ConfigError(f"config key {key!r} must be positive, got {value!r}")
-            if name in _NON_NEGATIVE and value < 0:
-                raise ConfigError(f"config key {key!r} must not be negative, got {value!r}")
-            if name == "hidden_dims" and (not value or any(v <= 0 for v in value)):
-                raise ConfigError(f"config key {key!r} must be a non-empty list of positive sizes, got {value!r}")
-        if not 0 < self.joint.sample_fraction <= 1:
-            raise ConfigError(f"config key 'joint.sample_fraction' must be in (0, 1], got {self.joint.sample_fraction!r}")
-        stride = self.embed.window_stride
-        if stride is not None and stride > self.data.max_his_len:
-            raise ConfigError(f"config key 'embed.window_stride' ({stride}) must not exceed data.max_his_len "
-                              f"({self.data.max_his_len})")
-        if self.joint.mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(f"config key 'joint.mixed_precision' must be one of {', '.join(MIXED_PRECISION)}, "
-                              f"got {self.joint.mixed_precision!r}")
-        if self.recommender.encoder_input not in ENCODER_INPUTS:
-            raise ConfigError(f"config key 'recommender.encoder_input' must be one of {', '.join(ENCODER_INPUTS)}, "
-                              f"got {self.recommender.encoder_input!r}")
-        if self.joint.forge_policy not in FORGE_POLICIES:
-            raise ConfigError(f"config key 'joint.forge_policy' must be one of {', '.join(FORGE_POLICIES)}, "
-                              f"got {self.joint.forge_policy!r}")
-        _check_feed_forward(self.recommender.feed_forward_proj)
-        if self.joint.cl_negatives not in CL_NEGATIVES:
-            raise ConfigError(f"config key 'joint.cl_negatives' must be one of {', '.join(CL_NEGATIVES)}, "
-                              f"got {self.joint.cl_negatives!r}")
-        if self.joint.targets not in JOINT_TARGETS:
-            raise ConfigError(f"config key 'joint.targets' must be one of {', '.join(JOINT_TARGETS)}, "
-                              f"got {self.joint.targets!r}")
-        if self.joint.targets == "all" and self.recommender.encoder_input != "items":
-            raise ConfigError("config key 'joint.targets' is 'all', which needs recommender.encoder_input=items "
-                              f"(got {self.recommender.encoder_input!r}): a target after every item needs one "
-                              "encoder token per item")
-        joint_stride = self.joint.window_stride
-        if joint_stride is not None and joint_stride > self.data.max_his_len:
-            raise ConfigError(f"config key 'joint.window_stride' ({joint_stride}) must not exceed data.max_his_len "
-                              f"({self.data.max_his_len})")
-        if self.joint.top_k > self.joint.beam_size:
-            raise ConfigError(f"config key 'joint.top_k' ({self.joint.top_k}) must not exceed joint.beam_size "
-                              f"({self.joint.beam_size})")
+        """Check sizes, ranges and combinations that the types alone do not catch (:mod:`.config_rules`)."""
+        check_config(self)
         return self
 
 
@@ -261,25 +221,18 @@ def named_configs() -> list[str]:
 def load_config(name_or_path: str = "ml-100k", overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a :class:`Config` from a packaged name (``ml-100k``, ``paper``, ``tiny``) or a YAML path.
 
+    A packaged config is layered on the built-in defaults (the dataclasses). A YAML file of the
+    user's is layered on the config its ``base:`` key names (a packaged name, or another YAML file,
+    relative to this one), on ``ml-100k`` when it names none: a file changes only what it names.
+
     Args:
         name_or_path: a packaged config name or a YAML file.
         overrides: ``section.key=value`` strings, applied in order.
 
     Raises:
-        ConfigError: missing file, unknown key, wrong type or invalid value.
+        ConfigError: missing file, unknown key or base, wrong type or invalid value.
     """
-    path = Path(name_or_path)
-    if not path.suffix and (CONFIG_DIR / f"{name_or_path}.yaml").exists():
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
-        raise ConfigError(f"config {name_or_path!r} is neither a packaged config ({', '.join(named_configs())}) "
-                          "nor an existing YAML file")
-    config = Config()
-    for section, values in _read_yaml(path).items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: section {section!r} must be a mapping of keys to values")
-        for key, value in values.items():
-            config.set(f"{section}.{key}", value, origin=str(path))
+    config = _layered(name_or_path, Path.cwd(), ())
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -290,3 +243,50 @@ def load_config(name_or_path: str = "ml-100k", overrides: list[str] | tuple[str,
             value = raw
         config.set(key.strip(), value)
     return config.validate()
+
+
+def run_config(path: str | Path) -> Config:
+    """A run's own ``config.yaml``, layered on the built-in defaults rather than on ``ml-100k``: it
+    was complete when written, and a key added since takes the built-in default, which keeps what
+    the run did (as ``--resume`` reads it).
+
+    Raises:
+        ConfigError: missing or unreadable file, unknown key, wrong type or invalid value.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{str(path)!r} does not exist; pass a run directory that holds its config.yaml")
+    content = _read_yaml(path)
+    content.pop("base", None)
+    return _apply(Config(), content, path).validate()
+
+
+def _layered(name_or_path: str, relative_to: Path, chain: tuple[Path, ...]) -> Config:
+    """The config ``name_or_path`` names, its ``base:`` chain resolved (``chain``: the files that led here)."""
+    packaged = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not Path(name_or_path).suffix and packaged.exists():
+        return _apply(Config(), _read_yaml(packaged), packaged)
+    path = (relative_to / name_or_path).resolve()
+    if not path.exists():
+        where = f" (the base: of {str(chain[-1])!r})" if chain else ""
+        raise ConfigError(f"config {name_or_path!r}{where} is neither a packaged config ({', '.join(named_configs())}) "
+                          "nor an existing YAML file")
+    if path in chain:
+        raise ConfigError(f"config file {str(path)!r} is its own base, through {' -> '.join(map(str, chain))}; "
+                          "break the cycle of base: keys")
+    content = _read_yaml(path)
+    base = content.pop("base", "ml-100k")
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: must name a packaged config ({', '.join(named_configs())}) or a YAML "
+                          f"file, got {base!r}")
+    return _apply(_layered(base, path.parent, (*chain, path)), content, path)
+
+
+def _apply(config: Config, content: dict[str, Any], path: Path) -> Config:
+    """``config`` with the sections of a YAML file's ``content`` set on it."""
+    for section, values in content.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping of keys to values")
+        for key, value in values.items():
+            config.set(f"{section}.{key}", value, origin=str(path))
+    return config

@@ -2,10 +2,12 @@
 value is checked against its annotation. Pure; :mod:`etegrec.config` applies them."""
 from __future__ import annotations
 
+import math
 import typing
 from typing import Any
 
-__all__ = ["CL_NEGATIVES", "ENCODER_INPUTS", "FORGE_POLICIES", "JOINT_TARGETS", "MIXED_PRECISION", "ConfigError"]
+__all__ = ["CL_NEGATIVES", "ENCODER_INPUTS", "FORGE_POLICIES", "JOINT_TARGETS", "MIXED_PRECISION", "SEED_RANGE",
+           "ConfigError", "check_config"]
 
 
 class ConfigError(ValueError):
@@ -17,6 +19,9 @@ JOINT_TARGETS = ("last", "all")
 CL_NEGATIVES = ("batch", "catalogue")
 FORGE_POLICIES = ("round_robin", "nearest_free")  # as etegrec.forge.POLICIES (a test keeps them equal)
 MIXED_PRECISION = ("fp32", "bf16")  # not "no": YAML reads that as False
+SEED_RANGE = (0, 2**32 - 1)  # what numpy's and Python's generators are seeded with
+_CHOICES = {"joint.mixed_precision": MIXED_PRECISION, "recommender.encoder_input": ENCODER_INPUTS,
+            "joint.forge_policy": FORGE_POLICIES, "joint.cl_negatives": CL_NEGATIVES, "joint.targets": JOINT_TARGETS}
 _POSITIVE = {
     "min_count", "max_his_len", "max_users", "hidden", "n_layers", "n_heads", "batch_size", "epochs", "patience",
     "eval_step", "e_dim", "num_layers", "codebook_size", "num_decoder_layers", "d_model", "d_ff", "num_heads",
@@ -27,6 +32,51 @@ _NON_NEGATIVE = {
     "finetune_epochs", "probe_users", "valid_users", "log_every", "num_threads", "restart_dead_every", "id_vq_weight", "id_code_weight", "id_kl_weight",
     "id_dec_cl_weight", "rec_code_weight", "rec_kl_weight", "rec_dec_cl_weight", "code_margin",
 }
+
+
+def check_config(config: Any) -> None:
+    """Check a :class:`~etegrec.config.Config`'s sizes, ranges and combinations that the types alone do
+    not catch.
+
+    Raises:
+        ConfigError: the first key that breaks a rule, with its value.
+    """
+    for key in config.keys():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if name in _POSITIVE and value is not None and value <= 0:
+            raise ConfigError(f"config key {key!r} must be positive, got {value!r}")
+        if name in _NON_NEGATIVE and value < 0:
+            raise ConfigError(f"config key {key!r} must not be negative, got {value!r}")
+        if name == "hidden_dims" and (not value or any(v <= 0 for v in value)):
+            raise ConfigError(f"config key {key!r} must be a non-empty list of positive sizes, got {value!r}")
+    low, high = SEED_RANGE
+    if not low <= config.run.seed <= high:
+        raise ConfigError(f"config key 'run.seed' (--seed) must lie in [{low}, {high}], got {config.run.seed!r}; "
+                          "choose a seed in that range")
+    if not 0 < config.joint.sample_fraction <= 1:
+        raise ConfigError(f"config key 'joint.sample_fraction' must be in (0, 1], got {config.joint.sample_fraction!r}")
+    stride = config.embed.window_stride
+    if stride is not None and stride > config.data.max_his_len:
+        raise ConfigError(f"config key 'embed.window_stride' ({stride}) must not exceed data.max_his_len "
+                          f"({config.data.max_his_len})")
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in choices:
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
+    _check_feed_forward(config.recommender.feed_forward_proj)
+    if config.joint.targets == "all" and config.recommender.encoder_input != "items":
+        raise ConfigError("config key 'joint.targets' is 'all', which needs recommender.encoder_input=items "
+                          f"(got {config.recommender.encoder_input!r}): a target after every item needs one "
+                          "encoder token per item")
+    joint_stride = config.joint.window_stride
+    if joint_stride is not None and joint_stride > config.data.max_his_len:
+        raise ConfigError(f"config key 'joint.window_stride' ({joint_stride}) must not exceed data.max_his_len "
+                          f"({config.data.max_his_len})")
+    if config.joint.top_k > config.joint.beam_size:
+        raise ConfigError(f"config key 'joint.top_k' ({config.joint.top_k}) must not exceed joint.beam_size "
+                          f"({config.joint.beam_size})")
 
 
 def _check_feed_forward(value: str) -> None:
@@ -59,7 +109,14 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
     if not ok:
         raise ConfigError(f"{origin}: config key {key!r} expects {_type_name(hint)}, got {value!r}")
     if origin_type is float:
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond any float
+            number = math.inf
+        if not math.isfinite(number):  # a NaN or infinite rate or weight would only show up later, as a NaN loss
+            raise ConfigError(f"{origin}: config key {key!r} must be a finite number, got {value!r}; "
+                              "give a finite value")
+        return number
     if origin_type is list:
         item = typing.get_args(hint)[0]
         return [_coerce(v, item, key, origin) for v in value]

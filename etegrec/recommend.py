@@ -38,6 +38,36 @@ def _read_histories(path: Path) -> list[list[str]]:
     return histories
 
 
+def _history(text: str) -> list[str]:
+    """``--history``'s value: comma-separated raw item ids, none of them empty."""
+    ids = text.split(",")
+    if not all(ids):
+        raise ValueError(f"--history {text!r} holds an empty item id; give comma-separated raw item ids, oldest first "
+                         "(--input a JSONL file for ids with commas)")
+    return ids
+
+
+def _check_output(path: Path | None) -> None:
+    """Before any model is loaded: ``--output`` must go into a directory that exists."""
+    if path is not None and not path.parent.is_dir():
+        raise ValueError(f"--output {str(path)!r}: the directory {str(path.parent)!r} does not exist; create it or "
+                         "write elsewhere")
+
+
+def _check_device(name: str) -> None:
+    """Before any model is loaded: ``--device`` must name a torch device this machine has."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: this machine has no CUDA device PyTorch can use; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: only cpu and cuda are supported; use one of them")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m etegrec.recommend", description=__doc__.splitlines()[0],
                                      epilog="\n".join(__doc__.splitlines()[2:]),
@@ -48,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--input", type=Path, help="JSONL of histories")
     parser.add_argument("--output", type=Path, help="JSONL to write (default: standard output)")
     parser.add_argument("-k", "--k", type=int, default=10, help="items per history (default 10)")
-    parser.add_argument("--skip-unknown", action="store_true", help="leave unknown item ids out, with a warning")
+    parser.add_argument("--skip-unknown", action="store_true",
+                        help="leave unknown item ids out, with a warning; a history with no known item gets no items")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     args = parser.parse_args(argv)
 
@@ -56,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     from etegrec.training.trained import load_run
 
     try:
+        _check_output(args.output)
+        _check_device(args.device)
+        histories = [_history(args.history)] if args.history is not None else _read_histories(args.input)
         run = load_run(args.run_dir, device=args.device)
-        histories = [args.history.split(",")] if args.history else _read_histories(args.input)
         batches = range(0, len(histories), BATCH)
         if len(histories) > BATCH and sys.stderr.isatty():  # a bar on a terminal only, as the trainers
             batches = tqdm(batches, desc="recommend", unit="batch", file=sys.stderr)

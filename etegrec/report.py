@@ -15,6 +15,7 @@ import html
 import io
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,14 +60,34 @@ def load_run_record(run_dir: str | Path) -> RunRecord:
 
     Raises:
         FileNotFoundError: no ``events.jsonl`` in it.
+        ValueError: a ``metrics.json`` or ``config.yaml`` that does not parse to a mapping (torn or
+            edited), named.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "events.jsonl").exists():
         raise FileNotFoundError(f"{str(run_dir / 'events.jsonl')!r} does not exist: pass a run directory")
     metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.yaml"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
-    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    metrics = _mapping(metrics_path, json.loads, "JSON") if metrics_path.exists() else None
+    config = _mapping(config_path, yaml.safe_load, "YAML") if config_path.exists() else {}
+    for section, values in (config or {}).items():  # a file cut inside its first key still parses
+        if not isinstance(values, dict):
+            raise ValueError(f"{str(config_path)!r} holds a section {section!r} that is a {type(values).__name__}, "
+                             "not the mapping a run writes; restore it, or leave that run out of the report")
     return RunRecord(run_dir.name, read_events(run_dir / "events.jsonl"), metrics, config or {})
+
+
+def _mapping(path: Path, parse: Callable[[str], Any], kind: str) -> dict[str, Any] | None:
+    """``path`` parsed, once it is a mapping (or empty: None)."""
+    try:
+        value = parse(path.read_text(encoding="utf-8"))
+    except (ValueError, yaml.YAMLError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = str(exc).splitlines()[0]
+        raise ValueError(f"{str(path)!r} is not valid {kind} ({reason}); it is torn or was edited: restore it, "
+                         "or leave that run out of the report") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(value).__name__}, not the mapping a run writes; restore it, "
+                         "or leave that run out of the report")
+    return value
 
 
 def _of(run: RunRecord, signal: str) -> list[dict[str, Any]]:
@@ -209,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("report.html"), help="the page to write (report.html)")
     args = parser.parse_args(argv)
     try:
+        if not args.output.parent.is_dir():  # before the runs are read and the figures drawn
+            raise ValueError(f"--output {str(args.output)!r}: the directory {str(args.output.parent)!r} does not "
+                             "exist; create it or write elsewhere")
         runs = [load_run_record(d) for d in args.run_dirs]
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

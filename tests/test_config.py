@@ -106,3 +106,63 @@ def test_python_m_etegrec_lists_the_stages_and_their_commands():
     for command in ("python -m etegrec.data", "python -m etegrec.training.embed", "python -m etegrec.training.rqvae",
                     "python -m etegrec.training.joint"):
         assert command in out
+
+
+# --- issue 24: a file of the user's changes only what it names --------------------------------------
+
+def _differences(a, b) -> list[str]:
+    a, b = a.to_dict(), b.to_dict()
+    return [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s][k]]
+
+
+def test_a_partial_config_file_is_layered_on_the_default_config(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("joint: {epochs: 2}\n")
+    assert _differences(load_config(str(path)), load_config("ml-100k")) == ["joint.epochs"]
+
+
+def test_a_config_file_is_layered_on_the_base_it_names(tmp_path):
+    (tmp_path / "short.yaml").write_text("base: tiny\njoint: {epochs: 2}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "seeded.yaml").write_text("base: ../short.yaml\nrun: {seed: 7}\n")  # relative to the file
+    seeded = load_config(str(tmp_path / "sub" / "seeded.yaml"))
+    assert _differences(seeded, load_config("tiny")) == ["joint.epochs", "run.seed"]
+    assert (seeded.joint.epochs, seeded.run.seed) == (2, 7)
+
+
+def test_a_cycle_of_bases_is_an_error_naming_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml' is its own base, through .*a\.yaml -> .*b\.yaml"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+def test_an_unknown_base_names_the_file_that_asks_for_it(tmp_path):
+    (tmp_path / "mine.yaml").write_text("base: tinyy\n")
+    with pytest.raises(ConfigError, match=r"'tinyy' \(the base: of '.*mine\.yaml'\) is neither a packaged config"):
+        load_config(str(tmp_path / "mine.yaml"))
+
+
+def test_print_config_shows_a_partial_file_on_the_default_config(tmp_path, capsys):
+    import yaml
+
+    from etegrec.training import joint
+
+    (tmp_path / "mine.yaml").write_text("joint: {epochs: 2}\n")
+    assert joint.main(["--config", str(tmp_path / "mine.yaml"), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = load_config("ml-100k").to_dict()
+    expected["joint"]["epochs"] = 2
+    assert printed == expected
+
+
+def test_a_runs_own_config_yaml_keeps_the_built_in_default_of_a_key_added_since(tmp_path):
+    import yaml
+
+    from etegrec.config import Config, run_config
+
+    saved = load_config("tiny").to_dict()
+    del saved["joint"]["code_margin"]  # a run from before the key: it ran with the built-in default
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert run_config(tmp_path / "config.yaml").joint.code_margin == Config().joint.code_margin == 0.0
+    assert load_config("ml-100k").joint.code_margin == 0.1  # what layering on ml-100k would have given

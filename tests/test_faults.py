@@ -107,6 +107,11 @@ def _subscriber_syntax_error(tmp_path, data_file):
     return ["--subscriber", f"{path}:on_epoch_end"]
 
 
+def _wandb_mode_dryrun(tmp_path, data_file):
+    os.environ["WANDB_MODE"] = "dryrun"  # wandb's old name for offline; the test puts the variable back
+    return []
+
+
 def _args(*args):
     return lambda tmp_path, data_file: [a.format(data=data_file, tmp=tmp_path) for a in args]
 
@@ -142,11 +147,18 @@ BAD_INPUTS = [
     ("subscriber attribute", _args("--subscriber", "json:no_such_thing"), r"no_such_thing"),
     ("subscriber factory raises", _raising_factory, r"make.*no database"),
     ("subscriber syntax error", _subscriber_syntax_error, r"watch\.py' line 1: syntax error"),
+    # issue 24: inputs
+    ("NaN rate", _args("--set", "joint.lr_rec=nan"), r"joint\.lr_rec' must be a finite number, got nan"),
+    ("infinite rate", _args("--set", "joint.lr_rec=inf"), r"joint\.lr_rec' must be a finite number, got inf"),
+    ("negative seed", _args("--seed", "-1"), r"run\.seed' \(--seed\) must lie in \[0, 4294967295\], got -1"),
+    ("seed too large", _args("--seed", "99999999999"), r"run\.seed' \(--seed\) must lie in .*got 99999999999"),
+    ("WANDB_MODE=dryrun", _wandb_mode_dryrun, r"WANDB_MODE='dryrun' in the environment is not one of .*offline"),
 ]
 
 
 @pytest.mark.parametrize("name,make_args,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_is_one_clear_line(name, make_args, message, tmp_path, data_file, capsys):
+def test_bad_input_is_one_clear_line(name, make_args, message, tmp_path, data_file, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))  # put back after a case that sets it
     argv = BASE + make_args(tmp_path, data_file)
     start = time.perf_counter()
     assert joint.main(argv) == 2

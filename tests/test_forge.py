@@ -325,12 +325,13 @@ def test_get_code_emits_codes_assigned_payload():
         result = get_code(StandInTokenizer(), items, epoch=3, sender="trainer")
     (event,) = events
     assert event.sender == "trainer"
-    assert set(event.payload) == {"epoch", "codes", "use_forge", "policy", "max_conflict",
+    assert set(event.payload) == {"stage", "epoch", "codes", "use_forge", "policy", "max_conflict",
                                   "max_conflict_before", "collision_rate", "changed", "seconds"}
     payload = event.payload
     np.testing.assert_array_equal(payload["codes"], result.codes[1:].numpy())
     assert payload["max_conflict"] == payload["codes"][:, -1].max() + 1
-    assert (payload["epoch"], payload["use_forge"], payload["policy"]) == (3, True, "round_robin")
+    assert (payload["stage"], payload["epoch"], payload["use_forge"], payload["policy"]) == (
+        "joint", 3, True, "round_robin")
     assert payload["changed"] == 60
     distinct = {tuple(row) for row in payload["codes"][:, :-1].tolist()}
     assert payload["collision_rate"] == (60 - len(distinct)) / 60

@@ -43,13 +43,13 @@ def joint_run(tmp_path_factory):
 
 
 def joint_events(run, name=None):
-    return [e for e in run["events"] if (e.payload.get("stage") == "joint" or e.signal == "codes_assigned")
-            and (name is None or e.signal == name)]
+    return [e for e in run["events"] if e.payload.get("stage") == "joint" and (name is None or e.signal == name)]
 
 
 def test_epochs_follow_the_cycle_then_finetune(joint_run):
     phases = [e.payload["phase"] for e in joint_events(joint_run, "epoch_end")]
     assert phases == ["id", "rec", "id", "rec", "finetune"]
+    assert joint_events(joint_run, "run_started")[0].payload["phases"] == phases  # the plan the console times
     assert [e.payload["epoch"] for e in joint_events(joint_run, "epoch_end")] == [0, 1, 2, 3, 4]
 
 
@@ -239,7 +239,7 @@ def test_the_conflict_watch_example_works_from_python():
     codes = np.zeros((4, 4), dtype=np.int64)
     codes[:, 3] = [0, 1, 2, 3]
     with signals.codes_assigned.connected_to(watch.on_codes_assigned), pytest.warns(UserWarning, match="above 50%"):
-        signals.codes_assigned.send(None, epoch=3, codes=codes, use_forge=True, policy="round_robin",
+        signals.codes_assigned.send(None, stage="joint", epoch=3, codes=codes, use_forge=True, policy="round_robin",
                                     max_conflict=4, max_conflict_before=4, collision_rate=0.75, changed=4,
                                     seconds=0.0)
     assert watch.history == [(3, 4)]

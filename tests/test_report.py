@@ -84,3 +84,39 @@ def test_the_page_loads_in_a_headless_browser_with_every_figure_drawn(runs, tmp_
                     "--no-first-run", f"--user-data-dir={tmp_path / 'profile2'}", f"--screenshot={shot}",
                     "--window-size=1400,6000", page.as_uri()], capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 50_000  # the figures are drawn, not an empty page
+
+
+def _torn(name, cut):
+    def make(run_dir, tmp_path):
+        text = (run_dir / name).read_text()
+        (run_dir / name).write_text(text[: cut(text)])  # as a full disk or a kill leaves it
+        return [str(run_dir), "--output", str(tmp_path / "r.html")]
+    return make
+
+
+BAD_REPORTS = [  # issue 24: each one line naming the file or option, exit status 2
+    ("torn config.yaml", _torn("config.yaml", lambda text: text.index("  cycle:") + 4),  # "joint:\n  epochs: 4\n  cy"
+     r"config\.yaml' is not valid YAML .*restore it"),
+    ("torn config.yaml section", _torn("config.yaml", lambda text: text.index("joint:") + 10),  # "joint:\n  ep"
+     r"config\.yaml' holds a section 'joint' that is a str, not the mapping a run writes"),
+    ("torn metrics.json", _torn("metrics.json", lambda text: len(text) // 2),
+     r"metrics\.json' is not valid JSON .*restore it"),
+    ("output into a missing directory",
+     lambda run_dir, tmp_path: [str(run_dir), "--output", str(tmp_path / "no" / "r.html")],
+     r"--output '.*no/r\.html': the directory '.*no' does not exist"),
+]
+
+
+@pytest.mark.parametrize("name,make_args,message", BAD_REPORTS, ids=[b[0] for b in BAD_REPORTS])
+def test_a_bad_report_input_is_one_line_naming_it(runs, name, make_args, message, tmp_path, capsys):
+    import time
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs / "seed1", run_dir)
+    start = time.perf_counter()
+    assert main(make_args(run_dir, tmp_path)) == 2
+    assert time.perf_counter() - start < 10
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "r.html").exists()

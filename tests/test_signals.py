@@ -16,7 +16,7 @@ SPEC_PAYLOADS = {
     "run_started": ["stage", "config", "run_dir", "rank", "world_size"],
     "epoch_end": ["stage", "phase", "epoch", "losses", "lr", "seconds", "samples_per_second"],
     "step_end": ["stage", "phase", "epoch", "step", "losses", "lr"],
-    "codes_assigned": ["epoch", "codes", "use_forge", "policy", "max_conflict", "max_conflict_before",
+    "codes_assigned": ["stage", "epoch", "codes", "use_forge", "policy", "max_conflict", "max_conflict_before",
                        "collision_rate", "changed", "seconds"],
     "evaluated": ["stage", "split", "epoch", "metrics"],
     "probed": ["stage", "split", "epoch", "users", "probes"],  # SPEC section 8, learning probes

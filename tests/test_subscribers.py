@@ -159,8 +159,8 @@ CONSOLE_EVENTS = [
     (signals.codebook_usage, {"stage": "rqvae", "epoch": 2, "layer": 1, "counts": np.ones(8),
                               "utilization": 1.0, "perplexity": 8.0, "gini": 0.0, "dead_codes": 0}),
     (signals.epoch_end, EPOCH_END),
-    (signals.codes_assigned, {"epoch": 2, "codes": np.zeros((5, 4), dtype=np.int64), "use_forge": True,
-                              "policy": "sorted", "max_conflict": 12, "max_conflict_before": 40,
+    (signals.codes_assigned, {"stage": "joint", "epoch": 2, "codes": np.zeros((5, 4), dtype=np.int64),
+                              "use_forge": True, "policy": "sorted", "max_conflict": 12, "max_conflict_before": 40,
                               "collision_rate": 0.02, "changed": 3, "seconds": 0.1}),
     (signals.evaluated, {"stage": "rec", "split": "valid", "epoch": 2, "metrics": {"ndcg@10": 0.05}}),
     (signals.checkpoint_saved, {"stage": "rec", "epoch": 2, "path": "ckpt/best.pt", "is_best": True}),
@@ -383,14 +383,34 @@ def test_subscriber_connects_its_on_signal_methods_strongly():
     assert seen == [2]
 
 
+JOINT_PHASES = ["id", "rec", "rec"] * 3 + ["finetune"] * 3  # joint.epochs 9, cycle 3, finetune_epochs 3
+
+
 def test_console_epoch_lines_say_the_pipeline_stage_and_the_epochs_left():
     out = io.StringIO()
     with ConsoleSubscriber(file=out):
-        signals.run_started.send(None, stage="joint", config={"joint": {"epochs": 9, "finetune_epochs": 3}},
-                                 run_dir="r", rank=0, world_size=1, resumed=False, start_epoch=0)
+        signals.run_started.send(None, stage="joint", config={}, run_dir="r", rank=0, world_size=1, resumed=False,
+                                 start_epoch=4, phases=JOINT_PHASES)
         signals.epoch_end.send(None, **{**EPOCH_END, "stage": "joint", "epoch": 4})
     line = out.getvalue().splitlines()[-1]
-    assert line.startswith("[joint] epoch 4 rec:") and line.split(" | ")[-1].startswith("stage 3/3, epoch 5/12, at most ")
+    assert line.startswith("[joint] epoch 4 rec:") and line.split(" | ")[-1].startswith("stage 3/3, epoch 5/12, about ")
+
+
+def test_the_time_left_counts_each_phase_at_its_own_pace():
+    now = [0.0]
+    out = io.StringIO()
+    with ConsoleSubscriber(file=out, clock=lambda: now[0]):
+        signals.run_started.send(None, stage="joint", config={}, run_dir="r", rank=0, world_size=1, resumed=False,
+                                 start_epoch=0, phases=JOINT_PHASES)
+        for epoch, seconds in enumerate([1.0, 10.0, 10.0, 1.0]):  # a tokenizer epoch is 10x faster
+            now[0] += seconds
+            signals.epoch_end.send(None, **{**EPOCH_END, "stage": "joint", "phase": JOINT_PHASES[epoch],
+                                            "epoch": epoch})
+    lines = [line.split(" | ")[-1] for line in out.getvalue().splitlines()[1:]]
+    # after epoch 0 only the tokenizer's pace is known: the 11 epochs left are estimated at it
+    assert lines[0] == "stage 3/3, epoch 1/12, about 11 s left"
+    # then 4 rec epochs at 10 s, 1 id epoch at 1 s and 3 finetune epochs, not seen yet, at the slowest pace
+    assert lines[3] == "stage 3/3, epoch 4/12, about 71 s left"  # one mean over all epochs said 44 s
 
 
 def test_progress_bars_stay_out_of_a_log_file(tmp_path):

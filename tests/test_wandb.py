@@ -96,7 +96,7 @@ def emit_joint():
         if phase == "id":
             signals.codebook_usage.send(None, stage="joint", epoch=epoch, layer=0, counts=usage(epoch),
                                         utilization=1.0, perplexity=7.0, gini=0.125, dead_codes=0)
-            signals.codes_assigned.send(None, epoch=epoch, codes=codes, use_forge=True, policy="adler32",
+            signals.codes_assigned.send(None, stage="joint", epoch=epoch, codes=codes, use_forge=True, policy="adler32",
                                         max_conflict=2 + epoch, max_conflict_before=9, collision_rate=0.2,
                                         changed=10 if epoch == 0 else 3, seconds=0.01)
         signals.evaluated.send(None, stage="joint", split="valid", epoch=epoch,

@@ -34,6 +34,7 @@ def get_code(
     margin: float = 0.0,
     batch_size: int = 4096,
     sender: Any = None,
+    stage: str = "joint",
     device: torch.device | str | None = None,
 ) -> ItemCodes:
     """Compute every item's code with the tokenizer, apply FORGE and emit ``codes_assigned``.
@@ -61,6 +62,7 @@ def get_code(
             level's previous code is the one FORGE gave it.
         batch_size: items per tokenizer call.
         sender: the object emitting ``codes_assigned`` (the trainer).
+        stage: the stage reported in the payload, the sender's (joint training is where codes change).
         device: where the returned tensor lives; ``item_embeddings.device`` when None.
 
     Raises:
@@ -93,7 +95,7 @@ def get_code(
     codes = torch.from_numpy(table).to(item_embeddings.device if device is None else device)
     if signals.codes_assigned.receivers:
         signals.codes_assigned.send(
-            sender, epoch=epoch, codes=assignment.codes, use_forge=use_forge, policy=policy,
+            sender, stage=stage, epoch=epoch, codes=assignment.codes, use_forge=use_forge, policy=policy,
             max_conflict=assignment.max_conflict, max_conflict_before=assignment.max_conflict_before,
             collision_rate=assignment.collision_rate, changed=assignment.changed,
             seconds=time.perf_counter() - started,

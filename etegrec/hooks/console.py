@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 from tqdm import tqdm
 
@@ -34,7 +35,8 @@ class ConsoleSubscriber(Subscriber):
 
     main_process_only = True
 
-    def __init__(self, *, file=None, codebooks: bool = True, min_interval: float = 2.0) -> None:
+    def __init__(self, *, file=None, codebooks: bool = True, min_interval: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.file = file
         self.codebooks = codebooks
@@ -42,22 +44,23 @@ class ConsoleSubscriber(Subscriber):
         # evaluation and checkpoint line is printed
         self.min_interval = min_interval
         self._last_step_line = float("-inf")
-        self._stage: tuple | None = None  # (stage, start time, first epoch, epochs in all) of the running stage
+        self._clock = clock
+        self._stage: tuple | None = None  # (stage, the phase of every planned epoch) of the running stage
+        self._last_end = 0.0  # when the running stage last started or ended an epoch (clock)
+        self._durations: dict[str, list[float]] = {}  # phase -> seconds of its epochs so far, evaluation included
         self._codebook_lines: list[tuple] = []
 
     def _print(self, text: str) -> None:
         tqdm.write(text, file=self.file or sys.stderr)
 
-    def on_run_started(self, sender, *, stage, run_dir, world_size=1, resumed=False, config=None, start_epoch=0,
-                       **extra):
-        section = (config or {}).get(stage) or {}
-        total = section.get("epochs", 0) + (section.get("finetune_epochs") or 0)
-        self._stage = (stage, time.monotonic(), start_epoch, total)
+    def on_run_started(self, sender, *, stage, run_dir, world_size=1, resumed=False, phases=(), **extra):
+        self._stage, self._last_end, self._durations = (stage, list(phases)), self._clock(), {}
         how = "resumed" if resumed else "started"
         self._print(f"[{stage}] run {how} in {run_dir} ({world_size} process{'es' if world_size > 1 else ''})")
 
     def on_epoch_end(self, sender, *, stage, phase, epoch, losses, lr=None, seconds=0.0,
                      samples_per_second=0.0, **extra):
+        self._time_epoch(stage, phase)
         codebook_lines, self._codebook_lines = self._codebook_lines, []
         for stage_, epoch_, layer, utilization, perplexity, gini, dead in codebook_lines:
             self._print(f"[{stage_}] epoch {epoch_} codebook layer {layer}: utilization {utilization:.1%}, "
@@ -65,17 +68,26 @@ class ConsoleSubscriber(Subscriber):
         self._print(f"[{stage}] epoch {epoch}{_phase(stage, phase)}: {_fmt(losses)}{_lr_text(lr)} | "
                     f"{seconds:.1f} s, {samples_per_second:.0f} samples/s{self._where(stage, epoch)}")
 
+    def _time_epoch(self, stage: str, phase: str) -> None:
+        """Time the epoch that just ended by its phase, from the end of the one before (or the start),
+        evaluation included: a tokenizer epoch takes a fraction of a recommender epoch."""
+        now, since = self._clock(), self._last_end
+        self._last_end = now
+        if self._stage is not None and self._stage[0] == stage:
+            self._durations.setdefault(phase, []).append(now - since)
+
     def _where(self, stage: str, epoch: int) -> str:
-        """`` | stage 3/3, epoch 5/12, at most 6 min left``: the pipeline's stage and the stage's ETA
-        (an upper bound: early stopping may end it sooner)."""
-        if self._stage is None or self._stage[0] != stage or not self._stage[3]:
+        """`` | stage 3/3, epoch 5/12, about 6 min left``: the pipeline's stage and an estimate of the
+        stage's time left if it runs every planned epoch (early stopping may end it sooner): each
+        epoch left at its phase's mean so far, a phase not seen yet at the slowest phase seen."""
+        if self._stage is None or self._stage[0] != stage or not self._stage[1] or not self._durations:
             return ""
-        _, started, first, total = self._stage
-        done = epoch + 1 - first
-        left = (time.monotonic() - started) / max(done, 1) * max(total - epoch - 1, 0)
+        means = {phase: sum(seconds) / len(seconds) for phase, seconds in self._durations.items()}
+        planned = self._stage[1]
+        left = sum(means.get(later, max(means.values())) for later in planned[epoch + 1:])
         number = f"stage {PIPELINE.index(stage) + 1}/{len(PIPELINE)}, " if stage in PIPELINE else ""
-        eta = f"at most {left / 60:.0f} min left" if left >= 90 else f"at most {left:.0f} s left"
-        return f" | {number}epoch {epoch + 1}/{total}, {eta}"
+        eta = f"about {left / 60:.0f} min left" if left >= 90 else f"about {left:.0f} s left"
+        return f" | {number}epoch {epoch + 1}/{len(planned)}, {eta}"
 
     def on_step_end(self, sender, *, stage, phase, epoch, step, losses, lr=None, **extra):
         now = time.monotonic()
@@ -84,11 +96,11 @@ class ConsoleSubscriber(Subscriber):
         self._last_step_line = now
         self._print(f"[{stage}] epoch {epoch}{_phase(stage, phase)} step {step}: {_fmt(losses)}{_lr_text(lr)}")
 
-    def on_codes_assigned(self, sender, *, epoch, max_conflict, max_conflict_before, collision_rate,
+    def on_codes_assigned(self, sender, *, stage, epoch, max_conflict, max_conflict_before, collision_rate,
                           changed, codes=None, seconds=0.0, **extra):
         n = len(codes) if codes is not None else 0
-        self._print(f"[codes] epoch {epoch}: max_conflict {max_conflict} (before FORGE {max_conflict_before}), "
-                    f"collision rate {collision_rate:.2%}, {changed}/{n} changed, {seconds:.2f} s")
+        self._print(f"[{stage}] codes for epoch {epoch}: max_conflict {max_conflict} "
+                    f"(before FORGE {max_conflict_before}), collision rate {collision_rate:.2%}, {changed}/{n} changed, {seconds:.2f} s")
 
     def on_evaluated(self, sender, *, stage, split, epoch, metrics, **extra):
         # the test split is evaluated once, with the best checkpoint, whose epoch the payload carries

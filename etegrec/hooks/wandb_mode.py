@@ -36,12 +36,16 @@ def resolve_mode(mode: str | None = None, *, environ: Mapping[str, str] = os.env
     so that a machine without credentials or network never tries to reach W&B.
 
     Raises:
-        ValueError: ``mode`` is not one of online, offline, disabled.
+        ValueError: ``mode`` or ``WANDB_MODE`` is not one of online, offline, disabled.
     """
+    env = environ.get("WANDB_MODE")
+    if env and env not in MODES:  # checked even when ``mode`` wins: W&B itself reads the variable too
+        raise ValueError(f"WANDB_MODE={env!r} in the environment is not one of {', '.join(MODES)}; set it to one "
+                         "of them (offline for dryrun) or unset it")
     if mode is not None:
         return check_mode(mode)
-    if environ.get("WANDB_MODE"):
-        return environ["WANDB_MODE"]
+    if env:
+        return env
     return "online" if has_api_key(environ) else "offline"
 
 

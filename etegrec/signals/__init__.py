@@ -149,7 +149,8 @@ run_started = _bus.signal("run_started", doc="""\
 Fired once when a trainer starts, before its first epoch (also on resume).
 
 Payload: stage (str: "embed", "rqvae", "joint"), config (dict, the fully resolved config),
-run_dir (str), rank (int), world_size (int), resumed (bool), start_epoch (int).""")
+run_dir (str), rank (int), world_size (int), resumed (bool), start_epoch (int), phases (list[str],
+the phase of every epoch the stage plans, in order; early stopping may end it sooner).""")
 
 epoch_end = _bus.signal("epoch_end", doc="""\
 Fired after every training epoch of every trainer.
@@ -168,12 +169,12 @@ this rank's values of that step), lr (dict[str, float]).""")
 codes_assigned = _bus.signal("codes_assigned", doc="""\
 Fired by ``etegrec.forge.get_code`` each time the item codes are (re)computed.
 
-Payload: epoch (int, the first epoch that uses these codes: 0 at the start of joint training,
-e + 1 after tokenizer epoch e), codes (np.ndarray [n_items, L+1], row i = item i+1), use_forge (bool),
-policy (str), max_conflict (int, largest suffix + 1), max_conflict_before (int, the same
-without FORGE), collision_rate (float, (n_items - distinct L-code tuples) / n_items after FORGE),
-changed (int, items whose code differs from the previous call; n_items on the first call),
-seconds (float).""")
+Payload: stage (str, the sender's: "joint"), epoch (int, the first epoch that uses these codes: 0
+at the start of joint training, e + 1 after tokenizer epoch e), codes (np.ndarray [n_items, L+1],
+row i = item i+1), use_forge (bool), policy (str), max_conflict (int, largest suffix + 1),
+max_conflict_before (int, the same without FORGE), collision_rate (float, (n_items - distinct
+L-code tuples) / n_items after FORGE), changed (int, items whose code differs from the previous
+call; n_items on the first call), seconds (float).""")
 
 evaluated = _bus.signal("evaluated", doc="""\
 Fired after every evaluation.

@@ -94,7 +94,8 @@ def fit_stage(trainer: StageTrainer, run) -> dict[str, dict[str, float]]:
             if run.lengthened:  # more epochs asked for: they all train, whatever stopped the run before
                 trainer.check_lengthened(position)
                 trainer.stopping.reset_wait()
-        signals.run_started.send(trainer, **run.started_payload(position.epoch))
+        signals.run_started.send(trainer, **run.started_payload(position.epoch),
+                                 phases=[phase for segment in trainer.segments() for phase in segment])
         trainer.begin(resumed=run.resumed)
         _train(trainer, run, position, progress)
         run.accelerator.wait_for_everyone()

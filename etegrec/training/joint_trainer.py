@@ -155,7 +155,8 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         cfg = self.config.joint
         with self.hooks.pause():
             result = get_code(self.tokenizer, self.item_emb, epoch=epoch, use_forge=cfg.use_forge,
-                              policy=cfg.forge_policy, previous=self.codes, margin=cfg.code_margin, sender=self)
+                              policy=cfg.forge_policy, previous=self.codes, margin=cfg.code_margin, sender=self,
+                              stage=self.stage)
         first = self.codes is None  # the start's assignment changes nothing that was learned
         self.codes = result.codes.to(self.run.accelerator.device)
         self.codes_changed = 0.0 if first else result.assignment.changed / max(1, len(result.assignment.codes))

@@ -44,10 +44,14 @@ class RunOptions:
         Raises:
             ValueError: an unknown or uninstalled tracker (see :func:`check_trackers`).
             SubscriberError: a subscriber that cannot be loaded.
-            ConfigError: ``resume`` without ``output_dir``, without a checkpoint, or with a config
-                that changes what the run trains; ``output_dir`` holding a run, without ``resume``.
+            ConfigError: an unknown W&B mode (``wandb_mode`` or ``WANDB_MODE``); ``resume`` without
+                ``output_dir``, without a checkpoint, or with a config that changes what the run trains;
+                ``output_dir`` holding a run, without ``resume``.
         """
-        mode = resolve_mode(wandb_mode)
+        try:
+            mode = resolve_mode(wandb_mode)
+        except ValueError as exc:  # a bad WANDB_MODE in the environment is the user's input too
+            raise ConfigError(str(exc)) from None
         trackers = tuple(name for name in check_trackers(log_with) if name != "wandb" or mode != "disabled")
         path = Path(output_dir) if output_dir else None
         lengthened: list[str] = []

@@ -22,6 +22,7 @@ import yaml
 
 from etegrec.config import Config, ConfigError
 
+from .item_codes import format_item_codes
 from .resume import rng_state
 
 __all__ = ["RunDir", "atomic_write_bytes", "atomic_write_text", "check_writable", "default_run_dir", "hold_run_dir"]
@@ -171,17 +172,12 @@ class RunDir:
         return path
 
     def write_item_codes(self, codes: np.ndarray, item_ids: Sequence[str]) -> Path | None:
-        """``item_codes.tsv``: one row per item, its raw id (as the data spells it), its RQ codes
-        ``c0 ..`` and its suffix token; ``codes`` is ``[n_items, L + 1]`` (row i = item i + 1)."""
+        """``item_codes.tsv`` (:mod:`.item_codes`): one row per item, its raw id (as the data spells
+        it), its RQ codes ``c0 ..`` and its suffix token; ``codes`` is ``[n_items, L + 1]`` (row i = item i + 1)."""
         if not self.is_main:
             return None
-        codes = np.asarray(codes)
-        if codes.shape[0] != len(item_ids):
-            raise AssertionError(f"{codes.shape[0]} code rows for {len(item_ids)} items")
-        header = "\t".join(["item_id", *(f"c{i}" for i in range(codes.shape[1] - 1)), "suffix"])
-        rows = ("\t".join([item, *map(str, row)]) for item, row in zip(item_ids, codes.tolist()))
         path = self.path / "item_codes.tsv"
-        atomic_write_text(path, header + "\n" + "\n".join(rows) + "\n")
+        atomic_write_text(path, format_item_codes(codes, item_ids))
         return path
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:

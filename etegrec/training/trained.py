@@ -14,38 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from etegrec.config import Config, ConfigError, load_config
+from etegrec.config import Config, ConfigError, run_config
 from etegrec.models import RQVAE, CodeTrie, T5Recommender
 
 from .evaluation import beam_recommend
 from .factories import build_recommender, build_tokenizer
+from .item_codes import read_item_codes
 
 __all__ = ["TrainedRun", "load_run", "read_item_codes"]
 
 log = logging.getLogger(__name__)
-
-
-def read_item_codes(path: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
-    """``item_codes.tsv`` as (raw item ids, codes [n_items, L + 1]); row i is item i + 1.
-
-    Raises:
-        ConfigError: a missing file or a malformed line, named with its number.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{str(path)!r} does not exist: load_run needs a finished joint run's directory")
-    ids, rows = [], []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines[1:], start=2):
-        fields = line.split("\t")
-        try:
-            rows.append([int(v) for v in fields[1:]])
-        except ValueError:
-            raise ConfigError(f"{str(path)}: line {number}: expected an item id and integer codes, got {line!r}") from None
-        ids.append(fields[0])
-    if not rows or len({len(r) for r in rows}) != 1:
-        raise ConfigError(f"{str(path)}: expected one row of codes per item, all of one length")
-    return tuple(ids), np.array(rows, dtype=np.int64)
 
 
 @dataclass
@@ -70,25 +48,38 @@ class TrainedRun:
         ``data.max_his_len`` items of a history are read.
 
         Raises:
-            ValueError: unknown item ids (listed; or skipped with a warning when ``skip_unknown``), an
-                empty history, or ``k`` above the beam's ``top_k``.
+            TypeError: ``histories``, or one of them, is a string rather than a list of item ids.
+            ValueError: unknown item ids (listed), or a history with no item, unless
+                ``skip_unknown``: then unknown ids are left out with a warning, and a history left
+                with no known item gets no recommendations (``[]``), with a warning, while the
+                others are answered; ``k`` above the beam's ``top_k``.
         """
         cfg = self.config.joint
         if not 1 <= k <= cfg.top_k:
             raise ValueError(f"k={k!r} must lie in [1, {cfg.top_k}] (joint.top_k of this run)")
+        if isinstance(histories, (str, bytes)):  # a string iterates as one-character "ids"
+            raise TypeError(f"histories must be a list of histories (lists of raw item ids), got the string "
+                            f"{histories!r}; pass [[...]], e.g. [[{histories!r}]] for one history of that one item")
         rows = [self._indices(history, n, skip_unknown) for n, history in enumerate(histories)]
+        answered = [i for i, row in enumerate(rows) if row]
+        out: list[list[tuple[str, float]]] = [[] for _ in rows]
+        if not answered:
+            return out
         length = self.config.data.max_his_len
-        padded = np.zeros((len(rows), length), dtype=np.int64)
-        for i, row in enumerate(rows):
-            row = row[-length:]
+        padded = np.zeros((len(answered), length), dtype=np.int64)
+        for i, n in enumerate(answered):
+            row = rows[n][-length:]
             padded[i, length - len(row):] = row
         items, scores = beam_recommend(self.recommender, self.codes, self.trie, padded, cfg)
-        out = []
-        for item_row, score_row in zip(items[:, :k].tolist(), scores[:, :k].tolist()):
-            out.append([(self.item_ids[i - 1], s) for i, s in zip(item_row, score_row) if i > 0])
+        for n, item_row, score_row in zip(answered, items[:, :k].tolist(), scores[:, :k].tolist()):
+            out[n] = [(self.item_ids[i - 1], s) for i, s in zip(item_row, score_row) if i > 0]
         return out
 
     def _indices(self, history: Sequence[str], n: int, skip_unknown: bool) -> list[int]:
+        """Item indices of history ``n``; ``[]`` for one with no known item, when ``skip_unknown``."""
+        if isinstance(history, (str, bytes)):
+            raise TypeError(f"history {n} is the string {history!r}, not a list of raw item ids; pass "
+                            f"[{history!r}] for a history of that one item")
         unknown = [item for item in history if str(item) not in self.index_of]
         if unknown and not skip_unknown:
             raise ValueError(f"history {n}: unknown item ids {unknown[:10]!r} (not in {self.run_dir}/item_codes.tsv); "
@@ -96,8 +87,10 @@ class TrainedRun:
         if unknown:
             log.warning("history %d: skipped unknown item ids %r", n, unknown[:10])
         indices = [self.index_of[str(item)] for item in history if str(item) in self.index_of]
+        if not indices and not skip_unknown:
+            raise ValueError(f"history {n} has no item; a recommendation needs at least one")
         if not indices:
-            raise ValueError(f"history {n} has no known item; a recommendation needs at least one")
+            log.warning("history %d has no known item: it gets no recommendations", n)
         return indices
 
 
@@ -112,7 +105,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Trai
     for name in ("config.yaml", "checkpoints/best.pt"):
         if not (run_dir / name).exists():
             raise ConfigError(f"{str(run_dir / name)!r} does not exist: load_run needs a finished joint run's directory")
-    config = load_config(str(run_dir / "config.yaml"))
+    config = run_config(run_dir / "config.yaml")
     item_ids, table = read_item_codes(run_dir / "item_codes.tsv")
     state = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
     codes = torch.cat([torch.zeros(1, table.shape[1], dtype=torch.long), torch.as_tensor(table)])
