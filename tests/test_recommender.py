@@ -262,11 +262,13 @@ def test_forward_all_equals_forward_on_every_prefix_of_the_window() -> None:
     targets[0, 3] = items[0, 1]  # a repeat, so that the repeat bias takes part
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[0, :2] = False  # row 0 is left-padded
+    scored = mask.clone()  # a target after every real item
+    scored[1, 3] = False  # one left out: the others keep their rows
     with torch.no_grad():
-        out = model.forward_all(items, mask, targets)
-        for i in range(5):
-            rows = [0, 1] if i >= 2 else [1]  # row 0 has no real item before position 2
-            one = model(items[rows, : i + 1], mask[rows, : i + 1], targets[rows, i])
-            torch.testing.assert_close(out.logits[rows, i], one.logits, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(out.encoder_latent[rows, i], one.encoder_latent, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(out.decoder_semantic[rows, i], one.decoder_semantic, rtol=1e-4, atol=1e-5)
+        out = model.forward_all(items, mask, targets, scored)
+        assert out.logits.shape[0] == int(scored.sum()) == 7
+        for n, (row, i) in enumerate(scored.nonzero().tolist()):
+            one = model(items[[row], : i + 1], mask[[row], : i + 1], targets[[row], i])
+            torch.testing.assert_close(out.logits[n], one.logits[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out.encoder_latent[n], one.encoder_latent[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out.decoder_semantic[n], one.decoder_semantic[0], rtol=1e-4, atol=1e-5)

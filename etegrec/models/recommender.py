@@ -232,20 +232,22 @@ class T5Recommender(CodeDecoding, nn.Module):
         )
 
     def forward_all(
-        self, items_codes: torch.Tensor, items_mask: torch.Tensor, target_codes: torch.Tensor
+        self, items_codes: torch.Tensor, items_mask: torch.Tensor, target_codes: torch.Tensor,
+        scored: torch.Tensor,
     ) -> RecommenderOutput:
-        """Teacher-forced logits of a target after *every* position of a window (causal encoder).
+        """Teacher-forced logits of the ``scored`` targets of windows (causal encoder).
 
         ``items_codes`` (B, W, L) with ``items_mask`` (B, W) are the inputs, ``target_codes``
-        (B, W, L) the item that follows each of them: target ``i`` is predicted from items ``<= i``.
-        One encoder pass serves all W targets; the decoder reads every target's code prefix in one
-        row of W * L tokens, each target attending only to its own prefix (its relative positions are
-        those of a lone decoding) and to the encoder states ``<= i``. Equal to :meth:`forward` on
-        each prefix (the tests check it).
+        (B, W, L) the item that follows each of them, ``scored`` (B, W) which of those targets to
+        predict (each after a real input): target ``i`` is predicted from items ``<= i``. One causal
+        encoder pass serves every target of a window; the decoder then runs once per scored target,
+        on the encoder states ``<= i`` shifted so that the target follows the last one, exactly as
+        :meth:`forward` decodes a lone history (the tests check it). Decoding only the scored targets
+        matters on short sequences: on the Amazon sets most of a 20-item window is padding.
 
         Returns:
-            logits (B, W, L, K), encoder_latent (B, W, latent_dim) (mean of the states ``<= i``),
-            decoder_semantic (B, W, semantic_dim).
+            one row per scored target, in ``scored.nonzero()`` order: logits (N, L, K),
+            encoder_latent (N, latent_dim) (mean of the states ``<= i``), decoder_semantic (N, semantic_dim).
         """
         if not self.causal_encoder or self.encoder_input != "items":
             raise ValueError("forward_all needs causal_encoder=True and encoder_input='items'; build the "
@@ -253,31 +255,30 @@ class T5Recommender(CodeDecoding, nn.Module):
         items_mask = items_mask.bool()
         # host sync: columns padded in every row change nothing; where they end sets the shapes
         first = int(items_mask.any(dim=0).int().argmax())
-        items_codes, items_mask, target_codes = items_codes[:, first:], items_mask[:, first:], target_codes[:, first:]
-        batch, window, length = target_codes.shape
+        items_codes, items_mask = items_codes[:, first:], items_mask[:, first:]
+        target_codes, scored = target_codes[:, first:], scored[:, first:]
         states, attention_mask = self.encode(items_codes, items_mask)  # (B, W, d), (B, W)
-        inputs = self._decoder_inputs(target_codes.reshape(batch * window, length)[:, :-1])  # (B * W, L, d)
-        block = torch.arange(window * length, device=states.device) // length  # target of each decoder token
-        self_allowed = (block[:, None] == block[None, :]) & torch.ones(
-            window * length, window * length, dtype=torch.bool, device=states.device).tril()
+        rows, at = scored.nonzero(as_tuple=True)  # (N,) each: window and position of every target
+        window = states.shape[1]
+        # each target's states <= its position, right-aligned: source column at - W + 1 + j (< 0: padding)
+        source = at[:, None] + torch.arange(1 - window, 1, device=states.device)[None, :]  # (N, W)
+        mask = attention_mask[rows[:, None], source.clamp_min(0)] & (source >= 0)  # (N, W)
+        states = states[rows[:, None], source.clamp_min(0)]  # (N, W, d)
+        codes = target_codes[rows, at]  # (N, L)
+        last = torch.full((self.code_length,), window - 1, device=states.device)  # the target follows it
         hidden = self.decoder(
-            inputs_embeds=inputs.reshape(batch, window * length, self.d_model),
-            attention_mask=additive_mask(self_allowed[None, None], self.code_embedding.dtype),
+            inputs_embeds=self._decoder_inputs(codes[:, :-1]),  # (N, L, d)
             encoder_hidden_states=states,
-            encoder_attention_mask=self._cross_mask(attention_mask, block),  # (B, heads, W * L, W)
+            encoder_attention_mask=self._cross_mask(mask, last),
             use_cache=False,
-        ).last_hidden_state.reshape(batch, window, length, self.d_model)
-        logits = torch.einsum("bwld,lkd->bwlk", hidden, self.code_embedding) * self.d_model ** -0.5
+        ).last_hidden_state  # (N, L, d)
+        logits = self._score(hidden)
         if self.repeat_logit is not None:  # target i's history is items <= i
-            rows = items_codes.repeat_interleave(window, dim=0)  # (B * W, W, L)
-            seen = items_mask[:, None, :] & torch.ones(window, window, dtype=torch.bool, device=states.device).tril()
-            bias = self._history_bias_all(rows, seen.reshape(batch * window, window),
-                                          target_codes.reshape(batch * window, length))
-            logits = logits + bias.view(batch, window, length, -1)
-        weights = attention_mask.to(states.dtype)[..., None]  # (B, W, 1)
-        pooled = (states * weights).cumsum(dim=1) / weights.cumsum(dim=1).clamp_min(1.0)  # (B, W, d)
+            logits = logits + self._history_bias_all(items_codes[rows[:, None], source.clamp_min(0)], mask, codes)
+        weights = mask.to(states.dtype)[..., None]  # (N, W, 1)
+        pooled = (states * weights).sum(dim=1) / weights.sum(dim=1)  # (N, d)
         return RecommenderOutput(
             logits=logits,
             encoder_latent=self.encoder_proj(pooled),
-            decoder_semantic=self.decoder_proj(hidden[:, :, 0]),
+            decoder_semantic=self.decoder_proj(hidden[:, 0]),
         )

@@ -187,11 +187,8 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         if self.config.joint.targets == "last":
             history, target = self.history[idx], self.target[idx]  # (B, H), (B,)
             return self.recommender(self.codes[history], history != 0, self.codes[target]), target
-        inputs, targets, scored = window_targets(self.windows[idx], self.counted[idx])
-        first = int((inputs != 0).any(0).int().argmax())  # columns padded in every row: skipped
-        inputs, targets, scored = inputs[:, first:], targets[:, first:], scored[:, first:]
-        out = self.recommender.forward_all(self.codes[inputs], inputs != 0, self.codes[targets])
-        return RecommenderOutput(*(t[scored] for t in out)), targets[scored]
+        inputs, targets, scored = window_targets(self.windows[idx], self.counted[idx])  # (B, W) each
+        return self.recommender.forward_all(self.codes[inputs], inputs != 0, self.codes[targets], scored), targets[scored]
 
     def _normalizable(self, logits: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
         """With ``joint.renormalize``, the logits (N, L, K) of codes that lead to no item after the
