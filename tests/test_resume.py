@@ -139,6 +139,41 @@ def test_ctrl_c_writes_a_checkpoint_exits_130_and_resumes_mid_epoch(workspace):
     assert len(folders) == 2 and all(f.endswith(f"-{run_id}") for f in folders)
 
 
+# Fields that differ between any two runs, interrupted or not: the wall clock (when a record was
+# written, how long an epoch took, its speed). Paths differ only by the run directory's own name,
+# which is replaced by RUN rather than left out.
+CLOCK_FIELDS = ("time", "seconds", "samples_per_second")
+
+
+def _payloads(events: list[dict], run_dir: Path) -> list[dict]:
+    out = []
+    for event in events:
+        event = {k: v for k, v in event.items() if k not in CLOCK_FIELDS}
+        out.append(json.loads(json.dumps(event).replace(str(run_dir), "RUN")))
+    return out
+
+
+def test_every_record_after_a_resume_carries_the_uninterrupted_runs_payload(workspace):
+    run_dir = workspace / "stopped-events"
+    stopped = _joint(workspace, run_dir.name, "--wandb-mode", "disabled", "--subscriber",
+                     _stopper(workspace, "SIGINT", epoch=3))  # a recommender epoch: no code refresh before its probes
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    resumed = _joint(workspace, run_dir.name, "--wandb-mode", "disabled", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    events = _payloads(read_events(run_dir / "events.jsonl"), run_dir)
+    reference = _payloads(read_events(workspace / "reference" / "events.jsonl"), workspace / "reference")
+    # the only records the interruption adds: the Ctrl-C checkpoint's, the first attempt's end, the second's start
+    end = next(i for i, e in enumerate(events) if e["signal"] == "run_finished")
+    saved, finished, started = events[end - 1:end + 2]
+    assert (saved["signal"], saved["epoch"], saved["is_best"]) == ("checkpoint_saved", 3, False)
+    assert finished["status"] == "interrupted"
+    assert (started["signal"], started["resumed"], started["start_epoch"]) == ("run_started", True, 3)
+    del events[end - 1:end + 2]
+    assert [e["signal"] for e in events] == [e["signal"] for e in reference]
+    for event, expected in zip(events, reference):
+        assert event == expected
+
+
 def test_a_checkpoint_written_before_the_one_fit_loop_still_resumes_and_ends_like_an_uninterrupted_run(workspace):
     # tests/data/joint-run-v1: this workspace's run (same data, config and seed) stopped by Ctrl-C in
     # epoch 2, written by the code of commit bc4d9e8, when each stage kept its own position dict and

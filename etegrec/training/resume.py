@@ -22,17 +22,21 @@ LENGTHENING_KEYS = ("joint.epochs", "joint.finetune_epochs")
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random generator's state (Python, NumPy's global, torch CPU and CUDA), for a checkpoint."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random generator's state (Python, NumPy's global, torch CPU and CUDA), for a checkpoint:
+    plain data and tensors only (NumPy's key as an int64 tensor), so that it loads with ``weights_only``."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Put back the generators saved by :func:`rng_state`."""
+    """Put back the generators saved by :func:`rng_state` (NumPy's key a tensor, or an array in format 1)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -17,6 +17,7 @@ import torch
 from etegrec.config import Config, ConfigError, load_config
 from etegrec.models import RQVAE, CodeTrie, T5Recommender
 
+from .checkpoint import read_checkpoint
 from .evaluation import beam_recommend
 from .factories import build_recommender, build_tokenizer
 
@@ -114,9 +115,9 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Trai
             raise ConfigError(f"{str(run_dir / name)!r} does not exist: load_run needs a finished joint run's directory")
     config = load_config(str(run_dir / "config.yaml"))
     item_ids, table = read_item_codes(run_dir / "item_codes.tsv")
-    state = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    state = read_checkpoint(run_dir / "checkpoints" / "best.pt", stage="joint", what="load_run")
     codes = torch.cat([torch.zeros(1, table.shape[1], dtype=torch.long), torch.as_tensor(table)])
-    if state.get("stage") != "joint" or not torch.equal(state["codes"].cpu().long(), codes):
+    if not torch.equal(state["codes"].cpu().long(), codes):
         raise ConfigError(f"{str(run_dir / 'item_codes.tsv')!r} does not hold the codes of checkpoints/best.pt; "
                           "the directory mixes two runs")
     tokenizer = build_tokenizer(config, config.embed.hidden)
