@@ -16,7 +16,7 @@ from etegrec import signals
 
 from .base import Subscriber
 
-__all__ = ["EventLog", "read_events", "to_jsonable"]
+__all__ = ["EventLog", "read_events", "set_aside", "to_jsonable"]
 
 MAX_LIST_ELEMENTS = 100_000  # larger arrays are summarised instead of written out
 _ENCODER = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps(separators=...) builds one per call
@@ -106,9 +106,7 @@ class EventLog(Subscriber):
         dropped = [e for e in later if e.get("signal") not in KEPT_ON_RESUME] + unreadable
         if not dropped:
             return
-        superseded = self.path.with_name("events.superseded.jsonl")
-        with open(superseded, "a", encoding="utf-8") as f:
-            f.writelines(_ENCODER.encode(e) + "\n" for e in dropped)
+        superseded = _supersede(self.path, dropped)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".events.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:  # through a temporary file: never a torn log
             f.writelines(_ENCODER.encode(e) + "\n" for e in kept)
@@ -122,6 +120,24 @@ class EventLog(Subscriber):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _supersede(path: Path, records: list[dict[str, Any]]) -> Path:
+    """Append ``records`` to ``events.superseded.jsonl`` beside the log ``path``; returns that file."""
+    superseded = path.with_name("events.superseded.jsonl")
+    with open(superseded, "a", encoding="utf-8") as f:
+        f.writelines(_ENCODER.encode(e) + "\n" for e in records)
+    return superseded
+
+
+def set_aside(path: str | Path) -> Path:
+    """Move the whole event log ``path`` into ``events.superseded.jsonl`` (a new run starts afresh
+    where an earlier one left records but nothing to resume); returns that file."""
+    path = Path(path)
+    events, unreadable = _read_lines(path)
+    superseded = _supersede(path, events + unreadable)
+    path.unlink()
+    return superseded
 
 
 def _read_lines(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

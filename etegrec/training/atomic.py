@@ -1,11 +1,16 @@
 """Atomic writes: a file is replaced whole or not at all, never left torn by a kill."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "umask"]
+__all__ = ["DiskFullError", "atomic_write_bytes", "atomic_write_text", "umask"]
+
+
+class DiskFullError(RuntimeError):
+    """The device filled up during an atomic write; the file it was replacing is untouched."""
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -23,8 +28,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise DiskFullError(f"no space left on the device to write {str(path)!r} (the file as it was before is "
+                                "intact); free some space") from None
         raise
 
 

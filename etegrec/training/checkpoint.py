@@ -89,11 +89,14 @@ def read_checkpoint(path: str | Path, *, stage: str | None = None, resumable: bo
         raise CheckpointError(f"{what}: {str(path)!r} has checkpoint format {state.get('format')!r}, newer than "
                               f"this etegrec's {FORMAT}; upgrade etegrec to use it")
     if stage is not None and state["stage"] != stage:
-        raise CheckpointError(f"{what}: {str(path)!r} is a {state['stage']} checkpoint, not a {stage} one "
-                              f"(the directory holds a {state['stage']} run)")
-    if resumable and "position" not in state:
-        raise CheckpointError(f"{what}: {str(path)!r} is not a resumable {state['stage']} checkpoint")
-    return upgrade_checkpoint(state) if resumable else state
+        raise CheckpointError(f"{what}: {str(path)!r} belongs to a {state['stage']} run, not a {stage} run; pass "
+                              f"the directory of a {stage} run")
+    if not resumable:
+        return state
+    try:
+        return upgrade_checkpoint(state)
+    except (KeyError, TypeError, AttributeError):  # no position, or a format-1 layout with keys missing
+        raise CheckpointError(f"{what}: {str(path)!r} is not a resumable {state['stage']} checkpoint") from None
 
 
 def _unsafe_globals(path: Path, exc: Exception) -> list[str]:
@@ -106,14 +109,20 @@ def _unsafe_globals(path: Path, exc: Exception) -> list[str]:
                  if g not in allowed and not g.endswith("multiarray._reconstruct")]
     except Exception:  # noqa: BLE001 - not even a readable archive: the message below names the global
         found = []
-    return sorted(found) or re.findall(r"GLOBAL ([\w.]+)", str(exc))[:3] or ["a global it names"]
+    return sorted(found) or re.findall(r"GLOBAL ([\w.]+)", str(exc))[:3]
 
 
 def upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint in today's layout. Those written before the one fit loop kept each stage's own
     position dict and early-stopping numbers (the joint stage ``best_ndcg``, ``best_epoch``,
-    ``best_valid``); today's come back unchanged."""
-    if "early_stopping" in state:
+    ``best_valid``); today's come back unchanged.
+
+    Raises:
+        KeyError: not a resumable checkpoint (no ``position``, or keys of its old layout missing).
+    """
+    if "position" not in state:
+        raise KeyError("position")
+    if state.get("format", 1) >= 2 or "early_stopping" in state:
         return state
     state, old = dict(state), state.get("position") or {}
     if state["stage"] == "joint":

@@ -96,7 +96,7 @@ def run_rqvae(config: Config, options: RunOptions | None = None, *, accelerator=
     options = options or RunOptions.resolve(config, **option_args)
     prepare_process(config)
     data = load_stage_data(config)
-    run = Run(config, options, stage="rqvae", accelerator=accelerator)
+    run = Run(config, options, stage="rqvae", accelerator=accelerator, data_digest=data.digest)
     embeddings, _ = ensure_embeddings(config, data, run.accelerator, rebuild=options.rebuild)
     set_seed(config.run.seed)
     with run:
@@ -109,7 +109,7 @@ def run_joint(config: Config, options: RunOptions | None = None, *, accelerator=
     options = options or RunOptions.resolve(config, **option_args)
     prepare_process(config)
     data = load_stage_data(config)
-    run = Run(config, options, stage="joint", accelerator=accelerator)
+    run = Run(config, options, stage="joint", accelerator=accelerator, data_digest=data.digest)
     embeddings, _ = ensure_embeddings(config, data, run.accelerator, rebuild=options.rebuild)
     tokenizer_state, _ = ensure_tokenizer(config, embeddings, run.accelerator, data, rebuild=options.rebuild)
     set_seed(config.run.seed)

@@ -2,6 +2,7 @@
 random generators."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,8 @@ import yaml
 
 from etegrec.config import Config, ConfigError
 
-__all__ = ["LENGTHENING_KEYS", "RESUMABLE_CHANGES", "check_resume_config", "lengthened_keys", "resume_checkpoint",
-           "rng_state", "set_rng_state"]
+__all__ = ["LENGTHENING_KEYS", "RESUMABLE_CHANGES", "absolute_data_path", "check_resume_config", "lengthened_keys",
+           "resume_checkpoint", "rng_state", "set_rng_state"]
 
 # config sections a resumed run may change: how it runs, not what it trains
 RESUMABLE_CHANGES = ("run.name", "run.num_threads", "run.log_every")
@@ -42,6 +43,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def absolute_data_path(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict whose ``data.data_path`` is absolute (relative paths are read from the working
+    directory): a run's ``config.yaml`` then names its data wherever a resume starts from."""
+    path = (config.get("data") or {}).get("data_path")
+    if not path:
+        return config
+    return {**config, "data": {**config["data"], "data_path": os.path.abspath(path)}}
+
+
 def _config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two config dicts (ignoring :data:`RESUMABLE_CHANGES`).
 
@@ -49,6 +59,7 @@ def _config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
     current value is the key's default: that is what the old run trained with.
     """
     defaults = Config().to_dict()
+    saved, current = absolute_data_path(saved), absolute_data_path(current)  # a path as typed or as stored
     changed = []
     for section in sorted(set(saved) | set(current)):
         old, new = saved.get(section) or {}, current.get(section) or {}

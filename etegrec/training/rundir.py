@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import logging
 import os
 import stat
 import tempfile
@@ -21,12 +22,15 @@ import numpy as np
 import yaml
 
 from etegrec.config import Config, ConfigError
+from etegrec.hooks.eventlog import set_aside
 
 from .atomic import atomic_write_bytes, atomic_write_text, umask
 from .checkpoint import read_checkpoint, write_checkpoint
-from .resume import rng_state
+from .resume import absolute_data_path, rng_state
 
 __all__ = ["RunDir", "atomic_write_bytes", "atomic_write_text", "check_writable", "default_run_dir", "hold_run_dir"]
+
+log = logging.getLogger(__name__)
 
 
 def default_run_dir(stage: str, config: Config, *, create: bool = True) -> Path:
@@ -132,12 +136,30 @@ class RunDir:
     def last_checkpoint(self) -> Path:
         return self.checkpoint_dir / "last.pt"
 
-    def open(self, config: Config) -> None:
-        """Create and hold the directory (two live runs never share one), then write ``config.yaml``."""
+    def open(self, config: Config, *, fresh: bool = True) -> None:
+        """Create and hold the directory (two live runs never share one), then write ``config.yaml``.
+
+        ``fresh`` (not a resume): the records of an earlier run that stopped before its first checkpoint
+        (there is nothing to resume) are moved aside first, so the new run neither appends to its event
+        log nor overwrites its config unseen; a warning line says so.
+        """
         if self.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             hold_run_dir(self.path)  # before anything is written
-            atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+            if fresh:
+                self._move_aside_records()
+            atomic_write_text(self.path / "config.yaml", yaml.safe_dump(absolute_data_path(config.to_dict()), sort_keys=False))
+
+    def _move_aside_records(self) -> None:
+        events, config = self.path / "events.jsonl", self.path / "config.yaml"
+        if not events.exists() or self.last_checkpoint.exists():  # no run here, or one to resume (refused before)
+            return
+        moved = [set_aside(events).name]
+        if config.exists():
+            config.replace(config.with_name("config.superseded.yaml"))
+            moved.append("config.superseded.yaml")
+        log.warning("%s held the records of a run that stopped before its first checkpoint (nothing to resume); "
+                    "moved them aside to %s", self.path, " and ".join(moved))
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         """A resumable checkpoint of this stage (for ``--resume``), in today's layout.

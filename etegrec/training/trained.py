@@ -106,8 +106,9 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Trai
     """Rebuild a finished joint run's tokenizer and recommender (best checkpoint) on ``device``.
 
     Raises:
-        ConfigError: the directory lacks ``config.yaml``, ``item_codes.tsv`` or ``checkpoints/best.pt``,
-            or its codes and checkpoint disagree.
+        ConfigError: the directory lacks ``config.yaml``, ``item_codes.tsv`` or ``checkpoints/best.pt``, one of
+            them cannot be read or does not fit the others (an edited config), the checkpoint is unsafe
+            (CheckpointError), or it is not a joint run's.
     """
     run_dir = Path(run_dir)
     for name in ("config.yaml", "checkpoints/best.pt"):
@@ -120,10 +121,15 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Trai
     if not torch.equal(state["codes"].cpu().long(), codes):
         raise ConfigError(f"{str(run_dir / 'item_codes.tsv')!r} does not hold the codes of checkpoints/best.pt; "
                           "the directory mixes two runs")
-    tokenizer = build_tokenizer(config, config.embed.hidden)
-    tokenizer.load_state_dict(state["tokenizer"])
-    recommender = build_recommender(config, tokenizer, semantic_dim=config.embed.hidden)
-    recommender.load_state_dict(state["recommender"])
+    try:
+        tokenizer = build_tokenizer(config, config.embed.hidden)
+        tokenizer.load_state_dict(state["tokenizer"])
+        recommender = build_recommender(config, tokenizer, semantic_dim=config.embed.hidden)
+        recommender.load_state_dict(state["recommender"])
+    except (RuntimeError, KeyError) as exc:  # the models the config builds are not the checkpoint's
+        first = " ".join(str(exc).split())[:160]
+        raise ConfigError(f"{str(run_dir / 'config.yaml')!r} does not describe the models in checkpoints/best.pt "
+                          f"({first}); it was edited after the run: put back the run's own config") from None
     device = torch.device(device)
     codes = codes.to(device)
     return TrainedRun(run_dir=run_dir, config=config, item_ids=item_ids,
