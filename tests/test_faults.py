@@ -222,7 +222,7 @@ def test_a_nan_loss_names_stage_epoch_step_and_parts_and_keeps_the_last_checkpoi
     err = capsys.readouterr().err
     assert re.search(r"error: joint rec epoch 1 step 3: non-finite loss \(code_loss=nan, .*loss=nan", err), err
     assert "Traceback" not in err
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["recommender"].values())
     events = read_events(run_dir / "events.jsonl")
     assert events[-1]["signal"] == "run_finished" and events[-1]["status"] == "failed"
