@@ -112,9 +112,12 @@ class EventLog(Subscriber):
             f.writelines(_ENCODER.encode(e) + "\n" for e in kept)
         os.chmod(tmp, self.path.stat().st_mode & 0o777)
         os.replace(tmp, self.path)
-        lines = f" and {len(unreadable)} unreadable line(s) (line {', '.join(str(u['unreadable_line']) for u in unreadable[:3])})"
-        log.warning("%s: moved %d record(s) after the resumed checkpoint%s to %s", self.path,
-                    len(dropped) - len(unreadable), lines if unreadable else "", superseded.name)
+        records = len(dropped) - len(unreadable)
+        moved = [f"{records} record(s) after the resumed checkpoint"] if records else []
+        if unreadable:
+            numbers = ", ".join(str(u["unreadable_line"]) for u in unreadable[:3])
+            moved.append(f"{len(unreadable)} unreadable line(s) (line {numbers}{', ...' if len(unreadable) > 3 else ''})")
+        log.warning("%s: moved %s to %s", self.path, " and ".join(moved), superseded.name)
 
     def finish(self, status: str = "completed") -> None:
         if self._file is not None:

@@ -71,10 +71,11 @@ def hold_run_dir(path: str | Path) -> None:
     try:  # never through a link: a .lock linked to another file would have that file truncated and written
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666 & ~umask())
     except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            raise
-        raise ConfigError(f"{str(lock)!r} is a symbolic link (to {os.readlink(lock)!r}); a run never writes through "
-                          "one: remove the link or choose another --output-dir") from None
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{str(lock)!r} is a symbolic link (to {os.readlink(lock)!r}); a run never writes "
+                              "through one: remove the link or choose another --output-dir") from None
+        raise ConfigError(f"{str(lock)!r} cannot be opened as the run directory's lock ({exc.strerror}); remove it "
+                          "or choose another --output-dir") from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
         os.close(fd)
