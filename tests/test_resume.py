@@ -155,6 +155,7 @@ def _payloads(events: list[dict], run_dir: Path) -> list[dict]:
 
 
 def test_every_record_after_a_resume_carries_the_uninterrupted_runs_payload(workspace):
+    # one thread (the tiny config's run.num_threads=1): every float comes out bit for bit, so payloads compare with ==
     run_dir = workspace / "stopped-events"
     stopped = _joint(workspace, run_dir.name, "--wandb-mode", "disabled", "--subscriber",
                      _stopper(workspace, "SIGINT", epoch=3))  # a recommender epoch: no code refresh before its probes
