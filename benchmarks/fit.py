@@ -31,6 +31,7 @@ import torch
 
 from etegrec.config import load_config
 from etegrec.data.prepare import pad_histories
+from etegrec.training.checkpoint import read_checkpoint
 from etegrec.training.stages import load_stage_data
 
 SETS = ["train (last)", "valid", "test", "test from valid history"]
@@ -62,7 +63,7 @@ def joint_fit(run_dir: Path, config, data) -> dict:
         embeddings, _ = ensure_embeddings(config, data, run.accelerator)
         tokenizer_state, _ = ensure_tokenizer(config, embeddings, run.accelerator, data)
         trainer = JointTrainer(config, run, data, embeddings, tokenizer_state)
-        trainer.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False))
+        trainer.load_state_dict(read_checkpoint(run_dir / "checkpoints" / "best.pt"))
         return {name: trainer.evaluate_samples(h, t) for name, (h, t) in sample_sets(data).items()}
 
 
@@ -75,7 +76,7 @@ def embed_fit(run_dir: Path, config, data) -> dict:
     model = SASRec(n_items=data.n_items, hidden=c.hidden, n_layers=c.n_layers, n_heads=c.n_heads,
                    dropout=c.dropout, max_len=data.max_his_len, tied_output=c.tied_output,
                    repeat_bias=c.repeat_bias)
-    state = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    state = read_checkpoint(run_dir / "checkpoints" / "best.pt")
     model.load_state_dict(state["model"])
     model.eval()
     out = {}

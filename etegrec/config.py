@@ -232,7 +232,11 @@ def load_config(name_or_path: str = "ml-100k", overrides: list[str] | tuple[str,
     Raises:
         ConfigError: missing file, unknown key or base, wrong type or invalid value.
     """
-    config = _layered(name_or_path, Path.cwd(), ())
+    return _overridden(_layered(name_or_path, Path.cwd(), ()), overrides)
+
+
+def _overridden(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """``config`` with the ``section.key=value`` strings applied in order, validated."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -245,10 +249,10 @@ def load_config(name_or_path: str = "ml-100k", overrides: list[str] | tuple[str,
     return config.validate()
 
 
-def run_config(path: str | Path) -> Config:
+def run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A run's own ``config.yaml``, layered on the built-in defaults rather than on ``ml-100k``: it
     was complete when written, and a key added since takes the built-in default, which keeps what
-    the run did (as ``--resume`` reads it).
+    the run did (as ``--resume`` reads it); then ``overrides`` as for :func:`load_config`.
 
     Raises:
         ConfigError: missing or unreadable file, unknown key, wrong type or invalid value.
@@ -258,7 +262,7 @@ def run_config(path: str | Path) -> Config:
         raise ConfigError(f"{str(path)!r} does not exist; pass a run directory that holds its config.yaml")
     content = _read_yaml(path)
     content.pop("base", None)
-    return _apply(Config(), content, path).validate()
+    return _overridden(_apply(Config(), content, path), overrides)
 
 
 def _layered(name_or_path: str, relative_to: Path, chain: tuple[Path, ...]) -> Config:

@@ -97,3 +97,41 @@ def make_accelerator(**kwargs) -> Accelerator:
     ``Accelerator(cpu=True)`` raises. Tests that build their own Accelerator use this instead.
     """
     return Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+
+
+class _WritesMarker:
+    """Pickled as a call of ``exec``: loading the pickle unsafely writes the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('code ran')",)
+
+
+def write_crafted_checkpoint(path: Path, marker: Path, stage: str = "joint") -> None:
+    """A ``.pt`` file shaped like a resumable checkpoint of ``stage`` whose pickle, loaded unsafely
+    (``weights_only=False``), runs code that writes ``marker``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"stage": stage, "position": {"epoch": 1, "segment": 0, "index": 1}, "payload": _WritesMarker(marker)},
+               path)
+
+
+def cached_tokenizer_stage(data_file: Path) -> Path:
+    """A stage cache (under ``$ETEGREC_HOME``) for ``data_file`` with the tiny config, as the command line
+    names it: embeddings that fit, and a finished tokenizer stage; returns the path its ``best.pt`` goes to."""
+    import numpy as np
+
+    from etegrec.config import load_config
+    from etegrec.data import dataset_name_of
+    from etegrec.training.stages import load_stage_data, stage_dir
+
+    config = load_config("tiny", [f"data.data_path={data_file}", f"data.dataset={dataset_name_of(data_file)}"])
+    data = load_stage_data(config)
+    embed = stage_dir(config, "embed", ("embed",), data)
+    embed.mkdir(parents=True)
+    np.save(embed / "embeddings.npy", np.zeros((data.n_items + 1, config.embed.hidden), dtype=np.float32))
+    folder = stage_dir(config, "rqvae", ("embed", "tokenizer", "rqvae"), data)
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "metrics.json").write_text("{}")
+    return folder / "checkpoints" / "best.pt"

@@ -137,7 +137,7 @@ def test_test_metrics_equal_a_one_process_evaluation_of_the_same_checkpoint(join
     with Run(config, RunOptions(output_dir=launch.root / f"one-process-{run_dir.name}", console=False),
              stage="joint", accelerator=accelerator) as run:
         trainer = JointTrainer(config, run, data, embeddings, tokenizer_state)
-        trainer.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False))
+        trainer.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True))
         one_process = trainer.evaluate("test")
     two_processes = json.loads((run_dir / "metrics.json").read_text())["test"]
     assert one_process == pytest.approx(two_processes, abs=1e-6)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_accelerator, write_structured_inter
+from conftest import cached_tokenizer_stage, make_accelerator, write_crafted_checkpoint, write_structured_inter
 from etegrec import signals
 from etegrec.config import load_config
 from etegrec.data import dataset_name_of
@@ -58,16 +58,9 @@ def _short_embeddings(tmp_path, data_file):
 def _misfit_tokenizer(tmp_path, data_file):
     from etegrec.training.rqvae import build_tokenizer
 
-    config = _config(data_file)
-    n_items = load_stage_data(config).n_items
-    embed = stage_dir(config, "embed", ("embed",), load_stage_data(config))
-    embed.mkdir(parents=True)
-    np.save(embed / "embeddings.npy", np.zeros((n_items + 1, config.embed.hidden), dtype=np.float32))
-    folder = stage_dir(config, "rqvae", ("embed", "tokenizer", "rqvae"), load_stage_data(config))
-    (folder / "checkpoints").mkdir(parents=True)
+    best = cached_tokenizer_stage(data_file)
     other = load_config("tiny", ["tokenizer.codebook_size=8"])
-    torch.save({"model": build_tokenizer(other, config.embed.hidden).state_dict()}, folder / "checkpoints" / "best.pt")
-    (folder / "metrics.json").write_text("{}")
+    torch.save({"stage": "rqvae", "model": build_tokenizer(other, _config(data_file).embed.hidden).state_dict()}, best)
     return ["--data-path", str(data_file)]
 
 
@@ -110,6 +103,29 @@ def _subscriber_syntax_error(tmp_path, data_file):
 def _wandb_mode_dryrun(tmp_path, data_file):
     os.environ["WANDB_MODE"] = "dryrun"  # wandb's old name for offline; the test puts the variable back
     return []
+# --- issue 24, safe files and truthful resumes ---------------------------------------------------------
+
+def _crafted_last(tmp_path, data_file):
+    write_crafted_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", tmp_path / "marker")
+    return ["--data-path", str(data_file), "--output-dir", str(tmp_path / "run"), "--resume"]
+
+
+def _crafted_cached_tokenizer(tmp_path, data_file):
+    write_crafted_checkpoint(cached_tokenizer_stage(data_file), tmp_path / "marker", stage="rqvae")
+    return ["--data-path", str(data_file)]
+
+
+def _linked_lock(tmp_path, data_file):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(tmp_path / "victim.txt")
+    return ["--data-path", str(data_file), "--output-dir", str(tmp_path / "run")]
+
+
+def _resumable(tmp_path, data_file, **state):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save({"stage": "joint", "format": 2, "position": {"epoch": 1, "segment": 0, "index": 1}, **state},
+               tmp_path / "run" / "checkpoints" / "last.pt")
+    return ["--data-path", str(data_file), "--output-dir", str(tmp_path / "run"), "--resume"]
 
 
 def _args(*args):
@@ -153,6 +169,14 @@ BAD_INPUTS = [
     ("negative seed", _args("--seed", "-1"), r"run\.seed' \(--seed\) must lie in \[0, 4294967295\], got -1"),
     ("seed too large", _args("--seed", "99999999999"), r"run\.seed' \(--seed\) must lie in .*got 99999999999"),
     ("WANDB_MODE=dryrun", _wandb_mode_dryrun, r"WANDB_MODE='dryrun' in the environment is not one of .*offline"),
+    # issue 24, safe files and truthful resumes: a file that would run code, a linked lock, other data, a newer format
+    ("unsafe checkpoint on resume", _crafted_last, r"--resume: .*last\.pt' was refused: loading it would call builtins\.exec"),
+    ("unsafe cached tokenizer", _crafted_cached_tokenizer, r"stages/rqvae-.*best\.pt' was refused.*builtins\.exec"),
+    ("lock file is a link", _linked_lock, r"run/\.lock' is a symbolic link .*victim\.txt.*remove the link"),
+    ("resume on other data", lambda tmp_path, data_file: _resumable(tmp_path, data_file, data_digest="0" * 16),
+     r"--resume: the data .*data\.inter' changed since the run .*it trained on 0000000000000000"),
+    ("checkpoint of a newer format", lambda tmp_path, data_file: _resumable(tmp_path, data_file, format=99),
+     r"last\.pt' has checkpoint format 99, newer than this etegrec's 2; upgrade etegrec"),
 ]
 
 
@@ -208,7 +232,7 @@ def test_a_nan_loss_names_stage_epoch_step_and_parts_and_keeps_the_last_checkpoi
     err = capsys.readouterr().err
     assert re.search(r"error: joint rec epoch 1 step 3: non-finite loss \(code_loss=nan, .*loss=nan", err), err
     assert "Traceback" not in err
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["recommender"].values())
     events = read_events(run_dir / "events.jsonl")
     assert events[-1]["signal"] == "run_finished" and events[-1]["status"] == "failed"

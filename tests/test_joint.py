@@ -77,7 +77,7 @@ def test_item_codes_tsv_holds_the_best_checkpoints_codes_by_raw_item_id(joint_ru
     data = load_stage_data(joint_run["config"])
     assert [r[0] for r in rows] == list(data.item_map)  # raw ids, as the data file spells them
     table = np.array([[int(v) for v in r[1:]] for r in rows])
-    best = torch.load(joint_run["out"] / "checkpoints" / "best.pt", weights_only=False)
+    best = torch.load(joint_run["out"] / "checkpoints" / "best.pt", weights_only=True)
     np.testing.assert_array_equal(table, best["codes"][1:].numpy())
     # the codes validated at the best epoch: those of the last refresh up to it (a refresh after tokenizer
     # epoch e serves from e + 1 on, and epoch e is validated after it)

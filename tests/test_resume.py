@@ -19,6 +19,7 @@ import yaml
 
 from conftest import make_accelerator, write_structured_inter
 from etegrec.hooks.eventlog import read_events
+from etegrec.training.checkpoint import read_checkpoint
 
 ARGS = ["--config", "tiny", "--set", "joint.batch_size=16", "--set", "joint.sample_fraction=1.0"]
 
@@ -85,8 +86,8 @@ def _assert_same_training(run_dir: Path, reference: Path, renamed: dict[str, str
     metrics = json.loads((run_dir / "metrics.json").read_text())
     ref_metrics = json.loads((reference / "metrics.json").read_text())
     assert metrics["test"] == pytest.approx(ref_metrics["test"], abs=1e-6)
-    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
-    ref_last = torch.load(reference / "checkpoints" / "last.pt", weights_only=False)
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    ref_last = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
     for name, tensor in ref_last["recommender"].items():
         assert torch.allclose(last["recommender"][name], tensor, atol=weights_atol), name
     assert torch.equal(last["codes"], ref_last["codes"])
@@ -97,7 +98,7 @@ def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(workspace):
                     _stopper(workspace, "SIGKILL", epoch=3))
     assert killed.returncode == -signal.SIGKILL
     run_dir = workspace / "killed"
-    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["position"]["epoch"] == 3
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["position"]["epoch"] == 3
     assert 3 in {e["epoch"] for e in read_events(run_dir / "events.jsonl") if e["signal"] == "step_end"}
 
     resumed = _joint(workspace, "killed", "--wandb-mode", "disabled", "--resume")
@@ -116,7 +117,7 @@ def test_ctrl_c_writes_a_checkpoint_exits_130_and_resumes_mid_epoch(workspace):
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr
     run_dir = workspace / "stopped"
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and state["progress"]["step"] > 0  # in the middle of epoch 2 (a tokenizer epoch)
     events = read_events(run_dir / "events.jsonl")
     assert events[-1]["signal"] == "run_finished" and events[-1]["status"] == "interrupted"
@@ -139,6 +140,42 @@ def test_ctrl_c_writes_a_checkpoint_exits_130_and_resumes_mid_epoch(workspace):
     assert len(folders) == 2 and all(f.endswith(f"-{run_id}") for f in folders)
 
 
+# Fields that differ between any two runs, interrupted or not: the wall clock (when a record was
+# written, how long an epoch took, its speed). Paths differ only by the run directory's own name,
+# which is replaced by RUN rather than left out.
+CLOCK_FIELDS = ("time", "seconds", "samples_per_second")
+
+
+def _payloads(events: list[dict], run_dir: Path) -> list[dict]:
+    out = []
+    for event in events:
+        event = {k: v for k, v in event.items() if k not in CLOCK_FIELDS}
+        out.append(json.loads(json.dumps(event).replace(str(run_dir), "RUN")))
+    return out
+
+
+def test_every_record_after_a_resume_carries_the_uninterrupted_runs_payload(workspace):
+    # one thread (the tiny config's run.num_threads=1): every float comes out bit for bit, so payloads compare with ==
+    run_dir = workspace / "stopped-events"
+    stopped = _joint(workspace, run_dir.name, "--wandb-mode", "disabled", "--subscriber",
+                     _stopper(workspace, "SIGINT", epoch=3))  # a recommender epoch: no code refresh before its probes
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    resumed = _joint(workspace, run_dir.name, "--wandb-mode", "disabled", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    events = _payloads(read_events(run_dir / "events.jsonl"), run_dir)
+    reference = _payloads(read_events(workspace / "reference" / "events.jsonl"), workspace / "reference")
+    # the only records the interruption adds: the Ctrl-C checkpoint's, the first attempt's end, the second's start
+    end = next(i for i, e in enumerate(events) if e["signal"] == "run_finished")
+    saved, finished, started = events[end - 1:end + 2]
+    assert (saved["signal"], saved["epoch"], saved["is_best"]) == ("checkpoint_saved", 3, False)
+    assert finished["status"] == "interrupted"
+    assert (started["signal"], started["resumed"], started["start_epoch"]) == ("run_started", True, 3)
+    del events[end - 1:end + 2]
+    assert [e["signal"] for e in events] == [e["signal"] for e in reference]
+    for event, expected in zip(events, reference):
+        assert event == expected
+
+
 def test_a_checkpoint_written_before_the_one_fit_loop_still_resumes_and_ends_like_an_uninterrupted_run(workspace):
     # tests/data/joint-run-v1: this workspace's run (same data, config and seed) stopped by Ctrl-C in
     # epoch 2, written by the code of commit bc4d9e8, when each stage kept its own position dict and
@@ -148,7 +185,7 @@ def test_a_checkpoint_written_before_the_one_fit_loop_still_resumes_and_ends_lik
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     config["data"]["data_path"] = str(workspace / "data.inter")  # the run moved here with its data
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    assert "early_stopping" not in torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert "early_stopping" not in read_checkpoint(run_dir / "checkpoints" / "last.pt")  # as written, not upgraded
 
     resumed = _joint(workspace, "joint-run-v1", "--wandb-mode", "disabled", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -80,7 +80,7 @@ def test_codebook_usage_counts_every_item_once_per_epoch(rqvae_run):
 def test_reported_collision_rate_matches_the_checkpoint_codes(rqvae_run):
     _, out, events, _ = rqvae_run
     last_eval = [e for e in events if e.signal == "evaluated" and e.payload["stage"] == "rqvae"][-1]
-    ckpt = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     codes = np.asarray(ckpt["codes"])
     assert last_eval.payload["metrics"]["collision_rate"] == pytest.approx(metrics.collision_rate(codes))
     ginis = [metrics.gini(np.bincount(codes[:, i], minlength=16)) for i in range(codes.shape[1])]
@@ -104,7 +104,7 @@ def test_rqvae_stage_writes_its_best_codes_with_their_suffix_by_raw_item_id(rqva
     lines = (out / "item_codes.tsv").read_text().splitlines()
     data = load_stage_data(config)
     assert lines[0] == "item_id\tc0\tc1\tc2\tsuffix" and [l.split("\t")[0] for l in lines[1:]] == list(data.item_map)
-    best = torch.load(out / "checkpoints" / "best.pt", weights_only=False)["codes"]
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)["codes"].numpy()
     expected = assign_codes(best, config.tokenizer.codebook_size, use_forge=False).codes
     np.testing.assert_array_equal(np.array([[int(v) for v in l.split("\t")[1:]] for l in lines[1:]]), expected)
 
@@ -189,7 +189,7 @@ def test_embed_stage_with_repeat_bias_learns_it_at_its_own_rate(tiny_config, tmp
     tiny_config.embed.repeat_bias = True
     out = tmp_path / "embed-run"
     run_embed(tiny_config, output_dir=out, wandb_mode="disabled")
-    state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     groups = state["optimizer"]["param_groups"]
     assert [g["lr"] for g in groups] == [tiny_config.embed.lr, REPEAT_BIAS_LR]
     assert len(groups[1]["params"]) == 1  # the bias alone; every other parameter in the first group

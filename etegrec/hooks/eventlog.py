@@ -16,7 +16,7 @@ from etegrec import signals
 
 from .base import Subscriber
 
-__all__ = ["EventLog", "read_events", "to_jsonable"]
+__all__ = ["EventLog", "read_events", "set_aside", "to_jsonable"]
 
 MAX_LIST_ELEMENTS = 100_000  # larger arrays are summarised instead of written out
 _ENCODER = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps(separators=...) builds one per call
@@ -85,36 +85,80 @@ class EventLog(Subscriber):
 
     def cut_back(self, checkpoint: str, epoch: int) -> None:
         """Before a resumed run writes: drop the records after the ``checkpoint_saved`` record of the
-        checkpoint file named ``checkpoint`` at ``epoch`` (their work is done again).
+        checkpoint file named ``checkpoint`` at ``epoch`` (their work is done again), and every line that
+        is not a whole JSON record (one torn by a kill, a damaged one), so that new records start on a
+        line of their own and the log reads back.
 
-        They are appended to ``events.superseded.jsonl`` beside the log, not lost; ``run_started``
-        and ``run_finished`` records stay, so the log still shows every attempt.
+        What is cut goes to ``events.superseded.jsonl`` beside the log, not lost (an unreadable line as
+        ``{"signal": null, "unreadable_line": n, "text": ...}``), and one warning line says so;
+        ``run_started`` and ``run_finished`` records stay, so the log still shows every attempt.
         """
         if not self.path.exists():
             return
-        events = read_events(self.path)
+        events, unreadable = _read_lines(self.path)
         cut = next((i for i in range(len(events) - 1, -1, -1)
                     if events[i].get("signal") == "checkpoint_saved" and events[i].get("is_best") is False
                     and Path(events[i].get("path", "")).name == checkpoint and events[i].get("epoch") == epoch), None)
-        if cut is None:
-            log.warning("%s has no checkpoint_saved record of epoch %s; the event log is kept as it is", self.path, epoch)
-            return
+        if cut is None:  # killed while writing that very record: everything whole before it stays
+            cut = len(events) - 1
         later = events[cut + 1:]
         kept = events[:cut + 1] + [e for e in later if e.get("signal") in KEPT_ON_RESUME]
-        dropped = [e for e in later if e.get("signal") not in KEPT_ON_RESUME]
-        if dropped:
-            with open(self.path.with_name("events.superseded.jsonl"), "a", encoding="utf-8") as f:
-                f.writelines(_ENCODER.encode(e) + "\n" for e in dropped)
+        dropped = [e for e in later if e.get("signal") not in KEPT_ON_RESUME] + unreadable
+        if not dropped:
+            return
+        superseded = _supersede(self.path, dropped)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".events.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:  # through a temporary file: never a torn log
             f.writelines(_ENCODER.encode(e) + "\n" for e in kept)
         os.chmod(tmp, self.path.stat().st_mode & 0o777)
         os.replace(tmp, self.path)
+        records = len(dropped) - len(unreadable)
+        moved = [f"{records} record(s) after the resumed checkpoint"] if records else []
+        if unreadable:
+            numbers = ", ".join(str(u["unreadable_line"]) for u in unreadable[:3])
+            moved.append(f"{len(unreadable)} unreadable line(s) (line {numbers}{', ...' if len(unreadable) > 3 else ''})")
+        log.warning("%s: moved %s to %s", self.path, " and ".join(moved), superseded.name)
 
     def finish(self, status: str = "completed") -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _supersede(path: Path, records: list[dict[str, Any]]) -> Path:
+    """Append ``records`` to ``events.superseded.jsonl`` beside the log ``path``; returns that file."""
+    superseded = path.with_name("events.superseded.jsonl")
+    with open(superseded, "a", encoding="utf-8") as f:
+        f.writelines(_ENCODER.encode(e) + "\n" for e in records)
+    return superseded
+
+
+def set_aside(path: str | Path) -> Path:
+    """Move the whole event log ``path`` into ``events.superseded.jsonl`` (a new run starts afresh
+    where an earlier one left records but nothing to resume); returns that file."""
+    path = Path(path)
+    events, unreadable = _read_lines(path)
+    superseded = _supersede(path, events + unreadable)
+    path.unlink()
+    return superseded
+
+
+def _read_lines(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every whole record of an event log, and every other non-empty line as
+    ``{"signal": None, "unreadable_line": n, "text": line}`` (a torn last line, a damaged one)."""
+    events, unreadable = [], []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            events.append(record)
+        else:
+            unreadable.append({"signal": None, "unreadable_line": lineno, "text": line})
+    return events, unreadable
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:

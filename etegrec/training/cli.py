@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import yaml
 
-from etegrec.config import Config, ConfigError, load_config
+from etegrec.config import Config, ConfigError, load_config, run_config
 from etegrec.data import FORMATS, DataError, data_home, dataset_name_of
 from etegrec.forge import CodeOverflowError
 from etegrec.hooks import SubscriberError
 
+from .atomic import DiskFullError
 from .loop import NonFiniteLossError
 from .options import RunOptions, check_trackers
 from .run import launch_rank
@@ -70,8 +73,8 @@ def named_config_help(prog: str) -> str:
 def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description, epilog=named_config_help(prog),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="ml-100k",
-                        help="packaged config (ml-100k, paper, tiny) or a YAML file (default ml-100k)")
+    parser.add_argument("--config", help="packaged config (ml-100k, paper, tiny) or a YAML file (default ml-100k; "
+                                         "with --resume, the run's own config.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set rqvae.lr=1e-3 (repeatable)")
     parser.add_argument("--dataset", help="dataset name (default: the config's, ml-100k); amazon-beauty, "
@@ -106,13 +109,14 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = N
     if args.dataset or args.data_path:  # a file of the user's is named after itself, not after the default
         overrides.append(f"data.dataset={args.dataset or dataset_name_of(args.data_path)}")
     if args.data_path:
-        overrides.append(f"data.data_path={args.data_path}")
+        overrides.append(f"data.data_path={os.path.abspath(args.data_path)}")  # a resume may start elsewhere
     if args.format:
         overrides.append(f"data.format={args.format}")
     if args.seed is not None:
         overrides.append(f"run.seed={args.seed}")
     # Everything below is checked before any data is read or any stage trains.
-    config = load_config(args.config, overrides)
+    resumed = None if args.config else _resumed_config(args)
+    config = run_config(resumed, overrides) if resumed else load_config(args.config or "ml-100k", overrides)
     if args.print_config:
         raise PrintedConfig(yaml.safe_dump(config.to_dict(), sort_keys=False))
     options = RunOptions.resolve(config, output_dir=args.output_dir, wandb_mode=args.wandb_mode,
@@ -132,6 +136,12 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = N
     return StageArgs(config=config, options=options)
 
 
+def _resumed_config(args: argparse.Namespace) -> str | None:
+    """``--resume`` without ``--config``: the run's own ``config.yaml``, so that it need not be repeated."""
+    saved = Path(args.output_dir or ".") / "config.yaml"
+    return str(saved) if args.resume and args.output_dir and saved.is_file() else None
+
+
 def stage_main(prog: str, doc: str, run_stage: Callable[..., object], argv: list[str] | None = None) -> int:
     """A stage's ``main``: parse and resolve the common options, then ``run_stage(config, options)``."""
     parser = common_parser(prog, doc.splitlines()[0])
@@ -148,8 +158,11 @@ def stage_main(prog: str, doc: str, run_stage: Callable[..., object], argv: list
     def resume_hint() -> str:
         if "run_dir" not in where:
             return ""
-        rest = _without_output_dir(argv)
-        return f"; continue with: {prog} {shlex.join([*rest, '--output-dir', where['run_dir'], '--resume'])}"
+        rest = [*_without_output_dir(argv), "--output-dir", where["run_dir"]]
+        if (Path(where["run_dir"]) / "checkpoints" / "last.pt").exists():
+            return f"; continue with: {prog} {shlex.join([*rest, '--resume'])}"
+        # (a cached earlier stage that was stopped resumes by itself when the command runs again)
+        return f"; no checkpoint in {where['run_dir']} to resume from yet: start again with: {prog} {shlex.join(rest)}"
     return run_main(body, on_interrupt=resume_hint)
 
 
@@ -167,7 +180,8 @@ def _without_output_dir(argv: list[str]) -> list[str]:
 
 def run_main(body: Callable[[], object], on_interrupt: Callable[[], str] = lambda: "") -> int:
     """Run a stage's command-line body: user errors print one line (exit 2), a non-finite loss one line
-    (exit 1), Ctrl-C exits with 130 and says how to resume."""
+    (exit 1), Ctrl-C exits with 130 and says how to resume (``on_interrupt``), a full disk exits with 2
+    and says the same."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         body()
@@ -179,6 +193,9 @@ def run_main(body: Callable[[], object], on_interrupt: Callable[[], str] = lambd
         return 0
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DiskFullError as exc:
+        print(f"error: {exc}{on_interrupt()}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)

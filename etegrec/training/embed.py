@@ -170,7 +170,7 @@ def run_embed(config: Config, options: RunOptions | None = None, **option_args):
     options = options or RunOptions.resolve(config, **option_args)
     prepare_process(config)
     data = load_stage_data(config)
-    with Run(config, options, stage="embed") as run:
+    with Run(config, options, stage="embed", data_digest=data.digest) as run:
         return EmbedTrainer(config, run, data).fit()
 
 

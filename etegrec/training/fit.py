@@ -18,7 +18,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from etegrec import signals
@@ -27,7 +26,7 @@ from .loop import EpochProgress, TrainingInterrupted, interactive
 from .resume import set_rng_state
 from .stopping import EarlyStopping
 
-__all__ = ["LoopPosition", "StageTrainer", "fit_stage", "upgrade_checkpoint"]
+__all__ = ["LoopPosition", "StageTrainer", "fit_stage"]
 
 
 @dataclass
@@ -90,7 +89,7 @@ def fit_stage(trainer: StageTrainer, run) -> dict[str, dict[str, float]]:
     position, progress = LoopPosition(), None
     try:
         if run.resumed:
-            position, progress = _restore(trainer, upgrade_checkpoint(run.resume_state), run.accelerator.device)
+            position, progress = _restore(trainer, run.resume_state, run.accelerator.device)
             if run.lengthened:  # more epochs asked for: they all train, whatever stopped the run before
                 trainer.check_lengthened(position)
                 trainer.stopping.reset_wait()
@@ -100,7 +99,7 @@ def fit_stage(trainer: StageTrainer, run) -> dict[str, dict[str, float]]:
         _train(trainer, run, position, progress)
         run.accelerator.wait_for_everyone()
         best_path = run.checkpoint_dir / "best.pt"
-        best = torch.load(best_path, map_location="cpu", weights_only=False)  # our own file (it holds RNG states)
+        best = run.files.load_best()
         trainer.load_state_dict(best)
         metrics = trainer.finish(best)
         run.write_metrics(metrics)
@@ -176,20 +175,3 @@ def _restore(trainer: StageTrainer, state: dict[str, Any], device) -> tuple[Loop
     set_rng_state(state["rng"])
     return LoopPosition(**state["position"]), progress
 
-
-def upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint in today's layout, from one written before :func:`fit_stage` (each stage then kept
-    its own position dict and early-stopping numbers); today's checkpoints come back unchanged."""
-    if "early_stopping" in state:
-        return state
-    state, old = dict(state), state.get("position") or {}
-    if state["stage"] == "joint":
-        stopping = {"best_score": state["best_ndcg"], "best_epoch": state["best_epoch"],
-                    "best_metrics": state["best_valid"], "wait_count": old.get("bad", 0)}
-        position = {"epoch": old.get("epoch", 0), "segment": old.get("segment", 0), "index": old.get("index", 0)}
-    else:  # embed and rqvae: one segment, so the index is the epoch
-        stopping = {"best_score": old.get("best"), "best_epoch": old.get("best_epoch", -1),
-                    "best_metrics": old.get("best_valid", old.get("best_quality", {})), "wait_count": old.get("bad", 0)}
-        position = {"epoch": old.get("epoch", 0), "segment": 0, "index": old.get("epoch", 0)}
-    state["early_stopping"], state["position"] = stopping, position
-    return state

@@ -215,8 +215,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
 
     def start_segment(self, segment: int) -> None:
         if segment == 1 and self.stopping.best_epoch >= 0:  # fine-tuning starts from the best checkpoint
-            self.load_state_dict(torch.load(self.run.checkpoint_dir / "best.pt", map_location="cpu",
-                                            weights_only=False))
+            self.load_state_dict(self.run.files.load_best())
 
     def check_lengthened(self, position: LoopPosition) -> None:
         """Raises: ConfigError: ``joint.epochs`` raised after fine-tuning has begun (lengthen the fine-tuning)."""
@@ -261,8 +260,9 @@ class JointTrainer(BeamEvaluation, StageTrainer):
 
     def state_dict(self) -> dict:
         return {"tokenizer": self.tokenizer.state_dict(), "recommender": self.recommender.state_dict(),
-                "codes": self.codes.cpu(), "opt_id": self.opt_id.state_dict(), "opt_rec": self.opt_rec.state_dict(),
-                "sched_id": self.sched_id.state_dict(), "sched_rec": self.sched_rec.state_dict()}
+                "codes": self.codes.cpu(), "codes_changed": self.codes_changed, "opt_id": self.opt_id.state_dict(),
+                "opt_rec": self.opt_rec.state_dict(), "sched_id": self.sched_id.state_dict(),
+                "sched_rec": self.sched_rec.state_dict()}
 
     def load_state_dict(self, state: dict, *, resume: bool = False) -> None:
         """The models and codes of a checkpoint (what evaluation needs); ``resume``: the optimisers too."""
@@ -273,6 +273,8 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         if resume:
             for name in ("opt_id", "opt_rec", "sched_id", "sched_rec"):
                 getattr(self, name).load_state_dict(state[name])
+            # what the probes report until the next refresh; unknown in checkpoints written before it was kept
+            self.codes_changed = state.get("codes_changed", float("nan"))
 
     def finish(self, best: dict) -> dict:
         self.run.write_item_codes(self.item_codes(), self.data.item_map)  # the best checkpoint's codes, by raw id

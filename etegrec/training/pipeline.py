@@ -11,12 +11,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 from accelerate.utils import set_seed
 
 from etegrec.config import Config
 from etegrec.data import SequenceData
 
+from .checkpoint import read_checkpoint
 from .embed import EmbedTrainer
 from .joint_trainer import JointTrainer
 from .options import RunOptions
@@ -84,7 +84,7 @@ def ensure_tokenizer(config: Config, embeddings: np.ndarray, accelerator, data: 
         _train_cached(config, "rqvae", folder, accelerator,
                       lambda run: RQVAETrainer(config, run, embeddings, data.item_map),
                       "tokenizer", ("pretraining the RQ-VAE", "resuming the stopped pretraining"))
-    state = torch.load(best, map_location="cpu", weights_only=False)
+    state = read_checkpoint(best, stage="rqvae")
     check_tokenizer_state(state["model"], config, embeddings.shape[1], best)
     return state["model"], folder
 
@@ -96,7 +96,7 @@ def run_rqvae(config: Config, options: RunOptions | None = None, *, accelerator=
     options = options or RunOptions.resolve(config, **option_args)
     prepare_process(config)
     data = load_stage_data(config)
-    run = Run(config, options, stage="rqvae", accelerator=accelerator)
+    run = Run(config, options, stage="rqvae", accelerator=accelerator, data_digest=data.digest)
     embeddings, _ = ensure_embeddings(config, data, run.accelerator, rebuild=options.rebuild)
     set_seed(config.run.seed)
     with run:
@@ -109,7 +109,7 @@ def run_joint(config: Config, options: RunOptions | None = None, *, accelerator=
     options = options or RunOptions.resolve(config, **option_args)
     prepare_process(config)
     data = load_stage_data(config)
-    run = Run(config, options, stage="joint", accelerator=accelerator)
+    run = Run(config, options, stage="joint", accelerator=accelerator, data_digest=data.digest)
     embeddings, _ = ensure_embeddings(config, data, run.accelerator, rebuild=options.rebuild)
     tokenizer_state, _ = ensure_tokenizer(config, embeddings, run.accelerator, data, rebuild=options.rebuild)
     set_seed(config.run.seed)

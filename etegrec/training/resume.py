@@ -2,6 +2,7 @@
 random generators."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,8 @@ import yaml
 
 from etegrec.config import Config, ConfigError
 
-__all__ = ["LENGTHENING_KEYS", "RESUMABLE_CHANGES", "check_resume_config", "lengthened_keys", "resume_checkpoint",
-           "rng_state", "set_rng_state"]
+__all__ = ["LENGTHENING_KEYS", "RESUMABLE_CHANGES", "absolute_data_path", "check_resume_config", "lengthened_keys",
+           "resume_checkpoint", "rng_state", "set_rng_state"]
 
 # config sections a resumed run may change: how it runs, not what it trains
 RESUMABLE_CHANGES = ("run.name", "run.num_threads", "run.log_every")
@@ -22,20 +23,33 @@ LENGTHENING_KEYS = ("joint.epochs", "joint.finetune_epochs")
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random generator's state (Python, NumPy's global, torch CPU and CUDA), for a checkpoint."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random generator's state (Python, NumPy's global, torch CPU and CUDA), for a checkpoint:
+    plain data and tensors only (NumPy's key as an int64 tensor), so that it loads with ``weights_only``."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Put back the generators saved by :func:`rng_state`."""
+    """Put back the generators saved by :func:`rng_state` (NumPy's key a tensor, or an array in format 1)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def absolute_data_path(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict whose ``data.data_path`` is absolute (relative paths are read from the working
+    directory): a run's ``config.yaml`` then names its data wherever a resume starts from."""
+    path = (config.get("data") or {}).get("data_path")
+    if not path:
+        return config
+    return {**config, "data": {**config["data"], "data_path": os.path.abspath(path)}}
 
 
 def _config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -45,6 +59,7 @@ def _config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
     current value is the key's default: that is what the old run trained with.
     """
     defaults = Config().to_dict()
+    saved, current = absolute_data_path(saved), absolute_data_path(current)  # a path as typed or as stored
     changed = []
     for section in sorted(set(saved) | set(current)):
         old, new = saved.get(section) or {}, current.get(section) or {}

@@ -80,15 +80,17 @@ class Run:
     :data:`TRACKING`); ``"tensorboard"`` writes under ``run_dir/"tensorboard"``. A given
     ``accelerator`` is used as it is (the cached embed and tokenizer runs share the joint run's).
 
-    Resuming (``options.resume``): ``resume_state`` holds ``checkpoints/last.pt``; the event log is
+    Resuming (``options.resume``): ``resume_state`` holds ``checkpoints/last.pt`` (refused when
+    ``data_digest`` differs from the one it was trained on); the event log is
     cut back to that checkpoint (see :meth:`EventLog.cut_back`); the W&B run with the same id goes on.
 
     Ctrl-C: the first one sets :attr:`stop_requested` (the loop writes a checkpoint after the step in
-    progress and stops with :class:`KeyboardInterrupt`); a second one stops at once.
+    progress and stops with :class:`KeyboardInterrupt`); a second one stops at once, and the user's
+    subscribers get no further call (neither signals nor ``finish``: one may be what hangs).
     """
 
     def __init__(self, config: Config, options: RunOptions = RunOptions(), *, stage: str, tracked: bool = True,
-                 accelerator=None) -> None:
+                 accelerator=None, data_digest: str | None = None) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -110,6 +112,12 @@ class Run:
         self.is_main = self.accelerator.is_main_process
         self.files = RunDir(self.run_dir, stage=stage, is_main=self.is_main)
         self.resume_state = self.files.load_checkpoint(self.files.last_checkpoint) if options.resume else None
+        self.data_digest = data_digest  # of the prepared data it trains on: kept in checkpoints, checked on resume
+        trained_on = (self.resume_state or {}).get("data_digest")
+        if data_digest and trained_on and trained_on != data_digest:
+            raise ConfigError(f"--resume: the data {config.data.data_path or config.data.dataset!r} changed since the run "
+                              f"in {str(self.run_dir)!r} started (digest {data_digest}, it trained on {trained_on}); "
+                              "resume with the data it was made with or start a new run")
         self.lengthened = list(options.lengthened)
         self.stop_requested = False
         self._previous_sigint = None
@@ -138,12 +146,22 @@ class Run:
         return self.resume_state is not None
 
     def _on_sigint(self, signum, frame) -> None:
-        if self.stop_requested:  # the second Ctrl-C: stop now
+        if self.stop_requested:  # the second Ctrl-C: stop now, and call none of the user's subscribers again
+            self._drop_user_subscribers()  # (a hanging one may be why the first Ctrl-C did not stop the run)
             raise KeyboardInterrupt
         self.stop_requested = True
         if self.is_main:
             print("\n[etegrec] Ctrl-C: stopping after this step and writing a checkpoint "
                   "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def _drop_user_subscribers(self) -> None:
+        dropped = [s for s in self.subscribers if s in self.options.subscribers]
+        for sub in dropped:
+            sub.disconnect()
+        self.subscribers = [s for s in self.subscribers if s not in dropped]  # nor their finish
+        if self.is_main and dropped:
+            print("\n[etegrec] Ctrl-C again: stopping now, without calling your subscribers again",
+                  file=sys.stderr, flush=True)
 
     def step_stop(self) -> Callable[[], bool] | None:
         """What ``train_epoch`` asks after every step: Ctrl-C stops mid-epoch on one process only.
@@ -167,7 +185,7 @@ class Run:
             raise KeyboardInterrupt
 
     def __enter__(self) -> Run:
-        self.files.open(self.config)
+        self.files.open(self.config, fresh=not self.resumed)
         if self.is_main and self.resumed:
             self.event_log.cut_back(self.files.last_checkpoint.name, self.resume_state["epoch"])
         for sub in self.subscribers:
@@ -201,7 +219,7 @@ class Run:
     def save_checkpoint(self, state: dict[str, Any], name: str) -> Path | None:
         """``checkpoints/<name>.pt`` on the main rank, after every rank got here."""
         self.accelerator.wait_for_everyone()
-        return self.files.save_checkpoint(state, name)
+        return self.files.save_checkpoint({**state, "data_digest": self.data_digest} if self.data_digest else state, name)
 
     def write_item_codes(self, codes, item_ids) -> Path | None:
         return self.files.write_item_codes(codes, item_ids)

@@ -6,10 +6,12 @@ main rank writes into it.
 """
 from __future__ import annotations
 
-import io
+import errno
 import itertools
 import json
+import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Sequence
@@ -17,46 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 
 from etegrec.config import Config, ConfigError
+from etegrec.hooks.eventlog import set_aside
 
+from .atomic import atomic_write_bytes, atomic_write_text, umask
+from .checkpoint import read_checkpoint, write_checkpoint
 from .item_codes import format_item_codes
-from .resume import rng_state
+from .resume import absolute_data_path, rng_state
 
 __all__ = ["RunDir", "atomic_write_bytes", "atomic_write_text", "check_writable", "default_run_dir", "hold_run_dir"]
 
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename: never a torn file.
-
-    The file gets the mode the umask gives a new file (0644 under umask 022), as ``open()`` would.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode a plain open() gives
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    """The process's umask (reading it means setting it; it is put back at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+log = logging.getLogger(__name__)
 
 
 def default_run_dir(stage: str, config: Config, *, create: bool = True) -> Path:
@@ -93,7 +68,20 @@ def hold_run_dir(path: str | Path) -> None:
     path = Path(path).resolve()
     if path in _HELD:
         return
-    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    lock = path / ".lock"
+    try:  # never through a link: a .lock linked to another file would have that file truncated and written
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666 & ~umask())
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{str(lock)!r} is a symbolic link (to {os.readlink(lock)!r}); a run never writes "
+                              "through one: remove the link or choose another --output-dir") from None
+        raise ConfigError(f"{str(lock)!r} cannot be opened as the run directory's lock ({exc.strerror}); remove it "
+                          "or choose another --output-dir") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        raise ConfigError(f"{str(lock)!r} is not a plain file of its own (a hard link or a special file); a run "
+                          "never writes into one: remove it or choose another --output-dir")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -104,6 +92,16 @@ def hold_run_dir(path: str | Path) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _HELD[path] = fd
+    _remove_stale_temps(path)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove what atomic writes killed midway left behind (``.last.pt.*.tmp``, ...): every writer into a
+    run directory holds its lock, so once this process holds it their writers are dead."""
+    for folder in (path, path / "checkpoints"):
+        for tmp in folder.glob(".*.*.tmp"):
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
 
 
 def check_writable(path: str | Path, what: str) -> Path:
@@ -140,36 +138,48 @@ class RunDir:
     def last_checkpoint(self) -> Path:
         return self.checkpoint_dir / "last.pt"
 
-    def open(self, config: Config) -> None:
-        """Create and hold the directory (two live runs never share one), then write ``config.yaml``."""
+    def open(self, config: Config, *, fresh: bool = True) -> None:
+        """Create and hold the directory (two live runs never share one), then write ``config.yaml``.
+
+        ``fresh`` (not a resume): the records of an earlier run that stopped before its first checkpoint
+        (there is nothing to resume) are moved aside first, so the new run neither appends to its event
+        log nor overwrites its config unseen; a warning line says so.
+        """
         if self.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             hold_run_dir(self.path)  # before anything is written
-            atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+            if fresh:
+                self._move_aside_records()
+            atomic_write_text(self.path / "config.yaml", yaml.safe_dump(absolute_data_path(config.to_dict()), sort_keys=False))
+
+    def _move_aside_records(self) -> None:
+        events, config = self.path / "events.jsonl", self.path / "config.yaml"
+        if not events.exists() or self.last_checkpoint.exists():  # no run here, or one to resume (refused before)
+            return
+        moved = [set_aside(events).name]
+        if config.exists():
+            config.replace(config.with_name("config.superseded.yaml"))
+            moved.append("config.superseded.yaml")
+        log.warning("%s held the records of a run that stopped before its first checkpoint (nothing to resume); "
+                    "moved them aside to %s", self.path, " and ".join(moved))
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        """A checkpoint of this stage (for ``--resume``).
+        """A resumable checkpoint of this stage (for ``--resume``), in today's layout.
 
         Raises:
-            ConfigError: unreadable, or not a resumable checkpoint of this stage.
+            CheckpointError: unreadable, unsafe, or not a resumable checkpoint of this stage.
         """
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise ConfigError(f"--resume: {str(path)!r} could not be read ({exc})") from None
-        if state.get("stage") != self.stage or "position" not in state:
-            raise ConfigError(f"--resume: {str(path)!r} is not a resumable {self.stage} checkpoint")
-        return state
+        return read_checkpoint(path, stage=self.stage, resumable=True, what="--resume")
+
+    def load_best(self) -> dict[str, Any]:
+        """``checkpoints/best.pt`` of this stage (CheckpointError when it cannot be used)."""
+        return read_checkpoint(self.checkpoint_dir / "best.pt", stage=self.stage)
 
     def save_checkpoint(self, state: dict[str, Any], name: str) -> Path | None:
         """Write ``checkpoints/<name>.pt`` with the stage's name and the random generators' states."""
         if not self.is_main:
             return None
-        path = self.checkpoint_dir / f"{name}.pt"
-        buffer = io.BytesIO()
-        torch.save({"stage": self.stage, "rng": rng_state(), **state}, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
-        return path
+        return write_checkpoint(self.checkpoint_dir / f"{name}.pt", {"stage": self.stage, "rng": rng_state(), **state})
 
     def write_item_codes(self, codes: np.ndarray, item_ids: Sequence[str]) -> Path | None:
         """``item_codes.tsv`` (:mod:`.item_codes`): one row per item, its raw id (as the data spells

@@ -109,18 +109,20 @@ class RQVAETrainer(StageTrainer):
 
     def state_dict(self) -> dict:
         return {"model": self.tokenizer.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "quality": self.quality, "codes": self.codes, "config": self.config.to_dict()}
+                "quality": self.quality, "codes": None if self.codes is None else torch.from_numpy(self.codes),
+                "config": self.config.to_dict()}
 
     def load_state_dict(self, state: dict, *, resume: bool = False) -> None:
         self.tokenizer.load_state_dict(state["model"])
         if resume:
             self.optimizer.load_state_dict(state["optimizer"])
-            self.quality, self.codes = state.get("quality"), state.get("codes")
+            codes = state.get("codes")  # a tensor (an array in checkpoint format 1)
+            self.quality, self.codes = state.get("quality"), None if codes is None else np.asarray(codes)
 
     def finish(self, best: dict) -> dict:
         best_path = self.run.checkpoint_dir / "best.pt"
         if self.item_ids is not None and self.run.is_main:  # the best codes, with the suffix that separates collisions
-            suffixed = assign_codes(best["codes"], self.tokenizer.codebook_size, use_forge=False).codes
+            suffixed = assign_codes(np.asarray(best["codes"]), self.tokenizer.codebook_size, use_forge=False).codes
             self.run.write_item_codes(suffixed, self.item_ids)
         return {"valid": self.stopping.best_metrics, "best_checkpoint": str(best_path)}
 

@@ -17,6 +17,7 @@ import torch
 from etegrec.config import Config, ConfigError, run_config
 from etegrec.models import RQVAE, CodeTrie, T5Recommender
 
+from .checkpoint import read_checkpoint
 from .evaluation import beam_recommend
 from .factories import build_recommender, build_tokenizer
 from .item_codes import read_item_codes
@@ -98,8 +99,9 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Trai
     """Rebuild a finished joint run's tokenizer and recommender (best checkpoint) on ``device``.
 
     Raises:
-        ConfigError: the directory lacks ``config.yaml``, ``item_codes.tsv`` or ``checkpoints/best.pt``,
-            or its codes and checkpoint disagree.
+        ConfigError: the directory lacks ``config.yaml``, ``item_codes.tsv`` or ``checkpoints/best.pt``, one of
+            them cannot be read or does not fit the others (an edited config), the checkpoint is unsafe
+            (CheckpointError), or it is not a joint run's.
     """
     run_dir = Path(run_dir)
     for name in ("config.yaml", "checkpoints/best.pt"):
@@ -107,15 +109,20 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Trai
             raise ConfigError(f"{str(run_dir / name)!r} does not exist: load_run needs a finished joint run's directory")
     config = run_config(run_dir / "config.yaml")
     item_ids, table = read_item_codes(run_dir / "item_codes.tsv")
-    state = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    state = read_checkpoint(run_dir / "checkpoints" / "best.pt", stage="joint", what="load_run")
     codes = torch.cat([torch.zeros(1, table.shape[1], dtype=torch.long), torch.as_tensor(table)])
-    if state.get("stage") != "joint" or not torch.equal(state["codes"].cpu().long(), codes):
+    if not torch.equal(state["codes"].cpu().long(), codes):
         raise ConfigError(f"{str(run_dir / 'item_codes.tsv')!r} does not hold the codes of checkpoints/best.pt; "
                           "the directory mixes two runs")
-    tokenizer = build_tokenizer(config, config.embed.hidden)
-    tokenizer.load_state_dict(state["tokenizer"])
-    recommender = build_recommender(config, tokenizer, semantic_dim=config.embed.hidden)
-    recommender.load_state_dict(state["recommender"])
+    try:
+        tokenizer = build_tokenizer(config, config.embed.hidden)
+        tokenizer.load_state_dict(state["tokenizer"])
+        recommender = build_recommender(config, tokenizer, semantic_dim=config.embed.hidden)
+        recommender.load_state_dict(state["recommender"])
+    except (RuntimeError, KeyError) as exc:  # the models the config builds are not the checkpoint's
+        first = " ".join(str(exc).split())[:160]
+        raise ConfigError(f"{str(run_dir / 'config.yaml')!r} does not describe the models in checkpoints/best.pt "
+                          f"({first}); it was edited after the run: put back the run's own config") from None
     device = torch.device(device)
     codes = codes.to(device)
     return TrainedRun(run_dir=run_dir, config=config, item_ids=item_ids,
