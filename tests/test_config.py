@@ -166,3 +166,20 @@ def test_a_runs_own_config_yaml_keeps_the_built_in_default_of_a_key_added_since(
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     assert run_config(tmp_path / "config.yaml").joint.code_margin == Config().joint.code_margin == 0.0
     assert load_config("ml-100k").joint.code_margin == 0.1  # what layering on ml-100k would have given
+
+
+def test_a_named_amazon_dataset_brings_the_amazon_config_unless_one_is_given(tmp_path, monkeypatch):
+    from etegrec.training.cli import common_parser, parse_stage_args
+
+    monkeypatch.setenv("ETEGREC_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+    def resolved(*argv):
+        return parse_stage_args(common_parser("python -m etegrec.training.joint", "x"),
+                                [*argv, "--output-dir", str(tmp_path / "run")]).config
+
+    amazon = resolved("--dataset", "amazon-sports")
+    assert amazon.data.dataset == "amazon-sports"
+    assert amazon.to_dict() == load_config("amazon", ["data.dataset=amazon-sports"]).to_dict()
+    assert resolved("--dataset", "amazon-sports", "--config", "tiny").joint.epochs == load_config("tiny").joint.epochs
+    assert resolved().to_dict() == load_config("ml-100k").to_dict()

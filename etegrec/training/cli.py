@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from etegrec.config import Config, ConfigError, load_config, run_config
-from etegrec.data import FORMATS, DataError, data_home, dataset_name_of
+from etegrec.data import DATASETS, FORMATS, DataError, data_home, dataset_name_of
 from etegrec.forge import CodeOverflowError
 from etegrec.hooks import SubscriberError
 
@@ -73,8 +73,8 @@ def named_config_help(prog: str) -> str:
 def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description, epilog=named_config_help(prog),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="packaged config (ml-100k, paper, tiny) or a YAML file (default ml-100k; "
-                                         "with --resume, the run's own config.yaml)")
+    parser.add_argument("--config", help="packaged config (ml-100k, amazon, paper, tiny) or a YAML file (default ml-100k; "
+                                         "amazon for --dataset amazon-*; with --resume, the run's own config.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set rqvae.lr=1e-3 (repeatable)")
     parser.add_argument("--dataset", help="dataset name (default: the config's, ml-100k); amazon-beauty, "
@@ -116,7 +116,9 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = N
         overrides.append(f"run.seed={args.seed}")
     # Everything below is checked before any data is read or any stage trains.
     resumed = None if args.config else _resumed_config(args)
-    config = run_config(resumed, overrides) if resumed else load_config(args.config or "ml-100k", overrides)
+    # a named dataset brings the config sized for it (amazon-* -> amazon), a --config still wins
+    default = DATASETS[args.dataset].config if args.dataset in DATASETS else "ml-100k"
+    config = run_config(resumed, overrides) if resumed else load_config(args.config or default, overrides)
     if args.print_config:
         raise PrintedConfig(yaml.safe_dump(config.to_dict(), sort_keys=False))
     options = RunOptions.resolve(config, output_dir=args.output_dir, wandb_mode=args.wandb_mode,
