@@ -237,7 +237,7 @@ def main() -> None:
                                                         "etegrec_noforge"])
     parser.add_argument("--jobs", type=int, default=2, help="joint runs at a time (one thread each by default)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--config", default="ml-100k")
+    parser.add_argument("--config", help="named config or YAML file (default ml-100k; amazon for --dataset amazon-*)")
     parser.add_argument("--dataset", help="dataset name (default: the config's); picks the published rows shown")
     parser.add_argument("--data-path", help="interaction file to read instead of the named dataset's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -256,6 +256,8 @@ def main() -> None:
     args.overrides = [*([f"data.dataset={args.dataset}"] if args.dataset else []),
                       *([f"data.data_path={args.data_path}"] if args.data_path else []), *args.overrides]
     from etegrec.config import load_config
+    from etegrec.data import DATASETS
+    args.config = args.config or (DATASETS[args.dataset].config if args.dataset in DATASETS else "ml-100k")
     dataset = load_config(args.config, args.overrides).data.dataset
     suffix = "" if dataset == "ml-100k" else f"-{dataset}"
     root = Path(args.runs or f"runs/quality{suffix}")

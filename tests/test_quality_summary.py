@@ -111,10 +111,10 @@ def test_another_dataset_prints_its_published_rows_marked_as_published(quality, 
                                       "--output", str(tmp_path / "out.json")])
     quality.main()
     printed = capsys.readouterr().out
-    assert printed.startswith("amazon-beauty test metrics")
+    assert printed.startswith("amazon-beauty test metrics, mean ± std over seeds [2024] (amazon config)")
     tiger = next(line for line in printed.splitlines() if line.startswith("published: TIGER (TIGER paper"))
     assert tiger.split()[-4:] == ["0.0454", "0.0648", "0.0321", "0.0384"]  # R@5, R@10, N@5, N@10
     assert "published: Pop (RecBole)" not in printed  # ml-100k's rows stay with ml-100k
     result = json.loads((tmp_path / "out.json").read_text())
-    assert result["dataset"] == "amazon-beauty"
+    assert result["dataset"] == "amazon-beauty" and result["config"] == "amazon"
     assert result["published"]["TIGER (GenRec library, 2026)"] == {"ndcg@10": 0.0354}
