@@ -94,6 +94,7 @@ def test_joint_run_has_one_wandb_run_one_event_log_and_a_world_of_two(joint_run)
     started = [e for e in events if e["signal"] == "run_started"]
     assert [(s["world_size"], s["rank"]) for s in started] == [(2, 0)]
     assert result.stdout.count("run directory:") == 1  # only the main rank prints
+    assert result.stdout.count("python -m etegrec.report") == 1
 
 
 def test_every_rank_emits_the_same_losses_counts_metrics_and_codes(joint_run):

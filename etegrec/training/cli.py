@@ -18,12 +18,13 @@ from etegrec.forge import CodeOverflowError
 from etegrec.hooks import SubscriberError
 
 from .atomic import DiskFullError
+from .item_codes import read_item_codes
 from .loop import NonFiniteLossError
 from .options import RunOptions, check_trackers
 from .run import launch_rank
 from .rundir import check_writable, default_run_dir, hold_run_dir
 
-__all__ = ["StageArgs", "common_parser", "parse_stage_args", "run_main", "tracker_list"]
+__all__ = ["StageArgs", "common_parser", "next_commands", "parse_stage_args", "run_main", "tracker_list"]
 
 # errors that name what is wrong and the remedy: one sentence, no traceback, exit status 2
 USER_ERRORS = (ConfigError, DataError, SubscriberError, CodeOverflowError, FileNotFoundError)
@@ -156,6 +157,8 @@ def stage_main(prog: str, doc: str, run_stage: Callable[..., object], argv: list
         args = parse_stage_args(parser, argv, stage=stage)
         where["run_dir"] = str(args.options.output_dir)
         run_stage(args.config, args.options)
+        if launch_rank() == 0:
+            print(next_commands(stage, args.options.output_dir))
 
     def resume_hint() -> str:
         if "run_dir" not in where:
@@ -166,6 +169,19 @@ def stage_main(prog: str, doc: str, run_stage: Callable[..., object], argv: list
         # (a cached earlier stage that was stopped resumes by itself when the command runs again)
         return f"; no checkpoint in {where['run_dir']} to resume from yet: start again with: {prog} {shlex.join(rest)}"
     return run_main(body, on_interrupt=resume_hint)
+
+
+def next_commands(stage: str, run_dir: Path) -> str:
+    """What a finished run prints last: the commands that look at it, with its directory in them (the
+    report for every stage; for a joint run also a recommendation for a history of its first three items)."""
+    where = shlex.quote(str(run_dir))
+    lines = ["", "next: its curves and metrics, one HTML page",
+             f"  python -m etegrec.report {where} --output {shlex.quote(str(Path(run_dir) / 'report.html'))}"]
+    if stage == "joint":
+        ids = [item for item in read_item_codes(Path(run_dir) / "item_codes.tsv")[0] if "," not in item][:3]
+        lines += ["next: the top 10 items for a history of raw item ids, oldest first",
+                  f"  python -m etegrec.recommend {where} --history {shlex.quote(','.join(ids))}"]
+    return "\n".join(lines)
 
 
 def _without_output_dir(argv: list[str]) -> list[str]:
