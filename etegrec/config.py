@@ -1,9 +1,10 @@
 """Configuration: one dataclass per component, loaded from packaged named configs or YAML files.
 
 A config file has one section per component (``data``, ``embed``, ``tokenizer``, ``rqvae``,
-``run``); a section may list only the keys it changes. A user's file is layered on the config its
-``base:`` names (``base: tiny``), on ``ml-100k``, the default, when it names none. ``--set
-section.key=value`` overrides one key; values are parsed as YAML (``--set rqvae.lr=1e-3``).
+``recommender``, ``joint``, ``run``); a section may list only the keys it changes. A user's file is
+layered on the config its ``base:`` names (``base: tiny``), on ``ml-100k``, the default, when it
+names none. ``--set section.key=value`` overrides one key; values are parsed as YAML
+(``--set rqvae.lr=1e-3``).
 Unknown keys, wrong types and non-positive sizes are errors naming the key.
 """
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 The command line (or a caller from Python) hands what the user asked for to
 :meth:`RunOptions.resolve`, which checks everything that can be checked before training (the
-trackers, the subscribers, the W&B mode, the run to resume) and settles it; nothing downstream
-checks or resolves it again.
+trackers, the subscribers, the W&B mode, the run to resume) and settles it. Two things are settled
+later: an unset ``output_dir`` becomes the default run directory when the :class:`Run` starts (the
+command line names it sooner, for its Ctrl-C hint), and W&B falls back to offline when it cannot
+reach its server.
 """
 from __future__ import annotations
 
