@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=None,
                         help="where to write the report (default: fit.json beside the first run directory; "
-                             "the README's table is benchmarks/results/fit.json, written only when named here)")
+                             "docs/results.md's table is benchmarks/results/fit.json, written only when named here)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report = {}
