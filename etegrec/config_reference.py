@@ -64,6 +64,8 @@ KEY_DOCS = {
     "recommender.feed_forward_proj": "T5 feed-forward activation: relu (paper), gelu, gated-gelu, gated-silu, ...",
     "recommender.gradient_checkpointing": "recompute T5 activations in the backward pass: far less memory, same gradients",
     "recommender.encoder_input": "codes: an encoder token per code (paper); items: a token per item (its codes summed)",
+    "recommender.code_init": "random (T5's init); tokenizer: each RQ level's code embeddings start as the pretrained "
+                             "codebook's vectors, rescaled to T5's unit scale (needs d_model = tokenizer.e_dim)",
     "recommender.repeat_bias": "learn a logit offset for the codes that continue a history item",
     "joint.epochs": "joint epochs (tokenizer and recommender epochs together) at most",
     "joint.cycle": "C: each cycle is one tokenizer epoch, then C - 1 recommender epochs",

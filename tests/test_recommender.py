@@ -272,3 +272,26 @@ def test_forward_all_equals_forward_on_every_prefix_of_the_window() -> None:
             torch.testing.assert_close(out.logits[n], one.logits[0], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(out.encoder_latent[n], one.encoder_latent[0], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(out.decoder_semantic[n], one.decoder_semantic[0], rtol=1e-4, atol=1e-5)
+
+
+def test_code_init_tokenizer_starts_each_level_from_its_codebook_at_unit_scale() -> None:
+    from etegrec.config import load_config
+    from etegrec.training.factories import build_recommender, build_tokenizer
+
+    config = load_config("tiny", ["recommender.code_init=tokenizer", "recommender.d_model=16"])  # tiny: e_dim 16
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(config, in_dim=8)
+    model = build_recommender(config, tokenizer, semantic_dim=8)
+    for level, layer in enumerate(tokenizer.quantizer.layers):
+        book, table = layer.codebook.detach(), model.code_embedding[level].detach()
+        scale = table.std() / book.std()
+        torch.testing.assert_close(table, (book - book.mean()) * scale)  # the codebook, shifted and rescaled
+        assert abs(float(table.std()) - 1.0) < 1e-4
+    assert not torch.allclose(model.code_embedding[-1], torch.zeros_like(model.code_embedding[-1]))  # suffix: random
+
+
+def test_code_init_tokenizer_needs_d_model_equal_to_the_code_width() -> None:
+    from etegrec.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"recommender\.d_model \(32\) equal to tokenizer\.e_dim \(16\)"):
+        load_config("tiny", ["recommender.code_init=tokenizer"])

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from etegrec.config import Config
 from etegrec.models import RQVAE, T5Recommender
 
-__all__ = ["build_recommender", "build_tokenizer", "tokenizer_inputs"]
+__all__ = ["build_recommender", "build_tokenizer", "init_codes_from_codebooks", "tokenizer_inputs"]
 
 
 def build_tokenizer(config: Config, in_dim: int) -> RQVAE:
@@ -32,9 +33,10 @@ def tokenizer_inputs(config: Config, embeddings: np.ndarray) -> np.ndarray:
 
 
 def build_recommender(config: Config, tokenizer: RQVAE, *, semantic_dim: int) -> T5Recommender:
-    """The T5 recommender the config describes, for ``tokenizer``'s codes (its codes plus the suffix)."""
+    """The T5 recommender the config describes, for ``tokenizer``'s codes (its codes plus the suffix);
+    with ``recommender.code_init: tokenizer`` its code embeddings start from the tokenizer's codebooks."""
     r, cfg = config.recommender, config.joint
-    return T5Recommender(
+    model = T5Recommender(
         code_num=tokenizer.codebook_size, code_length=tokenizer.code_length + 1,
         num_layers=r.num_layers, num_decoder_layers=r.num_decoder_layers, d_model=r.d_model, d_ff=r.d_ff,
         num_heads=r.num_heads, d_kv=r.d_kv, dropout=r.dropout, feed_forward_proj=r.feed_forward_proj,
@@ -43,3 +45,16 @@ def build_recommender(config: Config, tokenizer: RQVAE, *, semantic_dim: int) ->
         max_history=config.data.max_his_len, repeat_bias=r.repeat_bias, causal_encoder=cfg.targets == "all",
         # under bf16 autocast SDPA falls back to an fp32 path on CPU; plain attention is ~1.7x faster
         attn_implementation="eager" if cfg.mixed_precision == "bf16" else "sdpa")
+    if r.code_init == "tokenizer":
+        init_codes_from_codebooks(model, tokenizer)
+    return model
+
+
+@torch.no_grad()
+def init_codes_from_codebooks(model: T5Recommender, tokenizer: RQVAE) -> None:
+    """Start each RQ level's code embeddings (K, d) as that level's codebook vectors, rescaled to unit
+    std (T5's init scale), so that an item's input token (its codes summed) starts near its latent and
+    code logits start from the tokenizer's geometry; the suffix level keeps its random init."""
+    for level, layer in enumerate(tokenizer.quantizer.layers):
+        book = layer.codebook  # (K, e_dim), e_dim = d_model (the config rule checks it)
+        model.code_embedding[level, : book.shape[0]] = (book - book.mean()) / book.std().clamp_min(1e-8)
