@@ -1,6 +1,6 @@
 """W&B's cost over a whole RQ-VAE stage: the stage trained with W&B offline and with no tracker
 (event log and codebook hooks attached in both), alternating in ABBA order, each stage in a
-fresh process: the W&B stage pays what a run pays once, importing wandb and starting its service.
+fresh process: the W&B stage pays W&B's start-up as a run does.
 
     python benchmarks/overhead_wandb_stage.py [--epochs 1000] [--pairs 2]
 

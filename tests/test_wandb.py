@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from etegrec.hooks.wandb import (
     resolve_mode,
     usage_histogram,
 )
+from etegrec.hooks.wandb_process import RemoteRun, WandbProcessError, WandbProcessTracker
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -292,39 +295,87 @@ def test_other_trackers_get_the_scalars_with_epoch_as_step(wandb_env, tmp_path):
                                "codebook/layer1/dead_codes": 0})]
 
 
-# --- W&B in the training process, as Accelerate's own tracker ---------------------------------
+# --- W&B in its own process ------------------------------------------------------------------
 
-def test_the_wandb_run_is_accelerates_own_tracker_in_this_process(wandb_env, tmp_path):
+def test_the_wandb_run_lives_in_another_process(wandb_env, tmp_path):
     accelerator = make_accelerator(log_with="wandb")
     subscriber = WandbSubscriber(accelerator=accelerator, project=PRETRAIN_PROJECT, run_name="p",
                                  config={}, run_dir=tmp_path, stage="rqvae", mode="offline")
     subscriber.start()
     try:
-        assert [type(t) for t in accelerator.trackers] == [accelerate.tracking.WandBTracker]
+        assert isinstance(subscriber.run, RemoteRun)
         assert accelerator.get_tracker("wandb", unwrap=True) is subscriber.run
-        assert subscriber.run.id == (tmp_path / "wandb" / "run-id").read_text().strip()
+        child = subscriber.run._process
+        assert child.pid != os.getpid() and child.poll() is None
     finally:
         subscriber.finish("completed")
+    assert child.returncode == 0
+
+
+def test_start_leaves_the_accelerators_trackers_as_it_was_built_with(wandb_env, tmp_path):
+    accelerator = make_accelerator(log_with="wandb")
+    log_with = list(accelerator.log_with)
+    subscriber = WandbSubscriber(accelerator=accelerator, project="p", run_name="r", config={}, run_dir=tmp_path,
+                                 stage="rqvae", mode="disabled")
+    subscriber.start()
+    try:
+        assert list(accelerator.log_with) == log_with
+        assert [type(t) for t in accelerator.trackers] == [WandbProcessTracker]
+        assert accelerate.tracking.LOGGER_TYPE_TO_CLASS["wandb"] is accelerate.tracking.WandBTracker
+    finally:
+        subscriber.finish()
 
 
 def test_online_without_an_api_key_starts_offline_with_one_warning(wandb_env, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    subscriber = WandbSubscriber(accelerator=make_accelerator(log_with="wandb"), project="p", run_name="r",
-                                 config={}, run_dir=tmp_path, stage="rqvae", mode="online")
-    with caplog.at_level(logging.WARNING, logger="etegrec.hooks.wandb"):
-        subscriber.start()
+    tracker = WandbProcessTracker("p", name="r", dir=str(tmp_path), mode="online", id="nokey1",
+                                  settings={"finish_timeout": 30})
+    with caplog.at_level(logging.WARNING, logger="etegrec.hooks.wandb_process"):
+        tracker.start()
     try:
-        assert subscriber.mode == "offline"
+        assert tracker.init_kwargs["mode"] == "offline"
         assert len([r for r in caplog.records if "no API key" in r.getMessage()]) == 1
     finally:
-        subscriber.finish()
-    assert list((tmp_path / "wandb").glob(f"offline-run-*-{subscriber.run_id_file.read_text().strip()}"))
+        tracker.finish()
+    assert list((tmp_path / "wandb").glob("offline-run-*-nokey1"))
 
 
 def test_an_invalid_mode_is_an_error_for_the_subscriber(tmp_path):
     with pytest.raises(ValueError, match="wandb mode 'cloud'"):
         WandbSubscriber(accelerator=make_accelerator(log_with="wandb"), project="p", run_name="r", config={},
                         run_dir=tmp_path, stage="joint", mode="cloud")
+
+
+KILLED_DURING_TRAINING = """
+import os, sys
+import accelerate
+from etegrec import signals
+from etegrec.hooks.wandb import WandbSubscriber
+sub = WandbSubscriber(accelerator=accelerate.Accelerator(log_with="wandb", cpu=True), project="p",
+                      run_name="killed", config={}, run_dir=sys.argv[1], stage="rqvae", mode="offline")
+sub.start()
+sub.connect()
+signals.epoch_end.send(None, stage="rqvae", phase="rqvae", epoch=0, losses={"loss_total": 0.5})
+os._exit(9)  # the row is in W&B's socket once send returns: die without finishing
+"""
+
+
+def test_a_training_process_that_dies_leaves_a_finished_failed_run(wandb_env, tmp_path):
+    done = subprocess.run([sys.executable, "-c", KILLED_DURING_TRAINING, str(tmp_path)], timeout=120)
+    assert done.returncode == 9
+    deadline = time.monotonic() + 60  # W&B's process finishes the run on its own once the socket closes
+    while time.monotonic() < deadline and not any(r["type"] == "exit" for r in _records_or_none(tmp_path)):
+        time.sleep(0.5)
+    records = inspect_records(tmp_path)
+    assert logged(records, "train/loss_total") == [(0, 0.5)]
+    assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [1]
+
+
+def _records_or_none(run_dir: Path) -> list[dict]:
+    try:
+        return inspect_records(run_dir)
+    except (AssertionError, subprocess.CalledProcessError):
+        return []
 
 
 def test_a_wandb_tracker_object_of_the_users_own_logs_in_process_with_the_same_rows(wandb_env, tmp_path):
@@ -335,7 +386,7 @@ def test_a_wandb_tracker_object_of_the_users_own_logs_in_process_with_the_same_r
     subscriber.start()
     subscriber.connect()
     try:
-        assert subscriber.run is mine.tracker  # the user's tracker, as built
+        assert not isinstance(subscriber.run, RemoteRun)  # the user's tracker, as built
         with signals.strict():
             signals.codebook_usage.send(None, stage="rqvae", epoch=0, layer=0, counts=np.arange(K),
                                         utilization=0.875, perplexity=6.5, gini=0.25, dead_codes=1)
@@ -348,24 +399,46 @@ def test_a_wandb_tracker_object_of_the_users_own_logs_in_process_with_the_same_r
     assert logged(records, "codebook/layer0/utilization") == [(0, 0.875)]
 
 
-def test_a_wandb_that_cannot_start_is_warned_about_with_its_cause_and_the_run_goes_on(wandb_env, tmp_path, caplog):
-    (tmp_path / "wandb").mkdir()
-    (tmp_path / "wandb" / "run-id").write_text("bad/id!\n")  # W&B refuses this id
-    accelerator = make_accelerator(log_with="wandb")
-    subscriber = WandbSubscriber(accelerator=accelerator, project="p", run_name="r",
-                                 config={}, run_dir=tmp_path, stage="rqvae", mode="offline", resume=True)
-    with caplog.at_level(logging.WARNING, logger="etegrec.hooks.wandb"):
-        subscriber.start()
-    subscriber.connect()
+def test_an_error_in_the_wandb_process_is_raised_in_the_training_process(wandb_env, tmp_path):
+    tracker = WandbProcessTracker("p", name="r", dir=str(tmp_path), mode="offline", id="errorcase1",
+                                  settings={"finish_timeout": 30})
+    tracker.start()
     try:
-        with signals.strict():
-            signals.epoch_end.send(None, stage="rqvae", phase="rqvae", epoch=0, losses={"loss_total": 0.5})
+        tracker.run.define_metric("x", step_metric=object())  # W&B rejects it, in its own process
+        with pytest.raises(WandbProcessError, match="step_metric"):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                tracker.run.log({"epoch": 0})
+                time.sleep(0.2)
     finally:
-        subscriber.finish("completed")
-    accelerator.end_training()  # what the trainer does last: no half-started tracker left to finish
-    assert subscriber.run is None and accelerator.trackers == []
-    warnings = [r.getMessage() for r in caplog.records if "could not start" in r.getMessage()]
-    assert len(warnings) == 1 and "Run ID cannot contain" in warnings[0]
+        tracker.finish()
+
+
+def test_finish_waits_for_a_slow_wandb_process_until_it_has_finished():
+    import threading
+    from multiprocessing import Pipe
+
+    ours, theirs = Pipe()
+
+    def slow_child():  # W&B uploading for a while, reporting an error first
+        assert theirs.recv() == ("finish", 1)
+        theirs.send(("error", "RuntimeError: late"))
+        time.sleep(2.5)
+        theirs.send(("finished",))
+
+    child = threading.Thread(target=slow_child)
+    child.start()
+    start = time.monotonic()
+    RemoteRun(ours, None, "r", finish_timeout=60).finish(exit_code=1)
+    assert time.monotonic() - start >= 2.5
+    child.join()
+
+
+def test_a_failed_wandb_start_is_an_error_naming_the_cause(wandb_env, tmp_path):
+    tracker = WandbProcessTracker("p", name="r", dir=str(tmp_path), mode="offline", id="bad/id!",
+                                  settings={"finish_timeout": 5})
+    with pytest.raises(WandbProcessError, match="UsageError: Run ID cannot contain"):
+        tracker.start()
 
 
 def test_non_main_process_starts_and_connects_nothing(monkeypatch, tmp_path):
@@ -424,3 +497,23 @@ def test_usage_histogram_merges_adjacent_codes_above_512():
     assert len(values) <= 512 and len(edges) == len(values) + 1
     assert values.sum() == 1025 and edges[0] == 0 and edges[-1] == 1025
     assert values[0] == 3 and values[-1] == 1025 - 3 * (len(values) - 1)
+
+
+def test_a_training_process_killed_during_wandb_start_up_leaves_no_child_traceback(tmp_path, wandb_env):
+    # What a SIGKILL of the training process looks like to W&B's child: its socket closes right after
+    # it was asked for a run, while wandb.init is still starting.
+    import socket
+    import subprocess
+    import sys
+    from multiprocessing.connection import Connection
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        child = subprocess.Popen([sys.executable, "-m", "etegrec.hooks.wandb_child", str(theirs.fileno())],
+                                 pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True)
+        conn = Connection(ours.detach())
+    conn.send(("init", {"project": "t", "name": "t", "dir": str(tmp_path), "mode": "offline",
+                        "settings": {"console": "off"}}))
+    conn.close()  # gone before the child could answer "started"
+    _, err = child.communicate(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -1,10 +1,8 @@
 """The tracking subscriber: the bus, through every Accelerate tracker (W&B, TensorBoard, ...).
 
 On each signal a row (:mod:`etegrec.hooks.wandb_rows`) goes to every tracker (a ``codebook_usage``
-row with the next row of its epoch). W&B is Accelerate's own ``WandBTracker``, in the training
-process: a process of our own for it measured no cheaper (``benchmarks/overhead_wandb_stage.py``),
-and W&B's service (``wandb-core``) already runs in a session of its own, so Ctrl-C reaches
-training only. Three traps:
+row with the next row of its epoch); W&B runs in a process of its own (:mod:`.wandb_process`), so
+its ~0.7 ms of CPU a row is not taken from training. Three traps:
 
 * Steps. W&B rows are logged *without* ``step=``: W&B's own step then only increases, while every
   row carries ``epoch``, declared the x-axis of every chart. With the epoch as ``step=``, W&B would
@@ -14,9 +12,6 @@ training only. Three traps:
   characters outside ``[-/\\w.]`` as ``_``: ``eval/ndcg@10`` is ``eval/ndcg_10`` there.)
 * Config. W&B stores the run config nested; the other trackers get it flattened (``flat_config``):
   TensorBoard's ``add_hparams`` takes flat primitive values only, a nested config breaks it.
-
-W&B never stops the training: ``online`` without an API key, or a W&B that cannot start online
-within ``init_timeout`` (no network, server down), logs offline instead, with one warning.
 """
 from __future__ import annotations
 
@@ -29,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from .base import Subscriber
-from .wandb_mode import MODES, check_mode, has_api_key, resolve_mode
+from .wandb_child import usage_histogram
+from .wandb_mode import MODES, check_mode, resolve_mode
+from .wandb_process import log_artifact_file, log_row, wandb_in_its_own_process
 from .wandb_rows import (KEY_MAPS, TRACKING, KeyMap, Row, best_metrics_row, codebook_usage_row, codes_assigned_row,
-                         flat_config, merge_pending, probed_row, usage_histogram)
+                         flat_config, merge_pending, probed_row)
 
 __all__ = ["JOINT_PROJECT", "KEY_MAPS", "MODES", "PRETRAIN_PROJECT", "KeyMap", "WandbSubscriber",
            "codes_assigned_row", "flat_config", "resolve_mode", "usage_histogram"]
@@ -89,7 +86,7 @@ class WandbSubscriber(Subscriber):
         self.run_dir, self.stage, self.mode = Path(run_dir), stage, check_mode(mode)
         self.key_map = key_map or KEY_MAPS[stage]
         self.finish_timeout, self.resume, self.init_timeout = finish_timeout, resume, init_timeout
-        self.run = None  # the W&B run, once started, when W&B is a tracker
+        self.run = None  # the W&B run (in W&B's process: a RemoteRun), once started, when W&B is a tracker
         self.trackers: list = []  # the Accelerate trackers this subscriber started; finish() ends them
         self._started = self._logging = False
         self._pending: list[Row] = []  # codebook rows waiting for the next row of their epoch
@@ -107,27 +104,12 @@ class WandbSubscriber(Subscriber):
         self._started = True
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.resume and self.run_id_file.exists() and self.run_id_file.read_text(encoding="utf-8").strip()
-        # console off: W&B's capture of stdout would copy every progress bar into the run, at a cost per write
         wandb_kwargs = {"name": self.run_name, "dir": str(self.run_dir), "mode": self.mode, "resume": "allow",
                         "id": resumed or uuid.uuid4().hex[:12],
-                        "settings": {"finish_timeout": self.finish_timeout, "init_timeout": self.init_timeout,
-                                     "console": "off"}}
-        where = self.run_dir / "wandb"
-        if self.mode == "online" and not has_api_key():  # an explicit online says nothing about credentials
-            log.warning("W&B mode is online but no API key is configured (WANDB_API_KEY or `wandb login`); "
-                        "logging offline under %s instead", where)
-            wandb_kwargs["mode"] = "offline"
+                        "settings": {"finish_timeout": self.finish_timeout, "init_timeout": self.init_timeout}}
         first = len(self.accelerator.trackers)
         try:
-            try:  # no config here: each tracker gets it below in the shape it stores
-                self.accelerator.init_trackers(self.project, init_kwargs={"wandb": wandb_kwargs})
-            except Exception as exc:
-                if wandb_kwargs["mode"] != "online":
-                    raise
-                log.warning("W&B could not start online (%s: %s); logging offline under %s instead",
-                            type(exc).__name__, exc, where)
-                self._drop_trackers(first)
-                wandb_kwargs.update(mode="offline", id=uuid.uuid4().hex[:12])  # W&B holds the online id as in use
+            with wandb_in_its_own_process():  # no config here: each tracker gets it below in the shape it stores
                 self.accelerator.init_trackers(self.project, init_kwargs={"wandb": wandb_kwargs})
             self.trackers = self.accelerator.trackers[first:]
             for tracker in self.trackers:
@@ -139,19 +121,9 @@ class WandbSubscriber(Subscriber):
                     self.run_id_file.parent.mkdir(parents=True, exist_ok=True)
                     self.run_id_file.write_text(f"{self.run.id}\n", encoding="utf-8")
         except Exception as exc:
-            self._drop_trackers(first)  # none half-started left for accelerator.end_training() to trip on
             log.warning("the trackers could not start (%s: %s); the run goes on without them", type(exc).__name__, exc)
             return
         self._logging = True
-
-    def _drop_trackers(self, first: int) -> None:
-        """End and forget the trackers a failed start added to the accelerator after the first ``first``."""
-        for tracker in self.accelerator.trackers[first:]:
-            try:
-                tracker.finish()
-            except Exception:  # never started: nothing to end
-                pass
-        del self.accelerator.trackers[first:]
 
     def handlers(self) -> list:
         """The ``on_<signal>`` handlers on the main process; none elsewhere (see :meth:`start`)."""
@@ -201,7 +173,7 @@ class WandbSubscriber(Subscriber):
             self._guarded(self.run.summary.update, best_metrics_row(best_metrics))
         codes = self.run_dir / "item_codes.tsv"  # the tokenizer's product, as an artifact
         if self.run is not None and status == "completed" and codes.exists():
-            self._guarded(log_file_artifact, self.run, codes, f"item-codes-{self.run.id}", "item-codes")
+            self._guarded(log_artifact_file, self.run, codes, f"item-codes-{self.run.id}", "item-codes")
         self.finish(status)
 
     def _log(self, row: Row) -> None:
@@ -223,20 +195,3 @@ class WandbSubscriber(Subscriber):
             self._logging = False
             log.warning("tracking failed (%s: %s); logging to the trackers is off for the rest of this run, "
                         "training goes on", type(exc).__name__, exc)
-
-
-def log_row(run: Any, row: Mapping[str, Any], usage: Mapping[str, Any]) -> None:
-    """Log ``row`` plus one usage histogram per ``usage`` entry (key -> codebook counts) to the W&B ``run``."""
-    import wandb
-
-    run.log({**row, **{k: wandb.Histogram(np_histogram=usage_histogram(c)) for k, c in usage.items()}})
-
-
-def log_file_artifact(run: Any, path: str | os.PathLike, name: str, kind: str) -> None:
-    """Log the file ``path`` as the W&B artifact ``name`` of type ``kind`` (offline, it stays in the run's
-    files until a sync)."""
-    import wandb
-
-    artifact = wandb.Artifact(name, type=kind)
-    artifact.add_file(str(path))
-    run.log_artifact(artifact)

@@ -1,7 +1,7 @@
 """Which W&B mode a run logs in: ``online`` only where there are credentials, else ``offline``.
 
 The command line resolves the mode once (:func:`resolve_mode`) and hands it to the run; the W&B
-subscriber checks :func:`has_api_key` again before it goes online, since an explicit ``online``
+tracker checks :func:`has_api_key` again before it goes online, since an explicit ``online``
 (``--wandb-mode online``, ``WANDB_MODE=online``) says nothing about credentials.
 """
 from __future__ import annotations

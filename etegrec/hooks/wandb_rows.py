@@ -15,10 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 __all__ = [
-    "MAX_HISTOGRAM_BINS",
     "TRACKING",
     "KEY_MAPS",
     "KeyMap",
@@ -32,7 +29,6 @@ __all__ = [
     "phase_loss_key",
     "plain_loss_key",
     "probed_row",
-    "usage_histogram",
 ]
 
 # (epoch, scalars, histograms): histograms map a key to a codebook's usage counts
@@ -122,26 +118,6 @@ def codebook_usage_row(*, layer: int, counts: Any, utilization: float, perplexit
         f"{prefix}/dead_codes": int(dead_codes),
     }
     return scalars, {f"{prefix}/usage": counts}
-
-
-MAX_HISTOGRAM_BINS = 512  # wandb.Histogram's limit
-
-
-def usage_histogram(counts: Any, max_bins: int = MAX_HISTOGRAM_BINS) -> tuple[np.ndarray, np.ndarray]:
-    """``(values, bin_edges)`` of a per-code usage histogram with at most ``max_bins`` bins.
-
-    Code c is the bin ``[c, c + 1)``; when K > ``max_bins``, runs of ``ceil(K / max_bins)``
-    adjacent codes are merged into one bin (the last one may be narrower). Totals are preserved.
-    """
-    c = np.asarray(counts).reshape(-1)
-    k = c.size
-    width = max(1, -(-k // max_bins))
-    n_bins = -(-k // width)
-    padded = np.zeros(n_bins * width, dtype=c.dtype)
-    padded[:k] = c
-    values = padded.reshape(n_bins, width).sum(axis=1)  # (n_bins,)
-    edges = np.minimum(np.arange(n_bins + 1) * width, k)  # (n_bins + 1,)
-    return values, edges
 
 
 def best_metrics_row(best_metrics: Mapping[str, float]) -> dict[str, float]:
