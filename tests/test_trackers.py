@@ -19,7 +19,7 @@ from etegrec.training import joint
 from etegrec.training.cli import common_parser
 from etegrec.training.options import RunOptions, check_trackers
 from etegrec.training.run import Run
-from test_wandb import K, emit_joint, inspect_records, logged
+from test_wandb import K, ListTracker, emit_joint, inspect_records, logged
 
 accelerate = pytest.importorskip("accelerate")
 event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
@@ -151,6 +151,17 @@ def test_wandb_mode_disabled_drops_wandb_and_keeps_the_other_trackers(tmp_path):
     alone = Run(config, RunOptions.resolve(config, output_dir=tmp_path, wandb_mode="disabled", console=False),
                 stage="joint")
     assert not alone.accelerator.log_with and not any(isinstance(s, WandbSubscriber) for s in alone.subscribers)
+
+
+def test_a_tracker_object_in_run_options_gets_the_runs_scalars(tmp_path):
+    config = load_config("tiny")
+    mine = ListTracker()
+    run = Run(config, RunOptions.resolve(config, output_dir=tmp_path, wandb_mode="disabled", log_with=(mine,),
+                                         console=False), stage="joint")
+    with run, signals.strict():
+        signals.evaluated.send(None, stage="joint", split="valid", epoch=2, metrics={"ndcg@10": 0.25})
+    assert run.accelerator.trackers == [mine]
+    assert mine.rows == [(2, {"eval/ndcg@10": 0.25})]
 
 
 def test_log_with_option_parses_names_and_none():

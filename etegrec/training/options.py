@@ -12,13 +12,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from etegrec.config import Config, ConfigError
 from etegrec.hooks import Subscriber, resolve_subscriber
 from etegrec.hooks.wandb_mode import resolve_mode
 
 from .resume import check_resume_config, lengthened_keys, resume_checkpoint
+
+if TYPE_CHECKING:
+    from accelerate.tracking import GeneralTracker
 
 __all__ = ["RunOptions", "check_trackers"]
 
@@ -30,7 +33,8 @@ class RunOptions:
 
     output_dir: Path | None = None  # None: a new runs/<stage>-<dataset>-<time>
     wandb_mode: str = "disabled"  # online | offline | disabled, settled
-    log_with: tuple[str, ...] = ()  # Accelerate trackers, checked; "wandb" only when the mode is not disabled
+    # Accelerate trackers: names, checked, and tracker objects; "wandb" only when the mode is not disabled
+    log_with: tuple[str | GeneralTracker, ...] = ()
     subscribers: tuple[Subscriber, ...] = ()  # the user's, resolved
     resume: bool = False
     lengthened: tuple[str, ...] = ()  # LENGTHENING_KEYS a resume raises
@@ -39,8 +43,8 @@ class RunOptions:
 
     @classmethod
     def resolve(cls, config: Config, *, output_dir: str | Path | None = None, wandb_mode: str | None = None,
-                log_with: Sequence[str] = ("wandb",), subscribers: Sequence[Any] = (), resume: bool = False,
-                rebuild: bool = False, console: bool = True) -> RunOptions:
+                log_with: Sequence[str | GeneralTracker] = ("wandb",), subscribers: Sequence[Any] = (),
+                resume: bool = False, rebuild: bool = False, console: bool = True) -> RunOptions:
         """Check and settle what was asked for.
 
         Raises:
@@ -71,18 +75,21 @@ class RunOptions:
                    lengthened=tuple(lengthened), rebuild=rebuild, console=console)
 
 
-def check_trackers(names: Sequence[str]) -> tuple[str, ...]:
-    """``names`` as a tuple, once each, after checking each is an Accelerate tracker that is installed.
+def check_trackers(names: Sequence[str | GeneralTracker]) -> tuple[str | GeneralTracker, ...]:
+    """``names`` as a tuple, once each, after checking each is an Accelerate tracker that is installed;
+    a tracker object (an Accelerate ``GeneralTracker``, built by the caller) is taken as it is.
 
     Raises:
         ValueError: a name Accelerate does not know, or a tracker whose package is missing.
     """
-    from accelerate.tracking import get_available_trackers
+    from accelerate.tracking import GeneralTracker, get_available_trackers
     from accelerate.utils import LoggerType
 
     known = [t for t in LoggerType.list() if t != "all"]
     available = {str(t) for t in get_available_trackers()}
     for name in names:
+        if isinstance(name, GeneralTracker):
+            continue
         if name not in known:
             raise ValueError(f"unknown tracker {name!r} in log_with; use some of {', '.join(known)} (or none).")
         if name not in available:
