@@ -41,9 +41,12 @@ KNOWN_DATA = {"ml-100k": "e917804b1aec9c3a"}
 def stage_dir(config: Config, stage: str, sections: tuple[str, ...], data: SequenceData | str) -> Path:
     """``$ETEGREC_HOME/stages/<stage>-<dataset>-<key>``; the key hashes the given config sections and
     the digest of the prepared ``data`` (a :class:`SequenceData` or its ``digest``) the stage trains on,
-    so an edited data file never reuses a stage trained on the old content."""
+    so an edited data file never reuses a stage trained on the old content, and the same content under
+    another ``--data-path`` reuses it (the path itself is not in the key)."""
     digest = data if isinstance(data, str) else data.digest
     payload = {s: dataclasses.asdict(getattr(config, s)) for s in ("data", *sections)}
+    if payload["data"]["data_path"] is not None:  # the digest stands for the file: a copy elsewhere is the same data
+        del payload["data"]["data_path"]
     for key, neutral in ADDED_LATER.items():
         section, name = key.split(".")
         if section in payload and payload[section][name] == neutral:
