@@ -103,12 +103,6 @@ class CodeTrie:
         self.leaf_item = self.leaf_item.to(device)
         return self
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the tables."""
-        tables = sum(t.numel() * t.element_size() for t in self.next_node)
-        return tables + self.leaf_item.numel() * self.leaf_item.element_size()
-
     def allowed(self, codes: torch.Tensor) -> torch.Tensor:
         """(..., L, K) bool: at each position of the items' ``codes`` (..., L), the codes that continue
         the prefix before it towards some item (what constrained decoding lets through there).

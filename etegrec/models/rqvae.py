@@ -130,10 +130,6 @@ class RQVAE(nn.Module):
         """Sum of the chosen code vectors (batch, e_dim) for ``codes`` (batch, num_layers)."""
         return self.quantizer.codes_to_quantized(codes)
 
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Reconstruction (batch, in_dim) from codes (batch, num_layers)."""
-        return self.decode(self.codes_to_quantized(codes))
-
     def code_logits(self, latent: torch.Tensor) -> list[torch.Tensor]:
         """Per-layer code logits (negative squared distances) of latents (batch, e_dim).
 

@@ -24,7 +24,7 @@ class Alignment:
 
     def __init__(self, config: Config, tokenizer: RQVAE, item_emb: torch.Tensor, hooks: CodebookHooks) -> None:
         self.config, self.tokenizer, self.item_emb, self.hooks = config, tokenizer, item_emb, hooks
-        self._kept: tuple[tuple[int, ...], torch.Tensor] | None = None  # see catalogue()
+        self._kept: torch.Tensor | None = None  # see catalogue()
 
     def losses(self, out: RecommenderOutput, tok, target: torch.Tensor, *, train_tokenizer: bool
                ) -> dict[str, torch.Tensor]:
@@ -43,13 +43,16 @@ class Alignment:
     def catalogue(self, *, train: bool) -> torch.Tensor:
         """The tokenizer's reconstruction of every item (n_items, d), row i = item i + 1. A frozen
         tokenizer (eval mode, no gradient) gives the same rows until its weights change, so they are
-        kept until any of its parameters is written (an optimiser step or a checkpoint load bumps
-        the tensors' version counters); a training one recomputes them at every call."""
-        version = tuple(p._version for p in self.tokenizer.parameters())
+        kept until :meth:`forget` (the trainer calls it whenever it trains or loads the tokenizer);
+        a training one recomputes them at every call."""
         frozen = not train and not self.tokenizer.training
-        if frozen and self._kept is not None and self._kept[0] == version:
-            return self._kept[1]
+        if frozen and self._kept is not None:
+            return self._kept
         with torch.set_grad_enabled(train), self.hooks.pause():  # not code usage: no histogram counts it
             items = self.tokenizer(self.item_emb[1:]).recon
-        self._kept = (version, items) if frozen else None
+        self._kept = items if frozen else None
         return items
+
+    def forget(self) -> None:
+        """Drop the kept reconstructions: the tokenizer's weights changed."""
+        self._kept = None

@@ -244,6 +244,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
                                lr=self.learning_rates(), seconds=result.seconds,
                                samples_per_second=result.samples_per_second, weights=weights)
         if phase == "id":
+            self.alignment.forget()
             self.refresh_codes(epoch + 1)
 
     def validate(self, epoch: int) -> dict[str, float]:
@@ -267,6 +268,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
     def load_state_dict(self, state: dict, *, resume: bool = False) -> None:
         """The models and codes of a checkpoint (what evaluation needs); ``resume``: the optimisers too."""
         self.tokenizer.load_state_dict(state["tokenizer"])
+        self.alignment.forget()
         self.recommender.load_state_dict(state["recommender"])
         self.codes = state["codes"].to(self.run.accelerator.device)
         self.trie = CodeTrie(self.codes[1:], code_num=self.recommender.code_num).to(self.run.accelerator.device)
