@@ -262,8 +262,9 @@ class T5Recommender(CodeDecoding, nn.Module):
         window = states.shape[1]
         # each target's states <= its position, right-aligned: source column at - W + 1 + j (< 0: padding)
         source = at[:, None] + torch.arange(1 - window, 1, device=states.device)[None, :]  # (N, W)
-        mask = attention_mask[rows[:, None], source.clamp_min(0)] & (source >= 0)  # (N, W)
-        states = states[rows[:, None], source.clamp_min(0)]  # (N, W, d)
+        gather = (rows[:, None], source.clamp_min(0))  # a padding column reads column 0, masked out below
+        mask = attention_mask[gather] & (source >= 0)  # (N, W)
+        states = states[gather]  # (N, W, d)
         codes = target_codes[rows, at]  # (N, L)
         last = torch.full((self.code_length,), window - 1, device=states.device)  # the target follows it
         hidden = self.decoder(
@@ -274,7 +275,7 @@ class T5Recommender(CodeDecoding, nn.Module):
         ).last_hidden_state  # (N, L, d)
         logits = self._score(hidden)
         if self.repeat_logit is not None:  # target i's history is items <= i
-            logits = logits + self._history_bias_all(items_codes[rows[:, None], source.clamp_min(0)], mask, codes)
+            logits = logits + self._history_bias_all(items_codes[gather], mask, codes)
         weights = mask.to(states.dtype)[..., None]  # (N, W, 1)
         pooled = (states * weights).sum(dim=1) / weights.sum(dim=1)  # (N, d)
         return RecommenderOutput(
