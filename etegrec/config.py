@@ -112,6 +112,7 @@ class RecommenderConfig:
     gradient_checkpointing: bool = False  # recompute T5 activations in backward: far less memory, same gradients
     encoder_input: str = "codes"  # "codes": a token per code (paper); "items": a token per item + recency
     code_init: str = "random"  # "tokenizer": code embeddings start as the pretrained codebooks' vectors
+    item_embedding: str = "none"  # "zero" / "embed": a learned vector per history item ("items" input)
     repeat_bias: bool = False  # learn a logit offset for codes that continue a history item
 
 

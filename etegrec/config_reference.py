@@ -66,6 +66,9 @@ KEY_DOCS = {
     "recommender.encoder_input": "codes: an encoder token per code (paper); items: a token per item (its codes summed)",
     "recommender.code_init": "random (T5's init); tokenizer: each RQ level's code embeddings start as the pretrained "
                              "codebook's vectors, rescaled to T5's unit scale (needs d_model = tokenizer.e_dim)",
+    "recommender.item_embedding": "none: items are their codes only (paper); zero / embed: add a learned vector per "
+                                   "history item to its encoder token (items input), starting at zero / from the "
+                                   "SASRec stage's embeddings",
     "recommender.repeat_bias": "learn a logit offset for the codes that continue a history item",
     "joint.epochs": "joint epochs (tokenizer and recommender epochs together) at most",
     "joint.cycle": "C: each cycle is one tokenizer epoch, then C - 1 recommender epochs",

@@ -17,13 +17,14 @@ class ConfigError(ValueError):
 ENCODER_INPUTS = ("codes", "items")  # as etegrec.models.ENCODER_INPUTS (config imports no model code)
 JOINT_TARGETS = ("last", "all")
 CODE_INITS = ("random", "tokenizer")
+ITEM_EMBEDDINGS = ("none", "zero", "embed")
 CL_NEGATIVES = ("batch", "catalogue")
 FORGE_POLICIES = ("round_robin", "nearest_free")  # as etegrec.forge.POLICIES (a test keeps them equal)
 MIXED_PRECISION = ("fp32", "bf16")  # not "no": YAML reads that as False
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's and Python's generators are seeded with
 _CHOICES = {"joint.mixed_precision": MIXED_PRECISION, "recommender.encoder_input": ENCODER_INPUTS,
             "joint.forge_policy": FORGE_POLICIES, "joint.cl_negatives": CL_NEGATIVES, "joint.targets": JOINT_TARGETS,
-            "recommender.code_init": CODE_INITS}
+            "recommender.code_init": CODE_INITS, "recommender.item_embedding": ITEM_EMBEDDINGS}
 _POSITIVE = {
     "min_count", "max_his_len", "max_users", "hidden", "n_layers", "n_heads", "batch_size", "epochs", "patience",
     "eval_step", "e_dim", "num_layers", "codebook_size", "num_decoder_layers", "d_model", "d_ff", "num_heads",
@@ -72,6 +73,10 @@ def check_config(config: Any) -> None:
         raise ConfigError("config key 'joint.targets' is 'all', which needs recommender.encoder_input=items "
                           f"(got {config.recommender.encoder_input!r}): a target after every item needs one "
                           "encoder token per item")
+    if config.recommender.item_embedding != "none" and config.recommender.encoder_input != "items":
+        raise ConfigError(f"config key 'recommender.item_embedding' is {config.recommender.item_embedding!r}, which "
+                          f"needs recommender.encoder_input=items (got {config.recommender.encoder_input!r}): the "
+                          "item vectors are added to one encoder token per item")
     if config.recommender.code_init == "tokenizer" and config.recommender.d_model != config.tokenizer.e_dim:
         raise ConfigError(f"config key 'recommender.code_init' is 'tokenizer', which needs recommender.d_model "
                           f"({config.recommender.d_model}) equal to tokenizer.e_dim ({config.tokenizer.e_dim}): "

@@ -3,7 +3,8 @@
 A model fit for :func:`beam_search` has two methods (as :class:`~etegrec.models.T5Recommender`):
 
 - ``encode(history_codes, history_mask) -> (encoder_states, attention_mask)``, each with the
-  history batch B as first dimension;
+  history batch B as first dimension (and ``history_items=`` (B, H) item ids when passed to
+  :func:`beam_search`);
 - ``decode_logits(encoder_states, attention_mask, prefix_codes) -> logits`` (N, code_num) of code
   position ``t`` for ``prefix_codes`` (N, t), N a multiple G of B, row ``n`` continuing history
   ``n // G``.
@@ -141,6 +142,7 @@ def beam_search(
     history_mask: torch.Tensor,
     trie: CodeTrie,
     *,
+    history_items: torch.Tensor | None = None,
     beam_size: int = 20,
     top_k: int = 10,
     constrained: bool = True,
@@ -158,6 +160,7 @@ def beam_search(
         model: an ``encode`` / ``decode_logits`` model (see the module docstring).
         history_codes, history_mask: (B, H, L) codes and (B, H) mask (True = real item).
         trie: the :class:`CodeTrie` of the item codes (on the model's device).
+        history_items: (B, H) the history's item ids, for a model that reads them (passed to ``encode``).
         beam_size: beams kept per history at every position.
         top_k: items returned per history (at most ``beam_size`` are real).
         constrained: restrict beams to prefixes of real items.
@@ -173,7 +176,8 @@ def beam_search(
             f"top_k={top_k!r}; pass positive values."
         )
     code_num = trie.code_num
-    states, attention_mask = model.encode(history_codes, history_mask)
+    items = {} if history_items is None else {"history_items": history_items}
+    states, attention_mask = model.encode(history_codes, history_mask, **items)
     batch = states.shape[0]
     device = states.device
     if trie.leaf_item.device != device:

@@ -62,6 +62,10 @@ class T5Recommender(CodeDecoding, nn.Module):
             embeddings plus a learned recency embedding (0 = the most recent item): ``code_length``
             times fewer encoder tokens, and the order of the history is explicit.
         max_history: longest history (items) the recency embedding covers (``"items"`` input).
+        num_items: with ``"items"`` input and ``num_items > 0``, one learned vector per item (ids
+            ``1..num_items``, 0 = padding) is added to each history item's token: the encoder then
+            tells apart items whose codes are near, as an ID model does (the codes stay the only
+            output). Its calls then take the history's item ids (``history_items``).
         repeat_bias: learn one logit offset per code position for the codes that continue an item of
             the history (:meth:`history_bias`); it is part of the scores of both training and beam
             search, so the model learns how likely a repeat is (no evaluation mask).
@@ -102,6 +106,7 @@ class T5Recommender(CodeDecoding, nn.Module):
         max_history: int = 50,
         repeat_bias: bool = False,
         causal_encoder: bool = False,
+        num_items: int = 0,
     ) -> None:
         super().__init__()
         _check_positive(
@@ -114,6 +119,9 @@ class T5Recommender(CodeDecoding, nn.Module):
             raise ValueError(f"T5Recommender encoder_input={encoder_input!r} must be one of {ENCODER_INPUTS!r}.")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"T5Recommender dropout={dropout!r} must lie in [0, 1); pass e.g. 0.1.")
+        if num_items < 0 or (num_items and encoder_input != "items"):
+            raise ValueError(f"T5Recommender num_items={num_items!r} must be >= 0, and > 0 only with "
+                             "encoder_input='items' (one token per item)")
         if attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"T5Recommender attn_implementation={attn_implementation!r} must be 'sdpa' or 'eager'.")
         self.code_num = code_num
@@ -146,6 +154,10 @@ class T5Recommender(CodeDecoding, nn.Module):
             slopes = 2.0 ** -torch.arange(num_heads, dtype=torch.float32)
             self.cross_recency = nn.Parameter(-slopes[:, None] * torch.arange(max_history, dtype=torch.float32))
         self.repeat_logit = nn.Parameter(torch.zeros(code_length)) if repeat_bias else None  # (L,)
+        # per-item input vectors; zero at start, so the model starts as the codes-only one
+        self.item_embedding = nn.Embedding(num_items + 1, d_model, padding_idx=0) if num_items else None
+        if self.item_embedding is not None:
+            nn.init.zeros_(self.item_embedding.weight)
         self._history_checked = False  # see _check_history
 
     def _check_history(self, history_codes: torch.Tensor, history_mask: torch.Tensor) -> None:
@@ -159,10 +171,21 @@ class T5Recommender(CodeDecoding, nn.Module):
             check_history_values(history_codes, history_mask, code_num=self.code_num)
             self._history_checked = True
 
+    def _check_items(self, history_items: torch.Tensor | None, history_mask: torch.Tensor) -> torch.Tensor | None:
+        """``history_items`` if the model reads item ids (then they are required, shaped like the mask)."""
+        if self.item_embedding is None:
+            return None
+        if history_items is None or history_items.shape != history_mask.shape:
+            got = None if history_items is None else tuple(history_items.shape)
+            raise ValueError(f"this recommender has an item embedding: pass history_items of shape "
+                             f"{tuple(history_mask.shape)!r} (the history's item ids), got {got!r}")
+        return history_items
+
     def encode(
-        self, history_codes: torch.Tensor, history_mask: torch.Tensor
+        self, history_codes: torch.Tensor, history_mask: torch.Tensor, history_items: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode histories ``history_codes`` (B, H, L) with ``history_mask`` (B, H), True = real item.
+        """Encode histories ``history_codes`` (B, H, L) with ``history_mask`` (B, H), True = real item;
+        ``history_items`` (B, H), their item ids, when the model has an :attr:`item_embedding`.
 
         Returns:
             ``(encoder_states, attention_mask)``: (B, T, d_model) and (B, T) bool, T = H' * L (``"codes"`` input) or
@@ -176,6 +199,7 @@ class T5Recommender(CodeDecoding, nn.Module):
         """
         history_mask = history_mask.bool()
         self._check_history(history_codes, history_mask)
+        history_items = self._check_items(history_items, history_mask)
         # Items padded in every row change nothing (masked keys, relative positions): skip them.
         # host sync: the slice's start sets the encoder's input shape, so it must be on the host
         first = int(history_mask.any(dim=0).int().argmax())
@@ -194,6 +218,8 @@ class T5Recommender(CodeDecoding, nn.Module):
                 )
             attention_mask = history_mask  # (B, H)
             inputs = tokens.sum(dim=2)  # (B, H, d)
+            if self.item_embedding is not None:
+                inputs = inputs + self.item_embedding(history_items[:, first:].masked_fill(~history_mask, 0))
             if self.recency is not None:
                 inputs = inputs + self.recency(torch.arange(history - 1, -1, -1, device=codes.device))
         if self.causal_encoder:
@@ -204,7 +230,8 @@ class T5Recommender(CodeDecoding, nn.Module):
         return states, attention_mask
 
     def forward(
-        self, history_codes: torch.Tensor, history_mask: torch.Tensor, target_codes: torch.Tensor
+        self, history_codes: torch.Tensor, history_mask: torch.Tensor, target_codes: torch.Tensor,
+        history_items: torch.Tensor | None = None,
     ) -> RecommenderOutput:
         """Teacher-forced logits of ``target_codes`` (B, L) after the histories; alignment heads."""
         if target_codes.dim() != 2 or target_codes.shape[1] != self.code_length:
@@ -212,7 +239,7 @@ class T5Recommender(CodeDecoding, nn.Module):
                 f"target_codes must have shape (batch, {self.code_length}), got "
                 f"{tuple(target_codes.shape)!r}; pass the next item's code_length codes."
             )
-        states, attention_mask = self.encode(history_codes, history_mask)
+        states, attention_mask = self.encode(history_codes, history_mask, history_items)
         last = torch.full((self.code_length,), states.shape[1] - 1, device=states.device)  # the target follows it
         hidden = self.decoder(
             inputs_embeds=self._decoder_inputs(target_codes[:, :-1]),  # (B, L, d)
@@ -233,13 +260,14 @@ class T5Recommender(CodeDecoding, nn.Module):
 
     def forward_all(
         self, items_codes: torch.Tensor, items_mask: torch.Tensor, target_codes: torch.Tensor,
-        scored: torch.Tensor,
+        scored: torch.Tensor, items: torch.Tensor | None = None,
     ) -> RecommenderOutput:
         """Teacher-forced logits of the ``scored`` targets of windows (causal encoder).
 
         ``items_codes`` (B, W, L) with ``items_mask`` (B, W) are the inputs, ``target_codes``
         (B, W, L) the item that follows each of them, ``scored`` (B, W) which of those targets to
-        predict (each after a real input): target ``i`` is predicted from items ``<= i``. One causal
+        predict (each after a real input), ``items`` (B, W) the inputs' item ids when the model has an
+        :attr:`item_embedding`: target ``i`` is predicted from items ``<= i``. One causal
         encoder pass serves every target of a window; the decoder then runs once per scored target,
         on the encoder states ``<= i`` shifted so that the target follows the last one, exactly as
         :meth:`forward` decodes a lone history (the tests check it). Decoding only the scored targets
@@ -257,7 +285,8 @@ class T5Recommender(CodeDecoding, nn.Module):
         first = int(items_mask.any(dim=0).int().argmax())
         items_codes, items_mask = items_codes[:, first:], items_mask[:, first:]
         target_codes, scored = target_codes[:, first:], scored[:, first:]
-        states, attention_mask = self.encode(items_codes, items_mask)  # (B, W, d), (B, W)
+        items = None if items is None else items[:, first:]
+        states, attention_mask = self.encode(items_codes, items_mask, items)  # (B, W, d), (B, W)
         rows, at = scored.nonzero(as_tuple=True)  # (N,) each: window and position of every target
         window = states.shape[1]
         # each target's states <= its position, right-aligned: source column at - W + 1 + j (< 0: padding)

@@ -59,6 +59,11 @@ def gather_ranks(ranks: list[torch.Tensor], accelerator=None) -> np.ndarray:
     return np.concatenate(gather_object([local]))
 
 
+def items_of(recommender: T5Recommender, items: torch.Tensor) -> torch.Tensor | None:
+    """``items`` (the history's item ids) if ``recommender`` reads them, else None."""
+    return items if recommender.item_embedding is not None else None
+
+
 @torch.no_grad()
 def beam_recommend(recommender: T5Recommender, codes: torch.Tensor, trie: CodeTrie, history: np.ndarray,
                    cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +74,7 @@ def beam_recommend(recommender: T5Recommender, codes: torch.Tensor, trie: CodeTr
     items, scores = [], []
     for lo in range(0, len(history), cfg.eval_batch_size):
         h = torch.as_tensor(history[lo:lo + cfg.eval_batch_size], device=codes.device)
-        out = beam_search(recommender, codes[h], h != 0, trie, beam_size=cfg.beam_size, top_k=cfg.top_k,
+        out = beam_search(recommender, codes[h], h != 0, trie, history_items=items_of(recommender, h), beam_size=cfg.beam_size, top_k=cfg.top_k,
                           constrained=cfg.constrained, renormalize=cfg.renormalize and cfg.constrained)
         items.append(out.items)
         scores.append(out.scores)
@@ -148,6 +153,7 @@ class BeamEvaluation:
         for lo in range(0, len(target), cfg.eval_batch_size):
             h = torch.as_tensor(history[lo:lo + cfg.eval_batch_size], device=device)
             codes = self.codes[torch.as_tensor(target[lo:lo + cfg.eval_batch_size], device=device)]  # (B, L + 1)
-            logits = self._normalizable(self.recommender(self.codes[h], h != 0, codes).logits, codes)  # (B, L + 1, K)
+            out_h = self.recommender(self.codes[h], h != 0, codes, items_of(self.recommender, h))
+            logits = self._normalizable(out_h.logits, codes)  # (B, L + 1, K)
             out.append(F.cross_entropy(logits.transpose(1, 2), codes, reduction="none"))  # (B, L + 1)
         return torch.cat(out).cpu().numpy()

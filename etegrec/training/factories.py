@@ -32,10 +32,17 @@ def tokenizer_inputs(config: Config, embeddings: np.ndarray) -> np.ndarray:
     return out
 
 
-def build_recommender(config: Config, tokenizer: RQVAE, *, semantic_dim: int) -> T5Recommender:
+def build_recommender(config: Config, tokenizer: RQVAE, *, semantic_dim: int, num_items: int = 0,
+                      embeddings: np.ndarray | None = None) -> T5Recommender:
     """The T5 recommender the config describes, for ``tokenizer``'s codes (its codes plus the suffix);
-    with ``recommender.code_init: tokenizer`` its code embeddings start from the tokenizer's codebooks."""
+    with ``recommender.code_init: tokenizer`` its code embeddings start from the tokenizer's codebooks.
+
+    With ``recommender.item_embedding`` other than ``none`` it keeps a vector per item of ``num_items``
+    (required then); ``embed`` starts them from the SASRec stage's ``embeddings`` [num_items + 1, d]
+    (when given; a loaded run's checkpoint holds them anyway)."""
     r, cfg = config.recommender, config.joint
+    if r.item_embedding != "none" and num_items < 1:
+        raise ValueError(f"recommender.item_embedding={r.item_embedding!r} needs the catalogue size: pass num_items")
     model = T5Recommender(
         code_num=tokenizer.codebook_size, code_length=tokenizer.code_length + 1,
         num_layers=r.num_layers, num_decoder_layers=r.num_decoder_layers, d_model=r.d_model, d_ff=r.d_ff,
@@ -44,10 +51,28 @@ def build_recommender(config: Config, tokenizer: RQVAE, *, semantic_dim: int) ->
         gradient_checkpointing=r.gradient_checkpointing, encoder_input=r.encoder_input,
         max_history=config.data.max_his_len, repeat_bias=r.repeat_bias, causal_encoder=cfg.targets == "all",
         # under bf16 autocast SDPA falls back to an fp32 path on CPU; plain attention is ~1.7x faster
-        attn_implementation="eager" if cfg.mixed_precision == "bf16" else "sdpa")
+        attn_implementation="eager" if cfg.mixed_precision == "bf16" else "sdpa",
+        num_items=num_items if r.item_embedding != "none" else 0)
     if r.code_init == "tokenizer":
         init_codes_from_codebooks(model, tokenizer)
+    if r.item_embedding == "embed" and embeddings is not None:
+        init_items_from_embeddings(model, embeddings)
     return model
+
+
+@torch.no_grad()
+def init_items_from_embeddings(model: T5Recommender, embeddings: np.ndarray) -> None:
+    """Start the item vectors as the SASRec stage's item embeddings [n_items + 1, d] projected on
+    their ``d_model`` principal directions (all of them when d <= d_model) and scaled to unit std per
+    item row, T5's init scale; row 0 (padding) stays zero."""
+    items = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)[1:])
+    items = items - items.mean(dim=0)
+    width = model.item_embedding.weight.shape[1]
+    _, _, v = torch.linalg.svd(items, full_matrices=False)  # v: (min(n, d), d) directions, largest first
+    projected = items @ v[:width].T  # (n, min(width, d))
+    projected = projected / projected.std().clamp_min(1e-8)
+    model.item_embedding.weight.zero_()
+    model.item_embedding.weight[1:, : projected.shape[1]] = projected
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from etegrec.models import CodeTrie, RecommenderOutput, code_loss, window_target
 
 from .alignment import Alignment
 from .embed import make_windows
-from .evaluation import BeamEvaluation, check_same_on_every_rank
+from .evaluation import BeamEvaluation, check_same_on_every_rank, items_of
 from .factories import build_recommender, build_tokenizer, tokenizer_inputs
 from .fit import LoopPosition, StageTrainer, fit_stage
 from .loop import EpochProgress, shuffled_batches, train_epoch
@@ -63,7 +63,8 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         self.item_emb = torch.as_tensor(tokenizer_inputs(config, embeddings), device=device)  # (n_items + 1, d)
         self.tokenizer = build_tokenizer(config, self.item_emb.shape[1]).to(device)
         self.tokenizer.load_state_dict(tokenizer_state)
-        self.recommender = build_recommender(config, self.tokenizer, semantic_dim=self.item_emb.shape[1]).to(device)
+        self.recommender = build_recommender(config, self.tokenizer, semantic_dim=self.item_emb.shape[1],
+                                             num_items=data.n_items, embeddings=embeddings).to(device)
         self._samples(epoch=0)
         self.opt_id = torch.optim.AdamW(self.tokenizer.parameters(), lr=cfg.lr_id, weight_decay=cfg.weight_decay)
         self.opt_rec = torch.optim.AdamW(self._rec_param_groups(), lr=cfg.lr_rec, weight_decay=cfg.weight_decay)
@@ -186,9 +187,13 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         """The recommender's outputs for the samples ``idx`` and their target items (N,), one row per target."""
         if self.config.joint.targets == "last":
             history, target = self.history[idx], self.target[idx]  # (B, H), (B,)
-            return self.recommender(self.codes[history], history != 0, self.codes[target]), target
+            out = self.recommender(self.codes[history], history != 0, self.codes[target],
+                                   items_of(self.recommender, history))
+            return out, target
         inputs, targets, scored = window_targets(self.windows[idx], self.counted[idx])  # (B, W) each
-        return self.recommender.forward_all(self.codes[inputs], inputs != 0, self.codes[targets], scored), targets[scored]
+        out = self.recommender.forward_all(self.codes[inputs], inputs != 0, self.codes[targets], scored,
+                                           items_of(self.recommender, inputs))
+        return out, targets[scored]
 
     def _normalizable(self, logits: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
         """With ``joint.renormalize``, the logits (N, L, K) of codes that lead to no item after the

@@ -117,7 +117,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Trai
     try:
         tokenizer = build_tokenizer(config, config.embed.hidden)
         tokenizer.load_state_dict(state["tokenizer"])
-        recommender = build_recommender(config, tokenizer, semantic_dim=config.embed.hidden)
+        recommender = build_recommender(config, tokenizer, semantic_dim=config.embed.hidden, num_items=len(item_ids))
         recommender.load_state_dict(state["recommender"])
     except (RuntimeError, KeyError) as exc:  # the models the config builds are not the checkpoint's
         first = " ".join(str(exc).split())[:160]
