@@ -295,3 +295,67 @@ def test_code_init_tokenizer_needs_d_model_equal_to_the_code_width() -> None:
 
     with pytest.raises(ConfigError, match=r"recommender\.d_model \(32\) equal to tokenizer\.e_dim \(16\)"):
         load_config("tiny", ["recommender.code_init=tokenizer"])
+
+
+def _with_item_vectors(**overrides: object) -> T5Recommender:
+    model = tiny_model(encoder_input="items", max_history=6, num_items=9, **overrides).eval()
+    with torch.no_grad():
+        model.item_embedding.weight[1:] = torch.randn(9, 16, generator=torch.Generator().manual_seed(3))
+    return model
+
+
+def test_item_vectors_tell_apart_items_with_the_same_codes() -> None:
+    model = _with_item_vectors()
+    codes, mask, target = batch(size=2)
+    mask[:] = True
+    codes[1] = codes[0]  # two histories of the same codes ...
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5]])  # ... but another last item
+    with torch.no_grad():
+        out = model(codes, mask, target[[0, 0]], ids).logits
+        assert not torch.allclose(out[0], out[1], atol=1e-4)
+        model.item_embedding.weight.zero_()  # zero vectors (the "zero" init): the codes-only model
+        plain = tiny_model(encoder_input="items", max_history=6).eval()
+        torch.testing.assert_close(model(codes, mask, target[[0, 0]], ids).logits, plain(codes, mask, target[[0, 0]]).logits)
+    with pytest.raises(ValueError, match=r"pass history_items of shape \(2, 4\)"):
+        model(codes, mask, target)
+    with pytest.raises(ValueError, match="only with encoder_input='items'"):
+        tiny_model(num_items=9)
+
+
+def test_forward_all_and_beam_search_read_the_item_ids_as_forward_does() -> None:
+    from etegrec.models import CodeTrie, beam_search
+
+    model = _with_item_vectors(causal_encoder=True)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.tensor([[0, 0, 4, 7, 2], [1, 3, 9, 5, 6]])
+    table = torch.randint(0, CODE_NUM, (10, CODE_LEN), generator=gen)
+    mask, scored = ids != 0, ids != 0
+    targets = torch.cat([ids[:, 1:], torch.tensor([[8], [8]])], dim=1)
+    with torch.no_grad():
+        out = model.forward_all(table[ids], mask, table[targets], scored, ids)
+        for n, (row, i) in enumerate(scored.nonzero().tolist()):
+            h = ids[[row], : i + 1]
+            one = model(table[h], h != 0, table[targets[[row], i]], h)
+            torch.testing.assert_close(out.logits[n], one.logits[0], rtol=1e-4, atol=1e-5)
+        trie = CodeTrie(table[1:], code_num=CODE_NUM)
+        found = beam_search(model, table[ids], mask, trie, history_items=ids, beam_size=4, top_k=2)
+        other = beam_search(model, table[ids], mask, trie, history_items=ids.roll(1, dims=1) * mask, beam_size=4, top_k=2)
+    assert not torch.equal(found.scores, other.scores)  # the ids reach the encoder
+
+
+def test_item_vectors_start_from_the_embed_stages_geometry() -> None:
+    from etegrec.config import ConfigError, load_config
+    from etegrec.training.factories import build_recommender, build_tokenizer
+
+    config = load_config("tiny", ["recommender.encoder_input=items", "recommender.item_embedding=embed"])
+    emb = torch.randn(13, 8, generator=torch.Generator().manual_seed(4)).numpy()  # 12 items + padding, d 8
+    torch.manual_seed(0)
+    model = build_recommender(config, build_tokenizer(config, in_dim=8), semantic_dim=8, num_items=12, embeddings=emb)
+    table = model.item_embedding.weight.detach()
+    assert table.shape == (13, config.recommender.d_model) and not table[0].any()
+    assert abs(float(table[1:, :8].std()) - 1.0) < 1e-4 and not table[:, 8:].any()  # d 8 < d_model: the rest zero
+    centred = torch.as_tensor(emb[1:]) - torch.as_tensor(emb[1:]).mean(0)
+    gram, got = centred @ centred.T, table[1:] @ table[1:].T  # a rotation and one scale: inner products kept
+    torch.testing.assert_close(got / got[0, 0], gram / gram[0, 0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="item_embedding' is 'zero', which needs recommender.encoder_input=items"):
+        load_config("tiny", ["recommender.encoder_input=codes", "recommender.item_embedding=zero"])

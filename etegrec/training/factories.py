@@ -63,8 +63,8 @@ def build_recommender(config: Config, tokenizer: RQVAE, *, semantic_dim: int, nu
 @torch.no_grad()
 def init_items_from_embeddings(model: T5Recommender, embeddings: np.ndarray) -> None:
     """Start the item vectors as the SASRec stage's item embeddings [n_items + 1, d] projected on
-    their ``d_model`` principal directions (all of them when d <= d_model) and scaled to unit std per
-    item row, T5's init scale; row 0 (padding) stays zero."""
+    their ``d_model`` principal directions (all d of them when d <= d_model, the other columns zero),
+    scaled to unit std (T5's init scale); row 0 (padding) stays zero."""
     items = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)[1:])
     items = items - items.mean(dim=0)
     width = model.item_embedding.weight.shape[1]
