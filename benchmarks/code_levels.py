@@ -1,0 +1,117 @@
+"""Where a joint run loses against its own SASRec stage: choosing an item's first code, or choosing inside it.
+
+    python benchmarks/code_levels.py RUN_DIR [RUN_DIR ...] [--users 2000] [--split valid]
+
+Generative retrieval picks an item code by code: first ``c0`` among all first codes, then ``c1`` among
+the codes that follow the chosen ``c0``, and so on. For every level ``p`` and every evaluated user this
+ranks the target's code ``c_p`` among the codes that exist after the target's true prefix ``c_<p``, as
+scored by
+
+* the run's recommender: its teacher-forced code logits after the true prefix;
+* the SASRec stage the run was built on (found in the stage cache of ``$ETEGREC_HOME``): the
+  log-sum-exp of its item scores over the items under each candidate code, i.e. the probability
+  SASRec gives that code;
+* popularity: the training interactions of the items under each candidate code;
+
+and prints MRR and hit@1 / hit@5 per level. A level where SASRec beats the recommender is where the
+recommender's scores lose items that an ID model finds; a level where SASRec is no better than
+popularity is one the collaborative signal cannot resolve (the codes there split items that look the
+same to SASRec). The users are the fixed validation subsample of ``joint.valid_users`` (or ``--users``).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import etegrec
+from etegrec.models.sasrec import SASRec
+from etegrec.training.checkpoint import read_checkpoint
+from etegrec.training.evaluation import items_of, validation_subsample
+from etegrec.training.stages import load_stage_data, stage_dir
+
+
+def group_scores(item_scores: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """(n, n_groups) log-sum-exp of ``item_scores`` (n, n_items) over the items of each group."""
+    top = item_scores.max(axis=1, keepdims=True)
+    mass = np.zeros((len(item_scores), n_groups))
+    np.add.at(mass.T, groups, np.exp(item_scores - top).T)
+    with np.errstate(divide="ignore"):
+        return np.log(mass) + top
+
+
+def ranks(scores: np.ndarray, target: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """1-based rank of column ``target[u]`` among the ``candidates[u]`` columns of ``scores`` (ties: optimistic)."""
+    own = scores[np.arange(len(target)), target][:, None]
+    return 1 + ((scores > own) & candidates).sum(axis=1)
+
+
+def summary(r: np.ndarray) -> str:
+    return f"MRR {np.mean(1.0 / r):.4f}  hit@1 {np.mean(r == 1):.4f}  hit@5 {np.mean(r <= 5):.4f}"
+
+
+@torch.no_grad()
+def levels(run_dir: Path, users: int | None, split: str) -> None:
+    torch.set_num_threads(1)
+    run = etegrec.load_run(run_dir)
+    config = run.config
+    data = load_stage_data(config)
+    # the run's own item ids: data item n + 1 is run item perm[n] + 1
+    perm = np.array([run.index_of[raw] - 1 for raw in data.item_map])
+    codes = run.codes[1:].cpu().numpy()[perm]  # (n_items, L) codes of data items 1..n
+    history, target = data.split(split)
+    history, target = validation_subsample(history, target, config.joint.valid_users if users is None else users)
+    cfg = config.embed
+    sasrec = SASRec(n_items=data.n_items, hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                    dropout=cfg.dropout, max_len=data.max_his_len, tied_output=cfg.tied_output,
+                    repeat_bias=cfg.repeat_bias)
+    embed_dir = stage_dir(config, "embed", ("embed",), data)
+    sasrec.load_state_dict(read_checkpoint(embed_dir / "checkpoints" / "best.pt", stage="embed")["model"])
+    sasrec.eval()
+    to_run = torch.as_tensor(np.concatenate([[0], perm + 1]))
+    sas, gen = [], []
+    for lo in range(0, len(target), 256):
+        h = torch.as_tensor(history[lo:lo + 256])
+        sas.append(sasrec.score(h).log_softmax(-1)[:, 1:].double())
+        h_run = to_run[h]
+        t_codes = run.codes[to_run[torch.as_tensor(target[lo:lo + 256])]]
+        out = run.recommender(run.codes[h_run], h_run != 0, t_codes, items_of(run.recommender, h_run))
+        gen.append(out.logits.log_softmax(-1).double())
+    sas_scores, gen_logits = torch.cat(sas).numpy(), torch.cat(gen).numpy()  # (n, n_items), (n, L, K)
+    _, train_target = data.train_samples()
+    popularity = np.log(np.bincount(train_target, minlength=data.n_items + 1)[1:] + 1.0)[None, :]
+    rows = codes[target - 1]  # (n, L)
+    print(f"{run_dir} ({len(target)} {split} users)")
+    for level in range(codes.shape[1]):
+        # groups = distinct prefixes c_<=level; candidates = groups whose c_<level is the target's
+        prefixes, group = np.unique(codes[:, : level + 1], axis=0, return_inverse=True)
+        group = group.reshape(-1)
+        parent = np.unique(prefixes[:, :level], axis=0, return_inverse=True)[1].reshape(-1)  # (G,)
+        target_group = group[target - 1]
+        candidates = parent[None, :] == parent[target_group][:, None]  # (n, G)
+        if candidates.sum(axis=1).mean() <= 1.0:
+            break  # nothing left to choose
+        # the recommender scores codes: map each group to its code at this level
+        gen_scores = gen_logits[:, level, :][:, prefixes[:, level]]  # (n, G)
+        print(f"  level {level}: {candidates.sum(axis=1).mean():.1f} candidate codes on average")
+        for name, scores in (("recommender", gen_scores),
+                             ("SASRec", group_scores(sas_scores, group, len(prefixes))),
+                             ("popularity", group_scores(popularity, group, len(prefixes)))):
+            scores = np.broadcast_to(scores, candidates.shape)
+            print(f"    {name:<12} {summary(ranks(scores, target_group, candidates))}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished joint run directories")
+    parser.add_argument("--users", type=int, default=None, help="evaluated users (default: joint.valid_users)")
+    parser.add_argument("--split", default="valid", choices=("valid", "test"))
+    args = parser.parse_args()
+    for run_dir in args.runs:
+        levels(run_dir, args.users, args.split)
+
+
+if __name__ == "__main__":
+    main()

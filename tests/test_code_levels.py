@@ -1,0 +1,33 @@
+"""benchmarks/code_levels.py: the per-level ranks of a target code, checked on scores whose answer is known."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "code_levels.py"
+
+
+@pytest.fixture(scope="module")
+def levels():
+    spec = importlib.util.spec_from_file_location("code_levels_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_group_scores_the_log_of_its_items_summed_probability(levels) -> None:
+    item_scores = np.log(np.array([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]]))
+    groups = np.array([0, 1, 1, 0])  # group 0: items 0 and 3; group 1: items 1 and 2
+    got = np.exp(levels.group_scores(item_scores, groups, 2))
+    np.testing.assert_allclose(got, [[0.5, 0.5], [0.8, 0.2]])
+    assert levels.group_scores(item_scores, np.array([0, 0, 0, 0]), 2)[0, 1] == -np.inf  # an empty group
+
+
+def test_a_target_is_ranked_among_its_candidates_only(levels) -> None:
+    scores = np.array([[0.9, 0.5, 0.7, 0.1], [0.2, 0.8, 0.8, 0.3]])
+    candidates = np.array([[False, True, True, True], [True, True, True, True]])
+    ranks = levels.ranks(scores, np.array([1, 2]), candidates)
+    assert ranks.tolist() == [2, 1]  # row 0: 0.9 is no candidate, 0.7 is; row 1: a tie counts for the target
