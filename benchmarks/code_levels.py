@@ -13,7 +13,9 @@ scored by
   SASRec gives that code;
 * popularity: the training interactions of the items under each candidate code;
 
-and prints MRR and hit@1 / hit@5 per level. A level where SASRec beats the recommender is where the
+and prints MRR and hit@1 / hit@5 per level. Then, on the same users, the items themselves: NDCG@10 of the
+recommender's beam search and of SASRec's full ranking, and how popular (training interactions) the items
+each puts in its top 10 are, and the targets each finds that the other misses. A level where SASRec beats the recommender is where the
 recommender's scores lose items that an ID model finds; a level where SASRec is no better than
 popularity is one the collaborative signal cannot resolve (the codes there split items that look the
 same to SASRec). The users are the fixed validation subsample of ``joint.valid_users`` (or ``--users``).
@@ -29,7 +31,8 @@ import torch
 import etegrec
 from etegrec.models.sasrec import SASRec
 from etegrec.training.checkpoint import read_checkpoint
-from etegrec.training.evaluation import items_of, validation_subsample
+from etegrec.metrics import ranking_metrics
+from etegrec.training.evaluation import beam_recommend, items_of, validation_subsample
 from etegrec.training.stages import load_stage_data, stage_dir
 
 
@@ -101,6 +104,30 @@ def levels(run_dir: Path, users: int | None, split: str) -> None:
                              ("popularity", group_scores(popularity, group, len(prefixes)))):
             scores = np.broadcast_to(scores, candidates.shape)
             print(f"    {name:<12} {summary(ranks(scores, target_group, candidates))}")
+    items(run, sas_scores, to_run, history, target, np.exp(popularity[0]) - 1.0)
+
+
+def items(run, sas_scores: np.ndarray, to_run: torch.Tensor, history: np.ndarray, target: np.ndarray,
+          count: np.ndarray) -> None:
+    """Item-level top 10 of both models on the same users, and the popularity of what each finds."""
+    found, _ = beam_recommend(run.recommender, run.codes, run.trie, to_run[torch.as_tensor(history)].numpy(),
+                              run.config.joint)
+    from_run = np.zeros(len(to_run), dtype=np.int64)
+    from_run[to_run.numpy()] = np.arange(len(to_run))  # run item id -> data item id
+    generated = np.where(found.numpy() > 0, from_run[found.clamp_min(0).numpy()], 0)[:, :10]  # (n, 10) data ids
+    hit = generated == target[:, None]
+    gen_rank = np.where(hit.any(1), hit.argmax(1) + 1, 0)
+    sas_rank = 1 + (sas_scores > sas_scores[np.arange(len(target)), target - 1][:, None]).sum(1)
+    sas_rank = np.where(sas_rank <= 10, sas_rank, 0)
+    sas_top = np.argsort(-sas_scores, axis=1)[:, :10]  # data ids - 1
+    print(f"  items: NDCG@10 recommender {ranking_metrics(gen_rank)['ndcg@10']:.4f}, "
+          f"SASRec {ranking_metrics(sas_rank)['ndcg@10']:.4f}")
+    print(f"    median training interactions of the top 10: recommender "
+          f"{np.median(count[generated[generated > 0] - 1]):.0f}, SASRec {np.median(count[sas_top]):.0f}, "
+          f"of the targets {np.median(count[target - 1]):.0f}")
+    for name, only in (("recommender", (gen_rank > 0) & (sas_rank == 0)), ("SASRec", (sas_rank > 0) & (gen_rank == 0))):
+        print(f"    targets in the {name}'s top 10 only: {int(only.sum())}, median training interactions "
+              f"{np.median(count[target[only] - 1]) if only.any() else float('nan'):.0f}")
 
 
 def main() -> None:
