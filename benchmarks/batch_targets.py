@@ -21,7 +21,7 @@ from etegrec.config import load_config
 from etegrec.models import window_targets
 from etegrec.training.embed import make_windows
 from etegrec.training.loop import shuffled_batches
-from etegrec.training.stages import load_stage_data
+from etegrec.training.cache import load_stage_data
 
 
 def main(argv: list[str] | None = None) -> int:

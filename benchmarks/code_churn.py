@@ -30,8 +30,10 @@ from etegrec.config import load_config
 from etegrec.forge import get_code
 from etegrec.training.embed import make_windows
 from etegrec.training.factories import build_tokenizer, tokenizer_inputs
-from etegrec.training.pipeline import ensure_embeddings, ensure_tokenizer
-from etegrec.training.stages import load_stage_data
+from etegrec.training.embed import EMBED
+from etegrec.training.pipeline import ensure
+from etegrec.training.rqvae import RQVAE
+from etegrec.training.cache import load_stage_data
 
 NEAR = (1.05, 1.2)  # "within 5% / 20% of the nearest"
 
@@ -78,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, [f"run.seed={args.seed}"])
     data = load_stage_data(config)
     accelerator = Accelerator(cpu=True)
-    embeddings, _ = ensure_embeddings(config, data, accelerator)
-    state, _ = ensure_tokenizer(config, embeddings, accelerator, data)
+    embeddings, state = (ensure(stage, config, data, accelerator) for stage in (EMBED, RQVAE))
     items = torch.as_tensor(tokenizer_inputs(config, embeddings))  # (n_items + 1, d), row 0 padding
     sequences = data.train_sequences()
     targets = np.concatenate([seq[1:] for seq in sequences])  # every training target

@@ -28,9 +28,9 @@ from etegrec import signals
 from etegrec.config import load_config
 from etegrec.hooks import ConsoleSubscriber, EventLog
 from etegrec.hooks.codebook import CodebookHooks
-from etegrec.hooks.wandb import PRETRAIN_PROJECT, WandbSubscriber
+from etegrec.hooks.wandb import WandbSubscriber
 from etegrec.training.loop import shuffled_batches, train_epoch
-from etegrec.training.rqvae import RQVAETrainer
+from etegrec.training.rqvae import RQVAE, RQVAETrainer
 from etegrec.training.options import RunOptions
 from etegrec.training.run import Run
 
@@ -74,14 +74,14 @@ def main() -> None:
            else np.random.default_rng(0).normal(size=(1350, 256)).astype(np.float32))
     config = load_config("ml-100k")
     with tempfile.TemporaryDirectory() as tmp:
-        run = Run(config, RunOptions(output_dir=Path(tmp), console=False), stage="rqvae")
+        run = Run(config, RunOptions(output_dir=Path(tmp), console=False), stage=RQVAE)
         trainer = RQVAETrainer(config, run, emb)
         from accelerate import Accelerator
         wandb_acc = Accelerator(cpu=not torch.cuda.is_available(), log_with="wandb")  # the device Run picked
         attach = set(args.attach.split(","))
         available = {"eventlog": lambda: EventLog(Path(tmp) / "events.jsonl"),
                      "console": lambda: ConsoleSubscriber(file=io.StringIO()),
-                     "wandb": lambda: WandbSubscriber(accelerator=wandb_acc, project=PRETRAIN_PROJECT,
+                     "wandb": lambda: WandbSubscriber(accelerator=wandb_acc, project=RQVAE.project,
                                                       run_name="overhead", config=config.to_dict(), run_dir=tmp,
                                                       stage="rqvae", mode="offline")}
         subscribers = [make() for name, make in available.items() if name in attach]

@@ -16,7 +16,7 @@ import etegrec
 from conftest import tiny_command
 from etegrec.config import load_config
 from etegrec.metrics import ranking_metrics
-from etegrec.training.stages import load_stage_data
+from etegrec.training.cache import load_stage_data
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from etegrec import signals
 from etegrec.config import load_config
 from etegrec.training import joint
 from etegrec.training.rundir import default_run_dir, hold_run_dir
-from etegrec.training.stages import load_stage_data, stage_dir
+from etegrec.training.cache import load_stage_data, stage_dir
+from etegrec.training.embed import EMBED
 
 TINY = ["--config", "tiny", "--wandb-mode", "disabled", "--set", "embed.epochs=1", "--set", "rqvae.epochs=2",
         "--set", "joint.epochs=2", "--set", "joint.finetune_epochs=0", "--set", "data.max_users=null"]
@@ -62,12 +63,12 @@ def test_the_cache_key_follows_the_prepared_content_not_the_path(tmp_path):
     for path in (a, b):
         config = load_config("tiny", [f"data.data_path={path}", "data.dataset=walk"])
         data = load_stage_data(config)
-        keys.append(stage_dir(config, "embed", ("embed",), data))
+        keys.append(stage_dir(config, EMBED, data))
     assert keys[0] == keys[1]
     _reverse_timestamps(b)
     config = load_config("tiny", [f"data.data_path={b}", "data.dataset=walk"])
     data = load_stage_data(config)
-    assert stage_dir(config, "embed", ("embed",), data) != keys[0]
+    assert stage_dir(config, EMBED, data) != keys[0]
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):

@@ -16,20 +16,20 @@ import torch
 
 from etegrec import signals
 from etegrec.config import Config
-from etegrec.data import SequenceData
+from etegrec.data import DataError, SequenceData
+from etegrec.hooks.wandb_rows import KeyMap, phase_loss_key
 from etegrec.models import SASRec
 
 from .cli import stage_main
 from .evaluation import evaluate_full_ranking
-from .fit import StageTrainer, fit_stage
+from .fit import StageTrainer
 from .loop import EpochProgress, shuffled_batches, train_epoch
-from .options import RunOptions
-from .run import Run, prepare_process
+from .run import Run
 from .rundir import atomic_write_bytes, atomic_write_text
-from .stages import load_stage_data
+from .stage import Stage
 from .stopping import EarlyStopping
 
-__all__ = ["EmbedTrainer", "main", "make_windows", "run_embed"]
+__all__ = ["EMBED", "EmbedTrainer", "load_embeddings", "main", "make_windows"]
 
 REPEAT_BIAS_LR = 0.05  # learning rate of SASRec's repeat bias (embed.repeat_bias)
 
@@ -65,8 +65,6 @@ def make_windows(sequences: list[np.ndarray], length: int, stride: int | None = 
 
 class EmbedTrainer(StageTrainer):
     """Trains SASRec on one dataset and reports through the signals."""
-
-    stage = "embed"
 
     def __init__(self, config: Config, run: Run, data: SequenceData) -> None:
         self.config, self.run, self.data = config, run, data
@@ -111,7 +109,7 @@ class EmbedTrainer(StageTrainer):
     # --- what fit_stage asks for ----------------------------------------------------------------
 
     def segments(self) -> list[list[str]]:
-        return [["embed"] * self.config.embed.epochs]
+        return [[self.stage] * self.config.embed.epochs]
 
     def begin(self, resumed: bool) -> None:
         self.model.train()
@@ -150,9 +148,6 @@ class EmbedTrainer(StageTrainer):
             save_embeddings(self.run.run_dir, self.sasrec.item_embeddings().detach().cpu().numpy(), self.data)
         return {"valid": self.stopping.best_metrics, "test": test, "best_epoch": self.stopping.best_epoch}
 
-    def fit(self) -> dict[str, dict[str, float]]:
-        return fit_stage(self, self.run)
-
 
 def save_embeddings(run_dir: Path, embeddings: np.ndarray, data: SequenceData) -> None:
     """``embeddings.npy`` ``[n_items + 1, d]`` and ``item_map.json`` (row i = item i = item_map[i-1])."""
@@ -163,19 +158,33 @@ def save_embeddings(run_dir: Path, embeddings: np.ndarray, data: SequenceData) -
     atomic_write_text(run_dir / "item_map.json", json.dumps({"dataset": data.name, "items": list(data.item_map)}))
 
 
-def run_embed(config: Config, options: RunOptions | None = None, **option_args):
-    """Train SASRec and write its embeddings into its own run directory; ``options`` (or the
-    arguments of :meth:`RunOptions.resolve`) say how it runs (``rebuild`` changes nothing here: no
-    stage comes before this one)."""
-    options = options or RunOptions.resolve(config, **option_args)
-    prepare_process(config)
-    data = load_stage_data(config)
-    with Run(config, options, stage="embed", data_digest=data.digest) as run:
-        return EmbedTrainer(config, run, data).fit()
+def load_embeddings(run_dir: Path, data: SequenceData) -> np.ndarray:
+    """Read ``embeddings.npy`` of an embed run and check it matches ``data``'s items.
+
+    Raises:
+        DataError: missing file or a row count that does not match the item map.
+    """
+    path = Path(run_dir) / "embeddings.npy"
+    if not path.exists():
+        raise DataError(f"item embeddings {str(path)!r} do not exist; run python -m {EMBED.command} first")
+    emb = np.load(path)
+    if emb.ndim != 2 or emb.shape[0] != data.n_items + 1:
+        raise DataError(f"item embeddings {str(path)!r} have shape {emb.shape}, expected "
+                        f"[{data.n_items + 1}, d] for {data.n_items} items plus the padding row; "
+                        "they were made for other data: delete them to rebuild")
+    return emb
+
+
+EMBED = Stage(
+    name="embed", command="etegrec.training.embed", label="item embeddings",
+    summary="SASRec on the training split: the item embeddings embeddings.npy (and the SASRec baseline's metrics)",
+    sections=("embed",), trainer=EmbedTrainer,
+    produces="embeddings.npy", load=lambda run_dir, config, data: load_embeddings(run_dir, data),
+    project="ETEGRec-Embed", key_map=KeyMap(loss_key=phase_loss_key, split_prefix={"valid": "val", "test": "test"}))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("python -m etegrec.training.embed", __doc__, run_embed, argv)
+    return stage_main(EMBED, argv)
 
 
 if __name__ == "__main__":

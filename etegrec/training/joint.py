@@ -12,17 +12,27 @@ from __future__ import annotations
 
 import sys
 
+from etegrec.hooks.wandb_rows import KeyMap, phase_loss_key
+
 from .cli import stage_main
+from .embed import EMBED
 from .evaluation import beam_recommend
 from .factories import build_recommender
 from .joint_trainer import JointTrainer, phase_of
-from .pipeline import print_summary, run_joint
+from .rqvae import RQVAE
+from .stage import Stage
 
-__all__ = ["JointTrainer", "beam_recommend", "build_recommender", "main", "phase_of", "print_summary", "run_joint"]
+__all__ = ["JOINT", "JointTrainer", "beam_recommend", "build_recommender", "main", "phase_of"]
+
+JOINT = Stage(
+    name="joint", command="etegrec.training.joint", label="joint",
+    summary="ETEGRec joint training of the tokenizer and the T5 recommender, the main job (builds what it needs)",
+    sections=("recommender", "joint"), needs=(EMBED, RQVAE), trainer=JointTrainer, project="ETEGRec-Joint",
+    key_map=KeyMap(loss_key=phase_loss_key, split_prefix={"valid": "eval", "test": "test"}), recommends=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("python -m etegrec.training.joint", __doc__, run_joint, argv)
+    return stage_main(JOINT, argv)
 
 
 if __name__ == "__main__":

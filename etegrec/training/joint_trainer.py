@@ -29,7 +29,7 @@ from .alignment import Alignment
 from .embed import make_windows
 from .evaluation import BeamEvaluation, check_same_on_every_rank, items_of
 from .factories import build_recommender, build_tokenizer, tokenizer_inputs
-from .fit import LoopPosition, StageTrainer, fit_stage
+from .fit import LoopPosition, StageTrainer
 from .loop import EpochProgress, shuffled_batches, train_epoch
 from .probing import Prober
 from .run import Run
@@ -52,8 +52,6 @@ def phase_of(epoch: int, cycle: int, train_tokenizer: bool = True) -> str:
 
 class JointTrainer(BeamEvaluation, StageTrainer):
     """ETEGRec's alternating optimisation; talks only through the signals."""
-
-    stage = "joint"
 
     def __init__(self, config: Config, run: Run, data: SequenceData, embeddings: np.ndarray,
                  tokenizer_state: dict) -> None:
@@ -289,6 +287,3 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         signals.evaluated.send(self, stage=self.stage, split="test", epoch=self.stopping.best_epoch, metrics=test)
         return {"valid": self.stopping.best_metrics, "test": test, "best_epoch": self.stopping.best_epoch,
                 "best_checkpoint": str(self.run.checkpoint_dir / "best.pt")}
-
-    def fit(self) -> dict[str, dict[str, float]]:
-        return fit_stage(self, self.run)

@@ -20,7 +20,7 @@ from etegrec.hooks.codebook import CodebookHooks
 from etegrec.models import RQVAE
 
 from .factories import build_tokenizer, tokenizer_inputs
-from .fit import StageTrainer, fit_stage
+from .fit import StageTrainer
 from .loop import EpochProgress, shuffled_batches, train_epoch
 from .run import Run
 from .stopping import EarlyStopping
@@ -49,7 +49,6 @@ def code_quality(codes: np.ndarray, codebook_sizes: list[int]) -> dict[str, floa
 class RQVAETrainer(StageTrainer):
     """Pretrains the tokenizer on fixed item embeddings and reports through the signals."""
 
-    stage = "rqvae"
     save_last = "evaluation"  # hundreds of sub-second epochs: a checkpoint at every evaluation
     epoch_bar = True
 
@@ -83,7 +82,7 @@ class RQVAETrainer(StageTrainer):
     # --- what fit_stage asks for ----------------------------------------------------------------
 
     def segments(self) -> list[list[str]]:
-        return [["rqvae"] * self.config.rqvae.epochs]
+        return [[self.stage] * self.config.rqvae.epochs]
 
     def train_one_epoch(self, epoch: int, phase: str, progress: EpochProgress | None) -> None:
         cfg, acc = self.config.rqvae, self.run.accelerator
@@ -125,6 +124,3 @@ class RQVAETrainer(StageTrainer):
             suffixed = assign_codes(np.asarray(best["codes"]), self.tokenizer.codebook_size, use_forge=False).codes
             self.run.write_item_codes(suffixed, self.item_ids)
         return {"valid": self.stopping.best_metrics, "best_checkpoint": str(best_path)}
-
-    def fit(self) -> dict[str, dict[str, float]]:
-        return fit_stage(self, self.run)

@@ -21,6 +21,7 @@ from .checkpoint import read_checkpoint
 from .evaluation import beam_recommend
 from .factories import build_recommender, build_tokenizer
 from .item_codes import read_item_codes
+from .joint import JOINT
 
 __all__ = ["TrainedRun", "load_run", "read_item_codes"]
 
@@ -109,7 +110,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Trai
             raise ConfigError(f"{str(run_dir / name)!r} does not exist: load_run needs a finished joint run's directory")
     config = run_config(run_dir / "config.yaml")
     item_ids, table = read_item_codes(run_dir / "item_codes.tsv")
-    state = read_checkpoint(run_dir / "checkpoints" / "best.pt", stage="joint", what="load_run")
+    state = read_checkpoint(run_dir / "checkpoints" / "best.pt", stage=JOINT.name, what="load_run")
     codes = torch.cat([torch.zeros(1, table.shape[1], dtype=torch.long), torch.as_tensor(table)])
     if not torch.equal(state["codes"].cpu().long(), codes):
         raise ConfigError(f"{str(run_dir / 'item_codes.tsv')!r} does not hold the codes of checkpoints/best.pt; "
