@@ -28,12 +28,12 @@ from accelerate import Accelerator
 
 from etegrec.config import load_config
 from etegrec.forge import get_code
-from etegrec.training.embed import make_windows
-from etegrec.training.factories import build_tokenizer, tokenizer_inputs
+from etegrec.data import make_windows
+from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
 from etegrec.training.embed import EMBED
-from etegrec.training.pipeline import ensure
+from etegrec.training.run.pipeline import ensure
 from etegrec.training.rqvae import RQVAE
-from etegrec.training.cache import load_stage_data
+from etegrec.training.run.cache import load_stage_data
 
 NEAR = (1.05, 1.2)  # "within 5% / 20% of the nearest"
 

@@ -31,8 +31,8 @@ import torch
 
 from etegrec.config import load_config
 from etegrec.data.prepare import pad_histories
-from etegrec.training.checkpoint import read_checkpoint
-from etegrec.training.cache import load_stage_data
+from etegrec.training.run.checkpoint import read_checkpoint
+from etegrec.training.run.cache import load_stage_data
 from etegrec.training.joint import JOINT
 
 SETS = ["train (last)", "valid", "test", "test from valid history"]
@@ -54,9 +54,9 @@ def sample_sets(data) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def joint_fit(run_dir: Path, config, data) -> dict:
     from etegrec.training.joint import JointTrainer
-    from etegrec.training.options import RunOptions
+    from etegrec.training.run.options import RunOptions
     from etegrec.training.embed import EMBED
-    from etegrec.training.pipeline import ensure
+    from etegrec.training.run.pipeline import ensure
     from etegrec.training.rqvae import RQVAE
     from etegrec.training.run import Run, prepare_process
 
@@ -72,7 +72,7 @@ def joint_fit(run_dir: Path, config, data) -> dict:
 @torch.no_grad()
 def embed_fit(run_dir: Path, config, data) -> dict:
     from etegrec.models import SASRec
-    from etegrec.training.evaluation import evaluate_full_ranking
+    from etegrec.training.run.evaluation import evaluate_full_ranking
 
     c = config.embed
     model = SASRec(n_items=data.n_items, hidden=c.hidden, n_layers=c.n_layers, n_heads=c.n_heads,

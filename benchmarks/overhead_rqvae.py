@@ -29,9 +29,9 @@ from etegrec.config import load_config
 from etegrec.hooks import ConsoleSubscriber, EventLog
 from etegrec.hooks.codebook import CodebookHooks
 from etegrec.hooks.wandb import WandbSubscriber
-from etegrec.training.loop import shuffled_batches, train_epoch
+from etegrec.training.run.loop import shuffled_batches, train_epoch
 from etegrec.training.rqvae import RQVAE, RQVAETrainer
-from etegrec.training.options import RunOptions
+from etegrec.training.run.options import RunOptions
 from etegrec.training.run import Run
 
 RESULTS = Path(__file__).parent / "results"

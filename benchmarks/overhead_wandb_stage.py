@@ -25,7 +25,7 @@ import torch
 from accelerate.utils import set_seed
 
 from etegrec.config import load_config
-from etegrec.training.options import RunOptions
+from etegrec.training.run.options import RunOptions
 from etegrec.training.run import Run
 from etegrec.training.rqvae import RQVAE, RQVAETrainer
 

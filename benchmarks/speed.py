@@ -36,10 +36,10 @@ from etegrec.config import load_config
 from etegrec.hooks.codebook import CodebookHooks
 from etegrec.models import beam_search
 from etegrec.training.joint import JointTrainer
-from etegrec.training.factories import build_tokenizer, tokenizer_inputs
-from etegrec.training.options import RunOptions
+from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
+from etegrec.training.run.options import RunOptions
 from etegrec.training.run import Run
-from etegrec.training.cache import load_stage_data
+from etegrec.training.run.cache import load_stage_data
 from etegrec.training.joint import JOINT
 
 RESULTS = Path(__file__).parent / "results"

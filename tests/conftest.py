@@ -124,7 +124,7 @@ def cached_tokenizer_stage(data_file: Path) -> Path:
 
     from etegrec.config import load_config
     from etegrec.data import dataset_name_of
-    from etegrec.training.cache import load_stage_data, stage_dir
+    from etegrec.training.run.cache import load_stage_data, stage_dir
     from etegrec.training.embed import EMBED
     from etegrec.training.rqvae import RQVAE
 

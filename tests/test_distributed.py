@@ -122,11 +122,11 @@ def test_the_event_log_holds_the_reduced_values_every_rank_saw(joint_run):
 def test_test_metrics_equal_a_one_process_evaluation_of_the_same_checkpoint(joint_run, launch, monkeypatch):
 
     from etegrec.config import load_config
-    from etegrec.training.cache import load_stage_data
+    from etegrec.training.run.cache import load_stage_data
     from etegrec.training.embed import EMBED
     from etegrec.training.joint import JOINT, JointTrainer
-    from etegrec.training.options import RunOptions
-    from etegrec.training.pipeline import ensure
+    from etegrec.training.run.options import RunOptions
+    from etegrec.training.run.pipeline import ensure
     from etegrec.training.rqvae import RQVAE
     from etegrec.training.run import Run
 

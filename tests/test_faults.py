@@ -18,10 +18,10 @@ from etegrec.config import load_config
 from etegrec.data import dataset_name_of
 from etegrec.hooks import read_events
 from etegrec.training import joint
-from etegrec.training.cache import load_stage_data, stage_dir
+from etegrec.training.run.cache import load_stage_data, stage_dir
 from etegrec.training.embed import EMBED
 from etegrec.training.joint import JOINT
-from etegrec.training.pipeline import run_stage
+from etegrec.training.run.pipeline import run_stage
 
 BASE = ["--config", "tiny", "--wandb-mode", "disabled"]
 

@@ -18,11 +18,11 @@ from etegrec import signals
 from etegrec.config import load_config
 from etegrec.forge import assign_codes
 from etegrec.training.joint import JointTrainer
-from etegrec.training.options import RunOptions
+from etegrec.training.run.options import RunOptions
 from etegrec.training.run import Run
-from etegrec.training.cache import load_stage_data
+from etegrec.training.run.cache import load_stage_data
 from etegrec.training.joint import JOINT
-from etegrec.training.pipeline import run_stage
+from etegrec.training.run.pipeline import run_stage
 
 WANDB = str(Path(sys.executable).with_name("wandb"))
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def test_paper_config_builds_the_paper_model_and_takes_a_training_step(tmp_path,
     data = load_stage_data(config)
     rng = np.random.default_rng(0)
     embeddings = rng.normal(size=(data.n_items + 1, 256)).astype(np.float32)
-    from etegrec.training.factories import build_tokenizer, tokenizer_inputs
+    from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
     tokenizer = build_tokenizer(config, 256)
     tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config, embeddings)[1:]))
     with Run(config, RunOptions(output_dir=tmp_path / "run", console=False), stage=JOINT) as run:
@@ -317,7 +317,7 @@ def test_bf16_mixed_precision_runs_the_recommender_under_autocast_and_keeps_loss
     data = load_stage_data(joint_run["config"])
     rng = np.random.default_rng(0)
     embeddings = rng.normal(size=(data.n_items + 1, 256)).astype(np.float32)
-    from etegrec.training.factories import build_tokenizer, tokenizer_inputs
+    from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
     tokenizer = build_tokenizer(joint_run["config"], 256)
     tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(joint_run["config"], embeddings)[1:]))
     losses, dtypes = {}, {}
@@ -346,7 +346,7 @@ def test_bf16_mixed_precision_runs_the_recommender_under_autocast_and_keeps_loss
 
 def test_catalogue_negatives_contrast_the_decoder_state_with_every_items_reconstruction(joint_run, tmp_path):
     from etegrec.models import catalogue_nce
-    from etegrec.training.factories import build_tokenizer, tokenizer_inputs
+    from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
     data = load_stage_data(joint_run["config"])
     embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
     tokenizer = build_tokenizer(joint_run["config"], 256)

@@ -12,7 +12,7 @@ from etegrec import signals
 from etegrec.config import load_config
 from etegrec.probes import code_floors, drop_last, popularity_nll, repeat_share, shuffle_histories, topk_overlap
 from etegrec.training.joint import JOINT
-from etegrec.training.pipeline import run_stage
+from etegrec.training.run.pipeline import run_stage
 
 CODES = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])  # items 1..4, two codes each
 COUNTS = np.array([5, 1, 1, 1])  # training target counts of items 1..4; smoothed: 6, 2, 2, 2 (total 12)

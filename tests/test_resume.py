@@ -19,7 +19,7 @@ import yaml
 
 from conftest import make_accelerator, write_structured_inter
 from etegrec.hooks.eventlog import read_events
-from etegrec.training.checkpoint import read_checkpoint
+from etegrec.training.run.checkpoint import read_checkpoint
 
 ARGS = ["--config", "tiny", "--set", "joint.batch_size=16", "--set", "joint.sample_fraction=1.0"]
 
@@ -230,9 +230,9 @@ def test_embed_and_tokenizer_stages_resume_after_ctrl_c_like_an_uninterrupted_ru
     from functools import partial
 
     from etegrec.config import load_config
-    from etegrec.training.cache import load_stage_data
+    from etegrec.training.run.cache import load_stage_data
     from etegrec.training.embed import EMBED
-    from etegrec.training.pipeline import ensure, run_stage
+    from etegrec.training.run.pipeline import ensure, run_stage
     from etegrec.training.rqvae import RQVAE
 
     inter = write_structured_inter(tmp_path / "data.inter", n_users=60)
@@ -261,7 +261,7 @@ def test_embed_and_tokenizer_stages_resume_after_ctrl_c_like_an_uninterrupted_ru
 
 def test_a_run_from_before_a_config_key_existed_resumes_when_the_key_keeps_its_default():
     from etegrec.config import load_config
-    from etegrec.training.resume import _config_changes
+    from etegrec.training.run.resume import _config_changes
 
     current = load_config("tiny").to_dict()
     saved = {section: dict(values) for section, values in current.items()}

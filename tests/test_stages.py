@@ -14,12 +14,12 @@ import torch
 from etegrec import metrics, signals
 from etegrec.config import load_config
 from etegrec.hooks import read_events
-from etegrec.training.cache import KNOWN_DATA, load_stage_data, stage_dir
+from etegrec.training.run.cache import KNOWN_DATA, load_stage_data, stage_dir
 
 from conftest import write_structured_inter
 from etegrec.training.embed import EMBED
 from etegrec.training.rqvae import RQVAE
-from etegrec.training.pipeline import run_stage
+from etegrec.training.run.pipeline import run_stage
 
 WANDB = str(Path(sys.executable).with_name("wandb"))
 

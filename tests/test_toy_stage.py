@@ -15,14 +15,14 @@ from etegrec.config import load_config
 from etegrec.hooks.wandb import WandbSubscriber
 from etegrec.hooks.wandb_rows import KeyMap, phase_loss_key
 from etegrec.training import stages
-from etegrec.training.cache import load_stage_data, stage_dir
-from etegrec.training.cli import stage_main
+from etegrec.training.run.cache import load_stage_data, stage_dir
+from etegrec.training.run.cli import stage_main
 from etegrec.training.embed import EMBED
-from etegrec.training.fit import StageTrainer
-from etegrec.training.options import RunOptions
+from etegrec.training.run.fit import StageTrainer
+from etegrec.training.run.options import RunOptions
 from etegrec.training.run import Run
 from etegrec.training.stage import Stage
-from etegrec.training.stopping import EarlyStopping
+from etegrec.training.run.stopping import EarlyStopping
 
 
 class ToyTrainer(StageTrainer):

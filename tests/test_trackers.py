@@ -16,8 +16,8 @@ from etegrec import signals
 from etegrec.config import load_config
 from etegrec.hooks.wandb import WandbSubscriber, flat_config
 from etegrec.training import joint
-from etegrec.training.cli import common_parser
-from etegrec.training.options import RunOptions, check_trackers
+from etegrec.training.run.cli import common_parser
+from etegrec.training.run.options import RunOptions, check_trackers
 from etegrec.training.run import Run
 from test_wandb import K, ListTracker, emit_joint, inspect_records, logged
 from etegrec.training.joint import JOINT

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from etegrec.config import Config
     from etegrec.data import SequenceData
 
-    from .fit import StageTrainer
+    from .run.fit import StageTrainer
 
 __all__ = ["Stage"]
 
@@ -38,7 +38,7 @@ class Stage:
         label: what it makes, in words (``item embeddings``): the command listing and the pipeline's lines.
         summary: one line: the command's ``--help`` and ``python -m etegrec``.
         sections: the config sections its trainer reads besides ``data`` and ``run``; with those of
-            the stages it needs, they key its cache (:func:`etegrec.training.cache.stage_dir`).
+            the stages it needs, they key its cache (:func:`etegrec.training.run.cache.stage_dir`).
         trainer: ``trainer(config, run, data, *products)``, the products of ``needs`` in their order.
         needs: the earlier stages whose products it trains on (built, or taken from the cache, first).
         produces: the file of its run directory that exists once it has finished (its product is read then).

@@ -17,11 +17,12 @@ import torch
 from etegrec.config import Config, ConfigError, run_config
 from etegrec.models import RQVAE, CodeTrie, T5Recommender
 
-from .checkpoint import read_checkpoint
-from .evaluation import beam_recommend
-from .factories import build_recommender, build_tokenizer
-from .item_codes import read_item_codes
 from .joint import JOINT
+from .joint.evaluation import beam_recommend
+from .joint.recommender import build_recommender
+from .rqvae.tokenizer import build_tokenizer
+from .run.checkpoint import read_checkpoint
+from .run.item_codes import read_item_codes
 
 __all__ = ["TrainedRun", "load_run", "read_item_codes"]
 

@@ -24,7 +24,7 @@ from .options import RunOptions, check_trackers
 from .pipeline import run_stage
 from .run import launch_rank
 from .rundir import check_writable, default_run_dir, hold_run_dir
-from .stage import Stage
+from ..stage import Stage
 
 __all__ = ["StageArgs", "common_parser", "next_commands", "parse_stage_args", "run_main", "stage_main", "tracker_list"]
 
@@ -149,7 +149,7 @@ def _resumed_config(args: argparse.Namespace) -> str | None:
 
 def stage_main(stage: Stage, argv: list[str] | None = None) -> int:
     """A stage's command (``python -m <stage.command>``): parse and resolve the common options, then
-    train it after what it needs (:func:`~etegrec.training.pipeline.run_stage`)."""
+    train it after what it needs (:func:`~etegrec.training.run.pipeline.run_stage`)."""
     prog = f"python -m {stage.command}"
     parser = common_parser(prog, stage.summary)
 

@@ -2,7 +2,7 @@
 
 :func:`run_stage` builds (or reuses) what a stage's declaration ``needs``, in order, then trains it in
 its run directory. A needed stage is a complete run directory of its own under
-``$ETEGREC_HOME/stages/`` (see :mod:`etegrec.training.cache`); it logs to no tracker. Nothing here
+``$ETEGREC_HOME/stages/`` (see :mod:`etegrec.training.run.cache`); it logs to no tracker. Nothing here
 names a stage: it reads the :class:`~etegrec.training.stage.Stage` it is given. No stage imports this
 module (only the command line does).
 """
@@ -21,7 +21,7 @@ from etegrec.data import SequenceData
 from .cache import load_stage_data, stage_dir
 from .options import RunOptions
 from .run import Run, prepare_process
-from .stage import Stage
+from ..stage import Stage
 
 __all__ = ["ensure", "print_summary", "run_stage"]
 

@@ -1,4 +1,4 @@
-"""Stage 1: SASRec collaborative item embeddings (``python -m etegrec.training.embed``).
+"""The SASRec stage's trainer and its product: the item embeddings ``embeddings.npy``.
 
 A SASRec trained with full-softmax cross-entropy at every position of windows cut from each
 user's training sequence; early stopping on validation NDCG@10. Writes the item embedding matrix
@@ -7,8 +7,8 @@ valid/test metrics of the best epoch. This stage is also the project's SASRec ba
 """
 from __future__ import annotations
 
+import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,50 +17,14 @@ import torch
 from etegrec import signals
 from etegrec.config import Config
 from etegrec.data import DataError, SequenceData
-from etegrec.hooks.wandb_rows import KeyMap, phase_loss_key
 from etegrec.models import SASRec
 
-from .cli import stage_main
-from .evaluation import evaluate_full_ranking
-from .fit import StageTrainer
-from .loop import EpochProgress, shuffled_batches, train_epoch
-from .run import Run
-from .rundir import atomic_write_bytes, atomic_write_text
-from .stage import Stage
-from .stopping import EarlyStopping
+from ..run import (EarlyStopping, EpochProgress, Run, StageTrainer, atomic_write_bytes, atomic_write_text,
+                   evaluate_full_ranking, shuffled_batches, train_epoch)
 
-__all__ = ["EMBED", "EmbedTrainer", "load_embeddings", "main", "make_windows"]
+__all__ = ["REPEAT_BIAS_LR", "EmbedTrainer", "load_embeddings", "save_embeddings"]
 
 REPEAT_BIAS_LR = 0.05  # learning rate of SASRec's repeat bias (embed.repeat_bias)
-
-
-def make_windows(sequences: list[np.ndarray], length: int, stride: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Cut sequences into left-padded windows of ``length`` items, from the end backwards.
-
-    A window's last ``stride`` targets are new (``window_loss`` predicts ``w[1:]`` from ``w[:-1]``),
-    so every item after a sequence's first is a target exactly once. The default stride
-    ``length - 1`` makes consecutive windows overlap by one item; a smaller stride gives targets
-    longer histories (closer to evaluation, where the history is full) at the cost of more windows.
-
-    Returns ``(windows [n, length], counted [n])``: ``counted`` is how many trailing targets of
-    each window are to be scored (all of them for a sequence's first window).
-    """
-    stride = length - 1 if stride is None else stride
-    if not 1 <= stride <= length - 1:
-        raise ValueError(f"window stride={stride!r} must lie between 1 and the window's targets ({length - 1}).")
-    rows, counted = [], []
-    for seq in sequences:
-        end = len(seq)
-        while end > 1:
-            start = max(0, end - length)
-            window = seq[start:end]
-            rows.append(np.pad(window, (length - len(window), 0)))
-            counted.append(length - 1 if start == 0 else stride)
-            if start == 0:
-                break
-            end -= stride
-    windows = np.asarray(rows, dtype=np.int64).reshape(-1, length)
-    return windows, np.asarray(counted, dtype=np.int64)
 
 
 class EmbedTrainer(StageTrainer):
@@ -86,8 +50,7 @@ class EmbedTrainer(StageTrainer):
     def _windows(self, epoch: int) -> torch.Tensor:
         """Training windows; with ``shuffle_ties`` re-cut every epoch from a new order of tied items."""
         rng = np.random.default_rng([self.config.run.seed, epoch]) if self.config.embed.shuffle_ties else None
-        windows, counted = make_windows(self.data.train_sequences(rng), self.data.max_his_len + 1,
-                                        self.config.embed.window_stride)
+        windows, counted = self.data.train_windows(self.data.max_his_len + 1, self.config.embed.window_stride, rng)
         self.counted = torch.as_tensor(counted)
         return torch.as_tensor(windows)
 
@@ -151,7 +114,6 @@ class EmbedTrainer(StageTrainer):
 
 def save_embeddings(run_dir: Path, embeddings: np.ndarray, data: SequenceData) -> None:
     """``embeddings.npy`` ``[n_items + 1, d]`` and ``item_map.json`` (row i = item i = item_map[i-1])."""
-    import io
     buffer = io.BytesIO()
     np.save(buffer, embeddings.astype(np.float32))
     atomic_write_bytes(run_dir / "embeddings.npy", buffer.getvalue())
@@ -166,26 +128,10 @@ def load_embeddings(run_dir: Path, data: SequenceData) -> np.ndarray:
     """
     path = Path(run_dir) / "embeddings.npy"
     if not path.exists():
-        raise DataError(f"item embeddings {str(path)!r} do not exist; run python -m {EMBED.command} first")
+        raise DataError(f"item embeddings {str(path)!r} do not exist; the run that makes them writes them when it finishes")
     emb = np.load(path)
     if emb.ndim != 2 or emb.shape[0] != data.n_items + 1:
         raise DataError(f"item embeddings {str(path)!r} have shape {emb.shape}, expected "
                         f"[{data.n_items + 1}, d] for {data.n_items} items plus the padding row; "
                         "they were made for other data: delete them to rebuild")
     return emb
-
-
-EMBED = Stage(
-    name="embed", command="etegrec.training.embed", label="item embeddings",
-    summary="SASRec on the training split: the item embeddings embeddings.npy (and the SASRec baseline's metrics)",
-    sections=("embed",), trainer=EmbedTrainer,
-    produces="embeddings.npy", load=lambda run_dir, config, data: load_embeddings(run_dir, data),
-    project="ETEGRec-Embed", key_map=KeyMap(loss_key=phase_loss_key, split_prefix={"valid": "val", "test": "test"}))
-
-
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(EMBED, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,15 +25,13 @@ from etegrec.forge import get_code
 from etegrec.hooks.codebook import CodebookHooks
 from etegrec.models import CodeTrie, RecommenderOutput, code_loss, window_targets
 
+from ..rqvae.tokenizer import build_tokenizer, tokenizer_inputs
+from ..run import EarlyStopping, EpochProgress, LoopPosition, Run, StageTrainer, shuffled_batches, train_epoch
+from ..run.evaluation import check_same_on_every_rank
 from .alignment import Alignment
-from .embed import make_windows
-from .evaluation import BeamEvaluation, check_same_on_every_rank, items_of
-from .factories import build_recommender, build_tokenizer, tokenizer_inputs
-from .fit import LoopPosition, StageTrainer
-from .loop import EpochProgress, shuffled_batches, train_epoch
+from .evaluation import BeamEvaluation, items_of
 from .probing import Prober
-from .run import Run
-from .stopping import EarlyStopping
+from .recommender import build_recommender
 
 __all__ = ["JointTrainer", "LOSS_PARTS", "REPEAT_BIAS_LR", "phase_of"]
 
@@ -101,8 +99,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         device = self.run.accelerator.device
         if self.config.joint.targets == "all":  # windows: a target after every item (as the SASRec stage)
             length = self.data.max_his_len
-            windows, counted = make_windows(self.data.train_sequences(rng), length + 1,
-                                            self.config.joint.window_stride or length)
+            windows, counted = self.data.train_windows(length + 1, self.config.joint.window_stride or length, rng)
             self.windows = torch.as_tensor(windows, device=device)  # (n, W + 1)
             self.counted = torch.as_tensor(counted, device=device)  # (n,) trailing targets to score
             self.n_samples = len(windows)

@@ -19,11 +19,8 @@ from etegrec.forge import assign_codes
 from etegrec.hooks.codebook import CodebookHooks
 from etegrec.models import RQVAE
 
-from .factories import build_tokenizer, tokenizer_inputs
-from .fit import StageTrainer
-from .loop import EpochProgress, shuffled_batches, train_epoch
-from .run import Run
-from .stopping import EarlyStopping
+from ..run import EarlyStopping, EpochProgress, Run, StageTrainer, shuffled_batches, train_epoch
+from .tokenizer import build_tokenizer, tokenizer_inputs
 
 __all__ = ["RQVAETrainer", "code_quality", "tokenize_all"]
 

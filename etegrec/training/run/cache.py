@@ -3,7 +3,7 @@
 A stage that needs another's product (item embeddings, a pretrained tokenizer) looks under
 ``$ETEGREC_HOME/stages/`` for a run of that stage made with the same data (its prepared content, by
 digest), config sections (the stage's :attr:`~etegrec.training.stage.Stage.key_sections`) and seed;
-:mod:`etegrec.training.pipeline` trains one there (a complete run directory of its own) when there is none.
+:mod:`etegrec.training.run.pipeline` trains one there (a complete run directory of its own) when there is none.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from etegrec.config import Config
 from etegrec.data import SequenceData, data_home, load_dataset
 
-from .stage import Stage
+from ..stage import Stage
 
 __all__ = ["ADDED_LATER", "KNOWN_DATA", "load_stage_data", "stage_dir"]
 

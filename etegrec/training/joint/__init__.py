@@ -10,17 +10,15 @@ ml-100k: item embeddings and the pretrained tokenizer are built first (and cache
 """
 from __future__ import annotations
 
-import sys
-
 from etegrec.hooks.wandb_rows import KeyMap, phase_loss_key
 
-from .cli import stage_main
-from .embed import EMBED
+from ..embed import EMBED
+from ..rqvae import RQVAE
+from ..run.cli import stage_main
+from ..stage import Stage
 from .evaluation import beam_recommend
-from .factories import build_recommender
-from .joint_trainer import JointTrainer, phase_of
-from .rqvae import RQVAE
-from .stage import Stage
+from .recommender import build_recommender
+from .trainer import JointTrainer, phase_of
 
 __all__ = ["JOINT", "JointTrainer", "beam_recommend", "build_recommender", "main", "phase_of"]
 
@@ -32,8 +30,5 @@ JOINT = Stage(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m etegrec.training.joint [OPTIONS]``: exit status 0, 2 for a user error, 130 on Ctrl-C."""
     return stage_main(JOINT, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
 """What every stage needs around its training loop: the Accelerator, the run directory, the
 subscribers and Ctrl-C.
 
-A :class:`Run` receives its :class:`~etegrec.training.options.RunOptions` already resolved and
-sends no signal itself: the trainer owns its events (see :func:`~etegrec.training.fit.fit_stage`).
+A :class:`Run` receives its :class:`~etegrec.training.run.options.RunOptions` already resolved and
+sends no signal itself: the trainer owns its events (see :func:`~etegrec.training.run.fit.fit_stage`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from etegrec.hooks import ConsoleSubscriber, EventLog, Subscriber
 
 from .options import RunOptions
 from .rundir import RunDir, default_run_dir
-from .stage import Stage
+from ..stage import Stage
 
 __all__ = ["Run", "check_world", "launch_rank", "prepare_process"]
 
@@ -71,7 +71,7 @@ def launch_rank() -> int:
 class Run:
     """A stage's run: accelerator, run directory, subscribers and Ctrl-C.
 
-    Use as a context manager around :func:`~etegrec.training.fit.fit_stage`: it writes
+    Use as a context manager around :func:`~etegrec.training.run.fit.fit_stage`: it writes
     ``config.yaml``, starts and connects the subscribers (event log and console on the main rank,
     the tracking subscriber on the main rank when a tracker is on, the user's subscribers on every
     rank unless they say ``main_process_only``) and finishes them, failed or not.

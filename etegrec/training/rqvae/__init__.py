@@ -1,14 +1,13 @@
 """Stage 2: RQ-VAE tokenizer pretraining (``python -m etegrec.training.rqvae``).
 
-Trains the RQ-VAE on the SASRec item embeddings (built first, and cached, when missing); the trainer
-is :class:`etegrec.training.tokenizer.RQVAETrainer`. Every ``eval_step`` epochs it reports the
-collision rate and the Gini coefficient of code usage per layer; keeps the best-collision and the
-last checkpoint; stops after ``patience`` evaluations without improvement. W&B project
-``ETEGRec-RQVAE-Pretrain``.
+Trains the RQ-VAE (built in :mod:`.tokenizer`) on the SASRec item embeddings (built first, and
+cached, when missing); the trainer is :class:`.trainer.RQVAETrainer`. Every ``eval_step`` epochs
+it reports the collision rate and the Gini coefficient of code usage per layer; keeps the
+best-collision and the last checkpoint; stops after ``patience`` evaluations without improvement.
+Its product, for the joint stage, is the best checkpoint's tokenizer (:func:`load_tokenizer`).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +16,12 @@ from etegrec.config import Config
 from etegrec.data import DataError, SequenceData
 from etegrec.hooks.wandb_rows import KeyMap, plain_loss_key
 
-from .checkpoint import read_checkpoint
-from .cli import stage_main
-from .embed import EMBED
-from .factories import build_tokenizer, tokenizer_inputs
-from .stage import Stage
-from .tokenizer import RQVAETrainer, code_quality, tokenize_all
+from ..embed import EMBED
+from ..run.checkpoint import read_checkpoint
+from ..run.cli import stage_main
+from ..stage import Stage
+from .tokenizer import build_tokenizer, tokenizer_inputs
+from .trainer import RQVAETrainer, code_quality, tokenize_all
 
 __all__ = ["RQVAE", "RQVAETrainer", "build_tokenizer", "code_quality", "load_tokenizer", "main", "tokenize_all",
            "tokenizer_inputs"]
@@ -58,8 +57,5 @@ RQVAE = Stage(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m etegrec.training.rqvae [OPTIONS]``: exit status 0, 2 for a user error, 130 on Ctrl-C."""
     return stage_main(RQVAE, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
