@@ -59,8 +59,8 @@ def main() -> None:
     config = load_config(args.config, ["joint.sample_fraction=1.0", "run.log_every=0"])
     data = load_stage_data(config)
     embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
-    tokenizer = build_tokenizer(config, embeddings.shape[1])
-    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config, embeddings)[1:]))
+    tokenizer = build_tokenizer(config.tokenizer, embeddings.shape[1])
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config.tokenizer, embeddings)[1:]))
     times = {"bare": 0.0, "instrumented": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(config, RunOptions(output_dir=Path(tmp), console=False), stage=JOINT)

@@ -43,7 +43,7 @@ PARTS = ("train steps", "CodebookHooks.epoch_end", "epoch_end send")
 def one_epoch(trainer: RQVAETrainer, epoch: int, hooks: CodebookHooks | None) -> tuple[float, list[float]]:
     """The body of RQVAETrainer.fit for one epoch, timed from batching to the last signal; also
     the seconds of its parts (:data:`PARTS`)."""
-    cfg, acc = trainer.config.rqvae, trainer.run.accelerator
+    cfg, acc = trainer.cfg, trainer.run.accelerator
     start = time.perf_counter()
     batches = shuffled_batches(len(trainer.items), cfg.batch_size, seed=0, epoch=epoch)
     result = train_epoch(sender=trainer, stage="rqvae", phase="rqvae", epoch=epoch, batches=batches,
@@ -75,7 +75,7 @@ def main() -> None:
     config = load_config("ml-100k")
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(config, RunOptions(output_dir=Path(tmp), console=False), stage=RQVAE)
-        trainer = RQVAETrainer(config, run, emb)
+        trainer = RQVAETrainer(config.tokenizer, config.rqvae, config.run, run, emb)
         from accelerate import Accelerator
         wandb_acc = Accelerator(cpu=not torch.cuda.is_available(), log_with="wandb")  # the device Run picked
         attach = set(args.attach.split(","))

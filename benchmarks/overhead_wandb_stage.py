@@ -41,7 +41,7 @@ def stage_seconds(config, embeddings: np.ndarray, mode: str) -> float:
         set_seed(config.run.seed)
         start = time.perf_counter()
         with run:
-            RQVAETrainer(config, run, embeddings).fit()
+            RQVAETrainer(config.tokenizer, config.rqvae, config.run, run, embeddings).fit()
         return time.perf_counter() - start
 
 

@@ -101,8 +101,8 @@ def measure(args: argparse.Namespace, overrides: list[str]) -> dict:
                                        *overrides])
     data = load_stage_data(config)
     embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
-    tokenizer = build_tokenizer(config, embeddings.shape[1])
-    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config, embeddings)[1:]))
+    tokenizer = build_tokenizer(config.tokenizer, embeddings.shape[1])
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config.tokenizer, embeddings)[1:]))
     with tempfile.TemporaryDirectory() as tmp, Run(config, RunOptions(output_dir=Path(tmp), console=False), stage=JOINT) as run:
         trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
         with CodebookHooks(trainer.tokenizer, stage="joint") as trainer.hooks:

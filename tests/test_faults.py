@@ -63,7 +63,7 @@ def _misfit_tokenizer(tmp_path, data_file):
 
     best = cached_tokenizer_stage(data_file)
     other = load_config("tiny", ["tokenizer.codebook_size=8"])
-    torch.save({"stage": "rqvae", "model": build_tokenizer(other, _config(data_file).embed.hidden).state_dict()}, best)
+    torch.save({"stage": "rqvae", "model": build_tokenizer(other.tokenizer, _config(data_file).embed.hidden).state_dict()}, best)
     return ["--data-path", str(data_file)]
 
 

@@ -211,8 +211,8 @@ def test_paper_config_builds_the_paper_model_and_takes_a_training_step(tmp_path,
     rng = np.random.default_rng(0)
     embeddings = rng.normal(size=(data.n_items + 1, 256)).astype(np.float32)
     from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
-    tokenizer = build_tokenizer(config, 256)
-    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config, embeddings)[1:]))
+    tokenizer = build_tokenizer(config.tokenizer, 256)
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config.tokenizer, embeddings)[1:]))
     with Run(config, RunOptions(output_dir=tmp_path / "run", console=False), stage=JOINT) as run:
         trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
         t5 = trainer.recommender
@@ -318,8 +318,8 @@ def test_bf16_mixed_precision_runs_the_recommender_under_autocast_and_keeps_loss
     rng = np.random.default_rng(0)
     embeddings = rng.normal(size=(data.n_items + 1, 256)).astype(np.float32)
     from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
-    tokenizer = build_tokenizer(joint_run["config"], 256)
-    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(joint_run["config"], embeddings)[1:]))
+    tokenizer = build_tokenizer(joint_run["config"].tokenizer, 256)
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(joint_run["config"].tokenizer, embeddings)[1:]))
     losses, dtypes = {}, {}
     for precision in ("fp32", "bf16"):
         config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES,
@@ -349,8 +349,8 @@ def test_catalogue_negatives_contrast_the_decoder_state_with_every_items_reconst
     from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
     data = load_stage_data(joint_run["config"])
     embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
-    tokenizer = build_tokenizer(joint_run["config"], 256)
-    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(joint_run["config"], embeddings)[1:]))
+    tokenizer = build_tokenizer(joint_run["config"].tokenizer, 256)
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(joint_run["config"].tokenizer, embeddings)[1:]))
     config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "joint.cl_negatives=catalogue",
                                   "recommender.dropout=0", "tokenizer.dropout=0"])
     with Run(config, RunOptions(output_dir=tmp_path / "run", console=False), stage=JOINT) as run:

@@ -117,7 +117,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Trai
         raise ConfigError(f"{str(run_dir / 'item_codes.tsv')!r} does not hold the codes of checkpoints/best.pt; "
                           "the directory mixes two runs")
     try:
-        tokenizer = build_tokenizer(config, config.embed.hidden)
+        tokenizer = build_tokenizer(config.tokenizer, config.embed.hidden)
         tokenizer.load_state_dict(state["tokenizer"])
         recommender = build_recommender(config, tokenizer, semantic_dim=config.embed.hidden, num_items=len(item_ids))
         recommender.load_state_dict(state["recommender"])

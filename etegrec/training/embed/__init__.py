@@ -18,7 +18,7 @@ __all__ = ["EMBED", "REPEAT_BIAS_LR", "EmbedTrainer", "load_embeddings", "main",
 EMBED = Stage(
     name="embed", command="etegrec.training.embed", label="item embeddings",
     summary="SASRec on the training split: the item embeddings embeddings.npy (and the SASRec baseline's metrics)",
-    sections=("embed",), trainer=EmbedTrainer,
+    sections=("embed",), trainer=lambda config, run, data: EmbedTrainer(config.embed, config.run, run, data),
     produces="embeddings.npy", load=lambda run_dir, config, data: load_embeddings(run_dir, data),
     project="ETEGRec-Embed", key_map=KeyMap(loss_key=phase_loss_key, split_prefix={"valid": "val", "test": "test"}))
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from etegrec import signals
-from etegrec.config import Config
+from etegrec.config import EmbedConfig, RunConfig
 from etegrec.data import DataError, SequenceData
 from etegrec.models import SASRec
 
@@ -28,11 +28,14 @@ REPEAT_BIAS_LR = 0.05  # learning rate of SASRec's repeat bias (embed.repeat_bia
 
 
 class EmbedTrainer(StageTrainer):
-    """Trains SASRec on one dataset and reports through the signals."""
+    """Trains SASRec on one dataset and reports through the signals.
 
-    def __init__(self, config: Config, run: Run, data: SequenceData) -> None:
-        self.config, self.run, self.data = config, run, data
-        cfg = config.embed
+    It reads the ``embed`` section (``cfg``) and the seed and step-line interval of the ``run``
+    section (``run_cfg``), nothing else of the config.
+    """
+
+    def __init__(self, cfg: EmbedConfig, run_cfg: RunConfig, run: Run, data: SequenceData) -> None:
+        self.cfg, self.run_cfg, self.run, self.data = cfg, run_cfg, run, data
         # not DDP-wrapped: train_epoch averages the gradients over processes itself
         self.model = SASRec(n_items=data.n_items, hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                             dropout=cfg.dropout, max_len=data.max_his_len,
@@ -49,8 +52,8 @@ class EmbedTrainer(StageTrainer):
 
     def _windows(self, epoch: int) -> torch.Tensor:
         """Training windows; with ``shuffle_ties`` re-cut every epoch from a new order of tied items."""
-        rng = np.random.default_rng([self.config.run.seed, epoch]) if self.config.embed.shuffle_ties else None
-        windows, counted = self.data.train_windows(self.data.max_his_len + 1, self.config.embed.window_stride, rng)
+        rng = np.random.default_rng([self.run_cfg.seed, epoch]) if self.cfg.shuffle_ties else None
+        windows, counted = self.data.train_windows(self.data.max_his_len + 1, self.cfg.window_stride, rng)
         self.counted = torch.as_tensor(counted)
         return torch.as_tensor(windows)
 
@@ -72,20 +75,20 @@ class EmbedTrainer(StageTrainer):
     # --- what fit_stage asks for ----------------------------------------------------------------
 
     def segments(self) -> list[list[str]]:
-        return [[self.stage] * self.config.embed.epochs]
+        return [[self.stage] * self.cfg.epochs]
 
     def begin(self, resumed: bool) -> None:
         self.model.train()
 
     def train_one_epoch(self, epoch: int, phase: str, progress: EpochProgress | None) -> None:
-        cfg, acc = self.config.embed, self.run.accelerator
+        cfg, acc = self.cfg, self.run.accelerator
         if cfg.shuffle_ties and epoch:
             self.windows = self._windows(epoch)
-        batches = shuffled_batches(len(self.windows), cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
+        batches = shuffled_batches(len(self.windows), cfg.batch_size, seed=self.run_cfg.seed, epoch=epoch,
                                    rank=acc.process_index, world_size=acc.num_processes)
         result = train_epoch(sender=self, stage=self.stage, phase=phase, epoch=epoch, batches=batches,
                              loss_fn=self._loss, optimizers=[self.optimizer], accelerator=acc,
-                             log_every=self.config.run.log_every, progress=progress,
+                             log_every=self.run_cfg.log_every, progress=progress,
                              should_stop=self.run.step_stop())
         signals.epoch_end.send(self, stage=self.stage, phase=phase, epoch=epoch, losses=result.losses,
                                lr={"lr": self.optimizer.param_groups[0]["lr"]}, seconds=result.seconds,

@@ -56,8 +56,8 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         self.config, self.run, self.data = config, run, data
         acc, cfg = run.accelerator, config.joint
         device = acc.device
-        self.item_emb = torch.as_tensor(tokenizer_inputs(config, embeddings), device=device)  # (n_items + 1, d)
-        self.tokenizer = build_tokenizer(config, self.item_emb.shape[1]).to(device)
+        self.item_emb = torch.as_tensor(tokenizer_inputs(config.tokenizer, embeddings), device=device)  # (n_items + 1, d)
+        self.tokenizer = build_tokenizer(config.tokenizer, self.item_emb.shape[1]).to(device)
         self.tokenizer.load_state_dict(tokenizer_state)
         self.recommender = build_recommender(config, self.tokenizer, semantic_dim=self.item_emb.shape[1],
                                              num_items=data.n_items, embeddings=embeddings).to(device)

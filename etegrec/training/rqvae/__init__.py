@@ -36,7 +36,7 @@ def load_tokenizer(run_dir: Path, config: Config, data: SequenceData, embeddings
     """
     path = Path(run_dir) / "checkpoints" / "best.pt"
     state = read_checkpoint(path, stage=RQVAE.name)["model"]
-    for name, tensor in build_tokenizer(config, embeddings.shape[1]).state_dict().items():
+    for name, tensor in build_tokenizer(config.tokenizer, embeddings.shape[1]).state_dict().items():
         found = state.get(name)
         if found is None or tuple(found.shape) != tuple(tensor.shape):
             shape = "missing" if found is None else f"of shape {list(found.shape)}"
@@ -50,7 +50,8 @@ RQVAE = Stage(
     name="rqvae", command="etegrec.training.rqvae", label="tokenizer",
     summary="pretrain the RQ-VAE item tokenizer on the item embeddings (built first when missing)",
     sections=("tokenizer", "rqvae"), needs=(EMBED,),
-    trainer=lambda config, run, data, embeddings: RQVAETrainer(config, run, embeddings, data.item_map),
+    trainer=lambda config, run, data, embeddings: RQVAETrainer(config.tokenizer, config.rqvae, config.run, run,
+                                                                embeddings, data.item_map),
     load=load_tokenizer, project="ETEGRec-RQVAE-Pretrain",
     run_name=lambda config: f"{config.data.dataset}_layers{config.tokenizer.num_layers}_edim{config.tokenizer.e_dim}",
     key_map=KeyMap(loss_key=plain_loss_key, split_prefix={"valid": "val", "test": "test"}))

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from etegrec.config import Config
+from etegrec.config import TokenizerConfig
 from etegrec.models import RQVAE
 
 __all__ = ["build_tokenizer", "tokenizer_inputs"]
 
 
-def build_tokenizer(config: Config, in_dim: int) -> RQVAE:
-    """The RQ-VAE of ``config.tokenizer`` for item embeddings of width ``in_dim``."""
-    t = config.tokenizer
+def build_tokenizer(t: TokenizerConfig, in_dim: int) -> RQVAE:
+    """The RQ-VAE of the ``tokenizer`` section ``t`` for item embeddings of width ``in_dim``."""
     return RQVAE(in_dim=in_dim, hidden_dims=t.hidden_dims, e_dim=t.e_dim, num_layers=t.num_layers,
                  codebook_size=t.codebook_size, beta=t.beta, dropout=t.dropout, kmeans_init=t.kmeans_init)
 
 
-def tokenizer_inputs(config: Config, embeddings: np.ndarray) -> np.ndarray:
+def tokenizer_inputs(t: TokenizerConfig, embeddings: np.ndarray) -> np.ndarray:
     """The item embeddings the tokenizer sees, ``[n_items + 1, d]`` with row 0 (padding) zero.
 
     With ``tokenizer.standardize`` each dimension is z-scored over the items: SASRec embeddings are
@@ -25,7 +24,7 @@ def tokenizer_inputs(config: Config, embeddings: np.ndarray) -> np.ndarray:
     and collapse onto a few codes.
     """
     out = np.asarray(embeddings, dtype=np.float32).copy()
-    if config.tokenizer.standardize:
+    if t.standardize:
         items = out[1:]
         out[1:] = (items - items.mean(axis=0)) / (items.std(axis=0) + 1e-8)
     out[0] = 0.0
