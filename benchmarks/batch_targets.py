@@ -19,9 +19,9 @@ import torch
 
 from etegrec.config import load_config
 from etegrec.models import window_targets
-from etegrec.training.embed import make_windows
-from etegrec.training.loop import shuffled_batches
-from etegrec.training.stages import load_stage_data
+from etegrec.data import make_windows
+from etegrec.training.run.loop import shuffled_batches
+from etegrec.training.run.cache import load_stage_data
 
 
 def main(argv: list[str] | None = None) -> int:

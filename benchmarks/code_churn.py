@@ -28,10 +28,12 @@ from accelerate import Accelerator
 
 from etegrec.config import load_config
 from etegrec.forge import get_code
-from etegrec.training.embed import make_windows
-from etegrec.training.factories import build_tokenizer, tokenizer_inputs
-from etegrec.training.pipeline import ensure_embeddings, ensure_tokenizer
-from etegrec.training.stages import load_stage_data
+from etegrec.data import make_windows
+from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
+from etegrec.training.embed import EMBED
+from etegrec.training.run.pipeline import ensure
+from etegrec.training.rqvae import RQVAE
+from etegrec.training.run.cache import load_stage_data
 
 NEAR = (1.05, 1.2)  # "within 5% / 20% of the nearest"
 
@@ -50,7 +52,7 @@ def near_ties(tokenizer, items: torch.Tensor) -> list[dict[str, float]]:
 
 def one_epoch(config, state, items: torch.Tensor, targets: np.ndarray, lr: float, steps: int, batch: int):
     """The pretrained tokenizer after one epoch of its RQ-VAE loss on ``steps`` batches of training targets."""
-    tokenizer = build_tokenizer(config, items.shape[1])
+    tokenizer = build_tokenizer(config.tokenizer, items.shape[1])
     tokenizer.load_state_dict(state)
     tokenizer.train()
     opt = torch.optim.AdamW(tokenizer.parameters(), lr=lr, weight_decay=config.joint.weight_decay)
@@ -78,9 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, [f"run.seed={args.seed}"])
     data = load_stage_data(config)
     accelerator = Accelerator(cpu=True)
-    embeddings, _ = ensure_embeddings(config, data, accelerator)
-    state, _ = ensure_tokenizer(config, embeddings, accelerator, data)
-    items = torch.as_tensor(tokenizer_inputs(config, embeddings))  # (n_items + 1, d), row 0 padding
+    embeddings, state = (ensure(stage, config, data, accelerator) for stage in (EMBED, RQVAE))
+    items = torch.as_tensor(tokenizer_inputs(config.tokenizer, embeddings))  # (n_items + 1, d), row 0 padding
     sequences = data.train_sequences()
     targets = np.concatenate([seq[1:] for seq in sequences])  # every training target
     length = data.max_his_len  # the joint stage's windows (joint.targets: all): targets per step, steps
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = -(-len(windows) // config.joint.batch_size)
     per_batch = round(len(targets) / steps)
 
-    base_tokenizer = build_tokenizer(config, items.shape[1])
+    base_tokenizer = build_tokenizer(config.tokenizer, items.shape[1])
     base_tokenizer.load_state_dict(state)
     base = get_code(base_tokenizer, items, epoch=0, use_forge=config.joint.use_forge, policy=config.joint.forge_policy)
     result = {"config": args.config, "seed": args.seed, "items": int(items.shape[0] - 1),

@@ -31,8 +31,9 @@ import torch
 
 from etegrec.config import load_config
 from etegrec.data.prepare import pad_histories
-from etegrec.training.checkpoint import read_checkpoint
-from etegrec.training.stages import load_stage_data
+from etegrec.training.run.checkpoint import read_checkpoint
+from etegrec.training.run.cache import load_stage_data
+from etegrec.training.joint import JOINT
 
 SETS = ["train (last)", "valid", "test", "test from valid history"]
 
@@ -53,15 +54,16 @@ def sample_sets(data) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def joint_fit(run_dir: Path, config, data) -> dict:
     from etegrec.training.joint import JointTrainer
-    from etegrec.training.options import RunOptions
-    from etegrec.training.pipeline import ensure_embeddings, ensure_tokenizer
+    from etegrec.training.run.options import RunOptions
+    from etegrec.training.embed import EMBED
+    from etegrec.training.run.pipeline import ensure
+    from etegrec.training.rqvae import RQVAE
     from etegrec.training.run import Run, prepare_process
 
     prepare_process(config)  # as the pipeline does, should a missing stage have to be rebuilt here
     with tempfile.TemporaryDirectory() as tmp, Run(config, RunOptions(output_dir=Path(tmp), console=False),
-                                                   stage="joint") as run:
-        embeddings, _ = ensure_embeddings(config, data, run.accelerator)
-        tokenizer_state, _ = ensure_tokenizer(config, embeddings, run.accelerator, data)
+                                                   stage=JOINT) as run:
+        embeddings, tokenizer_state = (ensure(stage, config, data, run.accelerator) for stage in (EMBED, RQVAE))
         trainer = JointTrainer(config, run, data, embeddings, tokenizer_state)
         trainer.load_state_dict(read_checkpoint(run_dir / "checkpoints" / "best.pt"))
         return {name: trainer.evaluate_samples(h, t) for name, (h, t) in sample_sets(data).items()}
@@ -70,7 +72,7 @@ def joint_fit(run_dir: Path, config, data) -> dict:
 @torch.no_grad()
 def embed_fit(run_dir: Path, config, data) -> dict:
     from etegrec.models import SASRec
-    from etegrec.training.evaluation import evaluate_full_ranking
+    from etegrec.training.run.evaluation import evaluate_full_ranking
 
     c = config.embed
     model = SASRec(n_items=data.n_items, hidden=c.hidden, n_layers=c.n_layers, n_heads=c.n_heads,

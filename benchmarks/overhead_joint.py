@@ -26,12 +26,13 @@ import torch
 from etegrec.config import load_config
 from etegrec.hooks import ConsoleSubscriber, EventLog
 from etegrec.hooks.codebook import CodebookHooks
-from etegrec.hooks.wandb import JOINT_PROJECT, WandbSubscriber
+from etegrec.hooks.wandb import WandbSubscriber
 from etegrec.training.joint import JointTrainer
-from etegrec.training.factories import build_tokenizer, tokenizer_inputs
-from etegrec.training.options import RunOptions
+from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
+from etegrec.training.run.options import RunOptions
 from etegrec.training.run import Run
-from etegrec.training.stages import load_stage_data
+from etegrec.training.run.cache import load_stage_data
+from etegrec.training.joint import JOINT
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -58,11 +59,11 @@ def main() -> None:
     config = load_config(args.config, ["joint.sample_fraction=1.0", "run.log_every=0"])
     data = load_stage_data(config)
     embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
-    tokenizer = build_tokenizer(config, embeddings.shape[1])
-    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config, embeddings)[1:]))
+    tokenizer = build_tokenizer(config.tokenizer, embeddings.shape[1])
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config.tokenizer, embeddings)[1:]))
     times = {"bare": 0.0, "instrumented": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
-        run = Run(config, RunOptions(output_dir=Path(tmp), console=False), stage="joint")
+        run = Run(config, RunOptions(output_dir=Path(tmp), console=False), stage=JOINT)
         trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
         all_batches = trainer._batches
 
@@ -73,7 +74,7 @@ def main() -> None:
         from accelerate import Accelerator
         wandb_acc = Accelerator(cpu=not torch.cuda.is_available(), log_with="wandb")  # the device Run picked
         subscribers = [EventLog(Path(tmp) / "events.jsonl"), ConsoleSubscriber(file=io.StringIO()),
-                       WandbSubscriber(accelerator=wandb_acc, project=JOINT_PROJECT, run_name="overhead",
+                       WandbSubscriber(accelerator=wandb_acc, project=JOINT.project, run_name="overhead",
                                        config=config.to_dict(), run_dir=tmp, stage="joint", mode="offline")]
         for sub in subscribers:
             sub.start()

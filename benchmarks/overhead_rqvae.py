@@ -28,10 +28,10 @@ from etegrec import signals
 from etegrec.config import load_config
 from etegrec.hooks import ConsoleSubscriber, EventLog
 from etegrec.hooks.codebook import CodebookHooks
-from etegrec.hooks.wandb import PRETRAIN_PROJECT, WandbSubscriber
-from etegrec.training.loop import shuffled_batches, train_epoch
-from etegrec.training.rqvae import RQVAETrainer
-from etegrec.training.options import RunOptions
+from etegrec.hooks.wandb import WandbSubscriber
+from etegrec.training.run.loop import shuffled_batches, train_epoch
+from etegrec.training.rqvae import RQVAE, RQVAETrainer
+from etegrec.training.run.options import RunOptions
 from etegrec.training.run import Run
 
 RESULTS = Path(__file__).parent / "results"
@@ -43,7 +43,7 @@ PARTS = ("train steps", "CodebookHooks.epoch_end", "epoch_end send")
 def one_epoch(trainer: RQVAETrainer, epoch: int, hooks: CodebookHooks | None) -> tuple[float, list[float]]:
     """The body of RQVAETrainer.fit for one epoch, timed from batching to the last signal; also
     the seconds of its parts (:data:`PARTS`)."""
-    cfg, acc = trainer.config.rqvae, trainer.run.accelerator
+    cfg, acc = trainer.cfg, trainer.run.accelerator
     start = time.perf_counter()
     batches = shuffled_batches(len(trainer.items), cfg.batch_size, seed=0, epoch=epoch)
     result = train_epoch(sender=trainer, stage="rqvae", phase="rqvae", epoch=epoch, batches=batches,
@@ -74,14 +74,14 @@ def main() -> None:
            else np.random.default_rng(0).normal(size=(1350, 256)).astype(np.float32))
     config = load_config("ml-100k")
     with tempfile.TemporaryDirectory() as tmp:
-        run = Run(config, RunOptions(output_dir=Path(tmp), console=False), stage="rqvae")
-        trainer = RQVAETrainer(config, run, emb)
+        run = Run(config, RunOptions(output_dir=Path(tmp), console=False), stage=RQVAE)
+        trainer = RQVAETrainer(config.tokenizer, config.rqvae, config.run, run, emb)
         from accelerate import Accelerator
         wandb_acc = Accelerator(cpu=not torch.cuda.is_available(), log_with="wandb")  # the device Run picked
         attach = set(args.attach.split(","))
         available = {"eventlog": lambda: EventLog(Path(tmp) / "events.jsonl"),
                      "console": lambda: ConsoleSubscriber(file=io.StringIO()),
-                     "wandb": lambda: WandbSubscriber(accelerator=wandb_acc, project=PRETRAIN_PROJECT,
+                     "wandb": lambda: WandbSubscriber(accelerator=wandb_acc, project=RQVAE.project,
                                                       run_name="overhead", config=config.to_dict(), run_dir=tmp,
                                                       stage="rqvae", mode="offline")}
         subscribers = [make() for name, make in available.items() if name in attach]

@@ -25,9 +25,9 @@ import torch
 from accelerate.utils import set_seed
 
 from etegrec.config import load_config
-from etegrec.training.options import RunOptions
+from etegrec.training.run.options import RunOptions
 from etegrec.training.run import Run
-from etegrec.training.rqvae import RQVAETrainer
+from etegrec.training.rqvae import RQVAE, RQVAETrainer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -37,11 +37,11 @@ def stage_seconds(config, embeddings: np.ndarray, mode: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         log_with = ("wandb",) if mode != "disabled" else ()
         run = Run(config, RunOptions(output_dir=Path(tmp), wandb_mode=mode, log_with=log_with, console=False),
-                  stage="rqvae")
+                  stage=RQVAE)
         set_seed(config.run.seed)
         start = time.perf_counter()
         with run:
-            RQVAETrainer(config, run, embeddings).fit()
+            RQVAETrainer(config.tokenizer, config.rqvae, config.run, run, embeddings).fit()
         return time.perf_counter() - start
 
 

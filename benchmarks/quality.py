@@ -48,6 +48,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from etegrec.training.embed import EMBED
 
 import numpy as np
 
@@ -99,8 +100,8 @@ def popularity(config_name: str, overrides: list[str]) -> dict[str, float]:
     import torch
 
     from etegrec.config import load_config
-    from etegrec.training.evaluation import evaluate_full_ranking
-    from etegrec.training.stages import load_stage_data
+    from etegrec.training.run.evaluation import evaluate_full_ranking
+    from etegrec.training.run.cache import load_stage_data
 
     data = load_stage_data(load_config(config_name, overrides))
     counts = np.bincount(np.concatenate(data.train_sequences()), minlength=data.n_items + 1).astype(np.float32)
@@ -120,8 +121,8 @@ def count_baseline(name: str, config_name: str, overrides: list[str]) -> dict[st
 
     from etegrec.baselines import cooccurrence, markov_chain
     from etegrec.config import load_config
-    from etegrec.training.evaluation import evaluate_full_ranking
-    from etegrec.training.stages import load_stage_data
+    from etegrec.training.run.evaluation import evaluate_full_ranking
+    from etegrec.training.run.cache import load_stage_data
 
     data = load_stage_data(load_config(config_name, overrides))
     sequences = data.train_sequences()
@@ -160,10 +161,10 @@ def stage_run(stage: str, run_dir: Path, seed: int, config: str, overrides: list
 def sasrec_metrics(seed: int, config: str, overrides: list[str]) -> dict[str, float]:
     """The test metrics of the SASRec stage cached for this seed (built by the joint runs)."""
     from etegrec.config import load_config
-    from etegrec.training.stages import load_stage_data, stage_dir
+    from etegrec.training.run.cache import load_stage_data, stage_dir
 
     cfg = load_config(config, [*overrides, f"run.seed={seed}"])
-    return json.loads((stage_dir(cfg, "embed", ("embed",), load_stage_data(cfg)) / "metrics.json").read_text())["test"]
+    return json.loads((stage_dir(cfg, EMBED, load_stage_data(cfg)) / "metrics.json").read_text())["test"]
 
 
 def run_dir(root: Path, model: str, seed: int, repeat: int) -> Path:

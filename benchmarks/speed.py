@@ -36,10 +36,11 @@ from etegrec.config import load_config
 from etegrec.hooks.codebook import CodebookHooks
 from etegrec.models import beam_search
 from etegrec.training.joint import JointTrainer
-from etegrec.training.factories import build_tokenizer, tokenizer_inputs
-from etegrec.training.options import RunOptions
+from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
+from etegrec.training.run.options import RunOptions
 from etegrec.training.run import Run
-from etegrec.training.stages import load_stage_data
+from etegrec.training.run.cache import load_stage_data
+from etegrec.training.joint import JOINT
 
 RESULTS = Path(__file__).parent / "results"
 REFERENCE = {"id": 98.8, "rec": 36.6, "eval": 5.5, "peak_rss_gib": 7.5}
@@ -100,9 +101,9 @@ def measure(args: argparse.Namespace, overrides: list[str]) -> dict:
                                        *overrides])
     data = load_stage_data(config)
     embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
-    tokenizer = build_tokenizer(config, embeddings.shape[1])
-    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config, embeddings)[1:]))
-    with tempfile.TemporaryDirectory() as tmp, Run(config, RunOptions(output_dir=Path(tmp), console=False), stage="joint") as run:
+    tokenizer = build_tokenizer(config.tokenizer, embeddings.shape[1])
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config.tokenizer, embeddings)[1:]))
+    with tempfile.TemporaryDirectory() as tmp, Run(config, RunOptions(output_dir=Path(tmp), console=False), stage=JOINT) as run:
         trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
         with CodebookHooks(trainer.tokenizer, stage="joint") as trainer.hooks:
             trainer.refresh_codes(0)

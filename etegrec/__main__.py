@@ -1,14 +1,9 @@
 """``python -m etegrec``: every command of the package, the stages of the pipeline first."""
 from __future__ import annotations
 
-__all__ = ["COMMANDS", "STAGES", "main"]
+__all__ = ["COMMANDS", "main"]
 
-STAGES = [
-    ("data", "python -m etegrec.data [DATASET] [--data-path PATH]", "prepare a dataset and print its statistics"),
-    ("item embeddings", "python -m etegrec.training.embed", "SASRec on the training split: embeddings.npy"),
-    ("tokenizer", "python -m etegrec.training.rqvae", "pretrain the RQ-VAE item tokenizer (builds the embeddings)"),
-    ("joint", "python -m etegrec.training.joint", "ETEGRec joint training, the main job (builds what it needs)"),
-]
+DATA = ("data", "python -m etegrec.data [DATASET] [--data-path PATH]", "prepare a dataset and print its statistics")
 
 # what to do with a run once it exists (a finished run prints the first two for its own directory)
 COMMANDS = [
@@ -22,11 +17,13 @@ COMMANDS = [
 
 
 def main() -> None:
+    from etegrec.training import stages  # the registered stages, read when listed
+
     print("etegrec: the stages, each building (and caching) what the ones before it produce\n")
-    for name, command, what in STAGES:
+    for name, command, what in [DATA, *((s.label, f"python -m {s.command}", s.summary) for s in stages.STAGES)]:
         print(f"  {name:<16} {command}\n  {'':<16} {what}")
     print("\nEvery training stage takes --config, --set KEY=VALUE, --print-config, --seed, --output-dir, --resume, ...:")
-    print("see python -m etegrec.training.joint --help\n")
+    print("see any stage's --help\n")
     print("using a run, and the config reference:\n")
     for name, command, what in COMMANDS:
         print(f"  {name:<16} {command}\n  {'':<16} {what}")

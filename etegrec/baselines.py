@@ -3,7 +3,7 @@
 Every published quality table shows the generative models against these (docs/protocol.md, "Reference points"):
 a model that learns from sequences should beat counting them. Each builder returns a function
 ``score(history) -> (batch, n_items + 1)`` over left-padded histories (0 = padding; column 0 is
--inf), ready for ``etegrec.training.evaluation.evaluate_full_ranking`` (ties count against the
+-inf), ready for ``etegrec.training.run.evaluation.evaluate_full_ranking`` (ties count against the
 target). Counts come from the training sequences only.
 
 * :func:`markov_chain`: first order: how often each item followed the history's last item.

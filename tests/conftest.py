@@ -124,14 +124,16 @@ def cached_tokenizer_stage(data_file: Path) -> Path:
 
     from etegrec.config import load_config
     from etegrec.data import dataset_name_of
-    from etegrec.training.stages import load_stage_data, stage_dir
+    from etegrec.training.run.cache import load_stage_data, stage_dir
+    from etegrec.training.embed import EMBED
+    from etegrec.training.rqvae import RQVAE
 
     config = load_config("tiny", [f"data.data_path={data_file}", f"data.dataset={dataset_name_of(data_file)}"])
     data = load_stage_data(config)
-    embed = stage_dir(config, "embed", ("embed",), data)
+    embed = stage_dir(config, EMBED, data)
     embed.mkdir(parents=True)
     np.save(embed / "embeddings.npy", np.zeros((data.n_items + 1, config.embed.hidden), dtype=np.float32))
-    folder = stage_dir(config, "rqvae", ("embed", "tokenizer", "rqvae"), data)
+    folder = stage_dir(config, RQVAE, data)
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "metrics.json").write_text("{}")
     return folder / "checkpoints" / "best.pt"

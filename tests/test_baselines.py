@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from etegrec.baselines import cooccurrence, markov_chain, transition_counts
-from etegrec.training.evaluation import rank_of_targets
+from etegrec.training.run.evaluation import rank_of_targets
 
 SEQUENCES = [np.array([1, 2, 3]), np.array([1, 2, 4]), np.array([2, 3, 1]), np.array([4, 4, 4, 4])]
 

@@ -169,7 +169,7 @@ def test_a_runs_own_config_yaml_keeps_the_built_in_default_of_a_key_added_since(
 
 
 def test_a_named_amazon_dataset_brings_the_amazon_config_unless_one_is_given(tmp_path, monkeypatch):
-    from etegrec.training.cli import common_parser, parse_stage_args
+    from etegrec.training.run.cli import common_parser, parse_stage_args
 
     monkeypatch.setenv("ETEGREC_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)

@@ -122,21 +122,22 @@ def test_the_event_log_holds_the_reduced_values_every_rank_saw(joint_run):
 def test_test_metrics_equal_a_one_process_evaluation_of_the_same_checkpoint(joint_run, launch, monkeypatch):
 
     from etegrec.config import load_config
-    from etegrec.training.joint import JointTrainer
-    from etegrec.training.options import RunOptions
+    from etegrec.training.run.cache import load_stage_data
+    from etegrec.training.embed import EMBED
+    from etegrec.training.joint import JOINT, JointTrainer
+    from etegrec.training.run.options import RunOptions
+    from etegrec.training.run.pipeline import ensure
+    from etegrec.training.rqvae import RQVAE
     from etegrec.training.run import Run
-    from etegrec.training.pipeline import ensure_embeddings, ensure_tokenizer
-    from etegrec.training.stages import load_stage_data
 
     run_dir, _, _ = joint_run
     monkeypatch.setenv("ETEGREC_HOME", str(launch.root / "home"))  # the stages the 2-process run built
     config = load_config(str(run_dir / "config.yaml"))
     data = load_stage_data(config)
     accelerator = make_accelerator()
-    embeddings, _ = ensure_embeddings(config, data, accelerator)
-    tokenizer_state, _ = ensure_tokenizer(config, embeddings, accelerator, data)
+    embeddings, tokenizer_state = (ensure(stage, config, data, accelerator) for stage in (EMBED, RQVAE))
     with Run(config, RunOptions(output_dir=launch.root / f"one-process-{run_dir.name}", console=False),
-             stage="joint", accelerator=accelerator) as run:
+             stage=JOINT, accelerator=accelerator) as run:
         trainer = JointTrainer(config, run, data, embeddings, tokenizer_state)
         trainer.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True))
         one_process = trainer.evaluate("test")

@@ -18,7 +18,10 @@ from etegrec.config import load_config
 from etegrec.data import dataset_name_of
 from etegrec.hooks import read_events
 from etegrec.training import joint
-from etegrec.training.stages import load_stage_data, stage_dir
+from etegrec.training.run.cache import load_stage_data, stage_dir
+from etegrec.training.embed import EMBED
+from etegrec.training.joint import JOINT
+from etegrec.training.run.pipeline import run_stage
 
 BASE = ["--config", "tiny", "--wandb-mode", "disabled"]
 
@@ -49,7 +52,7 @@ def _bad_yaml(tmp_path, data_file):
 
 def _short_embeddings(tmp_path, data_file):
     config = _config(data_file)
-    folder = stage_dir(config, "embed", ("embed",), load_stage_data(config))
+    folder = stage_dir(config, EMBED, load_stage_data(config))
     folder.mkdir(parents=True)
     np.save(folder / "embeddings.npy", np.zeros((7, config.embed.hidden), dtype=np.float32))
     return ["--data-path", str(data_file)]
@@ -60,7 +63,7 @@ def _misfit_tokenizer(tmp_path, data_file):
 
     best = cached_tokenizer_stage(data_file)
     other = load_config("tiny", ["tokenizer.codebook_size=8"])
-    torch.save({"stage": "rqvae", "model": build_tokenizer(other, _config(data_file).embed.hidden).state_dict()}, best)
+    torch.save({"stage": "rqvae", "model": build_tokenizer(other.tokenizer, _config(data_file).embed.hidden).state_dict()}, best)
     return ["--data-path", str(data_file)]
 
 
@@ -255,7 +258,7 @@ def test_a_subscriber_raising_on_every_event_never_stops_training(tmp_path, data
     config = _config(data_file)
     run_dir = tmp_path / "run"
     with caplog.at_level(logging.ERROR):
-        result = joint.run_joint(config, output_dir=run_dir, wandb_mode="disabled",
+        result = run_stage(JOINT, config, output_dir=run_dir, wandb_mode="disabled",
                                  subscribers=[Raiser(), recorder])
     assert set(result) == {"valid", "test"}
     reports = [re.search(r"subscriber .*Raiser\._boom raised on signal '(\w+)'", r.getMessage())
@@ -273,7 +276,7 @@ def test_a_subscriber_raising_on_every_event_never_stops_training(tmp_path, data
 def test_online_without_an_api_key_logs_offline_with_one_warning(tmp_path, data_file, wandb_env, caplog):
     config = load_config("tiny", [f"data.data_path={data_file}", "joint.epochs=2", "joint.finetune_epochs=0"])
     with caplog.at_level(logging.WARNING):
-        joint.run_joint(config, output_dir=tmp_path / "run", wandb_mode="online")
+        run_stage(JOINT, config, output_dir=tmp_path / "run", wandb_mode="online")
     warnings = [r for r in caplog.records if "no API key" in r.getMessage()]
     assert len(warnings) == 1
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
@@ -288,7 +291,8 @@ def test_online_without_a_reachable_server_falls_back_to_offline(tmp_path, wandb
     monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
     subscriber = WandbSubscriber(accelerator=make_accelerator(log_with="wandb"), project="p", run_name="r",
-                                 config={"a": 1}, run_dir=tmp_path, stage="joint", mode="online", init_timeout=5)
+                                 config={"a": 1}, run_dir=tmp_path, stage="joint", key_map=JOINT.key_map, mode="online",
+                                 init_timeout=5)
     start = time.perf_counter()
     with caplog.at_level(logging.WARNING):
         subscriber.start()

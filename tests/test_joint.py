@@ -17,10 +17,12 @@ from conftest import write_structured_inter
 from etegrec import signals
 from etegrec.config import load_config
 from etegrec.forge import assign_codes
-from etegrec.training.joint import JointTrainer, run_joint
-from etegrec.training.options import RunOptions
+from etegrec.training.joint import JointTrainer
+from etegrec.training.run.options import RunOptions
 from etegrec.training.run import Run
-from etegrec.training.stages import load_stage_data
+from etegrec.training.run.cache import load_stage_data
+from etegrec.training.joint import JOINT
+from etegrec.training.run.pipeline import run_stage
 
 WANDB = str(Path(sys.executable).with_name("wandb"))
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +39,7 @@ def joint_run(tmp_path_factory):
         mp.setenv("ETEGREC_HOME", str(root / "home"))
         config = load_config("tiny", [f"data.data_path={inter}", *OVERRIDES])
         with signals.recording() as events:
-            result = run_joint(config, output_dir=root / "run", wandb_mode="offline")
+            result = run_stage(JOINT, config, output_dir=root / "run", wandb_mode="offline")
     return {"config": config, "events": events, "result": result, "out": root / "run", "root": root,
             "inter": inter}
 
@@ -208,10 +210,10 @@ def test_paper_config_builds_the_paper_model_and_takes_a_training_step(tmp_path,
     data = load_stage_data(config)
     rng = np.random.default_rng(0)
     embeddings = rng.normal(size=(data.n_items + 1, 256)).astype(np.float32)
-    from etegrec.training.factories import build_tokenizer, tokenizer_inputs
-    tokenizer = build_tokenizer(config, 256)
-    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config, embeddings)[1:]))
-    with Run(config, RunOptions(output_dir=tmp_path / "run", console=False), stage="joint") as run:
+    from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
+    tokenizer = build_tokenizer(config.tokenizer, 256)
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config.tokenizer, embeddings)[1:]))
+    with Run(config, RunOptions(output_dir=tmp_path / "run", console=False), stage=JOINT) as run:
         trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
         t5 = trainer.recommender
         assert (len(t5.encoder.block), len(t5.decoder.block)) == (6, 6)
@@ -253,7 +255,7 @@ def test_early_stopping_ends_the_joint_phase_and_finetuning_still_runs(joint_run
     config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "joint.patience=1",
                                   "joint.epochs=6", "joint.finetune_epochs=1"])
     with signals.recording(signals.epoch_end, signals.evaluated) as events:
-        run_joint(config, output_dir=tmp_path / "run", wandb_mode="disabled")
+        run_stage(JOINT, config, output_dir=tmp_path / "run", wandb_mode="disabled")
     phases = [e.payload["phase"] for e in events if e.signal == "epoch_end"]
     assert phases == ["id", "rec", "finetune"]  # valid fell at epoch 1: joint phase over, fine-tune from epoch 0
     assert [e.payload["epoch"] for e in events if e.signal == "epoch_end"] == [0, 1, 2]
@@ -271,7 +273,7 @@ def test_without_tokenizer_training_codes_stay_those_of_the_pretrained_tokenizer
     config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "joint.train_tokenizer=false",
                                   "joint.rec_kl_weight=0", "joint.rec_dec_cl_weight=0"])
     with signals.recording(signals.epoch_end, signals.codes_assigned) as events:
-        run_joint(config, output_dir=tmp_path / "run", wandb_mode="disabled")
+        run_stage(JOINT, config, output_dir=tmp_path / "run", wandb_mode="disabled")
     assert [e.payload["phase"] for e in events if e.signal == "epoch_end"] == ["rec"] * 4 + ["finetune"]
     assigned = [e for e in events if e.signal == "codes_assigned"]
     assert len(assigned) == 1  # once, from the pretrained tokenizer, never refreshed
@@ -295,7 +297,7 @@ def test_tokenizer_epochs_train_the_recommender_too_with_id_trains_rec_and_stick
     signals.epoch_end.connect(snapshot)
     try:
         with signals.recording(signals.epoch_end, signals.codes_assigned) as events:
-            run_joint(config, output_dir=tmp_path / "run", wandb_mode="disabled")
+            run_stage(JOINT, config, output_dir=tmp_path / "run", wandb_mode="disabled")
     finally:
         signals.epoch_end.disconnect(snapshot)
     assert [phase for phase, _, _ in weights] == ["id", "rec", "id", "rec", "finetune"]
@@ -315,14 +317,14 @@ def test_bf16_mixed_precision_runs_the_recommender_under_autocast_and_keeps_loss
     data = load_stage_data(joint_run["config"])
     rng = np.random.default_rng(0)
     embeddings = rng.normal(size=(data.n_items + 1, 256)).astype(np.float32)
-    from etegrec.training.factories import build_tokenizer, tokenizer_inputs
-    tokenizer = build_tokenizer(joint_run["config"], 256)
-    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(joint_run["config"], embeddings)[1:]))
+    from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
+    tokenizer = build_tokenizer(joint_run["config"].tokenizer, 256)
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(joint_run["config"].tokenizer, embeddings)[1:]))
     losses, dtypes = {}, {}
     for precision in ("fp32", "bf16"):
         config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES,
                                       f"joint.mixed_precision={precision}", "recommender.dropout=0"])
-        with Run(config, RunOptions(output_dir=tmp_path / precision, console=False), stage="joint") as run:
+        with Run(config, RunOptions(output_dir=tmp_path / precision, console=False), stage=JOINT) as run:
             torch.manual_seed(0)
             trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
             seen = []
@@ -344,14 +346,14 @@ def test_bf16_mixed_precision_runs_the_recommender_under_autocast_and_keeps_loss
 
 def test_catalogue_negatives_contrast_the_decoder_state_with_every_items_reconstruction(joint_run, tmp_path):
     from etegrec.models import catalogue_nce
-    from etegrec.training.factories import build_tokenizer, tokenizer_inputs
+    from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
     data = load_stage_data(joint_run["config"])
     embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
-    tokenizer = build_tokenizer(joint_run["config"], 256)
-    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(joint_run["config"], embeddings)[1:]))
+    tokenizer = build_tokenizer(joint_run["config"].tokenizer, 256)
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(joint_run["config"].tokenizer, embeddings)[1:]))
     config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "joint.cl_negatives=catalogue",
                                   "recommender.dropout=0", "tokenizer.dropout=0"])
-    with Run(config, RunOptions(output_dir=tmp_path / "run", console=False), stage="joint") as run:
+    with Run(config, RunOptions(output_dir=tmp_path / "run", console=False), stage=JOINT) as run:
         trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
         with trainer.hooks:
             trainer.refresh_codes(0)

@@ -11,6 +11,8 @@ from conftest import write_structured_inter
 from etegrec import signals
 from etegrec.config import load_config
 from etegrec.probes import code_floors, drop_last, popularity_nll, repeat_share, shuffle_histories, topk_overlap
+from etegrec.training.joint import JOINT
+from etegrec.training.run.pipeline import run_stage
 
 CODES = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])  # items 1..4, two codes each
 COUNTS = np.array([5, 1, 1, 1])  # training target counts of items 1..4; smoothed: 6, 2, 2, 2 (total 12)
@@ -57,8 +59,7 @@ def test_drop_last_removes_the_most_recent_item_but_keeps_one() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_joint_run(tmp_path_factory):
-    from etegrec.training.joint import run_joint
-
+    
     root = tmp_path_factory.mktemp("probes")
     inter = write_structured_inter(root / "structured.inter")
     overrides = [f"data.data_path={inter}", "data.dataset=structured", "data.max_users=null", "embed.epochs=1",
@@ -68,7 +69,7 @@ def tiny_joint_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ETEGREC_HOME", str(root / "home"))
         with signals.recording() as events:
-            run_joint(load_config("tiny", overrides), output_dir=root / "run", wandb_mode="disabled")
+            run_stage(JOINT, load_config("tiny", overrides), output_dir=root / "run", wandb_mode="disabled")
     return events
 
 

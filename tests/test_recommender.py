@@ -276,11 +276,12 @@ def test_forward_all_equals_forward_on_every_prefix_of_the_window() -> None:
 
 def test_code_init_tokenizer_starts_each_level_from_its_codebook_at_unit_scale() -> None:
     from etegrec.config import load_config
-    from etegrec.training.factories import build_recommender, build_tokenizer
+    from etegrec.training.joint import build_recommender
+    from etegrec.training.rqvae import build_tokenizer
 
     config = load_config("tiny", ["recommender.code_init=tokenizer", "recommender.d_model=16"])  # tiny: e_dim 16
     torch.manual_seed(0)
-    tokenizer = build_tokenizer(config, in_dim=8)
+    tokenizer = build_tokenizer(config.tokenizer, in_dim=8)
     model = build_recommender(config, tokenizer, semantic_dim=8)
     for level, layer in enumerate(tokenizer.quantizer.layers):
         book, table = layer.codebook.detach(), model.code_embedding[level].detach()
@@ -345,12 +346,13 @@ def test_forward_all_and_beam_search_read_the_item_ids_as_forward_does() -> None
 
 def test_item_vectors_start_from_the_embed_stages_geometry() -> None:
     from etegrec.config import ConfigError, load_config
-    from etegrec.training.factories import build_recommender, build_tokenizer
+    from etegrec.training.joint import build_recommender
+    from etegrec.training.rqvae import build_tokenizer
 
     config = load_config("tiny", ["recommender.encoder_input=items", "recommender.item_embedding=embed"])
     emb = torch.randn(13, 8, generator=torch.Generator().manual_seed(4)).numpy()  # 12 items + padding, d 8
     torch.manual_seed(0)
-    model = build_recommender(config, build_tokenizer(config, in_dim=8), semantic_dim=8, num_items=12, embeddings=emb)
+    model = build_recommender(config, build_tokenizer(config.tokenizer, in_dim=8), semantic_dim=8, num_items=12, embeddings=emb)
     table = model.item_embedding.weight.detach()
     assert table.shape == (13, config.recommender.d_model) and not table[0].any()
     assert abs(float(table[1:, :8].std()) - 1.0) < 1e-4 and not table[:, 8:].any()  # d 8 < d_model: the rest zero

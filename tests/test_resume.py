@@ -19,7 +19,7 @@ import yaml
 
 from conftest import make_accelerator, write_structured_inter
 from etegrec.hooks.eventlog import read_events
-from etegrec.training.checkpoint import read_checkpoint
+from etegrec.training.run.checkpoint import read_checkpoint
 
 ARGS = ["--config", "tiny", "--set", "joint.batch_size=16", "--set", "joint.sample_fraction=1.0"]
 
@@ -227,21 +227,23 @@ class _CtrlC:
 
 @pytest.mark.parametrize("stage", ["embed", "rqvae"])
 def test_embed_and_tokenizer_stages_resume_after_ctrl_c_like_an_uninterrupted_run(stage, tmp_path):
+    from functools import partial
+
     from etegrec.config import load_config
-    from etegrec.training.embed import run_embed
-    from etegrec.training.rqvae import run_rqvae
-    from etegrec.training.pipeline import ensure_embeddings
-    from etegrec.training.stages import load_stage_data
+    from etegrec.training.run.cache import load_stage_data
+    from etegrec.training.embed import EMBED
+    from etegrec.training.run.pipeline import ensure, run_stage
+    from etegrec.training.rqvae import RQVAE
 
     inter = write_structured_inter(tmp_path / "data.inter", n_users=60)
     config = load_config("tiny", [f"data.data_path={inter}", "embed.batch_size=8", "embed.epochs=3",
                                   "embed.patience=5", "rqvae.epochs=8", "rqvae.eval_step=2", "rqvae.patience=5",
                                   "tokenizer.dropout=0.1", "rqvae.restart_dead_every=3"])  # randomness after the stop
     if stage == "embed":
-        run, on, stop_epoch = run_embed, "step_end", 1  # mid-epoch
+        run, on, stop_epoch = partial(run_stage, EMBED), "step_end", 1  # mid-epoch
     else:
-        run, on, stop_epoch = run_rqvae, "epoch_end", 2  # the epoch is finished first (they take milliseconds)
-        ensure_embeddings(config, load_stage_data(config), make_accelerator())  # built once, shared
+        run, on, stop_epoch = partial(run_stage, RQVAE), "epoch_end", 2  # the epoch is finished first (they take milliseconds)
+        ensure(EMBED, config, load_stage_data(config), make_accelerator())  # built once, shared
     run(config, output_dir=tmp_path / "reference", wandb_mode="disabled")
     with pytest.raises(KeyboardInterrupt):
         run(config, output_dir=tmp_path / "stopped", wandb_mode="disabled", subscribers=[_CtrlC(stop_epoch, on)])
@@ -259,7 +261,7 @@ def test_embed_and_tokenizer_stages_resume_after_ctrl_c_like_an_uninterrupted_ru
 
 def test_a_run_from_before_a_config_key_existed_resumes_when_the_key_keeps_its_default():
     from etegrec.config import load_config
-    from etegrec.training.resume import _config_changes
+    from etegrec.training.run.resume import _config_changes
 
     current = load_config("tiny").to_dict()
     saved = {section: dict(values) for section, values in current.items()}

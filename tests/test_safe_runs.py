@@ -22,8 +22,8 @@ from etegrec import recommend
 from etegrec.config import ConfigError
 from etegrec.hooks.eventlog import EventLog, read_events
 from etegrec.training import joint
-from etegrec.training.checkpoint import CheckpointError, read_checkpoint
-from etegrec.training.rundir import hold_run_dir
+from etegrec.training.run.checkpoint import CheckpointError, read_checkpoint
+from etegrec.training.run.rundir import hold_run_dir
 
 BASE = ["--config", "tiny", "--wandb-mode", "disabled"]
 
@@ -312,7 +312,7 @@ def test_a_second_ctrl_c_stops_a_run_whose_subscriber_hangs_and_the_printed_comm
 
 def test_a_resume_reads_an_old_runs_missing_keys_as_built_in_defaults_not_as_ml_100k(tmp_path, monkeypatch):
     from etegrec.config import Config, load_config
-    from etegrec.training.cli import common_parser, parse_stage_args
+    from etegrec.training.run.cli import common_parser, parse_stage_args
 
     monkeypatch.setenv("ETEGREC_HOME", str(tmp_path / "home"))
     run = tmp_path / "old-run"

@@ -103,7 +103,7 @@ def test_window_loss_counts_only_the_last_targets_it_is_told():
 def test_windows_make_every_item_after_the_first_a_target_exactly_once(stride):
     import numpy as np
 
-    from etegrec.training.embed import make_windows
+    from etegrec.data import make_windows
 
     sequences = [np.arange(1, n + 1) + 100 * n for n in (1, 2, 5, 6, 7, 13)]
     windows, counted = make_windows(sequences, 6, stride)
@@ -122,7 +122,7 @@ def test_windows_make_every_item_after_the_first_a_target_exactly_once(stride):
 def test_window_stride_out_of_range_is_an_error():
     import numpy as np
 
-    from etegrec.training.embed import make_windows
+    from etegrec.data import make_windows
 
     with pytest.raises(ValueError, match="stride=6"):
         make_windows([np.arange(1, 9)], 6, 6)

@@ -14,10 +14,12 @@ import torch
 from etegrec import metrics, signals
 from etegrec.config import load_config
 from etegrec.hooks import read_events
-from etegrec.training.rqvae import run_rqvae
-from etegrec.training.stages import KNOWN_DATA, load_stage_data, stage_dir
+from etegrec.training.run.cache import KNOWN_DATA, load_stage_data, stage_dir
 
 from conftest import write_structured_inter
+from etegrec.training.embed import EMBED
+from etegrec.training.rqvae import RQVAE
+from etegrec.training.run.pipeline import run_stage
 
 WANDB = str(Path(sys.executable).with_name("wandb"))
 
@@ -38,7 +40,7 @@ def _of_stage(events, stage):
 def rqvae_run(tiny_config, tmp_path):
     out = tmp_path / "rqvae-run"
     with signals.recording() as events:
-        result = run_rqvae(tiny_config, output_dir=out, wandb_mode="offline")
+        result = run_stage(RQVAE, tiny_config, output_dir=out, wandb_mode="offline")
     return tiny_config, out, events, result
 
 
@@ -111,10 +113,10 @@ def test_rqvae_stage_writes_its_best_codes_with_their_suffix_by_raw_item_id(rqva
 
 def test_rqvae_stage_reuses_cached_embeddings(rqvae_run, tmp_path):
     config, _, _, _ = rqvae_run
-    folder = stage_dir(config, "embed", ("embed",), load_stage_data(config))
+    folder = stage_dir(config, EMBED, load_stage_data(config))
     assert (folder / "embeddings.npy").exists()
     with signals.recording(signals.run_started) as started:
-        run_rqvae(config, output_dir=tmp_path / "again", wandb_mode="disabled")
+        run_stage(RQVAE, config, output_dir=tmp_path / "again", wandb_mode="disabled")
     assert [e.payload["stage"] for e in started] == ["rqvae"]  # no second embed run
 
 
@@ -155,7 +157,7 @@ def test_embed_stage_writes_embeddings_and_test_metrics(rqvae_run):
     assert all(e.payload["phase"] == "embed" for e in embed if e.signal == "epoch_end")
     splits = [e.payload["split"] for e in embed if e.signal == "evaluated"]
     assert splits == ["valid", "valid", "test"]
-    folder = stage_dir(config, "embed", ("embed",), load_stage_data(config))
+    folder = stage_dir(config, EMBED, load_stage_data(config))
     emb = np.load(folder / "embeddings.npy")
     items = json.loads((folder / "item_map.json").read_text())["items"]
     assert emb.shape == (len(items) + 1, config.embed.hidden)
@@ -185,10 +187,10 @@ def test_resume_without_a_checkpoint_is_refused_before_reading_data(capsys, tmp_
 
 
 def test_embed_stage_with_repeat_bias_learns_it_at_its_own_rate(tiny_config, tmp_path):
-    from etegrec.training.embed import REPEAT_BIAS_LR, run_embed
+    from etegrec.training.embed import REPEAT_BIAS_LR
     tiny_config.embed.repeat_bias = True
     out = tmp_path / "embed-run"
-    run_embed(tiny_config, output_dir=out, wandb_mode="disabled")
+    run_stage(EMBED, tiny_config, output_dir=out, wandb_mode="disabled")
     state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     groups = state["optimizer"]["param_groups"]
     assert [g["lr"] for g in groups] == [tiny_config.embed.lr, REPEAT_BIAS_LR]
@@ -207,9 +209,9 @@ def test_cache_keys_of_the_default_config_stay_those_of_existing_caches():
     config = load_config("ml-100k", ["run.seed=2024", "embed.repeat_bias=false"])
     # The data's digest joined the key later too: the default ml-100k preparation's is left out.
     ml100k = KNOWN_DATA["ml-100k"]
-    assert stage_dir(config, "embed", ("embed",), ml100k).name == "embed-ml-100k-767aad455e9f"
-    assert stage_dir(config, "rqvae", ("embed", "tokenizer", "rqvae"), ml100k).name == "rqvae-ml-100k-b6f2d73aafc2"
+    assert stage_dir(config, EMBED, ml100k).name == "embed-ml-100k-767aad455e9f"
+    assert stage_dir(config, RQVAE, ml100k).name == "rqvae-ml-100k-b6f2d73aafc2"
     config.embed.repeat_bias = True  # a new key away from its neutral value is a different stage
-    assert stage_dir(config, "embed", ("embed",), ml100k).name != "embed-ml-100k-767aad455e9f"
+    assert stage_dir(config, EMBED, ml100k).name != "embed-ml-100k-767aad455e9f"
     config.embed.repeat_bias = False  # other content under the same name: another stage
-    assert stage_dir(config, "embed", ("embed",), "0" * 16).name != "embed-ml-100k-767aad455e9f"
+    assert stage_dir(config, EMBED, "0" * 16).name != "embed-ml-100k-767aad455e9f"

@@ -384,11 +384,12 @@ def test_subscriber_connects_its_on_signal_methods_strongly():
 
 
 JOINT_PHASES = ["id", "rec", "rec"] * 3 + ["finetune"] * 3  # joint.epochs 9, cycle 3, finetune_epochs 3
+PIPELINE = ["embed", "rqvae", "joint"]  # the stages of the joint command
 
 
 def test_console_epoch_lines_say_the_pipeline_stage_and_the_epochs_left():
     out = io.StringIO()
-    with ConsoleSubscriber(file=out):
+    with ConsoleSubscriber(file=out, pipeline=PIPELINE):
         signals.run_started.send(None, stage="joint", config={}, run_dir="r", rank=0, world_size=1, resumed=False,
                                  start_epoch=4, phases=JOINT_PHASES)
         signals.epoch_end.send(None, **{**EPOCH_END, "stage": "joint", "epoch": 4})
@@ -399,7 +400,7 @@ def test_console_epoch_lines_say_the_pipeline_stage_and_the_epochs_left():
 def test_the_time_left_counts_each_phase_at_its_own_pace():
     now = [0.0]
     out = io.StringIO()
-    with ConsoleSubscriber(file=out, clock=lambda: now[0]):
+    with ConsoleSubscriber(file=out, clock=lambda: now[0], pipeline=PIPELINE):
         signals.run_started.send(None, stage="joint", config={}, run_dir="r", rank=0, world_size=1, resumed=False,
                                  start_epoch=0, phases=JOINT_PHASES)
         for epoch, seconds in enumerate([1.0, 10.0, 10.0, 1.0]):  # a tokenizer epoch is 10x faster

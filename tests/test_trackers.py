@@ -14,12 +14,13 @@ import yaml
 from conftest import make_accelerator, write_structured_inter
 from etegrec import signals
 from etegrec.config import load_config
-from etegrec.hooks.wandb import JOINT_PROJECT, WandbSubscriber, flat_config
+from etegrec.hooks.wandb import WandbSubscriber, flat_config
 from etegrec.training import joint
-from etegrec.training.cli import common_parser
-from etegrec.training.options import RunOptions, check_trackers
+from etegrec.training.run.cli import common_parser
+from etegrec.training.run.options import RunOptions, check_trackers
 from etegrec.training.run import Run
 from test_wandb import K, ListTracker, emit_joint, inspect_records, logged
+from etegrec.training.joint import JOINT
 
 accelerate = pytest.importorskip("accelerate")
 event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
@@ -48,15 +49,15 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 def run_joint_signals(run_dir: Path, log_with: list[str]) -> tuple[WandbSubscriber, Path]:
     """Emit the joint stage's signal sequence through a subscriber on ``log_with``; finish it."""
     accelerator = make_accelerator(log_with=log_with, project_dir=run_dir)
-    subscriber = WandbSubscriber(accelerator=accelerator, project=JOINT_PROJECT, run_name="tb", config=CONFIG,
-                                 run_dir=run_dir, stage="joint", mode="offline")
+    subscriber = WandbSubscriber(accelerator=accelerator, project=JOINT.project, run_name="tb", config=CONFIG,
+                                 run_dir=run_dir, stage="joint", key_map=JOINT.key_map, mode="offline")
     subscriber.start()
     subscriber.connect()
     with signals.strict():
         emit_joint()
         signals.run_finished.send(None, stage="joint", status="completed", best_metrics={"ndcg@10": 0.5},
                                   best_checkpoint=None, seconds=3.0)
-    return subscriber, run_dir / JOINT_PROJECT  # accelerate's TensorBoard folder: logging_dir/project
+    return subscriber, run_dir / JOINT.project  # accelerate's TensorBoard folder: logging_dir/project
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +129,8 @@ def test_tensorboard_alone_starts_no_wandb_run(tensorboard_only):
 
 def test_start_twice_starts_each_tracker_once(wandb_env, tmp_path):
     accelerator = make_accelerator(log_with=["tensorboard"], project_dir=tmp_path)
-    subscriber = WandbSubscriber(accelerator=accelerator, project=JOINT_PROJECT, run_name="r", config={},
-                                 run_dir=tmp_path, stage="joint")
+    subscriber = WandbSubscriber(accelerator=accelerator, project=JOINT.project, run_name="r", config={},
+                                 run_dir=tmp_path, stage="joint", key_map=JOINT.key_map)
     subscriber.start()
     subscriber.start()
     subscriber.finish()
@@ -144,12 +145,12 @@ def test_flat_config_joins_keys_and_turns_lists_into_strings():
 def test_wandb_mode_disabled_drops_wandb_and_keeps_the_other_trackers(tmp_path):
     config = load_config("tiny")
     run = Run(config, RunOptions.resolve(config, output_dir=tmp_path, wandb_mode="disabled",
-                                         log_with=("wandb", "tensorboard"), console=False), stage="joint")
+                                         log_with=("wandb", "tensorboard"), console=False), stage=JOINT)
     assert [str(t) for t in run.accelerator.log_with] == ["tensorboard"]
     assert run.accelerator.logging_dir == str(tmp_path / "tensorboard")
     assert any(isinstance(s, WandbSubscriber) for s in run.subscribers)
     alone = Run(config, RunOptions.resolve(config, output_dir=tmp_path, wandb_mode="disabled", console=False),
-                stage="joint")
+                stage=JOINT)
     assert not alone.accelerator.log_with and not any(isinstance(s, WandbSubscriber) for s in alone.subscribers)
 
 
@@ -157,7 +158,7 @@ def test_a_tracker_object_in_run_options_gets_the_runs_scalars(tmp_path):
     config = load_config("tiny")
     mine = ListTracker()
     run = Run(config, RunOptions.resolve(config, output_dir=tmp_path, wandb_mode="disabled", log_with=(mine,),
-                                         console=False), stage="joint")
+                                         console=False), stage=JOINT)
     with run, signals.strict():
         signals.evaluated.send(None, stage="joint", split="valid", epoch=2, metrics={"ndcg@10": 0.25})
     assert run.accelerator.trackers == [mine]
@@ -186,7 +187,7 @@ def test_joint_command_logs_to_tensorboard(tmp_path, capsys):
                  "joint.finetune_epochs=0"]:
         argv += ["--set", item]
     assert joint.main(argv) == 0, capsys.readouterr().err
-    scalars = tensorboard_scalars(out / "tensorboard" / JOINT_PROJECT)
+    scalars = tensorboard_scalars(out / "tensorboard" / JOINT.project)
     assert [step for step, _ in scalars[tag("eval/ndcg@10")]] == [0, 1]
     assert [step for step, _ in scalars["train/id_loss_total"]] == [0]
     assert [step for step, _ in scalars["train/rec_loss_total"]] == [1]

@@ -16,7 +16,7 @@ import etegrec
 from conftest import tiny_command
 from etegrec.config import load_config
 from etegrec.metrics import ranking_metrics
-from etegrec.training.stages import load_stage_data
+from etegrec.training.run.cache import load_stage_data
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,8 @@ AWKWARD_IDS = ["tab\there", "new\nline", 'a "quoted" id', '"leading quote', "bac
 
 
 def test_awkward_item_ids_round_trip_through_item_codes_tsv(tmp_path):
-    from etegrec.training.item_codes import read_item_codes
-    from etegrec.training.rundir import RunDir
+    from etegrec.training.run.item_codes import read_item_codes
+    from etegrec.training.run.rundir import RunDir
 
     codes = np.arange(len(AWKWARD_IDS) * 4).reshape(-1, 4)
     path = RunDir(tmp_path, stage="joint", is_main=True).write_item_codes(codes, AWKWARD_IDS)
@@ -96,7 +96,7 @@ def test_awkward_item_ids_round_trip_through_item_codes_tsv(tmp_path):
 
 
 def test_an_item_codes_file_written_before_quoting_reads_the_same(tmp_path):
-    from etegrec.training.item_codes import read_item_codes
+    from etegrec.training.run.item_codes import read_item_codes
 
     path = tmp_path / "item_codes.tsv"
     path.write_text("item_id\tc0\tsuffix\n50\t3\t0\nB00X'1\t4\t1\nback\\slash\t5\t0\n", encoding="utf-8")
@@ -109,8 +109,8 @@ def awkward_run(finished_run, tmp_path_factory):
     """The finished run with its first items renamed to awkward ids (same codes), as a JSON dataset could name them."""
     import shutil
 
-    from etegrec.training.item_codes import read_item_codes
-    from etegrec.training.rundir import RunDir
+    from etegrec.training.run.item_codes import read_item_codes
+    from etegrec.training.run.rundir import RunDir
 
     run_dir = tmp_path_factory.mktemp("awkward") / "run"
     shutil.copytree(finished_run[0], run_dir)

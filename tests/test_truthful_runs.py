@@ -16,8 +16,9 @@ from conftest import tiny_command, write_structured_inter
 from etegrec import signals
 from etegrec.config import load_config
 from etegrec.training import joint
-from etegrec.training.rundir import default_run_dir, hold_run_dir
-from etegrec.training.stages import load_stage_data, stage_dir
+from etegrec.training.run.rundir import default_run_dir, hold_run_dir
+from etegrec.training.run.cache import load_stage_data, stage_dir
+from etegrec.training.embed import EMBED
 
 TINY = ["--config", "tiny", "--wandb-mode", "disabled", "--set", "embed.epochs=1", "--set", "rqvae.epochs=2",
         "--set", "joint.epochs=2", "--set", "joint.finetune_epochs=0", "--set", "data.max_users=null"]
@@ -62,12 +63,12 @@ def test_the_cache_key_follows_the_prepared_content_not_the_path(tmp_path):
     for path in (a, b):
         config = load_config("tiny", [f"data.data_path={path}", "data.dataset=walk"])
         data = load_stage_data(config)
-        keys.append(stage_dir(config, "embed", ("embed",), data))
+        keys.append(stage_dir(config, EMBED, data))
     assert keys[0] == keys[1]
     _reverse_timestamps(b)
     config = load_config("tiny", [f"data.data_path={b}", "data.dataset=walk"])
     data = load_stage_data(config)
-    assert stage_dir(config, "embed", ("embed",), data) != keys[0]
+    assert stage_dir(config, EMBED, data) != keys[0]
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
@@ -83,7 +84,7 @@ def test_a_directory_a_live_run_holds_is_refused_in_one_line(tmp_path):
     run_dir = tmp_path / "held"
     run_dir.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from etegrec.training.rundir import hold_run_dir; "
+        "import sys, time; from etegrec.training.run.rundir import hold_run_dir; "
         f"hold_run_dir({str(run_dir)!r}); print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -162,7 +163,7 @@ def test_fit_diagnostics_never_overwrite_the_committed_results(embed_run):
 
 
 def test_every_stage_takes_format_as_the_readers_error_says(tmp_path):
-    from etegrec.training.cli import common_parser, parse_stage_args
+    from etegrec.training.run.cli import common_parser, parse_stage_args
 
     inter = write_structured_inter(tmp_path / "walk.txt")
     args = parse_stage_args(common_parser("python -m etegrec.training.rqvae", "x"),

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from etegrec.training.evaluation import BeamEvaluation, validation_subsample
+from etegrec.training.joint.evaluation import BeamEvaluation, validation_subsample
 
 
 def _split(n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,13 +15,13 @@ import pytest
 from conftest import make_accelerator
 from etegrec import signals
 from etegrec.hooks.wandb import (
-    JOINT_PROJECT,
-    PRETRAIN_PROJECT,
     WandbSubscriber,
     resolve_mode,
     usage_histogram,
 )
 from etegrec.hooks.wandb_process import RemoteRun, WandbProcessError, WandbProcessTracker
+from etegrec.training.joint import JOINT
+from etegrec.training.rqvae import RQVAE
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -51,18 +51,19 @@ def usage(seed: int) -> np.ndarray:
 
 
 def run_stage(tmp_path_factory, *, stage, project, emit, status) -> tuple[Path, list[dict]]:
-    run_dir = tmp_path_factory.mktemp(stage)
+    run_dir = tmp_path_factory.mktemp(stage.name)
     accelerator = make_accelerator(log_with="wandb")
-    config = {"stage": stage, "seed": 7, "tokenizer": {"code_num": K, "e_dim": 4}}
-    subscriber = WandbSubscriber(accelerator=accelerator, project=project, run_name=f"{stage}_name",
-                                 config=config, run_dir=run_dir, stage=stage, mode="offline")
+    config = {"stage": stage.name, "seed": 7, "tokenizer": {"code_num": K, "e_dim": 4}}
+    subscriber = WandbSubscriber(accelerator=accelerator, project=project, run_name=f"{stage.name}_name",
+                                 config=config, run_dir=run_dir, stage=stage.name, key_map=stage.key_map,
+                                 mode="offline")
     subscriber.start()
     subscriber.connect()
     with signals.strict():
-        signals.run_started.send(None, stage=stage, config=config, run_dir=str(run_dir), rank=0,
+        signals.run_started.send(None, stage=stage.name, config=config, run_dir=str(run_dir), rank=0,
                                  world_size=1, resumed=False, start_epoch=0)
         emit()
-        signals.run_finished.send(None, stage=stage, status=status, best_metrics={"ndcg@10": 0.5},
+        signals.run_finished.send(None, stage=stage.name, status=status, best_metrics={"ndcg@10": 0.5},
                                   best_checkpoint=None, seconds=3.0)
     accelerator.end_training()  # what the trainer does last: a second finish is a no-op
     assert subscriber.on_epoch_end not in list(signals.epoch_end.receivers_for(None))  # disconnected
@@ -113,13 +114,13 @@ def emit_joint():
 
 @pytest.fixture(scope="module")
 def pretrain(wandb_env, tmp_path_factory):
-    return run_stage(tmp_path_factory, stage="rqvae", project=PRETRAIN_PROJECT, emit=emit_pretrain,
+    return run_stage(tmp_path_factory, stage=RQVAE, project=RQVAE.project, emit=emit_pretrain,
                      status="completed")
 
 
 @pytest.fixture(scope="module")
 def joint(wandb_env, tmp_path_factory):
-    return run_stage(tmp_path_factory, stage="joint", project=JOINT_PROJECT, emit=emit_joint,
+    return run_stage(tmp_path_factory, stage=JOINT, project=JOINT.project, emit=emit_joint,
                      status="interrupted")
 
 
@@ -206,7 +207,7 @@ def test_epoch_is_declared_the_step_metric(stage_run, request):
     assert any(m.get("glob_name") == "*" and m.get("step_metric") == "epoch" for m in metrics)
 
 
-@pytest.mark.parametrize("stage_run, project", [("pretrain", PRETRAIN_PROJECT), ("joint", JOINT_PROJECT)])
+@pytest.mark.parametrize("stage_run, project", [("pretrain", RQVAE.project), ("joint", JOINT.project)])
 def test_run_name_project_and_config(stage_run, project, request):
     run_dir, records = request.getfixturevalue(stage_run)
     stage = "rqvae" if stage_run == "pretrain" else "joint"
@@ -237,8 +238,8 @@ def test_completed_run_exits_0_and_other_statuses_mark_it_failed(pretrain, joint
 
 def test_a_wandb_error_is_warned_once_and_the_run_goes_on(wandb_env, tmp_path, caplog):
     accelerator = make_accelerator(log_with="wandb")
-    subscriber = WandbSubscriber(accelerator=accelerator, project=JOINT_PROJECT, run_name="broken",
-                                 config={}, run_dir=tmp_path, stage="joint", mode="disabled")
+    subscriber = WandbSubscriber(accelerator=accelerator, project=JOINT.project, run_name="broken",
+                                 config={}, run_dir=tmp_path, stage="joint", key_map=JOINT.key_map, mode="disabled")
     subscriber.start()
     subscriber.connect()
     calls = []
@@ -280,8 +281,8 @@ class ListTracker(accelerate.tracking.GeneralTracker):
 def test_other_trackers_get_the_scalars_with_epoch_as_step(wandb_env, tmp_path):
     other = ListTracker()
     accelerator = make_accelerator(log_with=["wandb", other])
-    subscriber = WandbSubscriber(accelerator=accelerator, project=JOINT_PROJECT, run_name="two",
-                                 config={}, run_dir=tmp_path, stage="joint", mode="disabled")
+    subscriber = WandbSubscriber(accelerator=accelerator, project=JOINT.project, run_name="two",
+                                 config={}, run_dir=tmp_path, stage="joint", key_map=JOINT.key_map, mode="disabled")
     subscriber.start()
     subscriber.connect()
     try:
@@ -299,8 +300,8 @@ def test_other_trackers_get_the_scalars_with_epoch_as_step(wandb_env, tmp_path):
 
 def test_the_wandb_run_lives_in_another_process(wandb_env, tmp_path):
     accelerator = make_accelerator(log_with="wandb")
-    subscriber = WandbSubscriber(accelerator=accelerator, project=PRETRAIN_PROJECT, run_name="p",
-                                 config={}, run_dir=tmp_path, stage="rqvae", mode="offline")
+    subscriber = WandbSubscriber(accelerator=accelerator, project=RQVAE.project, run_name="p",
+                                 config={}, run_dir=tmp_path, stage="rqvae", key_map=RQVAE.key_map, mode="offline")
     subscriber.start()
     try:
         assert isinstance(subscriber.run, RemoteRun)
@@ -316,7 +317,7 @@ def test_start_leaves_the_accelerators_trackers_as_it_was_built_with(wandb_env, 
     accelerator = make_accelerator(log_with="wandb")
     log_with = list(accelerator.log_with)
     subscriber = WandbSubscriber(accelerator=accelerator, project="p", run_name="r", config={}, run_dir=tmp_path,
-                                 stage="rqvae", mode="disabled")
+                                 stage="rqvae", key_map=RQVAE.key_map, mode="disabled")
     subscriber.start()
     try:
         assert list(accelerator.log_with) == log_with
@@ -343,7 +344,7 @@ def test_online_without_an_api_key_starts_offline_with_one_warning(wandb_env, tm
 def test_an_invalid_mode_is_an_error_for_the_subscriber(tmp_path):
     with pytest.raises(ValueError, match="wandb mode 'cloud'"):
         WandbSubscriber(accelerator=make_accelerator(log_with="wandb"), project="p", run_name="r", config={},
-                        run_dir=tmp_path, stage="joint", mode="cloud")
+                        run_dir=tmp_path, stage="joint", key_map=JOINT.key_map, mode="cloud")
 
 
 KILLED_DURING_TRAINING = """
@@ -351,8 +352,10 @@ import os, sys
 import accelerate
 from etegrec import signals
 from etegrec.hooks.wandb import WandbSubscriber
+from etegrec.training.rqvae import RQVAE
 sub = WandbSubscriber(accelerator=accelerate.Accelerator(log_with="wandb", cpu=True), project="p",
-                      run_name="killed", config={}, run_dir=sys.argv[1], stage="rqvae", mode="offline")
+                      run_name="killed", config={}, run_dir=sys.argv[1], stage="rqvae", key_map=RQVAE.key_map,
+                      mode="offline")
 sub.start()
 sub.connect()
 signals.epoch_end.send(None, stage="rqvae", phase="rqvae", epoch=0, losses={"loss_total": 0.5})
@@ -382,7 +385,7 @@ def test_a_wandb_tracker_object_of_the_users_own_logs_in_process_with_the_same_r
     mine = accelerate.tracking.WandBTracker("p", dir=str(tmp_path), mode="offline", name="mine")
     accelerator = make_accelerator(log_with=[mine])
     subscriber = WandbSubscriber(accelerator=accelerator, project="p", run_name="mine", config={},
-                                 run_dir=tmp_path, stage="rqvae", mode="offline")
+                                 run_dir=tmp_path, stage="rqvae", key_map=RQVAE.key_map, mode="offline")
     subscriber.start()
     subscriber.connect()
     try:
@@ -444,8 +447,8 @@ def test_a_failed_wandb_start_is_an_error_naming_the_cause(wandb_env, tmp_path):
 def test_non_main_process_starts_and_connects_nothing(monkeypatch, tmp_path):
     accelerator = make_accelerator(log_with="wandb")
     monkeypatch.setattr(type(accelerator), "is_main_process", property(lambda self: False))
-    subscriber = WandbSubscriber(accelerator=accelerator, project=JOINT_PROJECT, run_name="r",
-                                 config={}, run_dir=tmp_path / "run", stage="joint", mode="offline")
+    subscriber = WandbSubscriber(accelerator=accelerator, project=JOINT.project, run_name="r",
+                                 config={}, run_dir=tmp_path / "run", stage="joint", key_map=JOINT.key_map, mode="offline")
     subscriber.start()
     subscriber.connect()
     assert subscriber.run is None and accelerator.trackers == []
@@ -456,14 +459,8 @@ def test_non_main_process_starts_and_connects_nothing(monkeypatch, tmp_path):
 
 def test_accelerator_without_a_tracker_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="needs an Accelerator with a tracker, got log_with=\\[\\]"):
-        WandbSubscriber(accelerator=make_accelerator(), project=JOINT_PROJECT, run_name="r",
-                        config={}, run_dir=tmp_path, stage="joint")
-
-
-def test_unknown_stage_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="no W&B key map for stage 'nope'"):
-        WandbSubscriber(accelerator=make_accelerator(log_with="wandb"), project="p",
-                        run_name="r", config={}, run_dir=tmp_path, stage="nope")
+        WandbSubscriber(accelerator=make_accelerator(), project=JOINT.project, run_name="r",
+                        config={}, run_dir=tmp_path, stage="joint", key_map=JOINT.key_map)
 
 
 def test_mode_is_offline_without_credentials(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 
 from etegrec.hooks.wandb_rows import (
-    KEY_MAPS,
     best_metrics_row,
     codebook_usage_row,
     codes_assigned_row,
@@ -12,25 +11,28 @@ from etegrec.hooks.wandb_rows import (
     merge_pending,
     probed_row,
 )
+from etegrec.training.embed import EMBED
+from etegrec.training.joint import JOINT
+from etegrec.training.rqvae import RQVAE
 
 
 def test_rqvae_losses_are_keyed_by_their_own_names():
-    row = KEY_MAPS["rqvae"].epoch_end(phase="rqvae", losses={"loss_total": 1.0, "loss_recon": 0.5, "loss_commit": 0.25})
+    row = RQVAE.key_map.epoch_end(phase="rqvae", losses={"loss_total": 1.0, "loss_recon": 0.5, "loss_commit": 0.25})
     assert row == {"train/loss_total": 1.0, "train/loss_recon": 0.5, "train/loss_commit": 0.25}
 
 
 def test_joint_losses_get_their_phase_in_front():
-    row = KEY_MAPS["joint"].epoch_end(phase="id", losses={"loss_total": 3.0, "vq_loss": 0.5})
+    row = JOINT.key_map.epoch_end(phase="id", losses={"loss_total": 3.0, "vq_loss": 0.5})
     assert row == {"train/id_loss_total": 3.0, "train/id_vq_loss": 0.5}
 
 
 def test_embed_losses_get_their_phase_in_front():
-    assert KEY_MAPS["embed"].epoch_end(phase="embed", losses={"loss_total": 6.5}) == {"train/embed_loss_total": 6.5}
+    assert EMBED.key_map.epoch_end(phase="embed", losses={"loss_total": 6.5}) == {"train/embed_loss_total": 6.5}
 
 
 def test_a_loss_name_is_never_renamed():
     # the trainers emit final names: a bare "loss" stays "loss"
-    assert KEY_MAPS["joint"].epoch_end(phase="rec", losses={"loss": 2.0}) == {"train/rec_loss": 2.0}
+    assert JOINT.key_map.epoch_end(phase="rec", losses={"loss": 2.0}) == {"train/rec_loss": 2.0}
 
 
 def test_learning_rates_are_named_after_the_optimiser_or_else_the_phase():
@@ -41,7 +43,7 @@ def test_learning_rates_are_named_after_the_optimiser_or_else_the_phase():
 
 
 def test_epoch_end_row_has_learning_rates_and_timings_as_floats():
-    row = KEY_MAPS["joint"].epoch_end(phase="rec", losses={"code_loss": np.float32(1.5)}, lr={"rec": 5e-3},
+    row = JOINT.key_map.epoch_end(phase="rec", losses={"code_loss": np.float32(1.5)}, lr={"rec": 5e-3},
                                       seconds=2, samples_per_second=50)
     assert row == {"train/rec_code_loss": 1.5, "lr/rec_lr": 5e-3, "perf/rec_epoch_seconds": 2.0,
                    "perf/rec_samples_per_second": 50.0}
@@ -49,19 +51,19 @@ def test_epoch_end_row_has_learning_rates_and_timings_as_floats():
 
 
 def test_epoch_end_row_leaves_out_timings_it_was_not_given():
-    assert KEY_MAPS["rqvae"].epoch_end(phase="rqvae", losses={"loss_total": 1.0}, lr=None) == {"train/loss_total": 1.0}
+    assert RQVAE.key_map.epoch_end(phase="rqvae", losses={"loss_total": 1.0}, lr=None) == {"train/loss_total": 1.0}
 
 
 def test_validation_is_eval_in_the_joint_stage_and_val_in_the_others():
     metrics = {"ndcg@10": 0.25}
-    assert KEY_MAPS["joint"].evaluated(split="valid", metrics=metrics) == {"eval/ndcg@10": 0.25}
-    assert KEY_MAPS["rqvae"].evaluated(split="valid", metrics=metrics) == {"val/ndcg@10": 0.25}
-    assert KEY_MAPS["embed"].evaluated(split="valid", metrics=metrics) == {"val/ndcg@10": 0.25}
+    assert JOINT.key_map.evaluated(split="valid", metrics=metrics) == {"eval/ndcg@10": 0.25}
+    assert RQVAE.key_map.evaluated(split="valid", metrics=metrics) == {"val/ndcg@10": 0.25}
+    assert EMBED.key_map.evaluated(split="valid", metrics=metrics) == {"val/ndcg@10": 0.25}
 
 
 def test_test_and_other_splits_are_keyed_by_their_name():
-    assert KEY_MAPS["joint"].evaluated(split="test", metrics={"recall@10": 0.5}) == {"test/recall@10": 0.5}
-    assert KEY_MAPS["joint"].evaluated(split="cold", metrics={"recall@10": 0.5}) == {"cold/recall@10": 0.5}
+    assert JOINT.key_map.evaluated(split="test", metrics={"recall@10": 0.5}) == {"test/recall@10": 0.5}
+    assert JOINT.key_map.evaluated(split="cold", metrics={"recall@10": 0.5}) == {"cold/recall@10": 0.5}
 
 
 def test_codes_assigned_row_has_the_share_of_items_whose_codes_changed():

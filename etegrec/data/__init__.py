@@ -10,6 +10,7 @@ from .prepare import SequenceData, k_core, pad_histories, prepare_interactions, 
 from .readers import FORMATS, DataError, Interactions, PreparedSplits, detect_format, read_interactions, read_prepared
 from .registry import DATASETS, NamedDataset
 from .sources import data_home, dataset_name_of, load_dataset
+from .windows import make_windows
 
 __all__ = [
     "DATASETS",
@@ -24,6 +25,7 @@ __all__ = [
     "detect_format",
     "k_core",
     "load_dataset",
+    "make_windows",
     "pad_histories",
     "prepare_interactions",
     "prepare_splits",

@@ -16,6 +16,7 @@ from functools import cached_property
 import numpy as np
 
 from .readers import DataError, Interactions, PreparedSplits
+from .windows import make_windows
 
 __all__ = ["SequenceData", "first_users", "k_core", "pad_histories", "prepare_interactions", "prepare_splits"]
 
@@ -90,6 +91,12 @@ class SequenceData:
         """
         items = self._items(rng)
         return [items[a:b - 2] for a, b in zip(self.seq_offsets[:-1], self.seq_offsets[1:])]
+
+    def train_windows(self, length: int, stride: int | None = None, rng: np.random.Generator | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """The training sequences (ties shuffled with ``rng``, as in :meth:`train_sequences`) cut into
+        windows of ``length`` items: ``(windows [n, length], counted [n])``, see :func:`make_windows`."""
+        return make_windows(self.train_sequences(rng), length, stride)
 
     def train_samples(self, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(train_history, train_target)``, with ties shuffled as in :meth:`train_sequences` when

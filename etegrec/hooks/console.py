@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
 from .base import Subscriber
 
-__all__ = ["ConsoleSubscriber", "PIPELINE"]
-
-PIPELINE = ("embed", "rqvae", "joint")  # the stages of `python -m etegrec.training.joint`, in order
+__all__ = ["ConsoleSubscriber"]
 
 
 def _phase(stage: str, phase: str) -> str:
@@ -31,14 +29,19 @@ def _fmt(values: dict, digits: int = 4) -> str:
 
 
 class ConsoleSubscriber(Subscriber):
-    """Prints through ``tqdm.write`` so that lines do not tear progress bars."""
+    """Prints through ``tqdm.write`` so that lines do not tear progress bars.
+
+    ``pipeline``: the stages of the command being run, in order (a run's console gets them from the
+    stages' declarations); an epoch line of one of them says ``stage N/M``.
+    """
 
     main_process_only = True
 
     def __init__(self, *, file=None, codebooks: bool = True, min_interval: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, pipeline: Sequence[str] = ()) -> None:
         super().__init__()
         self.file = file
+        self.pipeline = tuple(pipeline)
         self.codebooks = codebooks
         # step lines (step_end, many per epoch) at most every min_interval seconds; every epoch,
         # evaluation and checkpoint line is printed
@@ -85,7 +88,7 @@ class ConsoleSubscriber(Subscriber):
         means = {phase: sum(seconds) / len(seconds) for phase, seconds in self._durations.items()}
         planned = self._stage[1]
         left = sum(means.get(later, max(means.values())) for later in planned[epoch + 1:])
-        number = f"stage {PIPELINE.index(stage) + 1}/{len(PIPELINE)}, " if stage in PIPELINE else ""
+        number = f"stage {self.pipeline.index(stage) + 1}/{len(self.pipeline)}, " if stage in self.pipeline else ""
         eta = f"about {left / 60:.0f} min left" if left >= 90 else f"about {left:.0f} s left"
         return f" | {number}epoch {epoch + 1}/{len(planned)}, {eta}"
 

@@ -27,15 +27,13 @@ from .base import Subscriber
 from .wandb_child import usage_histogram
 from .wandb_mode import MODES, check_mode, resolve_mode
 from .wandb_process import log_artifact_file, log_row, wandb_in_its_own_process
-from .wandb_rows import (KEY_MAPS, TRACKING, KeyMap, Row, best_metrics_row, codebook_usage_row, codes_assigned_row,
-                         flat_config, merge_pending, probed_row)
+from .wandb_rows import (KeyMap, Row, best_metrics_row, codebook_usage_row, codes_assigned_row, flat_config,
+                         merge_pending, probed_row)
 
-__all__ = ["JOINT_PROJECT", "KEY_MAPS", "MODES", "PRETRAIN_PROJECT", "KeyMap", "WandbSubscriber",
-           "codes_assigned_row", "flat_config", "resolve_mode", "usage_histogram"]
+__all__ = ["MODES", "KeyMap", "WandbSubscriber", "codes_assigned_row", "flat_config", "resolve_mode",
+           "usage_histogram"]
 
 log = logging.getLogger(__name__)
-
-PRETRAIN_PROJECT, JOINT_PROJECT = TRACKING["rqvae"][0], TRACKING["joint"][0]
 
 
 def on_main_process(method: Callable) -> Callable:
@@ -56,35 +54,33 @@ class WandbSubscriber(Subscriber):
     Args:
         accelerator: an ``accelerate.Accelerator`` with at least one tracker in ``log_with`` (and a
             ``project_dir`` for trackers that write files, such as TensorBoard).
-        project: the W&B project (:data:`PRETRAIN_PROJECT`, :data:`JOINT_PROJECT`), also TensorBoard's folder.
+        project: the W&B project (a stage declares its own), also TensorBoard's folder.
         run_name, config: the W&B run's name; the fully resolved config, stored as the run config.
         run_dir: the run directory; W&B writes under ``run_dir/"wandb"``.
-        stage: the stage whose payloads are logged ("rqvae", "joint", "embed"); picks the key map.
+        stage: the name of the stage whose payloads are logged.
         mode: W&B's mode, already resolved (:func:`~etegrec.hooks.wandb_mode.resolve_mode`).
-        key_map: overrides the stage's :data:`KEY_MAPS` entry.
+        key_map: how the stage's losses and splits are keyed (its declaration's).
         finish_timeout: seconds ``finish`` may wait for W&B to flush (W&B's ``finish_timeout``).
         resume: continue the W&B run whose id this run directory holds (``wandb/run-id``).
         init_timeout: seconds W&B may take to start online before the run falls back to offline.
 
     Raises:
-        ValueError: no tracker in ``log_with``, an unknown stage without ``key_map``, an invalid mode.
+        ValueError: no tracker in ``log_with``, an invalid mode.
     """
 
     main_process_only = True
 
     def __init__(self, *, accelerator: Any, project: str, run_name: str, config: Mapping[str, Any],
-                 run_dir: str | os.PathLike, stage: str, mode: str = "offline", key_map: KeyMap | None = None,
+                 run_dir: str | os.PathLike, stage: str, key_map: KeyMap, mode: str = "offline",
                  finish_timeout: float = 60.0, resume: bool = False, init_timeout: float = 15.0) -> None:
         super().__init__()
         if not accelerator.log_with:
             raise ValueError(
                 f"WandbSubscriber needs an Accelerator with a tracker, got log_with={list(accelerator.log_with)!r}; "
                 f"build it with Accelerator(log_with='wandb') or another tracker (log_with='tensorboard', ...).")
-        if key_map is None and stage not in KEY_MAPS:
-            raise ValueError(f"no W&B key map for stage {stage!r}; use one of {sorted(KEY_MAPS)} or pass key_map.")
         self.accelerator, self.project, self.run_name, self.config = accelerator, project, run_name, dict(config)
         self.run_dir, self.stage, self.mode = Path(run_dir), stage, check_mode(mode)
-        self.key_map = key_map or KEY_MAPS[stage]
+        self.key_map = key_map
         self.finish_timeout, self.resume, self.init_timeout = finish_timeout, resume, init_timeout
         self.run = None  # the W&B run (in W&B's process: a RemoteRun), once started, when W&B is a tracker
         self.trackers: list = []  # the Accelerate trackers this subscriber started; finish() ends them

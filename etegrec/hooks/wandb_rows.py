@@ -2,8 +2,8 @@
 
 Pure functions, no tracker and no state: each takes a signal's payload as keywords (what it does not
 use is ignored, so a handler can pass the whole payload) and returns a row of plain floats and ints,
-keyed as W&B and TensorBoard show them. A stage's :class:`KeyMap` says how its ``epoch_end`` losses
-and ``evaluated`` splits are keyed.
+keyed as W&B and TensorBoard show them. A stage's :class:`KeyMap` (in its declaration,
+:class:`etegrec.training.stage.Stage`) says how its ``epoch_end`` losses and ``evaluated`` splits are keyed.
 
 Loss names are the trainers' own, never renamed here: the rqvae stage's ``loss_total`` is
 ``train/loss_total``; the joint and embed stages' phase goes in front, so the ``rec`` phase's
@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "TRACKING",
-    "KEY_MAPS",
     "KeyMap",
     "Row",
     "best_metrics_row",
@@ -80,13 +78,6 @@ class KeyMap:
         """The row of an ``evaluated`` payload: each metric under its split's prefix."""
         prefix = self.split_prefix.get(split, split)
         return {f"{prefix}/{name}": float(v) for name, v in metrics.items()}
-
-
-KEY_MAPS: dict[str, KeyMap] = {
-    "rqvae": KeyMap(loss_key=plain_loss_key, split_prefix={"valid": "val", "test": "test"}),
-    "joint": KeyMap(loss_key=phase_loss_key, split_prefix={"valid": "eval", "test": "test"}),
-    "embed": KeyMap(loss_key=phase_loss_key, split_prefix={"valid": "val", "test": "test"}),
-}
 
 
 def probed_row(*, probes: Mapping[str, float], **_: Any) -> dict[str, float]:
@@ -159,13 +150,3 @@ def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = str(value)
     return flat
-
-
-# Each stage's W&B project and run name (a function of the run's Config; None: the run directory's
-# name), in one place. A stage trained as a cached step of the pipeline tracks nothing.
-TRACKING: dict[str, tuple[str, Callable[[Any], str | None]]] = {
-    "embed": ("ETEGRec-Embed", lambda config: config.run.name),
-    "rqvae": ("ETEGRec-RQVAE-Pretrain", lambda config: f"{config.data.dataset}_layers{config.tokenizer.num_layers}"
-                                                       f"_edim{config.tokenizer.e_dim}"),
-    "joint": ("ETEGRec-Joint", lambda config: config.run.name),
-}

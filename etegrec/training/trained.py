@@ -17,10 +17,12 @@ import torch
 from etegrec.config import Config, ConfigError, run_config
 from etegrec.models import RQVAE, CodeTrie, T5Recommender
 
-from .checkpoint import read_checkpoint
-from .evaluation import beam_recommend
-from .factories import build_recommender, build_tokenizer
-from .item_codes import read_item_codes
+from .joint import JOINT
+from .joint.evaluation import beam_recommend
+from .joint.recommender import build_recommender
+from .rqvae.tokenizer import build_tokenizer
+from .run.checkpoint import read_checkpoint
+from .run.item_codes import read_item_codes
 
 __all__ = ["TrainedRun", "load_run", "read_item_codes"]
 
@@ -109,13 +111,13 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Trai
             raise ConfigError(f"{str(run_dir / name)!r} does not exist: load_run needs a finished joint run's directory")
     config = run_config(run_dir / "config.yaml")
     item_ids, table = read_item_codes(run_dir / "item_codes.tsv")
-    state = read_checkpoint(run_dir / "checkpoints" / "best.pt", stage="joint", what="load_run")
+    state = read_checkpoint(run_dir / "checkpoints" / "best.pt", stage=JOINT.name, what="load_run")
     codes = torch.cat([torch.zeros(1, table.shape[1], dtype=torch.long), torch.as_tensor(table)])
     if not torch.equal(state["codes"].cpu().long(), codes):
         raise ConfigError(f"{str(run_dir / 'item_codes.tsv')!r} does not hold the codes of checkpoints/best.pt; "
                           "the directory mixes two runs")
     try:
-        tokenizer = build_tokenizer(config, config.embed.hidden)
+        tokenizer = build_tokenizer(config.tokenizer, config.embed.hidden)
         tokenizer.load_state_dict(state["tokenizer"])
         recommender = build_recommender(config, tokenizer, semantic_dim=config.embed.hidden, num_items=len(item_ids))
         recommender.load_state_dict(state["recommender"])

@@ -14,16 +14,13 @@ import numpy as np
 import torch
 
 from etegrec import metrics, signals
-from etegrec.config import Config
+from etegrec.config import RQVAEConfig, RunConfig, TokenizerConfig
 from etegrec.forge import assign_codes
 from etegrec.hooks.codebook import CodebookHooks
 from etegrec.models import RQVAE
 
-from .factories import build_tokenizer, tokenizer_inputs
-from .fit import StageTrainer, fit_stage
-from .loop import EpochProgress, shuffled_batches, train_epoch
-from .run import Run
-from .stopping import EarlyStopping
+from ..run import EarlyStopping, EpochProgress, Run, StageTrainer, shuffled_batches, train_epoch
+from .tokenizer import build_tokenizer, tokenizer_inputs
 
 __all__ = ["RQVAETrainer", "code_quality", "tokenize_all"]
 
@@ -47,27 +44,29 @@ def code_quality(codes: np.ndarray, codebook_sizes: list[int]) -> dict[str, floa
 
 
 class RQVAETrainer(StageTrainer):
-    """Pretrains the tokenizer on fixed item embeddings and reports through the signals."""
+    """Pretrains the tokenizer on fixed item embeddings and reports through the signals.
 
-    stage = "rqvae"
+    It reads the ``tokenizer`` and ``rqvae`` sections and the seed and step-line interval of the
+    ``run`` section (``run_cfg``), nothing else of the config.
+    """
+
     save_last = "evaluation"  # hundreds of sub-second epochs: a checkpoint at every evaluation
     epoch_bar = True
 
-    def __init__(self, config: Config, run: Run, embeddings: np.ndarray, item_ids: Sequence[str] | None = None
-                 ) -> None:
-        self.config, self.run = config, run
+    def __init__(self, tokenizer: TokenizerConfig, cfg: RQVAEConfig, run_cfg: RunConfig, run: Run,
+                 embeddings: np.ndarray, item_ids: Sequence[str] | None = None) -> None:
+        self.cfg, self.run_cfg, self.run = cfg, run_cfg, run
         self.item_ids = item_ids  # raw ids of items 1..n, for item_codes.tsv
         device = run.accelerator.device
-        inputs = tokenizer_inputs(config, embeddings)
+        inputs = tokenizer_inputs(tokenizer, embeddings)
         self.items = torch.as_tensor(inputs[1:], device=device)  # (n_items, d); row 0 = padding dropped
-        self.model = build_tokenizer(config, self.items.shape[1]).to(device)
-        if config.tokenizer.kmeans_init:
+        self.model = build_tokenizer(tokenizer, self.items.shape[1]).to(device)
+        if tokenizer.kmeans_init:
             self.model.kmeans_init_from(self.items)  # same seed on every rank: same codebooks
         # not DDP-wrapped: train_epoch averages the gradients over processes itself
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.rqvae.lr,
-                                           weight_decay=config.rqvae.weight_decay)
-        self.eval_every = config.rqvae.eval_step
-        self.stopping = EarlyStopping("collision_rate", mode="min", patience=config.rqvae.patience)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.eval_every = cfg.eval_step
+        self.stopping = EarlyStopping("collision_rate", mode="min", patience=cfg.patience)
         self.quality: dict[str, float] | None = None  # of the last evaluation, with its codes
         self.codes: np.ndarray | None = None
         self.hooks = CodebookHooks(self.model, stage=self.stage, sender=self)
@@ -83,15 +82,15 @@ class RQVAETrainer(StageTrainer):
     # --- what fit_stage asks for ----------------------------------------------------------------
 
     def segments(self) -> list[list[str]]:
-        return [["rqvae"] * self.config.rqvae.epochs]
+        return [[self.stage] * self.cfg.epochs]
 
     def train_one_epoch(self, epoch: int, phase: str, progress: EpochProgress | None) -> None:
-        cfg, acc = self.config.rqvae, self.run.accelerator
-        batches = shuffled_batches(len(self.items), cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
+        cfg, acc = self.cfg, self.run.accelerator
+        batches = shuffled_batches(len(self.items), cfg.batch_size, seed=self.run_cfg.seed, epoch=epoch,
                                    rank=acc.process_index, world_size=acc.num_processes)
         result = train_epoch(sender=self, stage=self.stage, phase=phase, epoch=epoch, batches=batches,
                              loss_fn=self._loss, optimizers=[self.optimizer], accelerator=acc,
-                             log_every=self.config.run.log_every, show_progress=False, progress=progress,
+                             log_every=self.run_cfg.log_every, show_progress=False, progress=progress,
                              should_stop=self.run.step_stop())
         self.hooks.epoch_end(epoch)
         if cfg.restart_dead_every and (epoch + 1) % cfg.restart_dead_every == 0:
@@ -109,8 +108,7 @@ class RQVAETrainer(StageTrainer):
 
     def state_dict(self) -> dict:
         return {"model": self.tokenizer.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "quality": self.quality, "codes": None if self.codes is None else torch.from_numpy(self.codes),
-                "config": self.config.to_dict()}
+                "quality": self.quality, "codes": None if self.codes is None else torch.from_numpy(self.codes)}
 
     def load_state_dict(self, state: dict, *, resume: bool = False) -> None:
         self.tokenizer.load_state_dict(state["model"])
@@ -125,6 +123,3 @@ class RQVAETrainer(StageTrainer):
             suffixed = assign_codes(np.asarray(best["codes"]), self.tokenizer.codebook_size, use_forge=False).codes
             self.run.write_item_codes(suffixed, self.item_ids)
         return {"valid": self.stopping.best_metrics, "best_checkpoint": str(best_path)}
-
-    def fit(self) -> dict[str, dict[str, float]]:
-        return fit_stage(self, self.run)

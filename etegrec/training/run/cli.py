@@ -21,10 +21,12 @@ from .atomic import DiskFullError
 from .item_codes import read_item_codes
 from .loop import NonFiniteLossError
 from .options import RunOptions, check_trackers
+from .pipeline import run_stage
 from .run import launch_rank
 from .rundir import check_writable, default_run_dir, hold_run_dir
+from ..stage import Stage
 
-__all__ = ["StageArgs", "common_parser", "next_commands", "parse_stage_args", "run_main", "tracker_list"]
+__all__ = ["StageArgs", "common_parser", "next_commands", "parse_stage_args", "run_main", "stage_main", "tracker_list"]
 
 # errors that name what is wrong and the remedy: one sentence, no traceback, exit status 2
 USER_ERRORS = (ConfigError, DataError, SubscriberError, CodeOverflowError, FileNotFoundError)
@@ -145,18 +147,19 @@ def _resumed_config(args: argparse.Namespace) -> str | None:
     return str(saved) if args.resume and args.output_dir and saved.is_file() else None
 
 
-def stage_main(prog: str, doc: str, run_stage: Callable[..., object], argv: list[str] | None = None) -> int:
-    """A stage's ``main``: parse and resolve the common options, then ``run_stage(config, options)``."""
-    parser = common_parser(prog, doc.splitlines()[0])
+def stage_main(stage: Stage, argv: list[str] | None = None) -> int:
+    """A stage's command (``python -m <stage.command>``): parse and resolve the common options, then
+    train it after what it needs (:func:`~etegrec.training.run.pipeline.run_stage`)."""
+    prog = f"python -m {stage.command}"
+    parser = common_parser(prog, stage.summary)
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    stage = prog.rsplit(".", 1)[-1]  # "python -m etegrec.training.joint" -> "joint"
     where: dict[str, str] = {}
 
     def body():
-        args = parse_stage_args(parser, argv, stage=stage)
+        args = parse_stage_args(parser, argv, stage=stage.name)
         where["run_dir"] = str(args.options.output_dir)
-        run_stage(args.config, args.options)
+        run_stage(stage, args.config, args.options)
         if launch_rank() == 0:
             print(next_commands(stage, args.options.output_dir))
 
@@ -171,13 +174,14 @@ def stage_main(prog: str, doc: str, run_stage: Callable[..., object], argv: list
     return run_main(body, on_interrupt=resume_hint)
 
 
-def next_commands(stage: str, run_dir: Path) -> str:
+def next_commands(stage: Stage, run_dir: Path) -> str:
     """What a finished run prints last: the commands that look at it, with its directory in them (the
-    report for every stage; for a joint run also a recommendation for a history of its first three items)."""
+    report for every stage; for a stage that ``recommends`` also a recommendation for a history of its
+    first three items)."""
     where = shlex.quote(str(run_dir))
     lines = ["", "next: its curves and metrics, one HTML page",
              f"  python -m etegrec.report {where} --output {shlex.quote(str(Path(run_dir) / 'report.html'))}"]
-    if stage == "joint":
+    if stage.recommends:
         ids = [item for item in read_item_codes(Path(run_dir) / "item_codes.tsv")[0] if "," not in item][:3]
         lines += ["next: the top 10 items for a history of raw item ids, oldest first",
                   f"  python -m etegrec.recommend {where} --history {shlex.quote(','.join(ids))}"]

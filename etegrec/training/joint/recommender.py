@@ -1,4 +1,4 @@
-"""The models a config describes: where every stage (and a loaded run) builds them."""
+"""The T5 recommender a config describes: where the joint stage (and a loaded run) builds it."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,29 +7,7 @@ import torch
 from etegrec.config import Config
 from etegrec.models import RQVAE, T5Recommender
 
-__all__ = ["build_recommender", "build_tokenizer", "init_codes_from_codebooks", "tokenizer_inputs"]
-
-
-def build_tokenizer(config: Config, in_dim: int) -> RQVAE:
-    """The RQ-VAE of ``config.tokenizer`` for item embeddings of width ``in_dim``."""
-    t = config.tokenizer
-    return RQVAE(in_dim=in_dim, hidden_dims=t.hidden_dims, e_dim=t.e_dim, num_layers=t.num_layers,
-                 codebook_size=t.codebook_size, beta=t.beta, dropout=t.dropout, kmeans_init=t.kmeans_init)
-
-
-def tokenizer_inputs(config: Config, embeddings: np.ndarray) -> np.ndarray:
-    """The item embeddings the tokenizer sees, ``[n_items + 1, d]`` with row 0 (padding) zero.
-
-    With ``tokenizer.standardize`` each dimension is z-scored over the items: SASRec embeddings are
-    small (init std 0.02), and an RQ-VAE fed them raw can reconstruct them from almost nothing
-    and collapse onto a few codes.
-    """
-    out = np.asarray(embeddings, dtype=np.float32).copy()
-    if config.tokenizer.standardize:
-        items = out[1:]
-        out[1:] = (items - items.mean(axis=0)) / (items.std(axis=0) + 1e-8)
-    out[0] = 0.0
-    return out
+__all__ = ["build_recommender", "init_codes_from_codebooks", "init_items_from_embeddings"]
 
 
 def build_recommender(config: Config, tokenizer: RQVAE, *, semantic_dim: int, num_items: int = 0,

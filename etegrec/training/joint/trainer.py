@@ -25,15 +25,13 @@ from etegrec.forge import get_code
 from etegrec.hooks.codebook import CodebookHooks
 from etegrec.models import CodeTrie, RecommenderOutput, code_loss, window_targets
 
+from ..rqvae.tokenizer import build_tokenizer, tokenizer_inputs
+from ..run import EarlyStopping, EpochProgress, LoopPosition, Run, StageTrainer, shuffled_batches, train_epoch
+from ..run.evaluation import check_same_on_every_rank
 from .alignment import Alignment
-from .embed import make_windows
-from .evaluation import BeamEvaluation, check_same_on_every_rank, items_of
-from .factories import build_recommender, build_tokenizer, tokenizer_inputs
-from .fit import LoopPosition, StageTrainer, fit_stage
-from .loop import EpochProgress, shuffled_batches, train_epoch
+from .evaluation import BeamEvaluation, items_of
 from .probing import Prober
-from .run import Run
-from .stopping import EarlyStopping
+from .recommender import build_recommender
 
 __all__ = ["JointTrainer", "LOSS_PARTS", "REPEAT_BIAS_LR", "phase_of"]
 
@@ -53,15 +51,13 @@ def phase_of(epoch: int, cycle: int, train_tokenizer: bool = True) -> str:
 class JointTrainer(BeamEvaluation, StageTrainer):
     """ETEGRec's alternating optimisation; talks only through the signals."""
 
-    stage = "joint"
-
     def __init__(self, config: Config, run: Run, data: SequenceData, embeddings: np.ndarray,
                  tokenizer_state: dict) -> None:
         self.config, self.run, self.data = config, run, data
         acc, cfg = run.accelerator, config.joint
         device = acc.device
-        self.item_emb = torch.as_tensor(tokenizer_inputs(config, embeddings), device=device)  # (n_items + 1, d)
-        self.tokenizer = build_tokenizer(config, self.item_emb.shape[1]).to(device)
+        self.item_emb = torch.as_tensor(tokenizer_inputs(config.tokenizer, embeddings), device=device)  # (n_items + 1, d)
+        self.tokenizer = build_tokenizer(config.tokenizer, self.item_emb.shape[1]).to(device)
         self.tokenizer.load_state_dict(tokenizer_state)
         self.recommender = build_recommender(config, self.tokenizer, semantic_dim=self.item_emb.shape[1],
                                              num_items=data.n_items, embeddings=embeddings).to(device)
@@ -103,8 +99,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         device = self.run.accelerator.device
         if self.config.joint.targets == "all":  # windows: a target after every item (as the SASRec stage)
             length = self.data.max_his_len
-            windows, counted = make_windows(self.data.train_sequences(rng), length + 1,
-                                            self.config.joint.window_stride or length)
+            windows, counted = self.data.train_windows(length + 1, self.config.joint.window_stride or length, rng)
             self.windows = torch.as_tensor(windows, device=device)  # (n, W + 1)
             self.counted = torch.as_tensor(counted, device=device)  # (n,) trailing targets to score
             self.n_samples = len(windows)
@@ -289,6 +284,3 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         signals.evaluated.send(self, stage=self.stage, split="test", epoch=self.stopping.best_epoch, metrics=test)
         return {"valid": self.stopping.best_metrics, "test": test, "best_epoch": self.stopping.best_epoch,
                 "best_checkpoint": str(self.run.checkpoint_dir / "best.pt")}
-
-    def fit(self) -> dict[str, dict[str, float]]:
-        return fit_stage(self, self.run)

@@ -45,12 +45,17 @@ class LoopPosition:
 class StageTrainer:
     """What :func:`fit_stage` asks of a stage's trainer; subclasses override what they need."""
 
-    stage: str
+    run: Any  # the Run it trains in
     stopping: EarlyStopping
     eval_every: int = 1  # validate after every eval_every-th epoch, and after each segment's last
     save_last = "epoch"  # or "evaluation": last.pt only after an evaluation (cheap stages, many epochs)
     epoch_bar = False  # a progress bar over the epochs (stages of many short epochs)
     hooks = None  # a CodebookHooks: removed at the end, its counts travel in mid-epoch checkpoints
+
+    @property
+    def stage(self) -> str:
+        """The name of the stage it trains (its run's): what its signals and checkpoints say."""
+        return self.run.stage
 
     def segments(self) -> list[list[str]]:
         raise NotImplementedError
@@ -81,6 +86,10 @@ class StageTrainer:
         """After training, with the best checkpoint loaded: test and write outputs; returns the
         content of ``metrics.json``."""
         raise NotImplementedError
+
+    def fit(self) -> dict[str, dict[str, float]]:
+        """Train in its run to the end (:func:`fit_stage`); returns the ``valid`` (and ``test``) metrics."""
+        return fit_stage(self, self.run)
 
 
 def fit_stage(trainer: StageTrainer, run) -> dict[str, dict[str, float]]:

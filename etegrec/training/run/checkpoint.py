@@ -59,7 +59,7 @@ def read_checkpoint(path: str | Path, *, stage: str | None = None, resumable: bo
     """The checkpoint in ``path``, on the CPU, loaded without running any code.
 
     Args:
-        stage: the stage it must belong to (``joint``, ``rqvae``, ``embed``); None accepts any.
+        stage: the name of the stage it must belong to; None accepts any.
         resumable: it must hold the loop's position (``last.pt``); it comes back in today's layout.
         what: how the caller names the file in an error (``--resume``, ``checkpoint``, ...).
 
@@ -125,7 +125,7 @@ def upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
     if state.get("format", 1) >= 2 or "early_stopping" in state:
         return state
     state, old = dict(state), state.get("position") or {}
-    if state["stage"] == "joint":
+    if "best_ndcg" in state:  # the joint stage kept its own early-stopping numbers
         stopping = {"best_score": state["best_ndcg"], "best_epoch": state["best_epoch"],
                     "best_metrics": state["best_valid"], "wait_count": old.get("bad", 0)}
         position = {"epoch": old.get("epoch", 0), "segment": old.get("segment", 0), "index": old.get("index", 0)}

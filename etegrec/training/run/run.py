@@ -1,8 +1,8 @@
 """What every stage needs around its training loop: the Accelerator, the run directory, the
 subscribers and Ctrl-C.
 
-A :class:`Run` receives its :class:`~etegrec.training.options.RunOptions` already resolved and
-sends no signal itself: the trainer owns its events (see :func:`~etegrec.training.fit.fit_stage`).
+A :class:`Run` receives its :class:`~etegrec.training.run.options.RunOptions` already resolved and
+sends no signal itself: the trainer owns its events (see :func:`~etegrec.training.run.fit.fit_stage`).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,10 @@ import torch
 
 from etegrec.config import Config, ConfigError
 from etegrec.hooks import ConsoleSubscriber, EventLog, Subscriber
-from etegrec.hooks.wandb_rows import TRACKING
 
 from .options import RunOptions
 from .rundir import RunDir, default_run_dir
+from ..stage import Stage
 
 __all__ = ["Run", "check_world", "launch_rank", "prepare_process"]
 
@@ -71,14 +71,15 @@ def launch_rank() -> int:
 class Run:
     """A stage's run: accelerator, run directory, subscribers and Ctrl-C.
 
-    Use as a context manager around :func:`~etegrec.training.fit.fit_stage`: it writes
+    Use as a context manager around :func:`~etegrec.training.run.fit.fit_stage`: it writes
     ``config.yaml``, starts and connects the subscribers (event log and console on the main rank,
     the tracking subscriber on the main rank when a tracker is on, the user's subscribers on every
     rank unless they say ``main_process_only``) and finishes them, failed or not.
 
-    Trackers: ``options.log_with``, for a ``tracked`` stage (its project and run name from
-    :data:`TRACKING`); ``"tensorboard"`` writes under ``run_dir/"tensorboard"``. A given
-    ``accelerator`` is used as it is (the cached embed and tokenizer runs share the joint run's).
+    Trackers: ``options.log_with``, for a ``tracked`` stage (under its declared project, run name and
+    key map); ``"tensorboard"`` writes under ``run_dir/"tensorboard"``. A given ``accelerator`` is used
+    as it is (the cached runs of the stages a command needs share its run's). The console numbers the
+    stage within ``pipeline``, the stages of the command being run (by default the stage's own chain).
 
     Resuming (``options.resume``): ``resume_state`` holds ``checkpoints/last.pt`` (refused when
     ``data_digest`` differs from the one it was trained on); the event log is
@@ -89,14 +90,14 @@ class Run:
     subscribers get no further call (neither signals nor ``finish``: one may be what hangs).
     """
 
-    def __init__(self, config: Config, options: RunOptions = RunOptions(), *, stage: str, tracked: bool = True,
-                 accelerator=None, data_digest: str | None = None) -> None:
+    def __init__(self, config: Config, options: RunOptions = RunOptions(), *, stage: Stage, tracked: bool = True,
+                 accelerator=None, data_digest: str | None = None, pipeline: Sequence[Stage] = ()) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
-        self.config, self.options, self.stage = config, options, stage
+        self.config, self.options, self.stage = config, options, stage.name
         # a new default directory is made by the launch's first process only (the others write nothing)
-        self.run_dir = options.output_dir or default_run_dir(stage, config, create=launch_rank() == 0)
+        self.run_dir = options.output_dir or default_run_dir(stage.name, config, create=launch_rank() == 0)
         self.log_with = list(options.log_with) if tracked else []
         self._owns_accelerator = accelerator is None
         # cpu=True without a GPU: otherwise torchrun's CPU processes each see a world of one
@@ -110,7 +111,7 @@ class Run:
                               "or accelerate launch, or with plain python for one process") from None
         check_world(self.accelerator)
         self.is_main = self.accelerator.is_main_process
-        self.files = RunDir(self.run_dir, stage=stage, is_main=self.is_main)
+        self.files = RunDir(self.run_dir, stage=stage.name, is_main=self.is_main)
         self.resume_state = self.files.load_checkpoint(self.files.last_checkpoint) if options.resume else None
         self.data_digest = data_digest  # of the prepared data it trains on: kept in checkpoints, checked on resume
         trained_on = (self.resume_state or {}).get("data_digest")
@@ -126,13 +127,12 @@ class Run:
             self.event_log = EventLog(self.run_dir / "events.jsonl", rank=self.accelerator.process_index)
             self.subscribers.append(self.event_log)
             if options.console:
-                self.subscribers.append(ConsoleSubscriber())
+                self.subscribers.append(ConsoleSubscriber(pipeline=[s.name for s in pipeline or stage.chain]))
             if self.log_with:
                 from etegrec.hooks.wandb import WandbSubscriber  # drives every tracker, W&B or not
-                project, run_name = TRACKING[stage]
                 self.subscribers.append(WandbSubscriber(
-                    accelerator=self.accelerator, project=project, stage=stage,
-                    run_name=run_name(config) or self.run_dir.name, config=config.to_dict(),
+                    accelerator=self.accelerator, project=stage.project, stage=stage.name, key_map=stage.key_map,
+                    run_name=stage.run_name(config) or self.run_dir.name, config=config.to_dict(),
                     run_dir=self.run_dir, mode=options.wandb_mode, resume=options.resume))
         self.subscribers += [s for s in options.subscribers if self.is_main or not s.main_process_only]
         self.status = "completed"

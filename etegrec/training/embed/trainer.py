@@ -1,4 +1,4 @@
-"""Stage 1: SASRec collaborative item embeddings (``python -m etegrec.training.embed``).
+"""The SASRec stage's trainer and its product: the item embeddings ``embeddings.npy``.
 
 A SASRec trained with full-softmax cross-entropy at every position of windows cut from each
 user's training sequence; early stopping on validation NDCG@10. Writes the item embedding matrix
@@ -7,70 +7,35 @@ valid/test metrics of the best epoch. This stage is also the project's SASRec ba
 """
 from __future__ import annotations
 
+import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from etegrec import signals
-from etegrec.config import Config
-from etegrec.data import SequenceData
+from etegrec.config import EmbedConfig, RunConfig
+from etegrec.data import DataError, SequenceData
 from etegrec.models import SASRec
 
-from .cli import stage_main
-from .evaluation import evaluate_full_ranking
-from .fit import StageTrainer, fit_stage
-from .loop import EpochProgress, shuffled_batches, train_epoch
-from .options import RunOptions
-from .run import Run, prepare_process
-from .rundir import atomic_write_bytes, atomic_write_text
-from .stages import load_stage_data
-from .stopping import EarlyStopping
+from ..run import (EarlyStopping, EpochProgress, Run, StageTrainer, atomic_write_bytes, atomic_write_text,
+                   evaluate_full_ranking, shuffled_batches, train_epoch)
 
-__all__ = ["EmbedTrainer", "main", "make_windows", "run_embed"]
+__all__ = ["REPEAT_BIAS_LR", "EmbedTrainer", "load_embeddings", "save_embeddings"]
 
 REPEAT_BIAS_LR = 0.05  # learning rate of SASRec's repeat bias (embed.repeat_bias)
 
 
-def make_windows(sequences: list[np.ndarray], length: int, stride: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Cut sequences into left-padded windows of ``length`` items, from the end backwards.
-
-    A window's last ``stride`` targets are new (``window_loss`` predicts ``w[1:]`` from ``w[:-1]``),
-    so every item after a sequence's first is a target exactly once. The default stride
-    ``length - 1`` makes consecutive windows overlap by one item; a smaller stride gives targets
-    longer histories (closer to evaluation, where the history is full) at the cost of more windows.
-
-    Returns ``(windows [n, length], counted [n])``: ``counted`` is how many trailing targets of
-    each window are to be scored (all of them for a sequence's first window).
-    """
-    stride = length - 1 if stride is None else stride
-    if not 1 <= stride <= length - 1:
-        raise ValueError(f"window stride={stride!r} must lie between 1 and the window's targets ({length - 1}).")
-    rows, counted = [], []
-    for seq in sequences:
-        end = len(seq)
-        while end > 1:
-            start = max(0, end - length)
-            window = seq[start:end]
-            rows.append(np.pad(window, (length - len(window), 0)))
-            counted.append(length - 1 if start == 0 else stride)
-            if start == 0:
-                break
-            end -= stride
-    windows = np.asarray(rows, dtype=np.int64).reshape(-1, length)
-    return windows, np.asarray(counted, dtype=np.int64)
-
-
 class EmbedTrainer(StageTrainer):
-    """Trains SASRec on one dataset and reports through the signals."""
+    """Trains SASRec on one dataset and reports through the signals.
 
-    stage = "embed"
+    It reads the ``embed`` section (``cfg``) and the seed and step-line interval of the ``run``
+    section (``run_cfg``), nothing else of the config.
+    """
 
-    def __init__(self, config: Config, run: Run, data: SequenceData) -> None:
-        self.config, self.run, self.data = config, run, data
-        cfg = config.embed
+    def __init__(self, cfg: EmbedConfig, run_cfg: RunConfig, run: Run, data: SequenceData) -> None:
+        self.cfg, self.run_cfg, self.run, self.data = cfg, run_cfg, run, data
         # not DDP-wrapped: train_epoch averages the gradients over processes itself
         self.model = SASRec(n_items=data.n_items, hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                             dropout=cfg.dropout, max_len=data.max_his_len,
@@ -87,9 +52,8 @@ class EmbedTrainer(StageTrainer):
 
     def _windows(self, epoch: int) -> torch.Tensor:
         """Training windows; with ``shuffle_ties`` re-cut every epoch from a new order of tied items."""
-        rng = np.random.default_rng([self.config.run.seed, epoch]) if self.config.embed.shuffle_ties else None
-        windows, counted = make_windows(self.data.train_sequences(rng), self.data.max_his_len + 1,
-                                        self.config.embed.window_stride)
+        rng = np.random.default_rng([self.run_cfg.seed, epoch]) if self.cfg.shuffle_ties else None
+        windows, counted = self.data.train_windows(self.data.max_his_len + 1, self.cfg.window_stride, rng)
         self.counted = torch.as_tensor(counted)
         return torch.as_tensor(windows)
 
@@ -111,20 +75,20 @@ class EmbedTrainer(StageTrainer):
     # --- what fit_stage asks for ----------------------------------------------------------------
 
     def segments(self) -> list[list[str]]:
-        return [["embed"] * self.config.embed.epochs]
+        return [[self.stage] * self.cfg.epochs]
 
     def begin(self, resumed: bool) -> None:
         self.model.train()
 
     def train_one_epoch(self, epoch: int, phase: str, progress: EpochProgress | None) -> None:
-        cfg, acc = self.config.embed, self.run.accelerator
+        cfg, acc = self.cfg, self.run.accelerator
         if cfg.shuffle_ties and epoch:
             self.windows = self._windows(epoch)
-        batches = shuffled_batches(len(self.windows), cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
+        batches = shuffled_batches(len(self.windows), cfg.batch_size, seed=self.run_cfg.seed, epoch=epoch,
                                    rank=acc.process_index, world_size=acc.num_processes)
         result = train_epoch(sender=self, stage=self.stage, phase=phase, epoch=epoch, batches=batches,
                              loss_fn=self._loss, optimizers=[self.optimizer], accelerator=acc,
-                             log_every=self.config.run.log_every, progress=progress,
+                             log_every=self.run_cfg.log_every, progress=progress,
                              should_stop=self.run.step_stop())
         signals.epoch_end.send(self, stage=self.stage, phase=phase, epoch=epoch, losses=result.losses,
                                lr={"lr": self.optimizer.param_groups[0]["lr"]}, seconds=result.seconds,
@@ -150,33 +114,27 @@ class EmbedTrainer(StageTrainer):
             save_embeddings(self.run.run_dir, self.sasrec.item_embeddings().detach().cpu().numpy(), self.data)
         return {"valid": self.stopping.best_metrics, "test": test, "best_epoch": self.stopping.best_epoch}
 
-    def fit(self) -> dict[str, dict[str, float]]:
-        return fit_stage(self, self.run)
-
 
 def save_embeddings(run_dir: Path, embeddings: np.ndarray, data: SequenceData) -> None:
     """``embeddings.npy`` ``[n_items + 1, d]`` and ``item_map.json`` (row i = item i = item_map[i-1])."""
-    import io
     buffer = io.BytesIO()
     np.save(buffer, embeddings.astype(np.float32))
     atomic_write_bytes(run_dir / "embeddings.npy", buffer.getvalue())
     atomic_write_text(run_dir / "item_map.json", json.dumps({"dataset": data.name, "items": list(data.item_map)}))
 
 
-def run_embed(config: Config, options: RunOptions | None = None, **option_args):
-    """Train SASRec and write its embeddings into its own run directory; ``options`` (or the
-    arguments of :meth:`RunOptions.resolve`) say how it runs (``rebuild`` changes nothing here: no
-    stage comes before this one)."""
-    options = options or RunOptions.resolve(config, **option_args)
-    prepare_process(config)
-    data = load_stage_data(config)
-    with Run(config, options, stage="embed", data_digest=data.digest) as run:
-        return EmbedTrainer(config, run, data).fit()
+def load_embeddings(run_dir: Path, data: SequenceData) -> np.ndarray:
+    """Read ``embeddings.npy`` of an embed run and check it matches ``data``'s items.
 
-
-def main(argv: list[str] | None = None) -> int:
-    return stage_main("python -m etegrec.training.embed", __doc__, run_embed, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    Raises:
+        DataError: missing file or a row count that does not match the item map.
+    """
+    path = Path(run_dir) / "embeddings.npy"
+    if not path.exists():
+        raise DataError(f"item embeddings {str(path)!r} do not exist; the run that makes them writes them when it finishes")
+    emb = np.load(path)
+    if emb.ndim != 2 or emb.shape[0] != data.n_items + 1:
+        raise DataError(f"item embeddings {str(path)!r} have shape {emb.shape}, expected "
+                        f"[{data.n_items + 1}, d] for {data.n_items} items plus the padding row; "
+                        "they were made for other data: delete them to rebuild")
+    return emb

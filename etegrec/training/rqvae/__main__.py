@@ -1,0 +1,9 @@
+"""``python -m etegrec.training.rqvae``: the stage's command (see :mod:`etegrec.training.rqvae`)."""
+from __future__ import annotations
+
+import sys
+
+from . import main
+
+if __name__ == "__main__":
+    sys.exit(main())
