@@ -29,11 +29,12 @@ import numpy as np
 import torch
 
 import etegrec
-from etegrec.models.sasrec import SASRec
-from etegrec.training.checkpoint import read_checkpoint
 from etegrec.metrics import ranking_metrics
-from etegrec.training.evaluation import beam_recommend, items_of, validation_subsample
-from etegrec.training.stages import load_stage_data, stage_dir
+from etegrec.models.sasrec import SASRec
+from etegrec.training.embed import EMBED
+from etegrec.training.joint.evaluation import beam_recommend, items_of, validation_subsample
+from etegrec.training.run.cache import load_stage_data, stage_dir
+from etegrec.training.run.checkpoint import read_checkpoint
 
 
 def group_scores(item_scores: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
@@ -70,7 +71,7 @@ def levels(run_dir: Path, users: int | None, split: str) -> None:
     sasrec = SASRec(n_items=data.n_items, hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                     dropout=cfg.dropout, max_len=data.max_his_len, tied_output=cfg.tied_output,
                     repeat_bias=cfg.repeat_bias)
-    embed_dir = stage_dir(config, "embed", ("embed",), data)
+    embed_dir = stage_dir(config, EMBED, data)
     sasrec.load_state_dict(read_checkpoint(embed_dir / "checkpoints" / "best.pt", stage="embed")["model"])
     sasrec.eval()
     to_run = torch.as_tensor(np.concatenate([[0], perm + 1]))
