@@ -2,7 +2,7 @@
 
     python benchmarks/batch_targets.py [--config ml-100k] [--seed 2024] [--out benchmarks/results/batch_targets.json]
 
-The preference-semantic alignment of the paper (``joint.cl_negatives=batch``) contrasts every target
+The preference-semantic alignment of the paper (``losses.cl_negatives=batch``) contrasts every target
 of a batch with the batch's other targets, so a copy of the target's own item counts as a negative.
 This reports, over the first epoch's batches of the joint stage (the windows, ``joint.batch_size``
 and the shuffling of the config, ``targets: all``), the scored targets per batch, the share of

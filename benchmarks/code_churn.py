@@ -11,7 +11,7 @@ pipeline does), it reports:
 - for every learning rate, one epoch of the tokenizer's RQ-VAE loss on the training targets (the
   batches of the joint stage: ``joint.batch_size`` windows' worth of targets, linear warm-up, AdamW
   with ``joint.weight_decay``), then the share of items whose code changed, for every sticky-code
-  margin (``joint.code_margin``; 0 = the nearest codes, the paper).
+  margin (``codes.margin``; 0 = the nearest codes, the paper).
 
 One thread, seeded; about a minute on ml-100k.
 """
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base_tokenizer = build_tokenizer(config.tokenizer, items.shape[1])
     base_tokenizer.load_state_dict(state)
-    base = get_code(base_tokenizer, items, epoch=0, use_forge=config.joint.use_forge, policy=config.joint.forge_policy)
+    base = get_code(base_tokenizer, items, epoch=0, use_forge=config.codes.use_forge, policy=config.codes.forge_policy)
     result = {"config": args.config, "seed": args.seed, "items": int(items.shape[0] - 1),
               "steps": steps, "targets_per_step": per_batch, "near_ties": near_ties(base_tokenizer, items[1:]),
               "changed": {}}
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     for lr in args.lrs:
         tokenizer = one_epoch(config, state, items, targets, lr, steps, per_batch)
         result["changed"][str(lr)] = {
-            str(m): get_code(tokenizer, items, epoch=1, use_forge=config.joint.use_forge, policy=config.joint.forge_policy,
-                             previous=base, margin=m).assignment.changed / result["items"]
+            str(m): get_code(tokenizer, items, epoch=1, use_forge=config.codes.use_forge,
+                             policy=config.codes.forge_policy, previous=base, margin=m).assignment.changed / result["items"]
             for m in args.margins}
     result["seconds"] = round(time.perf_counter() - started, 1)
     for level, row in enumerate(result["near_ties"]):

@@ -18,7 +18,7 @@ recommender's beam search and of SASRec's full ranking, and how popular (trainin
 each puts in its top 10 are, and the targets each finds that the other misses. A level where SASRec beats the recommender is where the
 recommender's scores lose items that an ID model finds; a level where SASRec is no better than
 popularity is one the collaborative signal cannot resolve (the codes there split items that look the
-same to SASRec). The users are the fixed validation subsample of ``joint.valid_users`` (or ``--users``).
+same to SASRec). The users are the fixed validation subsample of ``evaluation.valid_users`` (or ``--users``).
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def levels(run_dir: Path, users: int | None, split: str) -> None:
     perm = np.array([run.index_of[raw] - 1 for raw in data.item_map])
     codes = run.codes[1:].cpu().numpy()[perm]  # (n_items, L) codes of data items 1..n
     history, target = data.split(split)
-    history, target = validation_subsample(history, target, config.joint.valid_users if users is None else users)
+    history, target = validation_subsample(history, target, config.evaluation.valid_users if users is None else users)
     cfg = config.embed
     sasrec = SASRec(n_items=data.n_items, hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                     dropout=cfg.dropout, max_len=data.max_his_len, tied_output=cfg.tied_output,
@@ -112,7 +112,7 @@ def items(run, sas_scores: np.ndarray, to_run: torch.Tensor, history: np.ndarray
           count: np.ndarray) -> None:
     """Item-level top 10 of both models on the same users, and the popularity of what each finds."""
     found, _ = beam_recommend(run.recommender, run.codes, run.trie, to_run[torch.as_tensor(history)].numpy(),
-                              run.config.joint)
+                              run.config.evaluation, renormalize=run.config.recommender.renormalize)
     from_run = np.zeros(len(to_run), dtype=np.int64)
     from_run[to_run.numpy()] = np.arange(len(to_run))  # run item id -> data item id
     generated = np.where(found.numpy() > 0, from_run[found.clamp_min(0).numpy()], 0)[:, :10]  # (n, 10) data ids
@@ -134,7 +134,7 @@ def items(run, sas_scores: np.ndarray, to_run: torch.Tensor, history: np.ndarray
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished joint run directories")
-    parser.add_argument("--users", type=int, default=None, help="evaluated users (default: joint.valid_users)")
+    parser.add_argument("--users", type=int, default=None, help="evaluated users (default: evaluation.valid_users)")
     parser.add_argument("--split", default="valid", choices=("valid", "test"))
     args = parser.parse_args()
     for run_dir in args.runs:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from etegrec.config import load_config
+from etegrec.config import run_config
 from etegrec.data.prepare import pad_histories
 from etegrec.training.run.checkpoint import read_checkpoint
 from etegrec.training.run.cache import load_stage_data
@@ -102,7 +102,7 @@ def main() -> None:
     report = {}
     for run_dir in args.runs:
         stage = json.loads((run_dir / "metrics.json").read_text())["stage"]
-        config = load_config(str(run_dir / "config.yaml"))
+        config = run_config(run_dir / "config.yaml")
         data = load_stage_data(config)
         fit = joint_fit if stage == "joint" else embed_fit
         report[str(run_dir)] = {"stage": stage, "seed": config.run.seed, "sets": fit(run_dir, config, data)}

@@ -21,7 +21,7 @@ Models (same split, same evaluation code):
   run on its own (``python -m etegrec.training.embed``).
 * ``tiger``: TIGER-style ablation: the pretrained tokenizer's codes stay fixed, the recommender
   alone is trained on the code loss (``joint.train_tokenizer=false``, no alignment losses).
-* ``etegrec_noforge``: ETEGRec without FORGE rebalancing (``joint.use_forge=false``).
+* ``etegrec_noforge``: ETEGRec without FORGE rebalancing (``codes.use_forge=false``).
 * ``etegrec``: the default pipeline.
 
 Every run is a command (``python -m etegrec.training.joint ...`` or ``.embed``) with its own run directory
@@ -55,8 +55,8 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results"
 METRICS = ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
 VARIANTS = {  # model: (stage, overrides); the first joint one listed in --models builds each seed's stages
-    "tiger": ("joint", ["joint.train_tokenizer=false", "joint.rec_kl_weight=0", "joint.rec_dec_cl_weight=0"]),
-    "etegrec_noforge": ("joint", ["joint.use_forge=false"]),
+    "tiger": ("joint", ["joint.train_tokenizer=false", "losses.rec_kl_weight=0", "losses.rec_dec_cl_weight=0"]),
+    "etegrec_noforge": ("joint", ["codes.use_forge=false"]),
     "etegrec": ("joint", []),
     "sasrec_repeat_bias": ("embed", ["embed.repeat_bias=true"]),
 }

@@ -1,11 +1,12 @@
 """Configuration: one dataclass per component, loaded from packaged named configs or YAML files.
 
 A config file has one section per component (``data``, ``embed``, ``tokenizer``, ``rqvae``,
-``recommender``, ``joint``, ``run``); a section may list only the keys it changes. A user's file is
-layered on the config its ``base:`` names (``base: tiny``), on ``ml-100k``, the default, when it
-names none. ``--set section.key=value`` overrides one key; values are parsed as YAML
-(``--set rqvae.lr=1e-3``).
-Unknown keys, wrong types and non-positive sizes are errors naming the key.
+``recommender``, ``joint``, ``losses``, ``codes``, ``evaluation``, ``run``: the joint stage's settings
+are split by concern over ``joint``, ``losses``, ``codes`` and ``evaluation``); a section may list
+only the keys it changes. A user's file is layered on the config its ``base:`` names (``base: tiny``),
+on ``ml-100k``, the default, when it names none. ``--set section.key=value`` overrides one key; values
+are parsed as YAML (``--set rqvae.lr=1e-3``). Unknown keys, wrong types and non-positive sizes are
+errors naming the key; a key that has moved (:data:`MOVED_KEYS`) is an error naming its new place.
 """
 from __future__ import annotations
 
@@ -22,22 +23,25 @@ from .config_rules import ConfigError, _coerce, check_config
 
 __all__ = [
     "CONFIG_DIR",
+    "CodesConfig",
     "Config",
     "ConfigError",
     "DataConfig",
     "EmbedConfig",
+    "EvaluationConfig",
     "JointConfig",
+    "LossesConfig",
+    "MOVED_KEYS",
     "RQVAEConfig",
     "RecommenderConfig",
     "RunConfig",
     "TokenizerConfig",
+    "current_keys",
     "load_config",
     "run_config",
 ]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
 
 
 @dataclass
@@ -114,24 +118,37 @@ class RecommenderConfig:
     code_init: str = "random"  # "tokenizer": code embeddings start as the pretrained codebooks' vectors
     item_embedding: str = "none"  # "zero" / "embed": a learned vector per history item ("items" input)
     repeat_bias: bool = False  # learn a logit offset for codes that continue a history item
+    renormalize: bool = False  # each code's softmax over the codes that lead to an item, in the loss and the beam search
 
 
 @dataclass
 class JointConfig:
-    """Joint training: alternating tokenizer (id) and recommender (rec) epochs, then fine-tuning."""
+    """Joint training's schedule and optimisation: alternating tokenizer (id) and recommender (rec)
+    epochs, then fine-tuning. Its losses, item codes and evaluation have sections of their own."""
 
     epochs: int = 12
     cycle: int = 2  # C: one id epoch then C - 1 rec epochs
     train_tokenizer: bool = True  # False: no id epochs, codes fixed by the pretrained tokenizer (TIGER-style)
+    id_trains_rec: bool = False  # tokenizer epochs train the recommender too (paper: it is frozen in them)
+    finetune_epochs: int = 0
+    targets: str = "last"  # "last": one target per history (paper); "all": a target after every item of a window
+    window_stride: int | None = None  # with targets "all": new targets per window; None = data.max_his_len
     shuffle_ties: bool = False  # reorder same-timestamp training items at random every epoch
-    warm_epoch: int = 2  # alignment losses off for the first warm_epoch epochs
     batch_size: int = 256
     sample_fraction: float = 1.0  # share of the training samples drawn per epoch
     lr_rec: float = 5e-3
     lr_id: float = 1e-4
     weight_decay: float = 0.05
-    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay, per optimiser
+    lr_warmup_epochs: float = 1.0  # linear warm-up of the learning rates, then cosine decay, per optimiser
     max_grad_norm: float = 1.0
+    mixed_precision: str = "fp32"  # "bf16": the recommender's training forward under bfloat16 autocast
+
+
+@dataclass
+class LossesConfig:
+    """The joint stage's loss: each part's weight in tokenizer (id) and recommender (rec) epochs (the
+    fine-tuning epochs use ``rec_code_weight``), when the alignment losses start, and the InfoNCE's setup."""
+
     id_vq_weight: float = 1.0
     id_code_weight: float = 1.0
     id_kl_weight: float = 1e-4
@@ -139,25 +156,48 @@ class JointConfig:
     rec_code_weight: float = 1.0
     rec_kl_weight: float = 1e-4
     rec_dec_cl_weight: float = 3e-4
+    align_from_epoch: int = 2  # the alignment losses (kl, dec_cl) are off in the epochs before this one
     cl_temperature: float = 0.07
     cl_negatives: str = "batch"  # the InfoNCE's negatives: "batch" (paper, both ways) or "catalogue" (every item)
+
+
+@dataclass
+class CodesConfig:
+    """How the joint stage (re)assigns the item codes, at the start and after every tokenizer epoch."""
+
     use_forge: bool = True
     forge_policy: str = "round_robin"
-    code_margin: float = 0.0  # sticky codes: keep an item's code at a refresh unless the nearest is this much closer
-    id_trains_rec: bool = False  # tokenizer epochs train the recommender too (paper: it is frozen in them)
-    eval_step: int = 1
+    margin: float = 0.0  # sticky codes: keep an item's code at a refresh unless the nearest is this much closer
+
+
+@dataclass
+class EvaluationConfig:
+    """The joint stage's validation (model selection, early stopping, probes) and its beam search,
+    which a loaded run's ``recommend`` uses too."""
+
+    every_epochs: int = 1
     patience: int = 5
+    valid_users: int = 0  # validation users model selection scores (a fixed seeded subsample); 0 = every user
+    probe_users: int = 200  # validation users the learning probes run on at every validation; 0 = no probes
     beam_size: int = 20
     top_k: int = 10
     constrained: bool = True
-    eval_batch_size: int = 256
-    finetune_epochs: int = 0
-    mixed_precision: str = "fp32"  # "bf16": the recommender's training forward under bfloat16 autocast
-    renormalize: bool = False  # each code's softmax over the codes that lead to an item, in the loss and the beam search
-    targets: str = "last"  # "last": one target per history (paper); "all": a target after every item of a window
-    window_stride: int | None = None  # with targets "all": new targets per window; None = data.max_his_len
-    probe_users: int = 200  # validation users the learning probes run on at every validation; 0 = no probes
-    valid_users: int = 0  # validation users model selection scores (a fixed seeded subsample); 0 = every user
+    batch_size: int = 256
+
+
+# Keys of the joint section before it was split by concern (issue 26), and where each lives now: a
+# user's file or --set naming one is told the new key; a run's own config.yaml is read with them moved.
+MOVED_KEYS = {
+    "joint.warm_epoch": "losses.align_from_epoch", "joint.warmup_epochs": "joint.lr_warmup_epochs",
+    **{f"joint.{k}": f"losses.{k}" for k in ("id_vq_weight", "id_code_weight", "id_kl_weight", "id_dec_cl_weight",
+                                             "rec_code_weight", "rec_kl_weight", "rec_dec_cl_weight",
+                                             "cl_temperature", "cl_negatives")},
+    "joint.use_forge": "codes.use_forge", "joint.forge_policy": "codes.forge_policy", "joint.code_margin": "codes.margin",
+    "joint.eval_step": "evaluation.every_epochs", "joint.eval_batch_size": "evaluation.batch_size",
+    **{f"joint.{k}": f"evaluation.{k}" for k in ("patience", "valid_users", "probe_users", "beam_size", "top_k",
+                                                 "constrained")},
+    "joint.renormalize": "recommender.renormalize",
+}
 
 
 @dataclass
@@ -176,6 +216,9 @@ class Config:
     rqvae: RQVAEConfig = field(default_factory=RQVAEConfig)
     recommender: RecommenderConfig = field(default_factory=RecommenderConfig)
     joint: JointConfig = field(default_factory=JointConfig)
+    losses: LossesConfig = field(default_factory=LossesConfig)
+    codes: CodesConfig = field(default_factory=CodesConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,6 +231,8 @@ class Config:
 
     def set(self, key: str, value: Any, *, origin: str = "--set") -> None:
         """Set ``section.key`` to ``value`` after checking that the key exists and the type fits."""
+        if key in MOVED_KEYS:
+            raise ConfigError(f"{origin}: config key {key!r} moved to {MOVED_KEYS[key]!r}; use that name")
         section_name, _, name = key.partition(".")
         section = getattr(self, section_name, None) if section_name in _section_names() else None
         if section is None or name not in {f.name for f in dataclasses.fields(section)}:
@@ -255,7 +300,8 @@ def _overridden(config: Config, overrides: list[str] | tuple[str, ...]) -> Confi
 def run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A run's own ``config.yaml``, layered on the built-in defaults rather than on ``ml-100k``: it
     was complete when written, and a key added since takes the built-in default, which keeps what
-    the run did (as ``--resume`` reads it); then ``overrides`` as for :func:`load_config`.
+    the run did (as ``--resume`` reads it); a key moved since is read under its new name
+    (:func:`current_keys`); then ``overrides`` as for :func:`load_config`.
 
     Raises:
         ConfigError: missing or unreadable file, unknown key, wrong type or invalid value.
@@ -263,9 +309,22 @@ def run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{str(path)!r} does not exist; pass a run directory that holds its config.yaml")
-    content = _read_yaml(path)
+    content = current_keys(_read_yaml(path))
     content.pop("base", None)
     return _overridden(_apply(Config(), content, path), overrides)
+
+
+def current_keys(content: dict[str, Any]) -> dict[str, Any]:
+    """A run's config (sections of keys, as its ``config.yaml`` holds it) with every key of
+    :data:`MOVED_KEYS` under its current name: a run written before a key moved still loads, resumes
+    and compares with newer runs. The input is not changed."""
+    out = {section: dict(values) if isinstance(values, dict) else values for section, values in content.items()}
+    for old, new in MOVED_KEYS.items():
+        (section, name), (new_section, new_name) = old.split("."), new.split(".")
+        values, target = out.get(section), out.setdefault(new_section, {})
+        if isinstance(values, dict) and name in values and isinstance(target, dict):  # else _apply names the section
+            target.setdefault(new_name, values.pop(name))
+    return out
 
 
 def _layered(name_or_path: str, relative_to: Path, chain: tuple[Path, ...]) -> Config:

@@ -23,17 +23,17 @@ FORGE_POLICIES = ("round_robin", "nearest_free")  # as etegrec.forge.POLICIES (a
 MIXED_PRECISION = ("fp32", "bf16")  # not "no": YAML reads that as False
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's and Python's generators are seeded with
 _CHOICES = {"joint.mixed_precision": MIXED_PRECISION, "recommender.encoder_input": ENCODER_INPUTS,
-            "joint.forge_policy": FORGE_POLICIES, "joint.cl_negatives": CL_NEGATIVES, "joint.targets": JOINT_TARGETS,
+            "codes.forge_policy": FORGE_POLICIES, "losses.cl_negatives": CL_NEGATIVES, "joint.targets": JOINT_TARGETS,
             "recommender.code_init": CODE_INITS, "recommender.item_embedding": ITEM_EMBEDDINGS}
 _POSITIVE = {
     "min_count", "max_his_len", "max_users", "hidden", "n_layers", "n_heads", "batch_size", "epochs", "patience",
     "eval_step", "e_dim", "num_layers", "codebook_size", "num_decoder_layers", "d_model", "d_ff", "num_heads",
-    "d_kv", "cycle", "sample_fraction", "cl_temperature", "beam_size", "top_k", "eval_batch_size", "window_stride",
+    "d_kv", "cycle", "sample_fraction", "cl_temperature", "beam_size", "top_k", "window_stride", "every_epochs",
 }
 _NON_NEGATIVE = {
-    "lr", "lr_rec", "lr_id", "weight_decay", "dropout", "beta", "warm_epoch", "warmup_epochs", "max_grad_norm",
+    "lr", "lr_rec", "lr_id", "weight_decay", "dropout", "beta", "align_from_epoch", "lr_warmup_epochs", "max_grad_norm",
     "finetune_epochs", "probe_users", "valid_users", "log_every", "num_threads", "restart_dead_every", "id_vq_weight", "id_code_weight", "id_kl_weight",
-    "id_dec_cl_weight", "rec_code_weight", "rec_kl_weight", "rec_dec_cl_weight", "code_margin",
+    "id_dec_cl_weight", "rec_code_weight", "rec_kl_weight", "rec_dec_cl_weight", "margin",
 }
 
 
@@ -85,9 +85,9 @@ def check_config(config: Any) -> None:
     if joint_stride is not None and joint_stride > config.data.max_his_len:
         raise ConfigError(f"config key 'joint.window_stride' ({joint_stride}) must not exceed data.max_his_len "
                           f"({config.data.max_his_len})")
-    if config.joint.top_k > config.joint.beam_size:
-        raise ConfigError(f"config key 'joint.top_k' ({config.joint.top_k}) must not exceed joint.beam_size "
-                          f"({config.joint.beam_size})")
+    if config.evaluation.top_k > config.evaluation.beam_size:
+        raise ConfigError(f"config key 'evaluation.top_k' ({config.evaluation.top_k}) must not exceed "
+                          f"evaluation.beam_size ({config.evaluation.beam_size})")
 
 
 def _check_feed_forward(value: str) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from etegrec.config import current_keys
 from etegrec.hooks.eventlog import read_events
 
 __all__ = ["FIGURES", "RunRecord", "figure_series", "load_run_record", "main", "render_html"]
@@ -73,7 +74,8 @@ def load_run_record(run_dir: str | Path) -> RunRecord:
         if not isinstance(values, dict):
             raise ValueError(f"{str(config_path)!r} holds a section {section!r} that is a {type(values).__name__}, "
                              "not the mapping a run writes; restore it, or leave that run out of the report")
-    return RunRecord(run_dir.name, read_events(run_dir / "events.jsonl"), metrics, config or {})
+    # keys under their current names: a run written before a key moved compares with newer runs
+    return RunRecord(run_dir.name, read_events(run_dir / "events.jsonl"), metrics, current_keys(config or {}))
 
 
 def _mapping(path: Path, parse: Callable[[str], Any], kind: str) -> dict[str, Any] | None:

@@ -162,10 +162,33 @@ def test_a_runs_own_config_yaml_keeps_the_built_in_default_of_a_key_added_since(
     from etegrec.config import Config, run_config
 
     saved = load_config("tiny").to_dict()
-    del saved["joint"]["code_margin"]  # a run from before the key: it ran with the built-in default
+    del saved["codes"]["margin"]  # a run from before the key: it ran with the built-in default
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert run_config(tmp_path / "config.yaml").joint.code_margin == Config().joint.code_margin == 0.0
-    assert load_config("ml-100k").joint.code_margin == 0.1  # what layering on ml-100k would have given
+    assert run_config(tmp_path / "config.yaml").codes.margin == Config().codes.margin == 0.0
+    assert load_config("ml-100k").codes.margin == 0.1  # what layering on ml-100k would have given
+
+
+def test_a_runs_config_yaml_written_before_the_joint_section_was_split_loads_under_the_new_names(tmp_path):
+    import yaml
+
+    from etegrec.config import run_config
+
+    saved = load_config("tiny").to_dict()
+    for section in ("losses", "codes", "evaluation"):
+        del saved[section]
+    del saved["recommender"]["renormalize"], saved["joint"]["lr_warmup_epochs"]
+    saved["joint"].update(warm_epoch=3, warmup_epochs=0.25, rec_kl_weight=0.0, code_margin=0.2, eval_step=2,
+                          eval_batch_size=32, beam_size=12, renormalize=True)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    config = run_config(tmp_path / "config.yaml")
+    assert (config.losses.align_from_epoch, config.joint.lr_warmup_epochs, config.losses.rec_kl_weight) == (3, 0.25, 0.0)
+    assert (config.codes.margin, config.evaluation.every_epochs, config.evaluation.batch_size) == (0.2, 2, 32)
+    assert (config.evaluation.beam_size, config.recommender.renormalize) == (12, True)
+
+
+def test_an_old_joint_key_in_set_is_refused_naming_its_new_key():
+    with pytest.raises(ConfigError, match=r"^--set: config key 'joint\.eval_step' moved to 'evaluation\.every_epochs'"):
+        load_config("tiny", ["joint.eval_step=2"])
 
 
 def test_a_named_amazon_dataset_brings_the_amazon_config_unless_one_is_given(tmp_path, monkeypatch):

@@ -69,7 +69,7 @@ def launch(tmp_path_factory):
 RECOMMENDERS = {  # the paper's recommender, and the ml-100k config's (item tokens, windows, renormalised)
     "paper-recommender": [],
     "ml-100k-recommender": ["--set", "recommender.encoder_input=items", "--set", "recommender.repeat_bias=true",
-                            "--set", "joint.targets=all", "--set", "joint.renormalize=true"],
+                            "--set", "joint.targets=all", "--set", "recommender.renormalize=true"],
 }
 
 

@@ -44,6 +44,12 @@ def _malformed(tmp_path, data_file):
     return ["--data-path", str(bad)]
 
 
+def _old_key_yaml(tmp_path, data_file):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: tiny\njoint: {rec_kl_weight: 0}\n")  # the TIGER-style ablation, as written before
+    return ["--config", str(path)]
+
+
 def _bad_yaml(tmp_path, data_file):
     path = tmp_path / "bad.yaml"
     path.write_text("joint: [epochs: 3\n")
@@ -146,8 +152,11 @@ BAD_INPUTS = [
     ("non-positive size", _args("--set", "recommender.d_model=0"), r"recommender\.d_model.*must be positive"),
     ("unknown config", _args("--config", "nosuch"), r"nosuch"),
     ("invalid YAML", _bad_yaml, r"bad\.yaml.*not valid YAML"),
-    ("top_k above beam", _args("--set", "joint.top_k=50"), r"joint\.top_k.*beam_size"),
-    ("FORGE policy", _args("--set", "joint.forge_policy=bogus"), r"joint\.forge_policy.*round_robin.*'bogus'"),
+    ("moved key", _args("--set", "joint.beam_size=5"), r"config key 'joint\.beam_size' moved to 'evaluation\.beam_size'"),
+    ("moved key in a file", _old_key_yaml,
+     r"mine\.yaml: config key 'joint\.rec_kl_weight' moved to 'losses\.rec_kl_weight'"),
+    ("top_k above beam", _args("--set", "evaluation.top_k=50"), r"evaluation\.top_k.*beam_size"),
+    ("FORGE policy", _args("--set", "codes.forge_policy=bogus"), r"codes\.forge_policy.*round_robin.*'bogus'"),
     ("T5 activation", _args("--set", "recommender.feed_forward_proj=bogus"),
      r"recommender\.feed_forward_proj.*'bogus'"),
     # paths

@@ -27,8 +27,8 @@ from etegrec.training.run.pipeline import run_stage
 WANDB = str(Path(sys.executable).with_name("wandb"))
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["data.dataset=structured", "data.max_users=null", "embed.epochs=2", "rqvae.epochs=6",
-             "rqvae.eval_step=2", "joint.epochs=4", "joint.cycle=2", "joint.warm_epoch=1", "joint.eval_step=1",
-             "joint.patience=10", "joint.finetune_epochs=1"]
+             "rqvae.eval_step=2", "joint.epochs=4", "joint.cycle=2", "losses.align_from_epoch=1",
+             "evaluation.every_epochs=1", "evaluation.patience=10", "joint.finetune_epochs=1"]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_learning_rates_follow_cosine_schedules_with_warm_up(joint_run):
     config = joint_run["config"]
     n_train = len(load_stage_data_at(joint_run).train_target)
     steps = math.ceil(n_train / config.joint.batch_size)
-    warmup = min(steps * 2 // 2, round(config.joint.warmup_epochs * steps))
+    warmup = min(steps * 2 // 2, round(config.joint.lr_warmup_epochs * steps))
 
     def lr_after(base, n_epochs_total, done_steps):
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
@@ -206,7 +206,7 @@ def test_a_subscriber_given_on_the_command_line_receives_the_signals(joint_run, 
 
 def test_paper_config_builds_the_paper_model_and_takes_a_training_step(tmp_path, inter_file):
     config = load_config("paper", [f"data.data_path={inter_file}", "data.dataset=synthetic",
-                                   "joint.batch_size=8", "joint.warmup_epochs=0"])
+                                   "joint.batch_size=8", "joint.lr_warmup_epochs=0"])
     data = load_stage_data(config)
     rng = np.random.default_rng(0)
     embeddings = rng.normal(size=(data.n_items + 1, 256)).astype(np.float32)
@@ -252,7 +252,7 @@ def test_early_stopping_ends_the_joint_phase_and_finetuning_still_runs(joint_run
     scores = iter([0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.6])
     monkeypatch.setattr(JointTrainer, "evaluate",
                         lambda self, split: {"ndcg@10": next(scores) if split == "valid" else 0.0})
-    config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "joint.patience=1",
+    config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "evaluation.patience=1",
                                   "joint.epochs=6", "joint.finetune_epochs=1"])
     with signals.recording(signals.epoch_end, signals.evaluated) as events:
         run_stage(JOINT, config, output_dir=tmp_path / "run", wandb_mode="disabled")
@@ -271,7 +271,7 @@ def test_tiny_config_exercises_every_signal(joint_run):
 def test_without_tokenizer_training_codes_stay_those_of_the_pretrained_tokenizer(joint_run, tmp_path, monkeypatch):
     monkeypatch.setenv("ETEGREC_HOME", str(joint_run["root"] / "home"))  # reuse the cached earlier stages
     config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "joint.train_tokenizer=false",
-                                  "joint.rec_kl_weight=0", "joint.rec_dec_cl_weight=0"])
+                                  "losses.rec_kl_weight=0", "losses.rec_dec_cl_weight=0"])
     with signals.recording(signals.epoch_end, signals.codes_assigned) as events:
         run_stage(JOINT, config, output_dir=tmp_path / "run", wandb_mode="disabled")
     assert [e.payload["phase"] for e in events if e.signal == "epoch_end"] == ["rec"] * 4 + ["finetune"]
@@ -286,7 +286,7 @@ def test_tokenizer_epochs_train_the_recommender_too_with_id_trains_rec_and_stick
         joint_run, tmp_path, monkeypatch):
     monkeypatch.setenv("ETEGREC_HOME", str(joint_run["root"] / "home"))  # reuse the cached earlier stages
     config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "joint.id_trains_rec=true",
-                                  "joint.code_margin=0.5"])
+                                  "codes.margin=0.5"])
     weights = []  # (phase, recommender weights, tokenizer weights) at every epoch's end
 
     def snapshot(sender, **payload):
@@ -351,7 +351,7 @@ def test_catalogue_negatives_contrast_the_decoder_state_with_every_items_reconst
     embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
     tokenizer = build_tokenizer(joint_run["config"].tokenizer, 256)
     tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(joint_run["config"].tokenizer, embeddings)[1:]))
-    config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "joint.cl_negatives=catalogue",
+    config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "losses.cl_negatives=catalogue",
                                   "recommender.dropout=0", "tokenizer.dropout=0"])
     with Run(config, RunOptions(output_dir=tmp_path / "run", console=False), stage=JOINT) as run:
         trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
@@ -367,7 +367,7 @@ def test_catalogue_negatives_contrast_the_decoder_state_with_every_items_reconst
                     torch.manual_seed(0)
                     out, target = trainer._forward(torch.as_tensor(index))
                     recon = trainer.tokenizer(trainer.item_emb[1:]).recon
-                expected = catalogue_nce(out.decoder_semantic, recon, target - 1, config.joint.cl_temperature)
+                expected = catalogue_nce(out.decoder_semantic, recon, target - 1, config.losses.cl_temperature)
                 assert parts["dec_cl_loss"].item() == pytest.approx(expected.item(), rel=1e-5), phase
                 parts["loss"].backward()
                 grads = [p.grad for p in trainer.tokenizer.decoder.parameters()]
@@ -397,8 +397,8 @@ def test_window_targets_score_real_next_items_among_the_rows_last_counted_positi
 
 def test_unknown_cl_negatives_is_refused():
     from etegrec.config import ConfigError
-    with pytest.raises(ConfigError, match="joint.cl_negatives.*catalogue.*'items'"):
-        load_config("tiny", ["joint.cl_negatives=items"])
+    with pytest.raises(ConfigError, match="losses.cl_negatives.*catalogue.*'items'"):
+        load_config("tiny", ["losses.cl_negatives=items"])
 
 
 def test_unknown_mixed_precision_is_refused():

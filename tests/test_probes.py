@@ -63,9 +63,9 @@ def tiny_joint_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("probes")
     inter = write_structured_inter(root / "structured.inter")
     overrides = [f"data.data_path={inter}", "data.dataset=structured", "data.max_users=null", "embed.epochs=1",
-                 "rqvae.epochs=2", "rqvae.eval_step=2", "joint.epochs=2", "joint.probe_users=40",
+                 "rqvae.epochs=2", "rqvae.eval_step=2", "joint.epochs=2", "evaluation.probe_users=40",
                  "recommender.encoder_input=items", "recommender.repeat_bias=true", "joint.targets=all",
-                 "joint.renormalize=true"]  # the ml-100k config's recommender
+                 "recommender.renormalize=true"]  # the ml-100k config's recommender
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ETEGREC_HOME", str(root / "home"))
         with signals.recording() as events:

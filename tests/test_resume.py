@@ -271,6 +271,33 @@ def test_a_run_from_before_a_config_key_existed_resumes_when_the_key_keeps_its_d
     assert _config_changes(saved, changed) == ["joint.shuffle_ties (None -> True)"]
 
 
+def test_a_run_directory_with_the_joint_keys_of_before_the_split_resumes_and_a_changed_moved_key_is_refused(
+        tmp_path):
+    from etegrec.config import ConfigError, MOVED_KEYS, load_config
+    from etegrec.training.run.cli import common_parser, parse_stage_args
+
+    saved = load_config("tiny").to_dict()
+    for old, new in MOVED_KEYS.items():  # the config.yaml a run wrote before the split
+        section, name = new.split(".")
+        saved["joint"][old.split(".")[1]] = saved[section].pop(name)
+    for section in ("losses", "codes", "evaluation"):
+        assert saved.pop(section) == {}
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").touch()
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+
+    def resume(*args: str):
+        argv = ["--output-dir", str(run), "--resume", *args]
+        return parse_stage_args(common_parser("python -m etegrec.training.joint", "x"), argv, stage="joint")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ETEGREC_HOME", str(tmp_path / "home"))
+        assert resume().config.evaluation.beam_size == load_config("tiny").evaluation.beam_size == 10
+        with pytest.raises(ConfigError, match=r"differs .* in evaluation\.beam_size \(10 -> 20\)"):
+            resume("--set", "evaluation.beam_size=20")
+
+
 def test_a_finished_run_extended_by_two_epochs_trains_exactly_two_more_into_the_same_logs(tmp_path):
     from etegrec.training import joint
 

@@ -183,8 +183,8 @@ def test_joint_command_logs_to_tensorboard(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--config", "tiny", "--log-with", "tensorboard", "--data-path", str(inter), "--output-dir", str(out)]
     for item in ["data.dataset=structured", "data.max_users=null", "embed.epochs=1", "rqvae.epochs=2",
-                 "rqvae.eval_step=1", "joint.epochs=2", "joint.cycle=2", "joint.warm_epoch=1", "joint.eval_step=1",
-                 "joint.finetune_epochs=0"]:
+                 "rqvae.eval_step=1", "joint.epochs=2", "joint.cycle=2", "losses.align_from_epoch=1",
+                 "evaluation.every_epochs=1", "joint.finetune_epochs=0"]:
         argv += ["--set", item]
     assert joint.main(argv) == 0, capsys.readouterr().err
     scalars = tensorboard_scalars(out / "tensorboard" / JOINT.project)

@@ -25,7 +25,7 @@ def finished_run(tmp_path_factory):
     tiny_command(root, "joint", "--wandb-mode", "disabled", "--set", "embed.epochs=1", "--set", "rqvae.epochs=2",
                  "--set", "joint.epochs=2", "--set", "recommender.encoder_input=items",
                  "--set", "recommender.repeat_bias=true", "--set", "joint.targets=all",
-                 "--set", "joint.renormalize=true", "--set", "recommender.item_embedding=embed",
+                 "--set", "recommender.renormalize=true", "--set", "recommender.item_embedding=embed",
                  "--output-dir", str(root / "run"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ETEGREC_HOME", str(root / "home"))

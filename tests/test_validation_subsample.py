@@ -1,4 +1,4 @@
-"""``joint.valid_users``: model selection on a fixed subsample of validation users, test on all."""
+"""``evaluation.valid_users``: model selection on a fixed subsample of validation users, test on all."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -34,7 +34,7 @@ class _Scored(BeamEvaluation):
     """The evaluation mixin over a fake dataset; ``evaluate_samples`` reports which targets it got."""
 
     def __init__(self, valid_users: int) -> None:
-        self.config = SimpleNamespace(joint=SimpleNamespace(valid_users=valid_users))
+        self.config = SimpleNamespace(evaluation=SimpleNamespace(valid_users=valid_users))
         self.data = SimpleNamespace(split=lambda name: _split(400))
 
     def evaluate_samples(self, history, target):

@@ -46,8 +46,8 @@ class TrainedRun:
                   ) -> list[list[tuple[str, float]]]:
         """The top ``k`` items (raw id, score) after each history of raw item ids, oldest first.
 
-        The same constrained beam search as evaluation (``joint.beam_size`` beams; ``k`` at most
-        ``joint.top_k``); scores are the model's summed code log-probabilities. Only the most recent
+        The same constrained beam search as evaluation (``evaluation.beam_size`` beams; ``k`` at most
+        ``evaluation.top_k``); scores are the model's summed code log-probabilities. Only the most recent
         ``data.max_his_len`` items of a history are read.
 
         Raises:
@@ -57,9 +57,9 @@ class TrainedRun:
                 with no known item gets no recommendations (``[]``), with a warning, while the
                 others are answered; ``k`` above the beam's ``top_k``.
         """
-        cfg = self.config.joint
+        cfg = self.config.evaluation
         if not 1 <= k <= cfg.top_k:
-            raise ValueError(f"k={k!r} must lie in [1, {cfg.top_k}] (joint.top_k of this run)")
+            raise ValueError(f"k={k!r} must lie in [1, {cfg.top_k}] (evaluation.top_k of this run)")
         if isinstance(histories, (str, bytes)):  # a string iterates as one-character "ids"
             raise TypeError(f"histories must be a list of histories (lists of raw item ids), got the string "
                             f"{histories!r}; pass [[...]], e.g. [[{histories!r}]] for one history of that one item")
@@ -73,7 +73,8 @@ class TrainedRun:
         for i, n in enumerate(answered):
             row = rows[n][-length:]
             padded[i, length - len(row):] = row
-        items, scores = beam_recommend(self.recommender, self.codes, self.trie, padded, cfg)
+        items, scores = beam_recommend(self.recommender, self.codes, self.trie, padded, cfg,
+                                       renormalize=self.config.recommender.renormalize)
         for n, item_row, score_row in zip(answered, items[:, :k].tolist(), scores[:, :k].tolist()):
             out[n] = [(self.item_ids[i - 1], s) for i, s in zip(item_row, score_row) if i > 0]
         return out

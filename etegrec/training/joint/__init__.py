@@ -25,7 +25,8 @@ __all__ = ["JOINT", "JointTrainer", "beam_recommend", "build_recommender", "main
 JOINT = Stage(
     name="joint", command="etegrec.training.joint", label="joint",
     summary="ETEGRec joint training of the tokenizer and the T5 recommender, the main job (builds what it needs)",
-    sections=("recommender", "joint"), needs=(EMBED, RQVAE), trainer=JointTrainer, project="ETEGRec-Joint",
+    sections=("recommender", "joint", "losses", "codes", "evaluation"), needs=(EMBED, RQVAE), trainer=JointTrainer,
+    project="ETEGRec-Joint",
     key_map=KeyMap(loss_key=phase_loss_key, split_prefix={"valid": "eval", "test": "test"}), recommends=True)
 
 

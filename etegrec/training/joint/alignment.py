@@ -4,7 +4,7 @@
   distances to each codebook) of the recommender's sequence latent and of the target item;
 - preference-semantic alignment (``dec_cl_loss``): InfoNCE of the decoder's first state against the
   tokenizer's reconstruction of the target, the batch's other targets the negatives (the paper), or
-  with ``joint.cl_negatives=catalogue`` every other item, so a target repeated in a batch is never
+  with ``losses.cl_negatives=catalogue`` every other item, so a target repeated in a batch is never
   its own negative.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Alignment:
                ) -> dict[str, torch.Tensor]:
         """``kl_loss`` and ``dec_cl_loss`` of the recommender's outputs ``out`` for the items ``target``
         (N,), whose tokenizer output is ``tok``; ``train_tokenizer``: gradients reach the tokenizer."""
-        cfg = self.config.joint
+        cfg = self.config.losses
         seq_logits = self.tokenizer.code_logits(out.encoder_latent)  # negative distances
         parts = {"kl_loss": sum(symmetric_kl(s, t) for s, t in zip(seq_logits, tok.logits))}
         if cfg.cl_negatives == "batch":

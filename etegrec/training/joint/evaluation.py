@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from etegrec.config import EvaluationConfig
 from etegrec.metrics import ranking_metrics
 from etegrec.models import CodeTrie, T5Recommender, beam_search
 
@@ -21,16 +22,18 @@ def items_of(recommender: T5Recommender, items: torch.Tensor) -> torch.Tensor | 
 
 @torch.no_grad()
 def beam_recommend(recommender: T5Recommender, codes: torch.Tensor, trie: CodeTrie, history: np.ndarray,
-                   cfg) -> tuple[torch.Tensor, torch.Tensor]:
+                   cfg: EvaluationConfig, *, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k item ids and scores, (n, top_k) each, of left-padded ``history`` [n, H] by the beam search
-    of evaluation (``cfg``: the joint config's beam_size, top_k, constrained, renormalize, eval_batch_size);
-    -1 / -inf where fewer items were reached. ``codes`` is (n_items + 1, L + 1) with row 0 padding."""
+    of evaluation (``cfg``: the config's evaluation section; ``renormalize``: recommender.renormalize,
+    which applies to a constrained search only); -1 / -inf where fewer items were reached. ``codes`` is
+    (n_items + 1, L + 1) with row 0 padding."""
     recommender.eval()
     items, scores = [], []
-    for lo in range(0, len(history), cfg.eval_batch_size):
-        h = torch.as_tensor(history[lo:lo + cfg.eval_batch_size], device=codes.device)
-        out = beam_search(recommender, codes[h], h != 0, trie, history_items=items_of(recommender, h), beam_size=cfg.beam_size, top_k=cfg.top_k,
-                          constrained=cfg.constrained, renormalize=cfg.renormalize and cfg.constrained)
+    for lo in range(0, len(history), cfg.batch_size):
+        h = torch.as_tensor(history[lo:lo + cfg.batch_size], device=codes.device)
+        out = beam_search(recommender, codes[h], h != 0, trie, history_items=items_of(recommender, h),
+                          beam_size=cfg.beam_size, top_k=cfg.top_k, constrained=cfg.constrained,
+                          renormalize=renormalize and cfg.constrained)
         items.append(out.items)
         scores.append(out.scores)
     if not items:
@@ -56,10 +59,10 @@ class BeamEvaluation:
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Beam-search Recall/NDCG over the users of ``split`` (each exactly once, reduced over
-        processes): every test user; the validation users of ``joint.valid_users`` when set."""
+        processes): every test user; the validation users of ``evaluation.valid_users`` when set."""
         history, target = self.data.split(split)
         if split == "valid":
-            history, target = validation_subsample(history, target, self.config.joint.valid_users)
+            history, target = validation_subsample(history, target, self.config.evaluation.valid_users)
         return self.evaluate_samples(history, target)
 
     @torch.no_grad()
@@ -74,7 +77,8 @@ class BeamEvaluation:
 
     def _recommend(self, history: np.ndarray) -> torch.Tensor:
         """Top-k item ids (n, top_k) of left-padded ``history`` [n, H] by beam search, -1 = none."""
-        return beam_recommend(self.recommender, self.codes, self.trie, history, self.config.joint)[0]
+        return beam_recommend(self.recommender, self.codes, self.trie, history, self.config.evaluation,
+                              renormalize=self.config.recommender.renormalize)[0]
 
     def recommend(self, history: np.ndarray) -> np.ndarray:
         """Top-k item ids [n, top_k] (numpy) for ``history`` [n, H]; what the probes rank."""
@@ -83,12 +87,12 @@ class BeamEvaluation:
     @torch.no_grad()
     def code_nll(self, history: np.ndarray, target: np.ndarray) -> np.ndarray:
         """Teacher-forced cross-entropy [n, L + 1] of each code of ``target`` [n] after ``history``."""
-        cfg, device = self.config.joint, self.run.accelerator.device
+        size, device = self.config.evaluation.batch_size, self.run.accelerator.device
         self.recommender.eval()
         out = []
-        for lo in range(0, len(target), cfg.eval_batch_size):
-            h = torch.as_tensor(history[lo:lo + cfg.eval_batch_size], device=device)
-            codes = self.codes[torch.as_tensor(target[lo:lo + cfg.eval_batch_size], device=device)]  # (B, L + 1)
+        for lo in range(0, len(target), size):
+            h = torch.as_tensor(history[lo:lo + size], device=device)
+            codes = self.codes[torch.as_tensor(target[lo:lo + size], device=device)]  # (B, L + 1)
             out_h = self.recommender(self.codes[h], h != 0, codes, items_of(self.recommender, h))
             logits = self._normalizable(out_h.logits, codes)  # (B, L + 1, K)
             out.append(F.cross_entropy(logits.transpose(1, 2), codes, reduction="none"))  # (B, L + 1)

@@ -4,8 +4,8 @@ The tokenizer (RQ-VAE) and a T5 generative recommender are trained in cycles of 
 the first epoch of a cycle trains the tokenizer with the recommender frozen (phase ``id``; with
 ``joint.id_trains_rec`` the recommender trains in it too), the others train the recommender with the
 tokenizer frozen (phase ``rec``); both phases share one loop and differ in what trains and the loss
-weights. Item codes come from ``etegrec.forge.get_code`` (with FORGE) at the start and after every
-tokenizer epoch; with ``joint.code_margin`` an item keeps its code unless the nearest is clearly
+weights (``losses``). Item codes come from ``etegrec.forge.get_code`` (with FORGE) at the start and
+after every tokenizer epoch; with ``codes.margin`` an item keeps its code unless the nearest is clearly
 closer. Validation by beam search, early stopping on NDCG@10, optional fine-tuning of the
 recommender alone on fixed codes (from the best checkpoint), and a final test with the best checkpoint.
 """
@@ -33,13 +33,11 @@ from .evaluation import BeamEvaluation, items_of
 from .probing import Prober
 from .recommender import build_recommender
 
-__all__ = ["JointTrainer", "LOSS_PARTS", "REPEAT_BIAS_LR", "phase_of"]
+__all__ = ["JointTrainer", "REPEAT_BIAS_LR", "phase_of"]
 
 REPEAT_BIAS_LR = 0.05  # as the SASRec stage's (etegrec.training.embed.REPEAT_BIAS_LR)
 
-LOSS_PARTS = {"id": ("vq_loss", "code_loss", "kl_loss", "dec_cl_loss"),
-              "rec": ("code_loss", "kl_loss", "dec_cl_loss"),
-              "finetune": ("code_loss",)}
+ALIGNMENT_LOSSES = ("kl_loss", "dec_cl_loss")
 
 
 def phase_of(epoch: int, cycle: int, train_tokenizer: bool = True) -> str:
@@ -72,9 +70,10 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         self.codes: torch.Tensor | None = None  # (n_items + 1, L + 1), row 0 = padding
         self.trie: CodeTrie | None = None
         self.codes_changed = 1.0  # share of items whose code changed at the last refresh
-        self.prober = Prober(data, users=cfg.probe_users, seed=config.run.seed) if cfg.probe_users else None
-        self.eval_every = cfg.eval_step
-        self.stopping = EarlyStopping("ndcg@10", mode="max", patience=cfg.patience)
+        evaluation = config.evaluation
+        self.prober = Prober(data, users=evaluation.probe_users, seed=config.run.seed) if evaluation.probe_users else None
+        self.eval_every = evaluation.every_epochs
+        self.stopping = EarlyStopping("ndcg@10", mode="max", patience=evaluation.patience)
         self.hooks = CodebookHooks(self.tokenizer, stage=self.stage, sender=self)
         self.alignment = Alignment(config, self.tokenizer, self.item_emb, self.hooks)
 
@@ -111,7 +110,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
 
     def _schedule(self, optimizer, epochs: int):
         total = max(1, epochs * self.steps_per_epoch)
-        warmup = min(total // 2, round(self.config.joint.warmup_epochs * self.steps_per_epoch))
+        warmup = min(total // 2, round(self.config.joint.lr_warmup_epochs * self.steps_per_epoch))
         return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
     def _batches(self, epoch: int) -> list[np.ndarray]:
@@ -122,12 +121,19 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         return batches[:keep]
 
     def weights(self, phase: str, epoch: int) -> dict[str, float]:
-        """Loss weights in force for ``phase`` at ``epoch`` (alignment losses off during warm-up)."""
-        cfg = self.config.joint
-        prefix = "id" if phase == "id" else "rec"
-        weights = {part: getattr(cfg, f"{prefix}_{part.removesuffix('_loss')}_weight") for part in LOSS_PARTS[phase]}
-        if epoch < cfg.warm_epoch:
-            weights.update({k: 0.0 for k in ("kl_loss", "dec_cl_loss") if k in weights})
+        """Each loss part's weight in ``phase`` (id, rec, finetune) at ``epoch``; the alignment losses are
+        off before ``losses.align_from_epoch``."""
+        cfg = self.config.losses
+        if phase == "id":
+            weights = {"vq_loss": cfg.id_vq_weight, "code_loss": cfg.id_code_weight, "kl_loss": cfg.id_kl_weight,
+                       "dec_cl_loss": cfg.id_dec_cl_weight}
+        elif phase == "rec":
+            weights = {"code_loss": cfg.rec_code_weight, "kl_loss": cfg.rec_kl_weight,
+                       "dec_cl_loss": cfg.rec_dec_cl_weight}
+        else:  # fine-tuning: the recommender alone, on fixed codes
+            weights = {"code_loss": cfg.rec_code_weight}
+        if epoch < cfg.align_from_epoch:
+            weights.update({k: 0.0 for k in ALIGNMENT_LOSSES if k in weights})
         return weights
 
     def _autocast(self):
@@ -148,10 +154,10 @@ class JointTrainer(BeamEvaluation, StageTrainer):
 
     def refresh_codes(self, epoch: int) -> None:
         """Recompute the item codes (FORGE) for use from ``epoch`` on, and the prefix trie."""
-        cfg = self.config.joint
+        cfg = self.config.codes
         with self.hooks.pause():
             result = get_code(self.tokenizer, self.item_emb, epoch=epoch, use_forge=cfg.use_forge,
-                              policy=cfg.forge_policy, previous=self.codes, margin=cfg.code_margin, sender=self,
+                              policy=cfg.forge_policy, previous=self.codes, margin=cfg.margin, sender=self,
                               stage=self.stage)
         first = self.codes is None  # the start's assignment changes nothing that was learned
         self.codes = result.codes.to(self.run.accelerator.device)
@@ -167,7 +173,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         out = RecommenderOutput(*(t.float() for t in out))  # the losses in fp32 under mixed precision too
         target_codes = self.codes[target]  # (N, L + 1)
         parts = {"code_loss": code_loss(self._normalizable(out.logits, target_codes), target_codes)}
-        align = weights.get("kl_loss", 0) > 0 or weights.get("dec_cl_loss", 0) > 0
+        align = any(weights.get(k, 0) > 0 for k in ALIGNMENT_LOSSES)
         if phase == "id" or align:
             with torch.set_grad_enabled(phase == "id"):  # the frozen tokenizer only gives targets
                 tok = self.tokenizer(self.item_emb[target])
@@ -191,9 +197,9 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         return out, targets[scored]
 
     def _normalizable(self, logits: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
-        """With ``joint.renormalize``, the logits (N, L, K) of codes that lead to no item after the
+        """With ``recommender.renormalize``, the logits (N, L, K) of codes that lead to no item after the
         target's prefix are -inf: the softmax of each position runs over the trie's children only."""
-        if not self.config.joint.renormalize:
+        if not self.config.recommender.renormalize:
             return logits
         return logits.masked_fill(~self.trie.allowed(target_codes), float("-inf"))
 

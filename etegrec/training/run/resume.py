@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import yaml
 
-from etegrec.config import Config, ConfigError
+from etegrec.config import Config, ConfigError, current_keys
 
 __all__ = ["LENGTHENING_KEYS", "RESUMABLE_CHANGES", "absolute_data_path", "check_resume_config", "lengthened_keys",
            "resume_checkpoint", "rng_state", "set_rng_state"]
@@ -52,6 +52,12 @@ def absolute_data_path(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "data": {**config["data"], "data_path": os.path.abspath(path)}}
 
 
+def _saved_config(path: Path) -> dict[str, Any]:
+    """A run's ``config.yaml`` as a dict, its keys under their current names (a run written before
+    a key moved compares with today's config)."""
+    return current_keys(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+
+
 def _config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two config dicts (ignoring :data:`RESUMABLE_CHANGES`).
 
@@ -80,7 +86,7 @@ def lengthened_keys(run_dir: str | Path, config: Config) -> list[str]:
     saved_path = Path(run_dir) / "config.yaml"
     if not saved_path.exists():
         return []
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    saved = _saved_config(saved_path)
     current = config.to_dict()
     out = []
     for key in LENGTHENING_KEYS:
@@ -112,8 +118,7 @@ def check_resume_config(run_dir: str | Path, config: Config) -> None:
     """
     saved_path = Path(run_dir) / "config.yaml"
     if saved_path.exists():
-        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-        changes = _config_changes(saved, config.to_dict())
+        changes = _config_changes(_saved_config(saved_path), config.to_dict())
         if changes:
             raise ConfigError(f"--resume: the config differs from the run's {str(saved_path)!r} in "
                               f"{', '.join(changes)}; resume with the same config or start a new run")
