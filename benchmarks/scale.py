@@ -21,7 +21,7 @@ block; RQ-VAE 3 x 256 codes; T5 one layer each side, 64 wide). Per size:
 - ``sasrec_step_{full,sampled}``: one SASRec training step (forward, backward, AdamW), in seconds
   per 1,000 scored targets, and the step's extra resident memory; the full softmax on a batch of
   at most ``FULL_LOGITS`` logits (so 1e6 items run on fewer targets), the sampled one with the
-  ``embed.negatives`` default;
+  ``embed.negatives`` default (1,024 items);
 - ``rqvae_kmeans``, ``rqvae_epoch``: the tokenizer's k-means initialisation and one epoch over all items;
 - ``get_code``: encoding every item, FORGE and the suffixes; ``trie``: building the code trie (and its bytes);
 - ``beam_per_1k``: constrained beam search (beam 20, top 10) per 1,000 users;
@@ -57,6 +57,7 @@ DIM, CLUSTER_SIZE, STAY, UNIFORM, ZIPF = 32, 100, 0.8, 0.9, 1.0
 MEAN_EXTRA, MAX_LEN, MIN_COUNT, MAX_HIS_LEN = 9, 60, 5, 20
 FULL_LOGITS = 2.5e8  # the full softmax step's batch: at most this many logits (1 GiB of float32)
 USERS_MEASURED, SEED = 1000, 0
+NEGATIVES = 1024  # the embed.negatives default
 
 
 def synthetic_catalogue(n_items: int, seed: int = SEED):
@@ -161,14 +162,14 @@ def measure(n_nominal: int) -> dict:
     windows, counted = torch.as_tensor(windows), torch.as_tensor(counted)
 
     # --- SASRec: one step per loss ---------------------------------------------------------------
-    for loss in ("full",):
+    for loss in ("full", "sampled"):
         sasrec = SASRec(n_items=n, hidden=64, n_layers=1, n_heads=2, dropout=0.2, max_len=MAX_HIS_LEN,
                         tied_output=False)
         optimizer = torch.optim.AdamW(sasrec.parameters(), lr=1e-3)
         targets_wanted = 1000 if loss == "sampled" else int(min(1000, FULL_LOGITS / (n + 1)))
         rows = np.flatnonzero(np.cumsum(counted.numpy()) <= targets_wanted)
         batch, batch_counted = windows[rows], counted[rows]
-        kwargs = {}
+        kwargs = {"negatives": NEGATIVES} if loss == "sampled" else {}
         step(sasrec, optimizer, batch, batch_counted, **kwargs)  # warm-up: Adam's state, allocator
         with PeakRSS() as mem:
             seconds = min(timed(step, sasrec, optimizer, batch, batch_counted, **kwargs)[0] for _ in range(3))
@@ -249,6 +250,8 @@ ROWS = [  # (key, label, unit)
     ("windows_s", "SASRec training windows", "s"),
     ("sasrec_step_full_per_1k_s", "SASRec step, full softmax, per 1k targets", "s"),
     ("sasrec_step_full_extra_rss", "  its extra memory (batch of sasrec_step_full_targets)", "bytes"),
+    ("sasrec_step_sampled_per_1k_s", "SASRec step, sampled softmax, per 1k targets", "s"),
+    ("sasrec_step_sampled_extra_rss", "  its extra memory", "bytes"),
     ("rqvae_kmeans_s", "RQ-VAE k-means init", "s"), ("rqvae_epoch_s", "RQ-VAE epoch", "s"),
     ("get_code_s", "get_code (encode all, FORGE, suffixes)", "s"), ("trie_s", "code trie build", "s"),
     ("trie_bytes", "  its tables", "bytes"), ("beam_per_1k_s", "beam search per 1k users", "s"),
@@ -309,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         args.into.write_text(json.dumps(measure(int(args.one))))
         return 0
     results = {}
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # the children import the etegrec of this script's tree, whatever the environment has installed
+    tree = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (tree, os.environ.get("PYTHONPATH")) if p))
     for size in args.sizes:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             started = time.perf_counter()

@@ -8,6 +8,7 @@ changes the outputs at real positions.
 """
 from __future__ import annotations
 
+import math
 
 import torch
 import torch.nn.functional as F
@@ -164,19 +165,51 @@ class SASRec(nn.Module):
             seen.scatter_(1, history, 1.0)
         return self._logits(self.forward(history)[:, -1], seen)
 
-    def window_loss(self, seq: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean full-softmax cross-entropy of the next items inside left-padded windows.
+    def window_loss(self, seq: torch.Tensor, counted: torch.Tensor | None = None, *,
+                    negatives: int | None = None) -> torch.Tensor:
+        """Mean cross-entropy of the next items inside left-padded windows.
 
         ``seq`` (batch, T + 1) holds T + 1 consecutive items; position t predicts ``seq[:, t + 1]``
         from ``seq[:, :t + 1]``. Targets that are padding, and targets whose input is padding (an
         empty history), are ignored. ``counted`` (batch,), when given, keeps only the last
         ``counted[b]`` targets of window b (overlapping windows predict each item once).
+
+        ``negatives`` None: the full softmax over every item. A number M: a sampled softmax over the
+        target and M items drawn uniformly (with replacement, from torch's generator) and shared by
+        every target of the batch, so a step costs M + 1 logits per target whatever the catalogue's
+        size. The logQ correction: each drawn item's logit minus ``log(M / n_items)``, its expected
+        count among the draws, and a drawn copy of the target (an accidental hit) masked, so the
+        normalizer estimates the full softmax's without bias and the loss tends to the full one as M grows.
         """
         inputs, targets, scored = window_targets(seq, counted)  # (batch, T) each
         rows, positions = scored.nonzero(as_tuple=True)  # (n,) each
         # Logits only where a target is scored: short histories leave most of a window padded, and
         # the (targets, n_items) logit matrix is the stage's largest cost.
         states = self.forward(inputs)[rows, positions]  # (n, hidden)
+        targets = targets[rows, positions]  # (n,)
+        if negatives is not None:
+            return self._sampled_loss(states, targets, inputs, rows, positions, negatives)
         seen = self._seen(inputs, rows, positions) if self.repeat_bias is not None else None
         logits = self._logits(states, seen)  # (n, n_items + 1)
-        return F.cross_entropy(logits, targets[rows, positions])
+        return F.cross_entropy(logits, targets)
+
+    def _sampled_loss(self, states: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor,
+                      positions: torch.Tensor, negatives: int) -> torch.Tensor:
+        """Cross-entropy of each target against ``negatives`` uniformly drawn items shared by the batch."""
+        if negatives < 1:
+            raise ValueError(f"negatives={negatives!r} must be a positive number of sampled items; pass e.g. 1024.")
+        table = (self.item_emb if self.output_emb is None else self.output_emb).weight
+        drawn = torch.randint(1, self.n_items + 1, (negatives,), device=states.device)  # (M,)
+        candidates = torch.cat([targets[:, None], drawn[None, :].expand(len(targets), -1)], dim=1)  # (n, 1 + M)
+        log_count = math.log(negatives / self.n_items)  # every item's expected count among the draws, logged
+        logits = torch.cat([(states * table[targets]).sum(-1, keepdim=True), states @ table[drawn].T - log_count],
+                           dim=1)  # (n, 1 + M)
+        if self.repeat_bias is not None:
+            visible = torch.arange(inputs.shape[1], device=inputs.device)[None, :] <= positions[:, None]
+            history = inputs[rows] * visible  # (n, T): each scored position's history, 0 elsewhere
+            seen = (history[:, :, None] == candidates[:, None, :]).any(dim=1)  # (n, 1 + M)
+            logits = logits + self.repeat_bias * seen
+        hit = torch.zeros_like(candidates, dtype=torch.bool)
+        hit[:, 1:] = candidates[:, 1:] == targets[:, None]
+        logits = logits.masked_fill(hit, float("-inf"))  # (n, 1 + M)
+        return F.cross_entropy(logits, torch.zeros_like(targets))

@@ -98,8 +98,10 @@ class EmbedTrainer(StageTrainer):
         return self.model
 
     def _loss(self, index: np.ndarray) -> dict[str, torch.Tensor]:
-        device = self.run.accelerator.device
-        return {"loss": self.model.window_loss(self.windows[index].to(device), self.counted[index].to(device))}
+        device, cfg = self.run.accelerator.device, self.config.embed
+        negatives = cfg.negatives if cfg.loss == "sampled" else None
+        return {"loss": self.model.window_loss(self.windows[index].to(device), self.counted[index].to(device),
+                                               negatives=negatives)}
 
     def evaluate(self, split: str) -> dict[str, float]:
         self.model.eval()
