@@ -218,3 +218,15 @@ def test_sampled_loss_trains_the_model_as_the_full_one_does():
 def test_sampled_loss_needs_at_least_one_negative():
     with pytest.raises(ValueError, match="negatives=0 must be a positive"):
         _tiny().window_loss(torch.tensor([[0, 0, 1, 2, 3, 4, 5]]), negatives=0)
+
+
+def test_sampled_loss_biases_exactly_the_drawn_items_in_each_positions_history():
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, 31, (5, 6), generator=gen)
+    rows, positions = torch.arange(5).repeat_interleave(6), torch.arange(6).repeat(5)
+    targets, drawn = torch.randint(1, 31, (30,), generator=gen), torch.randint(1, 31, (40,), generator=gen)
+    seen = SASRec._seen_among(inputs, rows, positions, targets, drawn)
+    for i in range(30):
+        history = set(inputs[rows[i], : positions[i] + 1].tolist()) - {0}
+        expected = [int(targets[i]) in history] + [int(d) in history for d in drawn]
+        assert seen[i].tolist() == expected, i

@@ -157,6 +157,21 @@ class SASRec(nn.Module):
         seen = torch.zeros(len(rows), self.n_items + 1, device=inputs.device)
         return seen.scatter_(1, history * visible, 1.0)
 
+    @staticmethod
+    def _seen_among(inputs: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                    drawn: torch.Tensor) -> torch.Tensor:
+        """(n, 1 + M) bool: whether the target and each drawn item are in the history of each scored
+        position. The history items are looked up among the sorted distinct draws, so the cost is
+        n * (T log M + M), not the n * T * M of comparing every history item with every draw."""
+        visible = torch.arange(inputs.shape[1], device=inputs.device)[None, :] <= positions[:, None]
+        history = inputs[rows] * visible  # (n, T): each scored position's history, 0 elsewhere
+        distinct, column = torch.unique(drawn, return_inverse=True)  # (U,) sorted, (M,) index into it
+        at = torch.searchsorted(distinct, history).clamp_max(len(distinct) - 1)  # (n, T)
+        found = (distinct[at] == history) & (history != 0)
+        seen = torch.zeros(len(history), len(distinct) + 1, dtype=torch.bool, device=history.device)
+        seen.scatter_(1, torch.where(found, at, len(distinct)), True)  # column U collects the misses
+        return torch.cat([(history == targets[:, None]).any(dim=1, keepdim=True), seen[:, column]], dim=1)
+
     def score(self, history: torch.Tensor) -> torch.Tensor:
         """Logits (batch, n_items + 1) of the next item after each history; column 0 is -inf."""
         seen = None
@@ -205,10 +220,7 @@ class SASRec(nn.Module):
         logits = torch.cat([(states * table[targets]).sum(-1, keepdim=True), states @ table[drawn].T - log_count],
                            dim=1)  # (n, 1 + M)
         if self.repeat_bias is not None:
-            visible = torch.arange(inputs.shape[1], device=inputs.device)[None, :] <= positions[:, None]
-            history = inputs[rows] * visible  # (n, T): each scored position's history, 0 elsewhere
-            seen = (history[:, :, None] == candidates[:, None, :]).any(dim=1)  # (n, 1 + M)
-            logits = logits + self.repeat_bias * seen
+            logits = logits + self.repeat_bias * self._seen_among(inputs, rows, positions, targets, drawn)
         hit = torch.zeros_like(candidates, dtype=torch.bool)
         hit[:, 1:] = candidates[:, 1:] == targets[:, None]
         logits = logits.masked_fill(hit, float("-inf"))  # (n, 1 + M)
