@@ -216,7 +216,12 @@ def measure(n_nominal: int) -> dict:
     target_counts = np.bincount(data.train_target, minlength=n + 1)[1:]
     fig["probe_floors_per_1k_s"], _ = timed(code_floors, codes[1:].numpy(), target_counts, target)
     fig["probe_floors_per_1k_s"] *= 1000 / len(target)
-    fig["markov_per_1k_s"], _ = timed(lambda: markov_chain(data.train_sequences(), n)(history))
+    def markov() -> None:  # 100 users a batch: a batch's scores are (users, N + 1) float64, 0.8 GB at 1e6
+        score = markov_chain(data.train_sequences(), n)
+        for lo in range(0, len(history), 100):
+            score(history[lo:lo + 100])
+
+    fig["markov_per_1k_s"], _ = timed(markov)
     fig["markov_per_1k_s"] *= 1000 / len(h)
 
     buffer = io.BytesIO()
@@ -249,7 +254,7 @@ ROWS = [  # (key, label, unit)
     ("interactions", "interactions", "count"), ("prepare_s", "data preparation", "s"),
     ("windows_s", "SASRec training windows", "s"),
     ("sasrec_step_full_per_1k_s", "SASRec step, full softmax, per 1k targets", "s"),
-    ("sasrec_step_full_extra_rss", "  its extra memory (batch of sasrec_step_full_targets)", "bytes"),
+    ("sasrec_step_full_extra_rss", "  its extra memory (1k targets; 250 at 1e6)", "bytes"),
     ("sasrec_step_sampled_per_1k_s", "SASRec step, sampled softmax, per 1k targets", "s"),
     ("sasrec_step_sampled_extra_rss", "  its extra memory", "bytes"),
     ("rqvae_kmeans_s", "RQ-VAE k-means init", "s"), ("rqvae_epoch_s", "RQ-VAE epoch", "s"),
@@ -301,15 +306,33 @@ def print_table(results: dict, rows: list[dict]) -> None:
         print(line)
 
 
+def markdown(results: dict, rows: list[dict]) -> str:
+    """The table as docs/benchmarks.md shows it."""
+    sizes = sorted(results, key=int)
+    lines = ["| figure | " + " | ".join(f"N = {int(s):.0e}" for s in sizes) + " | " +
+             " | ".join(f"slope {sizes[i]}→{sizes[i + 1]}" for i in range(len(sizes) - 1)) + " |"]
+    lines.append("|---" * (1 + 2 * len(sizes) - 1) + "|")
+    for row in rows:
+        values = " | ".join(fmt(v, row["unit"]) for v in row["values"])
+        slopes = " | ".join("-" if v is None else f"{v:.2f}" for v in row["slopes"])
+        lines.append(f"| {row['label'].strip()} | {values} | {slopes} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", type=float, default=[1e3, 1e4, 1e5, 1e6], help="nominal item counts")
     parser.add_argument("--output", type=Path, default=RESULT)
+    parser.add_argument("--markdown", action="store_true", help="print the table of --output as Markdown; measure nothing")
     parser.add_argument("--one", type=float, help=argparse.SUPPRESS)  # the child process: one size
     parser.add_argument("--into", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         args.into.write_text(json.dumps(measure(int(args.one))))
+        return 0
+    if args.markdown:
+        results = json.loads(args.output.read_text())["sizes"]
+        print(markdown(results, table(results)))
         return 0
     results = {}
     # the children import the etegrec of this script's tree, whatever the environment has installed
