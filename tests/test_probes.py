@@ -107,3 +107,10 @@ def test_code_floors_equal_those_of_every_target_against_every_item() -> None:
     codes = np.concatenate([rng.integers(0, 4, (300, 3)), np.arange(300)[:, None] % 7], axis=1)  # shared prefixes
     counts, targets = rng.integers(0, 50, 300), rng.integers(1, 301, 500)
     assert np.array_equal(code_floors(codes, counts, targets), dense_code_floors(codes, counts, targets))
+
+
+def test_code_floors_of_codes_too_wide_for_one_integer_key_equal_the_dense_ones():
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 3, (200, 4)) * (2 ** 21 - 1) // 2  # 2^21 values a position: 84 bits in all
+    counts, targets = rng.integers(0, 50, 200), rng.integers(1, 201, 300)
+    assert np.array_equal(code_floors(codes, counts, targets), dense_code_floors(codes, counts, targets))
