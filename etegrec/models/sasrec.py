@@ -215,13 +215,11 @@ class SASRec(nn.Module):
             raise ValueError(f"negatives={negatives!r} must be a positive number of sampled items; pass e.g. 1024.")
         table = (self.item_emb if self.output_emb is None else self.output_emb).weight
         drawn = torch.randint(1, self.n_items + 1, (negatives,), device=states.device)  # (M,)
-        candidates = torch.cat([targets[:, None], drawn[None, :].expand(len(targets), -1)], dim=1)  # (n, 1 + M)
         log_count = math.log(negatives / self.n_items)  # every item's expected count among the draws, logged
         logits = torch.cat([(states * table[targets]).sum(-1, keepdim=True), states @ table[drawn].T - log_count],
                            dim=1)  # (n, 1 + M)
         if self.repeat_bias is not None:
             logits = logits + self.repeat_bias * self._seen_among(inputs, rows, positions, targets, drawn)
-        hit = torch.zeros_like(candidates, dtype=torch.bool)
-        hit[:, 1:] = candidates[:, 1:] == targets[:, None]
+        hit = torch.cat([torch.zeros_like(targets[:, None], dtype=torch.bool), drawn[None, :] == targets[:, None]], dim=1)
         logits = logits.masked_fill(hit, float("-inf"))  # (n, 1 + M)
         return F.cross_entropy(logits, torch.zeros_like(targets))
