@@ -2,8 +2,9 @@
 
 A SASRec trained with cross-entropy at every position of windows cut from each user's training
 sequence (a softmax over every item, or with ``embed.loss: sampled`` over drawn ones); early
-stopping on validation NDCG@10. Writes the item embedding matrix ``embeddings.npy`` ``[n_items + 1, hidden]`` (row 0 = padding), the item map and the
-valid/test metrics of the best epoch. This stage is also the project's SASRec baseline.
+stopping on validation NDCG@10. Writes the item embedding matrix ``embeddings.npy``
+``[n_items + 1, hidden]`` (row 0 = padding), the item map and the valid/test metrics of the best
+epoch. This stage is also the project's SASRec baseline.
 """
 from __future__ import annotations
 
