@@ -309,8 +309,9 @@ def print_table(results: dict, rows: list[dict]) -> None:
 def markdown(results: dict, rows: list[dict]) -> str:
     """The table as docs/benchmarks.md shows it."""
     sizes = sorted(results, key=int)
-    lines = ["| figure | " + " | ".join(f"N = {int(s):.0e}" for s in sizes) + " | " +
-             " | ".join(f"slope {sizes[i]}→{sizes[i + 1]}" for i in range(len(sizes) - 1)) + " |"]
+    names = [f"1e{round(math.log10(int(s)))}" for s in sizes]
+    lines = ["| figure | " + " | ".join(f"N = {name}" for name in names) + " | " +
+             " | ".join(f"slope {names[i]}→{names[i + 1]}" for i in range(len(sizes) - 1)) + " |"]
     lines.append("|---" * (1 + 2 * len(sizes) - 1) + "|")
     for row in rows:
         values = " | ".join(fmt(v, row["unit"]) for v in row["values"])
