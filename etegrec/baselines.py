@@ -15,10 +15,11 @@ Equal scores are ordered by training popularity (a tie-break below any score dif
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["cooccurrence", "markov_chain", "popularity", "transition_counts"]
+__all__ = ["TransitionCounts", "cooccurrence", "markov_chain", "popularity", "transition_counts"]
 
 Scorer = Callable[[np.ndarray], np.ndarray]
 
@@ -30,15 +31,62 @@ def popularity(sequences: Sequence[np.ndarray], n_items: int) -> np.ndarray:
     return counts
 
 
-def transition_counts(sequences: Sequence[np.ndarray], n_items: int, *, window: int = 1) -> np.ndarray:
-    """(n_items + 1, n_items + 1) counts ``C[a, b]`` of ``b`` following ``a`` at gap ``d <= window``,
-    each weighted ``1 / d`` (``window=1``: plain first-order transition counts)."""
-    counts = np.zeros((n_items + 1, n_items + 1))
-    for seq in sequences:
-        seq = np.asarray(seq)
-        for gap in range(1, min(window, len(seq) - 1) + 1):
-            np.add.at(counts, (seq[:-gap], seq[gap:]), 1.0 / gap)
-    return counts
+@dataclass(frozen=True)
+class TransitionCounts:
+    """Sparse ``(n_items + 1) x (n_items + 1)`` counts in CSR form: row ``a`` holds the items that
+    followed ``a`` (``indices[indptr[a]:indptr[a + 1]]``, ascending) and their weights (``values``).
+
+    A dense matrix would hold (n_items + 1)^2 float64: 80 GB at 1e5 items. The pairs that occur are
+    at most ``window`` per training interaction, so the CSR form grows with the interactions.
+    """
+
+    n_items: int
+    indptr: np.ndarray  # (n_items + 2,) int64
+    indices: np.ndarray  # (nnz,) int64
+    values: np.ndarray  # (nnz,) float64
+
+    def add_rows_to(self, out: np.ndarray, rows: np.ndarray, weight: float = 1.0) -> np.ndarray:
+        """``out[i] += weight * C[rows[i]]`` for every i (out (len(rows), n_items + 1)); returns ``out``."""
+        rows = np.asarray(rows)
+        starts, lengths = self.indptr[rows], np.diff(self.indptr)[rows]
+        owner = np.repeat(np.arange(len(rows)), lengths)  # the out row of each stored entry
+        at = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths) + np.repeat(starts, lengths)
+        out[owner, self.indices[at]] += weight * self.values[at]  # a row's columns are distinct
+        return out
+
+    def toarray(self) -> np.ndarray:
+        """The dense matrix (small catalogues, tests)."""
+        return self.add_rows_to(np.zeros((self.n_items + 1, self.n_items + 1)), np.arange(self.n_items + 1))
+
+
+def transition_counts(sequences: Sequence[np.ndarray], n_items: int, *, window: int = 1) -> TransitionCounts:
+    """Counts ``C[a, b]`` of ``b`` following ``a`` at gap ``d <= window``, each weighted ``1 / d``
+    (``window=1``: plain first-order transition counts), as a sparse :class:`TransitionCounts`.
+
+    Each cell sums its weights in the order the sequences, then the gaps, then the positions come
+    (what ``np.add.at`` over the sequences one by one did), so the sums are the same to the bit.
+    """
+    lengths = np.array([len(seq) for seq in sequences], dtype=np.int64)
+    flat = np.concatenate([np.asarray(seq, dtype=np.int64) for seq in sequences]) if len(sequences) else \
+        np.zeros(0, np.int64)
+    starts = np.cumsum(lengths) - lengths
+    owner = np.repeat(np.arange(len(lengths)), lengths)  # sequence of each flat position
+    position = np.arange(len(flat)) - starts[owner]
+    parts = []  # (order key, from, to, weight) of every pair
+    for gap in range(1, window + 1):
+        # a pair at this gap exists where the sequence is long enough (gap <= len - 1 and gap <= window)
+        first = np.flatnonzero(position + gap < lengths[owner])
+        # one int64 that sorts by (sequence, gap, position): the order np.add.at added them in
+        rank = starts[owner[first]] * window + (gap - 1) * lengths[owner[first]] + position[first]
+        parts.append((rank, flat[first], flat[first + gap], np.full(len(first), 1.0 / gap)))
+    rank, src, dst, weight = (np.concatenate(column) for column in zip(*parts))
+    order = np.argsort(rank, kind="stable")
+    keys = src[order] * (n_items + 1) + dst[order]
+    cells, inverse = np.unique(keys, return_inverse=True)
+    values = np.bincount(inverse.reshape(-1), weights=weight[order], minlength=len(cells))
+    rows = cells // (n_items + 1)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_items + 1))]).astype(np.int64)
+    return TransitionCounts(n_items, indptr, cells % (n_items + 1), values)
 
 
 def _with_tiebreak(scores: np.ndarray, pop: np.ndarray, scale: float = 1.0) -> np.ndarray:
@@ -52,7 +100,8 @@ def markov_chain(sequences: Sequence[np.ndarray], n_items: int) -> Scorer:
     counts, pop = transition_counts(sequences, n_items), popularity(sequences, n_items)
 
     def score(history: np.ndarray) -> np.ndarray:
-        return _with_tiebreak(counts[np.asarray(history)[:, -1]], pop)
+        last = np.asarray(history)[:, -1]
+        return _with_tiebreak(counts.add_rows_to(np.zeros((len(last), n_items + 1)), last), pop)
 
     return score
 
@@ -66,7 +115,7 @@ def cooccurrence(sequences: Sequence[np.ndarray], n_items: int, *, window: int =
         history = np.asarray(history)
         out = np.zeros((len(history), n_items + 1))
         for age in range(min(recent, history.shape[1])):
-            out += decay ** age * counts[history[:, -1 - age]]  # row 0 (padding) is all zero
+            counts.add_rows_to(out, history[:, -1 - age], decay ** age)  # row 0 (padding) is empty
         return _with_tiebreak(out, pop, scale=1e-6)  # weighted sums differ by far more than 1e-6
 
     return score

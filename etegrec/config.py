@@ -66,6 +66,8 @@ class EmbedConfig:
     repeat_bias: bool = False  # a learned logit offset for the items already in the history
     shuffle_ties: bool = True  # reorder same-timestamp items at random every epoch
     window_stride: int | None = None  # new targets per training window; None = max_his_len (no overlap)
+    loss: str = "full"  # "full": softmax over every item; "sampled": over the target and `negatives` drawn items
+    negatives: int = 1024  # items drawn per step for loss "sampled", shared by the batch's targets
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 128

@@ -33,6 +33,10 @@ KEY_DOCS = {
     "embed.repeat_bias": "a learned logit offset for items already in the history",
     "embed.shuffle_ties": "reorder same-timestamp training items at random every epoch",
     "embed.window_stride": "new targets per training window; null = data.max_his_len (no overlap)",
+    "embed.loss": "full: softmax over every item at every scored position; sampled: over the target and "
+                  "embed.negatives items drawn uniformly per step (a step's cost no longer grows with the catalogue; "
+                  "for catalogues past about 1e5 items, docs/benchmarks.md)",
+    "embed.negatives": "items drawn per step for embed.loss sampled, shared by every target of the batch",
     "embed.lr": "SASRec learning rate (Adam)",
     "embed.weight_decay": "SASRec weight decay",
     "embed.batch_size": "SASRec windows per batch",

@@ -6,7 +6,7 @@ import math
 import typing
 from typing import Any
 
-__all__ = ["CL_NEGATIVES", "ENCODER_INPUTS", "FORGE_POLICIES", "JOINT_TARGETS", "MIXED_PRECISION", "SEED_RANGE",
+__all__ = ["CL_NEGATIVES", "EMBED_LOSSES", "ENCODER_INPUTS", "FORGE_POLICIES", "JOINT_TARGETS", "MIXED_PRECISION", "SEED_RANGE",
            "ConfigError", "check_config"]
 
 
@@ -19,16 +19,19 @@ JOINT_TARGETS = ("last", "all")
 CODE_INITS = ("random", "tokenizer")
 ITEM_EMBEDDINGS = ("none", "zero", "embed")
 CL_NEGATIVES = ("batch", "catalogue")
+EMBED_LOSSES = ("full", "sampled")
 FORGE_POLICIES = ("round_robin", "nearest_free")  # as etegrec.forge.POLICIES (a test keeps them equal)
 MIXED_PRECISION = ("fp32", "bf16")  # not "no": YAML reads that as False
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's and Python's generators are seeded with
 _CHOICES = {"joint.mixed_precision": MIXED_PRECISION, "recommender.encoder_input": ENCODER_INPUTS,
             "codes.forge_policy": FORGE_POLICIES, "losses.cl_negatives": CL_NEGATIVES, "joint.targets": JOINT_TARGETS,
-            "recommender.code_init": CODE_INITS, "recommender.item_embedding": ITEM_EMBEDDINGS}
+            "recommender.code_init": CODE_INITS, "recommender.item_embedding": ITEM_EMBEDDINGS,
+            "embed.loss": EMBED_LOSSES}
 _POSITIVE = {
     "min_count", "max_his_len", "max_users", "hidden", "n_layers", "n_heads", "batch_size", "epochs", "patience",
     "eval_step", "e_dim", "num_layers", "codebook_size", "num_decoder_layers", "d_model", "d_ff", "num_heads",
     "d_kv", "cycle", "sample_fraction", "cl_temperature", "beam_size", "top_k", "window_stride", "every_epochs",
+    "negatives",
 }
 _NON_NEGATIVE = {
     "lr", "lr_rec", "lr_id", "weight_decay", "dropout", "beta", "align_from_epoch", "lr_warmup_epochs", "max_grad_norm",

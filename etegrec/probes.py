@@ -42,12 +42,20 @@ def code_floors(item_codes: np.ndarray, target_counts: np.ndarray, targets: np.n
     """
     codes = np.asarray(item_codes)
     counts = _smoothed(target_counts)
-    rows = codes[np.asarray(targets) - 1]  # (n, L)
-    floors, previous = [], np.full(len(rows), counts.sum())
+    targets = np.asarray(targets) - 1  # (n,) rows of codes
+    floors, previous = [], np.full(len(targets), counts.sum())
+    radix = int(codes.max(initial=0)) + 1
+    key = np.zeros(len(codes), np.int64)
     for p in range(codes.shape[1]):
-        # mass of every item sharing the target's first p + 1 codes
-        match = (codes[None, :, : p + 1] == rows[:, None, : p + 1]).all(axis=2)  # (n, n_items)
-        mass = match @ counts
+        # mass of every item sharing the target's first p + 1 codes: items grouped by that prefix
+        # (memory grows with the items, where comparing every target to every item grew with their
+        # product). One integer per prefix, numbered afresh whenever the next digit would overflow.
+        if int(key.max(initial=0)) >= np.iinfo(np.int64).max // radix:
+            key = np.unique(key, return_inverse=True)[1].reshape(-1).astype(np.int64)
+        key = key * radix + codes[:, p]
+        _, group = np.unique(key, return_inverse=True)
+        group = group.reshape(-1)
+        mass = np.bincount(group, weights=counts)[group[targets]]  # counts are whole numbers: exact sums
         floors.append(float(np.mean(-np.log(mass / previous))))
         previous = mass
     return np.array(floors)

@@ -206,3 +206,9 @@ def test_a_named_amazon_dataset_brings_the_amazon_config_unless_one_is_given(tmp
     assert amazon.to_dict() == load_config("amazon", ["data.dataset=amazon-sports"]).to_dict()
     assert resolved("--dataset", "amazon-sports", "--config", "tiny").joint.epochs == load_config("tiny").joint.epochs
     assert resolved().to_dict() == load_config("ml-100k").to_dict()
+
+
+def test_embed_loss_is_full_or_sampled():
+    assert load_config("tiny", ["embed.loss=sampled"]).embed.loss == "sampled"
+    with pytest.raises(ConfigError, match=r"'embed\.loss' must be one of full, sampled, got 'chunked'"):
+        load_config("tiny", ["embed.loss=chunked"])

@@ -89,3 +89,29 @@ def test_joint_trainer_emits_every_probe_after_each_validation(tiny_joint_run) -
         assert probes["popularity_nll"] == pytest.approx(sum(probes[f"code_floor_{p}"] for p in range(4)), rel=1e-6)
         assert 0.0 <= probes["shuffle_overlap"] <= 1.0 and 0.0 <= probes["repeat_share"] <= 1.0
         assert 0.0 <= probes["codes_changed"] <= 1.0
+
+
+def dense_code_floors(item_codes: np.ndarray, target_counts: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The floors as computed before grouping: every target against every item, (n, n_items) at once."""
+    counts = np.asarray(target_counts, dtype=np.float64) + 1.0
+    rows = item_codes[targets - 1]
+    floors, previous = [], np.full(len(rows), counts.sum())
+    for p in range(item_codes.shape[1]):
+        mass = (item_codes[None, :, : p + 1] == rows[:, None, : p + 1]).all(axis=2) @ counts
+        floors.append(float(np.mean(-np.log(mass / previous))))
+        previous = mass
+    return np.array(floors)
+
+
+def test_code_floors_equal_those_of_every_target_against_every_item() -> None:
+    rng = np.random.default_rng(0)
+    codes = np.concatenate([rng.integers(0, 4, (300, 3)), np.arange(300)[:, None] % 7], axis=1)  # shared prefixes
+    counts, targets = rng.integers(0, 50, 300), rng.integers(1, 301, 500)
+    assert np.array_equal(code_floors(codes, counts, targets), dense_code_floors(codes, counts, targets))
+
+
+def test_code_floors_of_codes_too_wide_for_one_integer_key_equal_the_dense_ones():
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 3, (200, 4)) * (2 ** 21 - 1) // 2  # 2^21 values a position: 84 bits in all
+    counts, targets = rng.integers(0, 50, 200), rng.integers(1, 201, 300)
+    assert np.array_equal(code_floors(codes, counts, targets), dense_code_floors(codes, counts, targets))

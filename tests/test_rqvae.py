@@ -204,3 +204,17 @@ def test_sticky_codes_refuse_previous_codes_of_the_wrong_shape():
     model = _two_level_tokenizer()
     with pytest.raises(ValueError, match=r"previous has shape \(1, 3\).*\(1, 2\)"):
         model.sticky_codes(torch.zeros(1, 2), torch.zeros(1, 3, dtype=torch.long), margin=0.1)
+
+
+def test_kmeans_in_blocks_gives_the_centers_of_the_whole_distance_matrix():
+    data = torch.randn(1000, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    whole = kmeans(data, 16, chunk=len(data))
+    torch.manual_seed(1)
+    assert torch.equal(kmeans(data, 16, chunk=64), whole)
+
+
+def test_nearest_in_blocks_picks_the_codes_of_the_whole_distance_matrix():
+    layer = VectorQuantizer(codebook_size=32, dim=8)
+    residual = torch.randn(1000, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(layer.nearest(residual, chunk=64), layer.distances(residual).argmin(dim=1))

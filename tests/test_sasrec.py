@@ -183,3 +183,50 @@ def test_window_loss_is_the_mean_loss_of_every_scored_position_with_its_own_hist
                 losses.append(torch.nn.functional.cross_entropy(logits[None], target[None]))
         assert len(losses) == 9
         assert torch.allclose(model.window_loss(windows), torch.stack(losses).mean(), atol=1e-6)
+
+
+def test_sampled_loss_tends_to_the_full_softmax_as_the_draws_cover_the_catalogue():
+    model = _tiny(repeat_bias=True)
+    windows = torch.tensor([[0, 0, 0, 4, 9, 4, 2], [3, 1, 5, 7, 3, 8, 6]])
+    with torch.no_grad():
+        model.repeat_bias.fill_(-2.0)
+        full = model.window_loss(windows)
+        torch.manual_seed(0)
+        sampled = model.window_loss(windows, negatives=200_000)  # ~6,700 draws of each of the 30 items
+    assert sampled.item() == pytest.approx(full.item(), abs=0.01)
+
+
+def test_sampled_loss_never_takes_the_target_for_a_negative():
+    model = _tiny(n_items=1)  # every draw is the target: all of them are masked, the target stands alone
+    with torch.no_grad():
+        assert model.window_loss(torch.tensor([[0, 0, 0, 0, 1, 1, 1]]), negatives=8).item() == 0.0
+
+
+def test_sampled_loss_trains_the_model_as_the_full_one_does():
+    model = _tiny().train()
+    windows = torch.tensor([[0, 0, 1, 2, 3, 4, 5], [0, 6, 7, 8, 9, 10, 11]])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    first = model.window_loss(windows).item()
+    for _ in range(15):
+        optimizer.zero_grad()
+        model.window_loss(windows, negatives=8).backward()
+        optimizer.step()
+    assert model.window_loss(windows).item() < 0.5 * first  # judged by the full softmax
+
+
+def test_sampled_loss_needs_at_least_one_negative():
+    with pytest.raises(ValueError, match="negatives=0 must be a positive"):
+        _tiny().window_loss(torch.tensor([[0, 0, 1, 2, 3, 4, 5]]), negatives=0)
+
+
+def test_sampled_loss_biases_exactly_the_drawn_items_in_each_positions_history():
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, 31, (5, 6), generator=gen)
+    rows, positions = torch.arange(5).repeat_interleave(6), torch.arange(6).repeat(5)
+    targets, drawn = torch.randint(1, 31, (30,), generator=gen), torch.randint(1, 31, (40,), generator=gen)
+    seen = SASRec._seen_among(inputs, rows, positions, targets, drawn)
+    for i in range(30):
+        history = set(inputs[rows[i], : positions[i] + 1].tolist()) - {0}
+        expected = [int(targets[i]) in history] + [int(d) in history for d in drawn]
+        assert seen[i].tolist() == expected, i

@@ -202,6 +202,15 @@ def test_embed_stage_with_repeat_bias_learns_it_at_its_own_rate(tiny_config, tmp
     assert state["model"]["repeat_bias"].item() < -20 * tiny_config.embed.lr * steps
 
 
+def test_embed_stage_trains_with_the_sampled_softmax_and_ranks_every_item(tiny_config, tmp_path):
+    from etegrec.training.embed import run_embed
+    tiny_config.embed.loss, tiny_config.embed.negatives = "sampled", 16
+    result = run_embed(tiny_config, output_dir=tmp_path / "embed-run", wandb_mode="disabled")
+    assert set(result["test"]) >= {"recall@10", "ndcg@10"}
+    assert np.load(tmp_path / "embed-run" / "embeddings.npy").shape[0] == len(
+        json.loads((tmp_path / "embed-run" / "item_map.json").read_text())["items"]) + 1
+
+
 def test_cache_keys_of_the_default_config_stay_those_of_existing_caches():
     # Golden keys: a new config key in the data/embed/tokenizer/rqvae sections changes them and so
     # orphans every user's cached stages, unless it is listed in stages.ADDED_LATER.

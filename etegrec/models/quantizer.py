@@ -24,8 +24,16 @@ __all__ = [
 
 T = TypeVar("T")
 
+CHUNK_ROWS = 65536  # rows per distance block: a catalogue's (N, K) distance matrix is never held whole
 
-def kmeans(data: torch.Tensor, num_clusters: int, *, iters: int = 10) -> torch.Tensor:
+
+def _nearest(rows: torch.Tensor, distance: Callable[[torch.Tensor], torch.Tensor], chunk: int) -> torch.Tensor:
+    """Index (N,) of the nearest code of every row of ``rows`` (N, D), ``chunk`` rows at a time:
+    at 1e6 items and 256 codes a whole distance matrix is 1 GiB, a block of 65,536 rows 64 MiB."""
+    return torch.cat([distance(block).argmin(dim=1) for block in rows.split(chunk)])
+
+
+def kmeans(data: torch.Tensor, num_clusters: int, *, iters: int = 10, chunk: int = CHUNK_ROWS) -> torch.Tensor:
     """Lloyd's k-means on ``data`` (N, D); returns centers (num_clusters, D).
 
     Initial centers are data points drawn with the default torch generator (without replacement
@@ -46,7 +54,7 @@ def kmeans(data: torch.Tensor, num_clusters: int, *, iters: int = 10) -> torch.T
         index = torch.randint(n, (num_clusters,), device=data.device)
     centers = data[index].clone()  # (K, D)
     for _ in range(iters):
-        assign = torch.cdist(data, centers).argmin(dim=1)  # (N,)
+        assign = _nearest(data, lambda block: torch.cdist(block, centers), chunk)  # (N,)
         sums = torch.zeros_like(centers).index_add_(0, assign, data)
         counts = torch.bincount(assign, minlength=num_clusters)  # (K,)
         filled = counts > 0
@@ -124,12 +132,12 @@ class VectorQuantizer(nn.Module):
         every code is used. Returns the number of codes restarted and the codes (N,) of the rows
         after the restart.
         """
-        codes = self.distances(residual).argmin(dim=1)  # (N,)
+        codes = self.nearest(residual)  # (N,)
         dead = (torch.bincount(codes, minlength=self.codebook_size) == 0).nonzero().flatten()
         if len(dead):
             pick = torch.randint(len(residual), (len(dead),), generator=generator, device=residual.device)
             self.embedding.weight[dead] = residual[pick]
-            codes = self.distances(residual).argmin(dim=1)
+            codes = self.nearest(residual)
         return len(dead), codes
 
     def _check_dim(self, x: torch.Tensor, where: str) -> None:
@@ -138,6 +146,10 @@ class VectorQuantizer(nn.Module):
                 f"VectorQuantizer.{where} expects shape (batch, {self.dim}), got "
                 f"{tuple(x.shape)!r}; pass residuals of width dim={self.dim}."
             )
+
+    def nearest(self, residual: torch.Tensor, *, chunk: int = CHUNK_ROWS) -> torch.Tensor:
+        """Index (N,) of the nearest code of every row of ``residual`` (N, dim), without its gradient."""
+        return _nearest(residual.detach(), self.distances, chunk)
 
     def distances(self, residual: torch.Tensor) -> torch.Tensor:
         """Squared L2 distance (batch, K) of every row of ``residual`` to every code."""
@@ -268,7 +280,7 @@ class ResidualQuantizer(nn.Module):
 
         def step(layer: VectorQuantizer, residual: torch.Tensor) -> tuple[None, torch.Tensor]:
             layer.init_from(residual)
-            return None, layer.embedding(layer.distances(residual).argmin(dim=1))
+            return None, layer.embedding(layer.nearest(residual))
 
         self.walk(x.detach(), step)
 

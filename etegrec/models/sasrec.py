@@ -8,6 +8,7 @@ changes the outputs at real positions.
 """
 from __future__ import annotations
 
+import math
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +157,21 @@ class SASRec(nn.Module):
         seen = torch.zeros(len(rows), self.n_items + 1, device=inputs.device)
         return seen.scatter_(1, history * visible, 1.0)
 
+    @staticmethod
+    def _seen_among(inputs: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                    drawn: torch.Tensor) -> torch.Tensor:
+        """(n, 1 + M) bool: whether the target and each drawn item are in the history of each scored
+        position. The history items are looked up among the sorted distinct draws, so the cost is
+        n * (T log M + M), not the n * T * M of comparing every history item with every draw."""
+        visible = torch.arange(inputs.shape[1], device=inputs.device)[None, :] <= positions[:, None]
+        history = inputs[rows] * visible  # (n, T): each scored position's history, 0 elsewhere
+        distinct, column = torch.unique(drawn, return_inverse=True)  # (U,) sorted, (M,) index into it
+        at = torch.searchsorted(distinct, history).clamp_max(len(distinct) - 1)  # (n, T)
+        found = (distinct[at] == history) & (history != 0)
+        seen = torch.zeros(len(history), len(distinct) + 1, dtype=torch.bool, device=history.device)
+        seen.scatter_(1, torch.where(found, at, len(distinct)), True)  # column U collects the misses
+        return torch.cat([(history == targets[:, None]).any(dim=1, keepdim=True), seen[:, column]], dim=1)
+
     def score(self, history: torch.Tensor) -> torch.Tensor:
         """Logits (batch, n_items + 1) of the next item after each history; column 0 is -inf."""
         seen = None
@@ -164,19 +180,46 @@ class SASRec(nn.Module):
             seen.scatter_(1, history, 1.0)
         return self._logits(self.forward(history)[:, -1], seen)
 
-    def window_loss(self, seq: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean full-softmax cross-entropy of the next items inside left-padded windows.
+    def window_loss(self, seq: torch.Tensor, counted: torch.Tensor | None = None, *,
+                    negatives: int | None = None) -> torch.Tensor:
+        """Mean cross-entropy of the next items inside left-padded windows.
 
         ``seq`` (batch, T + 1) holds T + 1 consecutive items; position t predicts ``seq[:, t + 1]``
         from ``seq[:, :t + 1]``. Targets that are padding, and targets whose input is padding (an
         empty history), are ignored. ``counted`` (batch,), when given, keeps only the last
         ``counted[b]`` targets of window b (overlapping windows predict each item once).
+
+        ``negatives`` None: the full softmax over every item. A number M: a sampled softmax over the
+        target and M items drawn uniformly (with replacement, from torch's generator) and shared by
+        every target of the batch, so a step costs M + 1 logits per target whatever the catalogue's
+        size. The logQ correction: each drawn item's logit minus ``log(M / n_items)``, its expected
+        count among the draws, and a drawn copy of the target (an accidental hit) masked, so the
+        normalizer estimates the full softmax's without bias and the loss tends to the full one as M grows.
         """
         inputs, targets, scored = window_targets(seq, counted)  # (batch, T) each
         rows, positions = scored.nonzero(as_tuple=True)  # (n,) each
         # Logits only where a target is scored: short histories leave most of a window padded, and
         # the (targets, n_items) logit matrix is the stage's largest cost.
         states = self.forward(inputs)[rows, positions]  # (n, hidden)
+        targets = targets[rows, positions]  # (n,)
+        if negatives is not None:
+            return self._sampled_loss(states, targets, inputs, rows, positions, negatives)
         seen = self._seen(inputs, rows, positions) if self.repeat_bias is not None else None
         logits = self._logits(states, seen)  # (n, n_items + 1)
-        return F.cross_entropy(logits, targets[rows, positions])
+        return F.cross_entropy(logits, targets)
+
+    def _sampled_loss(self, states: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor,
+                      positions: torch.Tensor, negatives: int) -> torch.Tensor:
+        """Cross-entropy of each target against ``negatives`` uniformly drawn items shared by the batch."""
+        if negatives < 1:
+            raise ValueError(f"negatives={negatives!r} must be a positive number of sampled items; pass e.g. 1024.")
+        table = (self.item_emb if self.output_emb is None else self.output_emb).weight
+        drawn = torch.randint(1, self.n_items + 1, (negatives,), device=states.device)  # (M,)
+        log_count = math.log(negatives / self.n_items)  # every item's expected count among the draws, logged
+        logits = torch.cat([(states * table[targets]).sum(-1, keepdim=True), states @ table[drawn].T - log_count],
+                           dim=1)  # (n, 1 + M)
+        if self.repeat_bias is not None:
+            logits = logits + self.repeat_bias * self._seen_among(inputs, rows, positions, targets, drawn)
+        hit = torch.cat([torch.zeros_like(targets[:, None], dtype=torch.bool), drawn[None, :] == targets[:, None]], dim=1)
+        logits = logits.masked_fill(hit, float("-inf"))  # (n, 1 + M)
+        return F.cross_entropy(logits, torch.zeros_like(targets))

@@ -1,9 +1,10 @@
 """The SASRec stage's trainer and its product: the item embeddings ``embeddings.npy``.
 
-A SASRec trained with full-softmax cross-entropy at every position of windows cut from each
-user's training sequence; early stopping on validation NDCG@10. Writes the item embedding matrix
-``embeddings.npy`` ``[n_items + 1, hidden]`` (row 0 = padding), the item map and the
-valid/test metrics of the best epoch. This stage is also the project's SASRec baseline.
+A SASRec trained with cross-entropy at every position of windows cut from each user's training
+sequence (a softmax over every item, or with ``embed.loss: sampled`` over drawn ones); early
+stopping on validation NDCG@10. Writes the item embedding matrix ``embeddings.npy``
+``[n_items + 1, hidden]`` (row 0 = padding), the item map and the valid/test metrics of the best
+epoch. This stage is also the project's SASRec baseline.
 """
 from __future__ import annotations
 
@@ -62,8 +63,10 @@ class EmbedTrainer(StageTrainer):
         return self.model
 
     def _loss(self, index: np.ndarray) -> dict[str, torch.Tensor]:
-        device = self.run.accelerator.device
-        return {"loss": self.model.window_loss(self.windows[index].to(device), self.counted[index].to(device))}
+        device, cfg = self.run.accelerator.device, self.config.embed
+        negatives = cfg.negatives if cfg.loss == "sampled" else None
+        return {"loss": self.model.window_loss(self.windows[index].to(device), self.counted[index].to(device),
+                                               negatives=negatives)}
 
     def evaluate(self, split: str) -> dict[str, float]:
         self.model.eval()

@@ -29,7 +29,7 @@ def load_stage_data(config: Config) -> SequenceData:
 
 # Keys added after stage caches existed, with the value that means "as before": left out of the
 # cache key at that value, so that adding them does not orphan every cached stage.
-ADDED_LATER = {"embed.repeat_bias": False}
+ADDED_LATER = {"embed.repeat_bias": False, "embed.loss": "full", "embed.negatives": 1024}
 
 
 # Digests of prepared data that stage caches were made from before the digest joined the key (the
