@@ -20,8 +20,8 @@ import torch
 
 from etegrec.config import load_config
 from etegrec.models import SASRec
-from etegrec.training.embed import make_windows
-from etegrec.training.stages import load_stage_data
+from etegrec.data.windows import make_windows
+from etegrec.training.run.cache import load_stage_data
 
 RESULT = Path(__file__).resolve().parent / "results" / "sampled_step.json"
 

@@ -141,8 +141,8 @@ def measure(n_nominal: int) -> dict:
     from etegrec.metrics import ranking_metrics
     from etegrec.models import RQVAE, SASRec, CodeTrie, T5Recommender, beam_search
     from etegrec.probes import code_floors
-    from etegrec.training.embed import make_windows
-    from etegrec.training.evaluation import evaluate_full_ranking
+    from etegrec.data.windows import make_windows
+    from etegrec.training.run.evaluation import evaluate_full_ranking
 
     torch.set_num_threads(1)
     torch.manual_seed(SEED)

@@ -203,9 +203,9 @@ def test_embed_stage_with_repeat_bias_learns_it_at_its_own_rate(tiny_config, tmp
 
 
 def test_embed_stage_trains_with_the_sampled_softmax_and_ranks_every_item(tiny_config, tmp_path):
-    from etegrec.training.embed import run_embed
+    from etegrec.training.run.pipeline import run_stage
     tiny_config.embed.loss, tiny_config.embed.negatives = "sampled", 16
-    result = run_embed(tiny_config, output_dir=tmp_path / "embed-run", wandb_mode="disabled")
+    result = run_stage(EMBED, tiny_config, output_dir=tmp_path / "embed-run", wandb_mode="disabled")
     assert set(result["test"]) >= {"recall@10", "ndcg@10"}
     assert np.load(tmp_path / "embed-run" / "embeddings.npy").shape[0] == len(
         json.loads((tmp_path / "embed-run" / "item_map.json").read_text())["items"]) + 1

@@ -63,7 +63,7 @@ class EmbedTrainer(StageTrainer):
         return self.model
 
     def _loss(self, index: np.ndarray) -> dict[str, torch.Tensor]:
-        device, cfg = self.run.accelerator.device, self.config.embed
+        device, cfg = self.run.accelerator.device, self.cfg
         negatives = cfg.negatives if cfg.loss == "sampled" else None
         return {"loss": self.model.window_loss(self.windows[index].to(device), self.counted[index].to(device),
                                                negatives=negatives)}
