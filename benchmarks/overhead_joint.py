@@ -75,7 +75,8 @@ def main() -> None:
         wandb_acc = Accelerator(cpu=not torch.cuda.is_available(), log_with="wandb")  # the device Run picked
         subscribers = [EventLog(Path(tmp) / "events.jsonl"), ConsoleSubscriber(file=io.StringIO()),
                        WandbSubscriber(accelerator=wandb_acc, project=JOINT.project, run_name="overhead",
-                                       config=config.to_dict(), run_dir=tmp, stage="joint", mode="offline")]
+                                       config=config.to_dict(), run_dir=tmp, stage="joint", mode="offline",
+                                       key_map=JOINT.key_map)]
         for sub in subscribers:
             sub.start()
         trainer.hooks = NoHooks()

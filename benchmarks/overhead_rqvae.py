@@ -83,7 +83,7 @@ def main() -> None:
                      "console": lambda: ConsoleSubscriber(file=io.StringIO()),
                      "wandb": lambda: WandbSubscriber(accelerator=wandb_acc, project=RQVAE.project,
                                                       run_name="overhead", config=config.to_dict(), run_dir=tmp,
-                                                      stage="rqvae", mode="offline")}
+                                                      stage="rqvae", mode="offline", key_map=RQVAE.key_map)}
         subscribers = [make() for name, make in available.items() if name in attach]
         for sub in subscribers:
             sub.start()
