@@ -137,3 +137,14 @@ def cached_tokenizer_stage(data_file: Path) -> Path:
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "metrics.json").write_text("{}")
     return folder / "checkpoints" / "best.pt"
+
+
+def load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` (benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,21 +1,14 @@
 """benchmarks/code_levels.py: the per-level ranks of a target code, checked on scores whose answer is known."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "code_levels.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def levels():
-    spec = importlib.util.spec_from_file_location("code_levels_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("code_levels")
 
 
 def test_a_group_scores_the_log_of_its_items_summed_probability(levels) -> None:

@@ -2,23 +2,17 @@
 ETEGRec-against-TIGER gap, checked on constructed runs whose figures are known."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
-
-QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", QUALITY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quality")
 
 
 def metrics(ndcg10: float) -> dict[str, float]:
