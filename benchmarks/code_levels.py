@@ -13,9 +13,11 @@ scored by
   SASRec gives that code;
 * popularity: the training interactions of the items under each candidate code;
 
-and prints MRR and hit@1 / hit@5 per level. Then, on the same users, the items themselves: NDCG@10 of the
+and prints MRR, hit@1 / hit@5 and the NLL of the target's code (renormalised over the candidates) per
+level. Then, on the same users, the items themselves: NDCG@10 of the
 recommender's beam search and of SASRec's full ranking, and how popular (training interactions) the items
-each puts in its top 10 are, and the targets each finds that the other misses. A level where SASRec beats the recommender is where the
+each puts in its top 10 are, the targets each finds that the other misses, and each model's hit@10 for the
+users whose target's first code is the last history item's, another history item's, or new to the history. A level where SASRec beats the recommender is where the
 recommender's scores lose items that an ID model finds; a level where SASRec is no better than
 popularity is one the collaborative signal cannot resolve (the codes there split items that look the
 same to SASRec). The users are the fixed validation subsample of ``evaluation.valid_users`` (or ``--users``).
@@ -52,8 +54,27 @@ def ranks(scores: np.ndarray, target: np.ndarray, candidates: np.ndarray) -> np.
     return 1 + ((scores > own) & candidates).sum(axis=1)
 
 
-def summary(r: np.ndarray) -> str:
-    return f"MRR {np.mean(1.0 / r):.4f}  hit@1 {np.mean(r == 1):.4f}  hit@5 {np.mean(r <= 5):.4f}"
+def nll(scores: np.ndarray, target: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """-log of column ``target[u]``'s share of the softmax over the ``candidates[u]`` columns of ``scores``
+    (log-scores): the model's code probability given the true prefix, renormalised over the codes that exist."""
+    masked = np.where(candidates, scores, -np.inf)
+    top = masked.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(masked - top).sum(axis=1)) + top[:, 0]
+    return lse - scores[np.arange(len(target)), target]
+
+
+def first_code_places(history_codes: np.ndarray, target_code: np.ndarray) -> dict[str, np.ndarray]:
+    """Users split by where the target's first code ``target_code`` (n,) stands in ``history_codes`` (n, H)
+    (the history items' first codes, oldest first, left-padded with -1): the last
+    item's, another history item's, or none (a cluster the history never visited)."""
+    last = history_codes[:, -1] == target_code
+    anywhere = (history_codes == target_code[:, None]).any(axis=1)
+    return {"the last item's": last, "another history item's": anywhere & ~last, "new to the history": ~anywhere}
+
+
+def summary(r: np.ndarray, loss: np.ndarray) -> str:
+    return (f"MRR {np.mean(1.0 / r):.4f}  hit@1 {np.mean(r == 1):.4f}  hit@5 {np.mean(r <= 5):.4f}  "
+            f"NLL {np.mean(loss):.3f}")
 
 
 @torch.no_grad()
@@ -104,13 +125,16 @@ def levels(run_dir: Path, users: int | None, split: str) -> None:
                              ("SASRec", group_scores(sas_scores, group, len(prefixes))),
                              ("popularity", group_scores(popularity, group, len(prefixes)))):
             scores = np.broadcast_to(scores, candidates.shape)
-            print(f"    {name:<12} {summary(ranks(scores, target_group, candidates))}")
-    items(run, sas_scores, to_run, history, target, np.exp(popularity[0]) - 1.0)
+            print(f"    {name:<12} {summary(ranks(scores, target_group, candidates), nll(scores, target_group, candidates))}")
+    first = np.concatenate([[-1], codes[:, 0]])  # data item id -> first code, padding -1
+    items(run, sas_scores, to_run, history, target, np.exp(popularity[0]) - 1.0,
+          first_code_places(first[history], first[target]))
 
 
 def items(run, sas_scores: np.ndarray, to_run: torch.Tensor, history: np.ndarray, target: np.ndarray,
-          count: np.ndarray) -> None:
-    """Item-level top 10 of both models on the same users, and the popularity of what each finds."""
+          count: np.ndarray, places: dict[str, np.ndarray]) -> None:
+    """Item-level top 10 of both models on the same users, the popularity of what each finds, and hit@10
+    by where the target's first code stands in the history (``places``: user masks)."""
     found, _ = beam_recommend(run.recommender, run.codes, run.trie, to_run[torch.as_tensor(history)].numpy(),
                               run.config.evaluation, renormalize=run.config.recommender.renormalize)
     from_run = np.zeros(len(to_run), dtype=np.int64)
@@ -129,6 +153,10 @@ def items(run, sas_scores: np.ndarray, to_run: torch.Tensor, history: np.ndarray
     for name, only in (("recommender", (gen_rank > 0) & (sas_rank == 0)), ("SASRec", (sas_rank > 0) & (gen_rank == 0))):
         print(f"    targets in the {name}'s top 10 only: {int(only.sum())}, median training interactions "
               f"{np.median(count[target[only] - 1]) if only.any() else float('nan'):.0f}")
+    print("    hit@10 by the target's first code:")
+    for place, users in places.items():
+        print(f"      {place:<24} {users.mean():6.1%} of users: recommender {np.mean(gen_rank[users] > 0):.4f}, "
+              f"SASRec {np.mean(sas_rank[users] > 0):.4f}")
 
 
 def main() -> None:

@@ -24,3 +24,18 @@ def test_a_target_is_ranked_among_its_candidates_only(levels) -> None:
     candidates = np.array([[False, True, True, True], [True, True, True, True]])
     ranks = levels.ranks(scores, np.array([1, 2]), candidates)
     assert ranks.tolist() == [2, 1]  # row 0: 0.9 is no candidate, 0.7 is; row 1: a tie counts for the target
+
+
+def test_the_code_nll_is_renormalised_over_the_candidates(levels) -> None:
+    scores = np.log(np.array([[0.5, 0.25, 0.25, 0.0 + 1e-300], [0.1, 0.2, 0.3, 0.4]]))
+    candidates = np.array([[False, True, True, False], [True, True, True, True]])
+    got = levels.nll(scores, np.array([1, 3]), candidates)
+    np.testing.assert_allclose(got, [np.log(2.0), -np.log(0.4)])  # row 0: 0.25 of the 0.5 left
+
+
+def test_users_are_split_by_where_the_targets_first_code_stands_in_the_history(levels) -> None:
+    history = np.array([[-1, 4, 7], [-1, 4, 7], [3, 3, 3], [-1, -1, 5]])  # -1: padding
+    places = levels.first_code_places(history, np.array([7, 4, 9, 5]))
+    assert places["the last item's"].tolist() == [True, False, False, True]
+    assert places["another history item's"].tolist() == [False, True, False, False]
+    assert places["new to the history"].tolist() == [False, False, True, False]
