@@ -39,6 +39,9 @@ from etegrec.training.run.cache import load_stage_data, stage_dir
 from etegrec.training.run.checkpoint import read_checkpoint
 
 
+USERS_AT_ONCE = 2048  # users per (users, groups) block of a level's scores
+
+
 def group_scores(item_scores: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
     """(n, n_groups) log-sum-exp of ``item_scores`` (n, n_items) over the items of each group."""
     top = item_scores.max(axis=1, keepdims=True)
@@ -115,17 +118,25 @@ def levels(run_dir: Path, users: int | None, split: str) -> None:
         group = group.reshape(-1)
         parent = np.unique(prefixes[:, :level], axis=0, return_inverse=True)[1].reshape(-1)  # (G,)
         target_group = group[target - 1]
-        candidates = parent[None, :] == parent[target_group][:, None]  # (n, G)
-        if candidates.sum(axis=1).mean() <= 1.0:
+        n_candidates = np.bincount(parent)[parent[target_group]]  # (n,) groups sharing the target's parent
+        if n_candidates.mean() <= 1.0:
             break  # nothing left to choose
-        # the recommender scores codes: map each group to its code at this level
-        gen_scores = gen_logits[:, level, :][:, prefixes[:, level]]  # (n, G)
-        print(f"  level {level}: {candidates.sum(axis=1).mean():.1f} candidate codes on average")
-        for name, scores in (("recommender", gen_scores),
-                             ("SASRec", group_scores(sas_scores, group, len(prefixes))),
-                             ("popularity", group_scores(popularity, group, len(prefixes)))):
-            scores = np.broadcast_to(scores, candidates.shape)
-            print(f"    {name:<12} {summary(ranks(scores, target_group, candidates), nll(scores, target_group, candidates))}")
+        print(f"  level {level}: {n_candidates.mean():.1f} candidate codes on average")
+        popular = group_scores(popularity, group, len(prefixes))  # (1, G)
+        found: dict[str, list[np.ndarray]] = {"recommender": [], "SASRec": [], "popularity": []}
+        for lo in range(0, len(target), USERS_AT_ONCE):  # (users, G) blocks: Sports' G is 16k at level 1
+            rows = slice(lo, lo + USERS_AT_ONCE)
+            candidates = parent[None, :] == parent[target_group[rows]][:, None]  # (u, G)
+            # the recommender scores codes: map each group to its code at this level
+            for name, scores in (("recommender", gen_logits[rows, level, :][:, prefixes[:, level]]),
+                                 ("SASRec", group_scores(sas_scores[rows], group, len(prefixes))),
+                                 ("popularity", popular)):
+                scores = np.broadcast_to(scores, candidates.shape)
+                found[name].append(np.stack([ranks(scores, target_group[rows], candidates),
+                                             nll(scores, target_group[rows], candidates)]))
+        for name, parts in found.items():
+            r, loss = np.concatenate(parts, axis=1)
+            print(f"    {name:<12} {summary(r, loss)}")
     first = np.concatenate([[-1], codes[:, 0]])  # data item id -> first code, padding -1
     items(run, sas_scores, to_run, history, target, np.exp(popularity[0]) - 1.0,
           first_code_places(first[history], first[target]))
