@@ -29,6 +29,22 @@ def batch(size: int = 3, history: int = 4, *, seed: int = 1) -> tuple[torch.Tens
     return codes, mask, target
 
 
+def assert_decodes_as_teacher_forced(model: T5Recommender, codes: torch.Tensor, mask: torch.Tensor,
+                                     target: torch.Tensor, *, incremental: bool = True, history_bias: bool = False) -> None:
+    """``decode_logits`` step by step (rows of ``target`` grouped per history, consecutive, as beam search
+    lays them out; plus ``history_bias`` when asked) gives the teacher-forced logits of ``forward``."""
+    group = len(target) // len(codes)
+    with torch.no_grad():
+        expected = model(codes.repeat_interleave(group, 0), mask.repeat_interleave(group, 0), target).logits
+        states, attention_mask = model.encode(codes, mask)
+        cache = model.decoder_cache(states, attention_mask, incremental=incremental)
+        for t in range(CODE_LEN):
+            logits = model.decode_logits(states, attention_mask, target[:, :t], cache=cache)
+            if history_bias:
+                logits = logits + model.history_bias(codes, mask, target[:, :t])
+            torch.testing.assert_close(logits, expected[:, t], rtol=1e-5, atol=1e-5)
+
+
 def test_forward_returns_logits_and_alignment_heads_of_documented_shapes() -> None:
     codes, mask, target = batch()
     out = tiny_model()(codes, mask, target)
@@ -118,14 +134,7 @@ def test_decode_logits_match_teacher_forced_logits_for_grouped_rows(incremental:
     group = 2  # two beams per history, consecutive rows
     gen = torch.Generator().manual_seed(3)
     target = torch.randint(0, CODE_NUM, (3 * group, CODE_LEN), generator=gen)
-    with torch.no_grad():
-        repeated = codes.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
-        expected = model(*repeated, target).logits
-        states, attention_mask = model.encode(codes, mask)
-        cache = model.decoder_cache(states, attention_mask, incremental=incremental)
-        for t in range(CODE_LEN):
-            logits = model.decode_logits(states, attention_mask, target[:, :t], cache=cache)
-            torch.testing.assert_close(logits, expected[:, t], rtol=1e-5, atol=1e-5)
+    assert_decodes_as_teacher_forced(model, codes, mask, target, incremental=incremental)
 
 
 def test_decode_logits_refuses_training_mode() -> None:
@@ -212,14 +221,7 @@ def test_incremental_logits_plus_history_bias_match_teacher_forced_logits(encode
     group = 2
     target = codes[:, -1].repeat_interleave(group, 0).clone()  # repeats of the last item: the bias fires
     target[::2, 1] = (target[::2, 1] + 1) % CODE_NUM  # and rows that leave the repeat after one code
-    with torch.no_grad():
-        expected = model(codes.repeat_interleave(group, 0), mask.repeat_interleave(group, 0), target).logits
-        states, attention_mask = model.encode(codes, mask)
-        cache = model.decoder_cache(states, attention_mask)
-        for t in range(CODE_LEN):
-            logits = model.decode_logits(states, attention_mask, target[:, :t], cache=cache)
-            logits = logits + model.history_bias(codes, mask, target[:, :t])
-            torch.testing.assert_close(logits, expected[:, t], rtol=1e-5, atol=1e-5)
+    assert_decodes_as_teacher_forced(model, codes, mask, target, history_bias=True)
 
 
 def test_history_bias_marks_the_codes_that_continue_a_history_item() -> None:
@@ -361,3 +363,66 @@ def test_item_vectors_start_from_the_embed_stages_geometry() -> None:
     torch.testing.assert_close(got / got[0, 0], gram / gram[0, 0], rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="item_embedding' is 'zero', which needs recommender.encoder_input=items"):
         load_config("tiny", ["recommender.encoder_input=codes", "recommender.item_embedding=zero"])
+
+
+def _with_item_output(table: torch.Tensor, **overrides: object) -> T5Recommender:
+    """A tiny model with output vectors for the items of ``table`` (row i = item i + 1), set at random."""
+    from etegrec.models import CodeTrie
+
+    model = tiny_model(output_items=len(table), **overrides).eval()
+    with torch.no_grad():
+        model.item_output.weight.normal_(generator=torch.Generator().manual_seed(4))
+    model.use_trie(CodeTrie(table, code_num=CODE_NUM))
+    return model
+
+
+ITEM_TABLE = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 4, 2], [5, 1, 2], [5, 6, 0]])  # items 1..5
+# 12 items: more second-level prefixes (10) than codes (7), which the sparse path scores
+WIDE_TABLE = torch.tensor([[a, b, c] for a, b, c in zip([0, 0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 6], [0, 1, 1, 2, 3, 0, 0, 4, 5, 6, 0, 1],
+                                                        [0, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3])])
+
+
+@pytest.mark.parametrize("table", [ITEM_TABLE, WIDE_TABLE], ids=["few-prefixes", "many-prefixes"])
+def test_item_output_adds_each_codes_mean_item_vector_to_its_score(table: torch.Tensor) -> None:
+    model = _with_item_output(table)
+    plain = tiny_model().eval()  # the same weights (same seed) without item vectors
+    codes, mask, _ = batch(size=len(table))
+    target = table  # each row a real item's codes
+    vectors = model.item_output.weight.detach()[1:]
+    with torch.no_grad():
+        hidden = model.decoder(inputs_embeds=model._decoder_inputs(target[:, :-1]),
+                               encoder_hidden_states=model.encode(codes, mask)[0],
+                               encoder_attention_mask=model.encode(codes, mask)[1]).last_hidden_state
+        diff = model(codes, mask, target).logits - plain(codes, mask, target).logits
+    expected = torch.zeros_like(diff)
+    for n in range(len(target)):
+        for t in range(CODE_LEN):
+            for k in range(CODE_NUM):  # the items whose codes start with the target's prefix, then k
+                under = [i for i, row in enumerate(table.tolist()) if row[:t] == target[n, :t].tolist() and row[t] == k]
+                if under:
+                    expected[n, t, k] = hidden[n, t] @ vectors[under].mean(0) / 16 ** 0.5
+    torch.testing.assert_close(diff, expected, rtol=1e-4, atol=1e-5)
+    first_codes = len(table[:, 0].unique())
+    assert (expected[:, 0] != 0).sum() == first_codes * len(table)  # first code: every code with items, every row
+    with torch.no_grad():  # zero vectors: the codes-only model
+        model.item_output.weight.zero_()
+        torch.testing.assert_close(model(codes, mask, target).logits, plain(codes, mask, target).logits)
+
+
+def test_item_output_decodes_step_by_step_as_teacher_forced_and_trains() -> None:
+    from etegrec.models import CodeTrie
+
+    model = _with_item_output(ITEM_TABLE, encoder_input="items", max_history=6, causal_encoder=True)
+    codes, mask, _ = batch(size=2)
+    target = ITEM_TABLE[[0, 1, 2, 3, 4, 0]]  # three rows per history
+    target[5, 1] = 6  # a prefix that leads to no item: no vector there
+    assert_decodes_as_teacher_forced(model, codes, mask, target)
+    model.train()
+    code_loss(model(codes[[0, 1, 1]], mask[[0, 1, 1]], ITEM_TABLE[[0, 3, 4]]).logits, ITEM_TABLE[[0, 3, 4]]).backward()
+    moved = model.item_output.weight.grad.abs().sum(dim=1)
+    assert moved[0] == 0 and (moved[1:] > 0).all()  # every item sits under some scored code; padding never
+    fresh = tiny_model(output_items=5)
+    with pytest.raises(ValueError, match=r"use_trie\(CodeTrie"):
+        fresh(codes, mask, ITEM_TABLE[:2])
+    fresh.use_trie(CodeTrie(ITEM_TABLE, code_num=CODE_NUM))
+    assert fresh(codes, mask, ITEM_TABLE[:2]).logits.shape == (2, CODE_LEN, CODE_NUM)

@@ -26,7 +26,7 @@ def finished_run(tmp_path_factory):
                  "--set", "joint.epochs=2", "--set", "recommender.encoder_input=items",
                  "--set", "recommender.repeat_bias=true", "--set", "joint.targets=all",
                  "--set", "recommender.renormalize=true", "--set", "recommender.item_embedding=embed",
-                 "--output-dir", str(root / "run"))
+                 "--set", "recommender.item_output=true", "--output-dir", str(root / "run"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ETEGREC_HOME", str(root / "home"))
         data = load_stage_data(load_config(str(root / "run" / "config.yaml")))
@@ -46,6 +46,18 @@ def test_load_run_reproduces_the_runs_test_metrics_from_raw_item_ids(finished_ru
     assert metrics["recall@10"] == pytest.approx(saved["recall@10"], abs=1e-6)
     assert metrics["ndcg@10"] == pytest.approx(saved["ndcg@10"], abs=1e-6)
     assert all(a[1] >= b[1] for recs in recommended for a, b in zip(recs, recs[1:]))  # best first
+    assert run.recommender.item_output.weight[1:].abs().sum() > 0  # the item output vectors were trained
+
+
+def test_a_search_on_other_codes_than_the_item_output_reads_is_refused(finished_run):
+    from etegrec.models import CodeTrie
+    from etegrec.training.joint.evaluation import beam_recommend
+
+    run = etegrec.load_run(finished_run[0])
+    other = CodeTrie(run.codes[1:], code_num=run.recommender.code_num)  # equal codes, but not the model's trie
+    with pytest.raises(ValueError, match=r"call recommender.use_trie\(trie\)"):
+        beam_recommend(run.recommender, run.codes, other, np.array([[0, 1, 2]]), run.config.evaluation,
+                       renormalize=True)
 
 
 def test_unknown_item_ids_are_named_or_skipped(finished_run, caplog):

@@ -73,6 +73,8 @@ class CodeTrie:
         parent = torch.zeros(n_items, dtype=torch.long)  # every item starts at the root
         n_parents = 1
         self.next_node: list[torch.Tensor] = []
+        self.item_node: list[torch.Tensor] = []  # [d - 1]: each item's node at depth d (1..L), row i = item i + 1
+        self.nodes_at: list[int] = []  # [d - 1]: how many nodes depth d has
         for depth in range(length):
             unique, child, counts = torch.unique(
                 codes[:, : depth + 1], dim=0, return_inverse=True, return_counts=True
@@ -83,6 +85,8 @@ class CodeTrie:
             table[parent, codes[:, depth]] = child.to(torch.int32)
             self.next_node.append(table)
             parent, n_parents = child, len(unique)
+            self.item_node.append(child)
+            self.nodes_at.append(n_parents)
         self.leaf_item = torch.empty(n_items, dtype=torch.long)
         self.leaf_item[parent] = torch.arange(1, n_items + 1)
 
@@ -101,8 +105,26 @@ class CodeTrie:
     def to(self, device: torch.device | str) -> CodeTrie:
         """Move the tables to ``device`` (in place) and return the trie."""
         self.next_node = [table.to(device) for table in self.next_node]
+        self.item_node = [nodes.to(device) for nodes in self.item_node]
         self.leaf_item = self.leaf_item.to(device)
         return self
+
+    def node_of(self, prefix_codes: torch.Tensor) -> torch.Tensor:
+        """The depth-t node (...) of each prefix ``prefix_codes`` (..., t), t <= L; -1 where a prefix
+        leads to no item (depth 0: the root, 0)."""
+        node = torch.zeros(prefix_codes.shape[:-1], dtype=torch.long, device=prefix_codes.device)
+        for depth in range(prefix_codes.shape[-1]):
+            child = self.next_node[depth][node.clamp_min(0), prefix_codes[..., depth]].long()
+            node = torch.where(node < 0, node, child)
+        return node
+
+    def node_means(self, depth: int, item_values: torch.Tensor) -> torch.Tensor:
+        """(nodes at ``depth``, d): the mean of ``item_values`` (n_items, d) (row i = item i + 1) over the
+        items under each depth-``depth`` node (1 <= depth <= L); differentiable in ``item_values``."""
+        nodes = self.item_node[depth - 1]
+        sums = item_values.new_zeros(self.nodes_at[depth - 1], item_values.shape[1]).index_add(0, nodes, item_values)
+        counts = torch.bincount(nodes, minlength=self.nodes_at[depth - 1]).to(item_values.dtype)
+        return sums / counts[:, None]
 
     def allowed(self, codes: torch.Tensor) -> torch.Tensor:
         """(..., L, K) bool: at each position of the items' ``codes`` (..., L), the codes that continue
@@ -121,10 +143,7 @@ class CodeTrie:
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Item ids (...) of code tuples ``codes`` (..., L); -1 where a tuple is no item."""
-        node = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
-        for depth, table in enumerate(self.next_node):
-            child = table[node.clamp_min(0), codes[..., depth]].long()
-            node = torch.where(node < 0, node, child)
+        node = self.node_of(codes)
         return torch.where(node < 0, node, self.leaf_item[node.clamp_min(0)])
 
 

@@ -2,7 +2,8 @@
 
 The decoder reads a learned BOS vector and then the target's codes, token ``p`` looked up in table
 ``p`` of ``code_embedding``; its output at position ``p`` is scored against the same table (tied
-weights), plus the learned repeat offsets. :meth:`CodeDecoding.decode_logits` is the step-by-step
+weights), plus the learned repeat offsets, plus (with item output vectors) the output's dot product
+with the mean item vector of the items each candidate code leads to. :meth:`CodeDecoding.decode_logits` is the step-by-step
 decoder of beam search, on the T5 weights through :class:`~etegrec.models.t5_decoding.T5Decoding`.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from etegrec.models.beam import CodeTrie
 from etegrec.models.code_history import additive_mask, recency_cross_mask, repeat_hits
 from etegrec.models.t5_decoding import DecoderCache, T5Decoding
 
@@ -20,7 +22,9 @@ class CodeDecoding:
     """Decoder-side methods of :class:`~etegrec.models.T5Recommender` (a mixin of it).
 
     They read the recommender's ``code_embedding`` (L, K, d), ``bos`` (d,), ``repeat_logit`` (L,) or
-    None, ``cross_recency`` (heads, max_history) or None, its T5 ``decoder`` stack and its sizes.
+    None, ``cross_recency`` (heads, max_history) or None, ``item_output`` (an embedding of
+    ``n_items + 1`` rows) or None with the ``output_trie`` of the codes in use, its T5 ``decoder``
+    stack and its sizes.
     """
 
     decoder: nn.Module  # the T5 decoder stack
@@ -28,6 +32,8 @@ class CodeDecoding:
     bos: torch.Tensor
     repeat_logit: torch.Tensor | None
     cross_recency: torch.Tensor | None
+    item_output: nn.Embedding | None
+    output_trie: CodeTrie | None
     code_num: int
     code_length: int
     d_model: int
@@ -49,6 +55,41 @@ class CodeDecoding:
         if position is None:
             return torch.einsum("nld,lkd->nlk", hidden, self.code_embedding) * scale
         return (hidden @ self.code_embedding[position].T) * scale
+
+    def use_trie(self, trie: CodeTrie) -> None:
+        """The item codes in use, as their prefix trie: with :attr:`item_output` the scores of every code read
+        which items it leads to. Call it whenever the codes change (the joint trainer does at every refresh)."""
+        self.output_trie = trie
+
+    def _item_scores(self, hidden: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
+        """With item output vectors: (N, K) offsets of code position ``t`` after ``prefix_codes`` (N, t).
+
+        Code ``k`` gets ``hidden`` (N, d) dotted with the mean :attr:`item_output` vector of the items whose
+        codes start with the prefix and ``k`` (on the tied logits' scale), 0 where no item does: from the
+        second code on, where a prefix names one item or a few, an output vector of the item's own, as an
+        ID model's output table. The vectors belong to items, not codes, so they survive a code refresh.
+        """
+        trie = self.output_trie
+        if trie is None:
+            raise ValueError("this recommender has item output vectors: tell it the item codes in use with "
+                             "use_trie(CodeTrie(codes, code_num=...)) before calling it")
+        t = prefix_codes.shape[1]
+        parent = trie.node_of(prefix_codes)  # (N,) depth-t node
+        children = trie.next_node[t][parent.clamp_min(0)].long()  # (N, K) depth-(t + 1) nodes
+        valid = (children >= 0) & (parent >= 0)[:, None]
+        vectors = trie.node_means(t + 1, self.item_output.weight[1:].to(hidden.dtype))  # (nodes, d)
+        scale = self.d_model ** -0.5
+        if len(vectors) <= self.code_num:  # few nodes (the first code's): score them all at once
+            every = (hidden @ vectors.T) * scale  # (N, nodes)
+            return every.gather(1, children.clamp_min(0)).masked_fill(~valid, 0.0)
+        rows, cols = valid.nonzero(as_tuple=True)  # deeper: only the codes that lead to an item
+        values = (hidden[rows] * vectors[children[rows, cols]]).sum(-1) * scale
+        return hidden.new_zeros(children.shape).index_put((rows, cols), values)
+
+    def _item_scores_all(self, hidden: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
+        """:meth:`_item_scores` of every teacher-forced position: ``hidden`` (N, L, d) -> (N, L, K)."""
+        return torch.stack([self._item_scores(hidden[:, t], target_codes[:, :t])
+                            for t in range(self.code_length)], dim=1)
 
     def _cross_mask(self, attention_mask: torch.Tensor, target_at: torch.Tensor) -> torch.Tensor:
         """Cross-attention mask of decoder queries whose target follows encoder position ``target_at``
@@ -141,4 +182,7 @@ class CodeDecoding:
             cache.self_kv = None
             new_inputs = self._decoder_inputs(prefix_codes)  # (N, t + 1, d)
         hidden = T5Decoding(self.decoder).step(new_inputs, cache, group=rows // batch)  # (N, s, d)
-        return self._score(hidden[:, -1], t)
+        logits = self._score(hidden[:, -1], t)
+        if self.item_output is not None:
+            logits = logits + self._item_scores(hidden[:, -1], prefix_codes)
+        return logits

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from etegrec.models.beam import CodeTrie
 from etegrec.models.code_decoding import CodeDecoding
 from etegrec.models.code_history import additive_mask, causal_mask, check_history, check_history_values
 from etegrec.models.losses import code_loss
@@ -66,6 +67,12 @@ class T5Recommender(CodeDecoding, nn.Module):
             ``1..num_items``, 0 = padding) is added to each history item's token: the encoder then
             tells apart items whose codes are near, as an ID model does (the codes stay the only
             output). Its calls then take the history's item ids (``history_items``).
+        output_items: with ``output_items > 0``, one learned output vector per item (ids
+            ``1..output_items``): every code's logit adds the decoder state's dot product with the mean
+            vector of the items the code leads to (:meth:`CodeDecoding._item_scores`), so that from the
+            second code on, where a prefix names an item or a few, the scores can hold what an ID
+            model's output table holds. The vectors start at zero (the codes-only model); the model
+            must be told the codes in use (:meth:`use_trie`).
         repeat_bias: learn one logit offset per code position for the codes that continue an item of
             the history (:meth:`history_bias`); it is part of the scores of both training and beam
             search, so the model learns how likely a repeat is (no evaluation mask).
@@ -107,6 +114,7 @@ class T5Recommender(CodeDecoding, nn.Module):
         repeat_bias: bool = False,
         causal_encoder: bool = False,
         num_items: int = 0,
+        output_items: int = 0,
     ) -> None:
         super().__init__()
         _check_positive(
@@ -115,6 +123,8 @@ class T5Recommender(CodeDecoding, nn.Module):
             num_heads=num_heads, d_kv=d_kv, latent_dim=latent_dim, semantic_dim=semantic_dim,
             max_history=max_history,
         )
+        if output_items < 0:
+            raise ValueError(f"T5Recommender output_items={output_items!r} must be >= 0 (0: no item output vectors)")
         if encoder_input not in ENCODER_INPUTS:
             raise ValueError(f"T5Recommender encoder_input={encoder_input!r} must be one of {ENCODER_INPUTS!r}.")
         if not 0.0 <= dropout < 1.0:
@@ -158,6 +168,11 @@ class T5Recommender(CodeDecoding, nn.Module):
         self.item_embedding = nn.Embedding(num_items + 1, d_model, padding_idx=0) if num_items else None
         if self.item_embedding is not None:
             nn.init.zeros_(self.item_embedding.weight)
+        # per-item output vectors; zero at start, so the model starts as the codes-only one
+        self.item_output = nn.Embedding(output_items + 1, d_model) if output_items else None
+        if self.item_output is not None:
+            nn.init.zeros_(self.item_output.weight)
+        self.output_trie: CodeTrie | None = None  # the codes in use (use_trie), read by the item output vectors
         self._history_checked = False  # see _check_history
 
     def _check_history(self, history_codes: torch.Tensor, history_mask: torch.Tensor) -> None:
@@ -250,6 +265,8 @@ class T5Recommender(CodeDecoding, nn.Module):
         weights = attention_mask.to(states.dtype)[..., None]  # (B, T, 1)
         pooled = (states * weights).sum(dim=1) / weights.sum(dim=1)  # (B, d)
         logits = self._score(hidden)
+        if self.item_output is not None:
+            logits = logits + self._item_scores_all(hidden, target_codes)
         if self.repeat_logit is not None:
             logits = logits + self._history_bias_all(history_codes, history_mask.bool(), target_codes)
         return RecommenderOutput(
@@ -303,6 +320,8 @@ class T5Recommender(CodeDecoding, nn.Module):
             use_cache=False,
         ).last_hidden_state  # (N, L, d)
         logits = self._score(hidden)
+        if self.item_output is not None:
+            logits = logits + self._item_scores_all(hidden, codes)
         if self.repeat_logit is not None:  # target i's history is items <= i
             logits = logits + self._history_bias_all(items_codes[gather], mask, codes)
         weights = mask.to(states.dtype)[..., None]  # (N, W, 1)

@@ -128,7 +128,8 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Trai
                           f"({first}); it was edited after the run: put back the run's own config") from None
     device = torch.device(device)
     codes = codes.to(device)
+    trie = CodeTrie(codes[1:], code_num=recommender.code_num).to(device)
+    recommender.use_trie(trie)
     return TrainedRun(run_dir=run_dir, config=config, item_ids=item_ids,
                       index_of={item: i + 1 for i, item in enumerate(item_ids)}, codes=codes,
-                      tokenizer=tokenizer.to(device).eval(), recommender=recommender.to(device).eval(),
-                      trie=CodeTrie(codes[1:], code_num=recommender.code_num).to(device))
+                      tokenizer=tokenizer.to(device).eval(), recommender=recommender.to(device).eval(), trie=trie)

@@ -27,6 +27,9 @@ def beam_recommend(recommender: T5Recommender, codes: torch.Tensor, trie: CodeTr
     of evaluation (``cfg``: the config's evaluation section; ``renormalize``: recommender.renormalize,
     which applies to a constrained search only); -1 / -inf where fewer items were reached. ``codes`` is
     (n_items + 1, L + 1) with row 0 padding."""
+    if recommender.item_output is not None and recommender.output_trie is not trie:
+        raise ValueError("the recommender's item output reads other codes than the trie of this search; "
+                         "call recommender.use_trie(trie) with the trie of the codes in use")
     recommender.eval()
     items, scores = [], []
     for lo in range(0, len(history), cfg.batch_size):

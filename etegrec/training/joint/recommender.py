@@ -17,10 +17,11 @@ def build_recommender(config: Config, tokenizer: RQVAE, *, semantic_dim: int, nu
 
     With ``recommender.item_embedding`` other than ``none`` it keeps a vector per item of ``num_items``
     (required then); ``embed`` starts them from the SASRec stage's ``embeddings`` [num_items + 1, d]
-    (when given; a loaded run's checkpoint holds them anyway)."""
+    (when given; a loaded run's checkpoint holds them anyway). ``recommender.item_output`` also needs
+    ``num_items`` (a learned output vector per item)."""
     r, cfg = config.recommender, config.joint
-    if r.item_embedding != "none" and num_items < 1:
-        raise ValueError(f"recommender.item_embedding={r.item_embedding!r} needs the catalogue size: pass num_items")
+    if (r.item_embedding != "none" or r.item_output) and num_items < 1:
+        raise ValueError("recommender.item_embedding / item_output need the catalogue size: pass num_items")
     model = T5Recommender(
         code_num=tokenizer.codebook_size, code_length=tokenizer.code_length + 1,
         num_layers=r.num_layers, num_decoder_layers=r.num_decoder_layers, d_model=r.d_model, d_ff=r.d_ff,
@@ -30,7 +31,7 @@ def build_recommender(config: Config, tokenizer: RQVAE, *, semantic_dim: int, nu
         max_history=config.data.max_his_len, repeat_bias=r.repeat_bias, causal_encoder=cfg.targets == "all",
         # under bf16 autocast SDPA falls back to an fp32 path on CPU; plain attention is ~1.7x faster
         attn_implementation="eager" if cfg.mixed_precision == "bf16" else "sdpa",
-        num_items=num_items if r.item_embedding != "none" else 0)
+        num_items=num_items if r.item_embedding != "none" else 0, output_items=num_items if r.item_output else 0)
     if r.code_init == "tokenizer":
         init_codes_from_codebooks(model, tokenizer)
     if r.item_embedding == "embed" and embeddings is not None:

@@ -163,7 +163,12 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         self.codes = result.codes.to(self.run.accelerator.device)
         self.codes_changed = 0.0 if first else result.assignment.changed / max(1, len(result.assignment.codes))
         check_same_on_every_rank(self.codes, self.run.accelerator, what=f"item codes for epoch {epoch}")
+        self._use_codes()
+
+    def _use_codes(self) -> None:
+        """The prefix trie of :attr:`codes`, for the loss, the beam search and the recommender's item output."""
         self.trie = CodeTrie(self.codes[1:], code_num=self.recommender.code_num).to(self.run.accelerator.device)
+        self.recommender.use_trie(self.trie)
 
     def losses(self, index: np.ndarray, *, phase: str, weights: dict[str, float]) -> dict[str, torch.Tensor]:
         """Loss parts of one batch and their weighted sum ``loss``; both phases use this."""
@@ -277,7 +282,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         self.alignment.forget()
         self.recommender.load_state_dict(state["recommender"])
         self.codes = state["codes"].to(self.run.accelerator.device)
-        self.trie = CodeTrie(self.codes[1:], code_num=self.recommender.code_num).to(self.run.accelerator.device)
+        self._use_codes()
         if resume:
             for name in ("opt_id", "opt_rec", "sched_id", "sched_rec"):
                 getattr(self, name).load_state_dict(state[name])
