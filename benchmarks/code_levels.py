@@ -14,7 +14,9 @@ scored by
 * popularity: the training interactions of the items under each candidate code;
 
 and prints MRR, hit@1 / hit@5 and the NLL of the target's code (renormalised over the candidates) per
-level. Then, on the same users, the items themselves: NDCG@10 of the
+level, for the recommender and SASRec also by where the target's first code stands in the history, and
+how often both levels rank the target's codes near the top together (against independent levels).
+Then, on the same users, the items themselves: NDCG@10 of the
 recommender's beam search and of SASRec's full ranking, and how popular (training interactions) the items
 each puts in its top 10 are, the targets each finds that the other misses, and each model's hit@10 for the
 users whose target's first code is the last history item's, another history item's, or new to the history. A level where SASRec beats the recommender is where the
@@ -80,6 +82,19 @@ def summary(r: np.ndarray, loss: np.ndarray) -> str:
             f"NLL {np.mean(loss):.3f}")
 
 
+def by_place(r: np.ndarray, loss: np.ndarray, places: dict[str, np.ndarray]) -> str:
+    """MRR / NLL of the ranks ``r`` and losses ``loss`` (n,) in each group of users of ``places``."""
+    return "; ".join(f"{place.split()[0]} {np.mean(1.0 / r[users]):.4f} / {np.mean(loss[users]):.3f}"
+                     for place, users in places.items() if users.any())
+
+
+def both_levels(first: np.ndarray, second: np.ndarray, users: np.ndarray) -> tuple[float, float]:
+    """Of ``users``, the share whose target's first code ranks in the top 5 and second code in the top 3
+    (ranks ``first``, ``second``), and what that share would be were the two levels independent."""
+    a, b = first[users] <= 5, second[users] <= 3
+    return float(np.mean(a & b)), float(np.mean(a) * np.mean(b))
+
+
 @torch.no_grad()
 def levels(run_dir: Path, users: int | None, split: str) -> None:
     torch.set_num_threads(1)
@@ -110,7 +125,9 @@ def levels(run_dir: Path, users: int | None, split: str) -> None:
     sas_scores, gen_logits = torch.cat(sas).numpy(), torch.cat(gen).numpy()  # (n, n_items), (n, L, K)
     _, train_target = data.train_samples()
     popularity = np.log(np.bincount(train_target, minlength=data.n_items + 1)[1:] + 1.0)[None, :]
-    rows = codes[target - 1]  # (n, L)
+    first = np.concatenate([[-1], codes[:, 0]])  # data item id -> first code, padding -1
+    places = first_code_places(first[history], first[target])
+    level_ranks: dict[str, list[np.ndarray]] = {"recommender": [], "SASRec": []}
     print(f"{run_dir} ({len(target)} {split} users)")
     for level in range(codes.shape[1]):
         # groups = distinct prefixes c_<=level; candidates = groups whose c_<level is the target's
@@ -137,9 +154,17 @@ def levels(run_dir: Path, users: int | None, split: str) -> None:
         for name, parts in found.items():
             r, loss = np.concatenate(parts, axis=1)
             print(f"    {name:<12} {summary(r, loss)}")
-    first = np.concatenate([[-1], codes[:, 0]])  # data item id -> first code, padding -1
-    items(run, sas_scores, to_run, history, target, np.exp(popularity[0]) - 1.0,
-          first_code_places(first[history], first[target]))
+            if name in level_ranks:
+                print(f"    {'':<12} MRR / NLL by the target's first code: {by_place(r, loss, places)}")
+                level_ranks[name].append(r)
+    new = places["new to the history"]
+    if len(level_ranks["SASRec"]) >= 2 and new.any():
+        print("  first code in the top 5 and second in the top 3, users whose target's first code is new "
+              "(if the levels were independent):")
+        for name, (r0, r1, *_) in level_ranks.items():
+            both, independent = both_levels(r0, r1, new)
+            print(f"    {name:<12} {both:.4f} ({independent:.4f})")
+    items(run, sas_scores, to_run, history, target, np.exp(popularity[0]) - 1.0, places)
 
 
 def items(run, sas_scores: np.ndarray, to_run: torch.Tensor, history: np.ndarray, target: np.ndarray,

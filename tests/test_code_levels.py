@@ -39,3 +39,14 @@ def test_users_are_split_by_where_the_targets_first_code_stands_in_the_history(l
     assert places["the last item's"].tolist() == [True, False, False, True]
     assert places["another history item's"].tolist() == [False, True, False, False]
     assert places["new to the history"].tolist() == [False, False, True, False]
+
+
+def test_level_summaries_by_place_and_both_levels_together(levels) -> None:
+    r = np.array([1, 2, 4, 10])
+    loss = np.array([0.5, 1.0, 2.0, 3.0])
+    places = {"the last item's": np.array([True, True, False, False]),
+              "another history item's": np.array([False] * 4), "new to the history": np.array([False, False, True, True])}
+    assert levels.by_place(r, loss, places) == "the 0.7500 / 0.750; new 0.1750 / 2.500"  # empty groups left out
+    first, second = np.array([1, 6, 5, 2]), np.array([3, 1, 4, 2])
+    both, independent = levels.both_levels(first, second, np.array([True, True, True, True]))
+    assert both == 0.5 and independent == 0.75 * 0.75  # users 0 and 3; 3 of 4 pass each level
