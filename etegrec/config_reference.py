@@ -73,8 +73,8 @@ KEY_DOCS = {
     "recommender.item_embedding": "none: items are their codes only (paper); zero / embed: add a learned vector per "
                                    "history item to its encoder token (items input), starting at zero / from the "
                                    "SASRec stage's embeddings",
-    "recommender.item_output": "add a learned output vector per item (zero at start) to the scores of the codes that "
-                               "lead to it (their items' mean): an ID model's output table from the second code on",
+    "recommender.item_output": "a learned output vector per item (zero at start): each code's score adds the "
+                               "log-mean-exp of its items' scores (the decoder state dotted with their vectors)",
     "recommender.repeat_bias": "learn a logit offset for the codes that continue a history item",
     "recommender.renormalize": "each code's softmax over the codes that lead to an item, in the joint loss and the "
                                "beam search",

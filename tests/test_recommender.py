@@ -383,7 +383,7 @@ WIDE_TABLE = torch.tensor([[a, b, c] for a, b, c in zip([0, 0, 0, 1, 1, 2, 2, 3,
 
 
 @pytest.mark.parametrize("table", [ITEM_TABLE, WIDE_TABLE], ids=["few-prefixes", "many-prefixes"])
-def test_item_output_adds_each_codes_mean_item_vector_to_its_score(table: torch.Tensor) -> None:
+def test_item_output_adds_the_log_mean_exp_of_each_codes_item_scores(table: torch.Tensor) -> None:
     model = _with_item_output(table)
     plain = tiny_model().eval()  # the same weights (same seed) without item vectors
     codes, mask, _ = batch(size=len(table))
@@ -399,8 +399,9 @@ def test_item_output_adds_each_codes_mean_item_vector_to_its_score(table: torch.
         for t in range(CODE_LEN):
             for k in range(CODE_NUM):  # the items whose codes start with the target's prefix, then k
                 under = [i for i, row in enumerate(table.tolist()) if row[:t] == target[n, :t].tolist() and row[t] == k]
-                if under:
-                    expected[n, t, k] = hidden[n, t] @ vectors[under].mean(0) / 16 ** 0.5
+                if under:  # log-mean-exp of the items' scores, on the tied logits' scale
+                    scores = vectors[under] @ hidden[n, t] / 16 ** 0.5
+                    expected[n, t, k] = torch.logsumexp(scores, 0) - torch.log(torch.tensor(float(len(under))))
     torch.testing.assert_close(diff, expected, rtol=1e-4, atol=1e-5)
     first_codes = len(table[:, 0].unique())
     assert (expected[:, 0] != 0).sum() == first_codes * len(table)  # first code: every code with items, every row
@@ -426,3 +427,16 @@ def test_item_output_decodes_step_by_step_as_teacher_forced_and_trains() -> None
         fresh(codes, mask, ITEM_TABLE[:2])
     fresh.use_trie(CodeTrie(ITEM_TABLE, code_num=CODE_NUM))
     assert fresh(codes, mask, ITEM_TABLE[:2]).logits.shape == (2, CODE_LEN, CODE_NUM)
+
+
+def test_log_mean_exp_is_stable_and_an_empty_group_is_zero_without_nan_gradients() -> None:
+    from etegrec.models.code_decoding import log_mean_exp
+
+    values = torch.tensor([1000.0, 1000.0, -3.0, 0.5, 2.0], requires_grad=True)
+    got = log_mean_exp(values, torch.tensor([0, 0, 2, 2, 2]), 4)  # groups 1 and 3 empty
+    expected = torch.stack([torch.tensor(1000.0), torch.tensor(0.0),
+                            torch.logsumexp(values[2:].detach(), 0) - torch.log(torch.tensor(3.0)), torch.tensor(0.0)])
+    torch.testing.assert_close(got.detach(), expected)
+    got.sum().backward()
+    torch.testing.assert_close(values.grad[:2], torch.tensor([0.5, 0.5]))  # softmax weights inside each group
+    assert torch.isfinite(values.grad).all()

@@ -73,8 +73,10 @@ class CodeTrie:
         parent = torch.zeros(n_items, dtype=torch.long)  # every item starts at the root
         n_parents = 1
         self.next_node: list[torch.Tensor] = []
+        self.codes = codes  # (n_items, L)
         self.item_node: list[torch.Tensor] = []  # [d - 1]: each item's node at depth d (1..L), row i = item i + 1
         self.nodes_at: list[int] = []  # [d - 1]: how many nodes depth d has
+        self._members: dict[int, tuple[torch.Tensor, ...]] = {}  # depth -> items_under's index
         for depth in range(length):
             unique, child, counts = torch.unique(
                 codes[:, : depth + 1], dim=0, return_inverse=True, return_counts=True
@@ -105,7 +107,9 @@ class CodeTrie:
     def to(self, device: torch.device | str) -> CodeTrie:
         """Move the tables to ``device`` (in place) and return the trie."""
         self.next_node = [table.to(device) for table in self.next_node]
+        self.codes = self.codes.to(device)
         self.item_node = [nodes.to(device) for nodes in self.item_node]
+        self._members = {}
         self.leaf_item = self.leaf_item.to(device)
         return self
 
@@ -118,13 +122,18 @@ class CodeTrie:
             node = torch.where(node < 0, node, child)
         return node
 
-    def node_means(self, depth: int, item_values: torch.Tensor) -> torch.Tensor:
-        """(nodes at ``depth``, d): the mean of ``item_values`` (n_items, d) (row i = item i + 1) over the
-        items under each depth-``depth`` node (1 <= depth <= L); differentiable in ``item_values``."""
-        nodes = self.item_node[depth - 1]
-        sums = item_values.new_zeros(self.nodes_at[depth - 1], item_values.shape[1]).index_add(0, nodes, item_values)
-        counts = torch.bincount(nodes, minlength=self.nodes_at[depth - 1]).to(item_values.dtype)
-        return sums / counts[:, None]
+    def items_under(self, nodes: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every (row, item) pair with the item under depth-``depth`` node ``nodes[row]`` (``nodes`` (N,),
+        1 <= depth <= L; -1: none): two (P,) tensors, rows ascending; items as rows of the codes (0-based)."""
+        if depth not in self._members:  # items ordered by their node, each node's first place and count
+            by_node = self.item_node[depth - 1]
+            counts = torch.bincount(by_node, minlength=self.nodes_at[depth - 1])
+            self._members[depth] = (by_node.argsort(stable=True), torch.cumsum(counts, 0) - counts, counts)
+        order, start, counts = self._members[depth]
+        sizes = torch.where(nodes >= 0, counts[nodes.clamp_min(0)], 0)
+        rows = torch.repeat_interleave(torch.arange(len(nodes), device=nodes.device), sizes)
+        offset = torch.arange(len(rows), device=nodes.device) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+        return rows, order[start[nodes.clamp_min(0)][rows] + offset]
 
     def allowed(self, codes: torch.Tensor) -> torch.Tensor:
         """(..., L, K) bool: at each position of the items' ``codes`` (..., L), the codes that continue

@@ -2,8 +2,8 @@
 
 The decoder reads a learned BOS vector and then the target's codes, token ``p`` looked up in table
 ``p`` of ``code_embedding``; its output at position ``p`` is scored against the same table (tied
-weights), plus the learned repeat offsets, plus (with item output vectors) the output's dot product
-with the mean item vector of the items each candidate code leads to. :meth:`CodeDecoding.decode_logits` is the step-by-step
+weights), plus the learned repeat offsets, plus (with item output vectors) the log-mean-exp of the
+item scores (the output's dot product with each item's vector) of the items each code leads to. :meth:`CodeDecoding.decode_logits` is the step-by-step
 decoder of beam search, on the T5 weights through :class:`~etegrec.models.t5_decoding.T5Decoding`.
 """
 from __future__ import annotations
@@ -15,7 +15,21 @@ from etegrec.models.beam import CodeTrie
 from etegrec.models.code_history import additive_mask, recency_cross_mask, repeat_hits
 from etegrec.models.t5_decoding import DecoderCache, T5Decoding
 
-__all__ = ["CodeDecoding"]
+__all__ = ["CodeDecoding", "log_mean_exp"]
+
+
+def log_mean_exp(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """(..., n_groups): the log of the mean of ``exp(values)`` (..., P) over each group of the last dimension
+    (``group`` (P,), the same for every row); 0 for an empty group (and no gradient there). Stable: each
+    group's largest value is taken out first."""
+    lead = values.shape[:-1]
+    top = values.new_full((*lead, n_groups), float("-inf")).scatter_reduce(
+        -1, group.expand(*lead, -1), values.detach(), "amax")
+    counts = torch.bincount(group, minlength=n_groups)
+    filled = counts > 0
+    top = torch.where(filled, top, 0.0)
+    sums = values.new_zeros(*lead, n_groups).index_add(-1, group, torch.exp(values - top.index_select(-1, group)))
+    return torch.where(filled, torch.log(torch.where(filled, sums, 1.0) / counts.clamp_min(1)) + top, 0.0)
 
 
 class CodeDecoding:
@@ -64,27 +78,27 @@ class CodeDecoding:
     def _item_scores(self, hidden: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
         """With item output vectors: (N, K) offsets of code position ``t`` after ``prefix_codes`` (N, t).
 
-        Code ``k`` gets ``hidden`` (N, d) dotted with the mean :attr:`item_output` vector of the items whose
-        codes start with the prefix and ``k`` (on the tied logits' scale), 0 where no item does: from the
-        second code on, where a prefix names one item or a few, an output vector of the item's own, as an
-        ID model's output table. The vectors belong to items, not codes, so they survive a code refresh.
+        Each item scores ``hidden`` (N, d) dotted with its :attr:`item_output` vector (on the tied logits'
+        scale); code ``k`` gets the log-mean-exp of the scores of the items whose codes start with the
+        prefix and ``k``, 0 where no item does. As SASRec's probability of a group of items is the sum of
+        its items', a code then scores high when one item under it does: the first code's choice can
+        follow a single item, and from the second code on, where a prefix names one item or a few, each
+        item has an output vector of its own. The vectors belong to items, not codes, so they survive a
+        code refresh; all zero, they add nothing.
         """
         trie = self.output_trie
         if trie is None:
             raise ValueError("this recommender has item output vectors: tell it the item codes in use with "
                              "use_trie(CodeTrie(codes, code_num=...)) before calling it")
         t = prefix_codes.shape[1]
-        parent = trie.node_of(prefix_codes)  # (N,) depth-t node
-        children = trie.next_node[t][parent.clamp_min(0)].long()  # (N, K) depth-(t + 1) nodes
-        valid = (children >= 0) & (parent >= 0)[:, None]
-        vectors = trie.node_means(t + 1, self.item_output.weight[1:].to(hidden.dtype))  # (nodes, d)
+        vectors = self.item_output.weight[1:].to(hidden.dtype)  # (n_items, d), row i = item i + 1
         scale = self.d_model ** -0.5
-        if len(vectors) <= self.code_num:  # few nodes (the first code's): score them all at once
-            every = (hidden @ vectors.T) * scale  # (N, nodes)
-            return every.gather(1, children.clamp_min(0)).masked_fill(~valid, 0.0)
-        rows, cols = valid.nonzero(as_tuple=True)  # deeper: only the codes that lead to an item
-        values = (hidden[rows] * vectors[children[rows, cols]]).sum(-1) * scale
-        return hidden.new_zeros(children.shape).index_put((rows, cols), values)
+        if t == 0:  # every item is under the empty prefix: score them all at once, grouped by first code
+            return log_mean_exp((hidden @ vectors.T) * scale, trie.codes[:, 0], self.code_num)
+        rows, items = trie.items_under(trie.node_of(prefix_codes), t)  # below: the items under each prefix
+        values = (hidden[rows] * vectors[items]).sum(-1) * scale
+        group = rows * self.code_num + trie.codes[items, t]  # (row, the item's code at t)
+        return log_mean_exp(values, group, len(hidden) * self.code_num).view(len(hidden), self.code_num)
 
     def _item_scores_all(self, hidden: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
         """:meth:`_item_scores` of every teacher-forced position: ``hidden`` (N, L, d) -> (N, L, K)."""

@@ -68,10 +68,10 @@ class T5Recommender(CodeDecoding, nn.Module):
             tells apart items whose codes are near, as an ID model does (the codes stay the only
             output). Its calls then take the history's item ids (``history_items``).
         output_items: with ``output_items > 0``, one learned output vector per item (ids
-            ``1..output_items``): every code's logit adds the decoder state's dot product with the mean
-            vector of the items the code leads to (:meth:`CodeDecoding._item_scores`), so that from the
-            second code on, where a prefix names an item or a few, the scores can hold what an ID
-            model's output table holds. The vectors start at zero (the codes-only model); the model
+            ``1..output_items``): each item scores the decoder state's dot product with its vector, and
+            every code's logit adds the log-mean-exp of the scores of the items it leads to
+            (:meth:`CodeDecoding._item_scores`): what an ID model's output table holds, inside the
+            code-by-code generation. The vectors start at zero (the codes-only model); the model
             must be told the codes in use (:meth:`use_trie`).
         repeat_bias: learn one logit offset per code position for the codes that continue an item of
             the history (:meth:`history_bias`); it is part of the scores of both training and beam
