@@ -3,8 +3,8 @@
 The decoder reads a learned BOS vector and then the target's codes, token ``p`` looked up in table
 ``p`` of ``code_embedding``; its output at position ``p`` is scored against the same table (tied
 weights), plus the learned repeat offsets, plus (with item output vectors) the log-mean-exp of the
-item scores (the output's dot product with each item's vector) of the items each code leads to. :meth:`CodeDecoding.decode_logits` is the step-by-step
-decoder of beam search, on the T5 weights through :class:`~etegrec.models.t5_decoding.T5Decoding`.
+item scores (the output's dot product with each item's vector) of the items each code leads to.
+:meth:`CodeDecoding.decode_logits` is the step-by-step decoder of beam search, on the T5 weights through :class:`~etegrec.models.t5_decoding.T5Decoding`.
 """
 from __future__ import annotations
 
