@@ -159,6 +159,7 @@ class LossesConfig:
     rec_code_weight: float = 1.0
     rec_kl_weight: float = 1e-4
     rec_dec_cl_weight: float = 3e-4
+    rec_item_weight: float = 0.0  # the item-level cross-entropy of the first code's item scores (recommender.item_output)
     align_from_epoch: int = 2  # the alignment losses (kl, dec_cl) are off in the epochs before this one
     cl_temperature: float = 0.07
     cl_negatives: str = "batch"  # the InfoNCE's negatives: "batch" (paper, both ways) or "catalogue" (every item)

@@ -102,6 +102,8 @@ KEY_DOCS = {
     "losses.rec_code_weight": "recommender and fine-tuning epochs: weight of the code loss",
     "losses.rec_kl_weight": "recommender epochs: weight of the sequence-item alignment",
     "losses.rec_dec_cl_weight": "recommender epochs: weight of the preference-semantic alignment",
+    "losses.rec_item_weight": "wherever the recommender trains: weight of a cross-entropy over every item of the "
+                               "first code position's item scores (needs recommender.item_output)",
     "losses.align_from_epoch": "the first epoch (0-based) with the alignment losses on; the epochs before train "
                                "without them",
     "losses.cl_temperature": "InfoNCE temperature",

@@ -36,7 +36,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "lr", "lr_rec", "lr_id", "weight_decay", "dropout", "beta", "align_from_epoch", "lr_warmup_epochs", "max_grad_norm",
     "finetune_epochs", "probe_users", "valid_users", "log_every", "num_threads", "restart_dead_every", "id_vq_weight", "id_code_weight", "id_kl_weight",
-    "id_dec_cl_weight", "rec_code_weight", "rec_kl_weight", "rec_dec_cl_weight", "margin",
+    "id_dec_cl_weight", "rec_code_weight", "rec_kl_weight", "rec_dec_cl_weight", "rec_item_weight", "margin",
 }
 
 
@@ -80,6 +80,9 @@ def check_config(config: Any) -> None:
         raise ConfigError(f"config key 'recommender.item_embedding' is {config.recommender.item_embedding!r}, which "
                           f"needs recommender.encoder_input=items (got {config.recommender.encoder_input!r}): the "
                           "item vectors are added to one encoder token per item")
+    if config.losses.rec_item_weight > 0 and not config.recommender.item_output:
+        raise ConfigError(f"config key 'losses.rec_item_weight' is {config.losses.rec_item_weight!r}, which needs "
+                          "recommender.item_output=true: the item-level loss scores the item output vectors")
     if config.recommender.code_init == "tokenizer" and config.recommender.d_model != config.tokenizer.e_dim:
         raise ConfigError(f"config key 'recommender.code_init' is 'tokenizer', which needs recommender.d_model "
                           f"({config.recommender.d_model}) equal to tokenizer.e_dim ({config.tokenizer.e_dim}): "

@@ -385,6 +385,40 @@ def test_catalogue_negatives_contrast_the_decoder_state_with_every_items_reconst
             torch.testing.assert_close(fresh, trainer.tokenizer(trainer.item_emb[1:]).recon)
 
 
+def test_the_item_level_loss_teaches_the_first_code_position_to_rank_each_target_item_first(joint_run, tmp_path):
+    from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
+    data = load_stage_data(joint_run["config"])
+    embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
+    config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "recommender.item_output=true",
+                                  "losses.rec_item_weight=0.5", "recommender.dropout=0", "joint.id_trains_rec=false"])
+    tokenizer = build_tokenizer(config.tokenizer, 256)
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config.tokenizer, embeddings)[1:]))
+    with Run(config, RunOptions(output_dir=tmp_path / "run", console=False), stage=JOINT) as run:
+        trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
+        trainer.refresh_codes(0)
+        assert trainer.weights("rec", 0)["item_loss"] == 0.5 and trainer.weights("finetune", 0)["item_loss"] == 0.5
+        assert "item_loss" not in trainer.weights("id", 0)  # the recommender does not train there
+        trainer.set_phase("rec")
+        index = np.arange(4)
+        optimizer = torch.optim.Adam(trainer.recommender.parameters(), lr=0.005)
+        for _ in range(200):  # the item-level loss alone: it must learn which item follows each history
+            optimizer.zero_grad()
+            parts = trainer.losses(index, phase="rec", weights={"item_loss": 1.0})
+            assert set(parts) == {"code_loss", "item_loss", "loss"}
+            parts["loss"].backward()
+            optimizer.step()
+        with torch.no_grad():
+            out, target = trainer._forward(torch.as_tensor(index))
+        assert parts["item_loss"].item() < 0.5
+        assert (out.item_logits.argmax(dim=1) + 1).tolist() == target.tolist()  # column i is item i + 1
+
+
+def test_an_item_level_loss_without_item_output_vectors_is_refused():
+    from etegrec.config import ConfigError
+    with pytest.raises(ConfigError, match="losses.rec_item_weight' is 0.1, which needs recommender.item_output=true"):
+        load_config("tiny", ["losses.rec_item_weight=0.1"])
+
+
 def test_window_targets_score_real_next_items_among_the_rows_last_counted_positions():
     from etegrec.models import window_targets
     windows = torch.tensor([[0, 0, 5, 6, 7],  # padded start: the first real input is item 5

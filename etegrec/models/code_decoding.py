@@ -75,35 +75,49 @@ class CodeDecoding:
         which items it leads to. Call it whenever the codes change (the joint trainer does at every refresh)."""
         self.output_trie = trie
 
+    def _output_trie(self) -> CodeTrie:
+        if self.output_trie is None:
+            raise ValueError("this recommender has item output vectors: tell it the item codes in use with "
+                             "use_trie(CodeTrie(codes, code_num=...)) before calling it")
+        return self.output_trie
+
+    def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Every item's score (N, n_items) for decoder states ``hidden`` (N, d): the dot product with its
+        :attr:`item_output` vector, on the tied logits' scale (column ``i`` = item ``i + 1``)."""
+        vectors = self.item_output.weight[1:].to(hidden.dtype)  # (n_items, d)
+        return (hidden @ vectors.T) * self.d_model ** -0.5
+
     def _item_scores(self, hidden: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
         """With item output vectors: (N, K) offsets of code position ``t`` after ``prefix_codes`` (N, t).
 
-        Each item scores ``hidden`` (N, d) dotted with its :attr:`item_output` vector (on the tied logits'
-        scale); code ``k`` gets the log-mean-exp of the scores of the items whose codes start with the
-        prefix and ``k``, 0 where no item does. As SASRec's probability of a group of items is the sum of
-        its items', a code then scores high when one item under it does: the first code's choice can
-        follow a single item, and from the second code on, where a prefix names one item or a few, each
-        item has an output vector of its own. The vectors belong to items, not codes, so they survive a
-        code refresh; all zero, they add nothing.
+        Each item scores ``hidden`` (N, d) by :meth:`item_logits`; code ``k`` gets the log-mean-exp of the
+        scores of the items whose codes start with the prefix and ``k``, 0 where no item does. As SASRec's
+        probability of a group of items is the sum of its items', a code then scores high when one item
+        under it does: the first code's choice can follow a single item, and from the second code on,
+        where a prefix names one item or a few, each item has an output vector of its own. The vectors
+        belong to items, not codes, so they survive a code refresh; all zero, they add nothing.
         """
-        trie = self.output_trie
-        if trie is None:
-            raise ValueError("this recommender has item output vectors: tell it the item codes in use with "
-                             "use_trie(CodeTrie(codes, code_num=...)) before calling it")
+        trie = self._output_trie()
         t = prefix_codes.shape[1]
-        vectors = self.item_output.weight[1:].to(hidden.dtype)  # (n_items, d), row i = item i + 1
-        scale = self.d_model ** -0.5
         if t == 0:  # every item is under the empty prefix: score them all at once, grouped by first code
-            return log_mean_exp((hidden @ vectors.T) * scale, trie.codes[:, 0], self.code_num)
+            return self._first_item_scores(self.item_logits(hidden))
         rows, items = trie.items_under(trie.node_of(prefix_codes), t)  # below: the items under each prefix
-        values = (hidden[rows] * vectors[items]).sum(-1) * scale
+        vectors = self.item_output.weight[1:].to(hidden.dtype)
+        values = (hidden[rows] * vectors[items]).sum(-1) * self.d_model ** -0.5
         group = rows * self.code_num + trie.codes[items, t]  # (row, the item's code at t)
         return log_mean_exp(values, group, len(hidden) * self.code_num).view(len(hidden), self.code_num)
 
-    def _item_scores_all(self, hidden: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
-        """:meth:`_item_scores` of every teacher-forced position: ``hidden`` (N, L, d) -> (N, L, K)."""
-        return torch.stack([self._item_scores(hidden[:, t], target_codes[:, :t])
-                            for t in range(self.code_length)], dim=1)
+    def _first_item_scores(self, item_logits: torch.Tensor) -> torch.Tensor:
+        """The first code's offsets (N, K) from every item's score (N, n_items)."""
+        return log_mean_exp(item_logits, self._output_trie().codes[:, 0], self.code_num)
+
+    def _item_scores_all(self, hidden: torch.Tensor, target_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_item_scores` of every teacher-forced position, (N, L, d) -> (N, L, K), and the first
+        position's :meth:`item_logits` (N, n_items) they were computed from."""
+        first = self.item_logits(hidden[:, 0])
+        offsets = [self._first_item_scores(first)] + [self._item_scores(hidden[:, t], target_codes[:, :t])
+                                                      for t in range(1, self.code_length)]
+        return torch.stack(offsets, dim=1), first
 
     def _cross_mask(self, attention_mask: torch.Tensor, target_at: torch.Tensor) -> torch.Tensor:
         """Cross-attention mask of decoder queries whose target follows encoder position ``target_at``

@@ -38,6 +38,7 @@ class RecommenderOutput(NamedTuple):
     logits: torch.Tensor  # (batch, code_length, code_num) next item's code logits
     encoder_latent: torch.Tensor  # (batch, latent_dim) pooled encoder state, for the quantizer
     decoder_semantic: torch.Tensor  # (batch, semantic_dim) first decoder state, for the item embedding
+    item_logits: torch.Tensor | None = None  # (batch, n_items) every item's score at the first code (item_output)
 
 
 def _check_positive(owner: str, **sizes: int) -> None:
@@ -264,15 +265,17 @@ class T5Recommender(CodeDecoding, nn.Module):
         ).last_hidden_state  # (B, L, d)
         weights = attention_mask.to(states.dtype)[..., None]  # (B, T, 1)
         pooled = (states * weights).sum(dim=1) / weights.sum(dim=1)  # (B, d)
-        logits = self._score(hidden)
+        logits, item_logits = self._score(hidden), None
         if self.item_output is not None:
-            logits = logits + self._item_scores_all(hidden, target_codes)
+            offsets, item_logits = self._item_scores_all(hidden, target_codes)
+            logits = logits + offsets
         if self.repeat_logit is not None:
             logits = logits + self._history_bias_all(history_codes, history_mask.bool(), target_codes)
         return RecommenderOutput(
             logits=logits,
             encoder_latent=self.encoder_proj(pooled),
             decoder_semantic=self.decoder_proj(hidden[:, 0]),
+            item_logits=item_logits,
         )
 
     def forward_all(
@@ -319,9 +322,10 @@ class T5Recommender(CodeDecoding, nn.Module):
             encoder_attention_mask=self._cross_mask(mask, last),
             use_cache=False,
         ).last_hidden_state  # (N, L, d)
-        logits = self._score(hidden)
+        logits, item_logits = self._score(hidden), None
         if self.item_output is not None:
-            logits = logits + self._item_scores_all(hidden, codes)
+            offsets, item_logits = self._item_scores_all(hidden, codes)
+            logits = logits + offsets
         if self.repeat_logit is not None:  # target i's history is items <= i
             logits = logits + self._history_bias_all(items_codes[gather], mask, codes)
         weights = mask.to(states.dtype)[..., None]  # (N, W, 1)
@@ -330,4 +334,5 @@ class T5Recommender(CodeDecoding, nn.Module):
             logits=logits,
             encoder_latent=self.encoder_proj(pooled),
             decoder_semantic=self.decoder_proj(hidden[:, 0]),
+            item_logits=item_logits,
         )

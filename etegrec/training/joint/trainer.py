@@ -16,6 +16,7 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import get_cosine_schedule_with_warmup
 
 from etegrec import signals
@@ -132,6 +133,8 @@ class JointTrainer(BeamEvaluation, StageTrainer):
                        "dec_cl_loss": cfg.rec_dec_cl_weight}
         else:  # fine-tuning: the recommender alone, on fixed codes
             weights = {"code_loss": cfg.rec_code_weight}
+        if cfg.rec_item_weight and self.trains_rec(phase):
+            weights["item_loss"] = cfg.rec_item_weight
         if epoch < cfg.align_from_epoch:
             weights.update({k: 0.0 for k in ALIGNMENT_LOSSES if k in weights})
         return weights
@@ -175,9 +178,11 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         idx = torch.as_tensor(index, device=self.codes.device)
         with torch.set_grad_enabled(self.trains_rec(phase)), self._autocast():  # a frozen recommender needs no graph
             out, target = self._forward(idx)  # one row per scored target
-        out = RecommenderOutput(*(t.float() for t in out))  # the losses in fp32 under mixed precision too
+        out = RecommenderOutput(*(None if t is None else t.float() for t in out))  # fp32 losses under bf16 too
         target_codes = self.codes[target]  # (N, L + 1)
         parts = {"code_loss": code_loss(self._normalizable(out.logits, target_codes), target_codes)}
+        if weights.get("item_loss", 0) > 0:  # column i of the item scores is item i + 1
+            parts["item_loss"] = F.cross_entropy(out.item_logits, target - 1)
         align = any(weights.get(k, 0) > 0 for k in ALIGNMENT_LOSSES)
         if phase == "id" or align:
             with torch.set_grad_enabled(phase == "id"):  # the frozen tokenizer only gives targets
