@@ -84,8 +84,11 @@ class CodeDecoding:
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Every item's score (N, n_items) for decoder states ``hidden`` (N, d): the dot product with its
         :attr:`item_output` vector, on the tied logits' scale (column ``i`` = item ``i + 1``)."""
-        vectors = self.item_output.weight[1:].to(hidden.dtype)  # (n_items, d)
-        return (hidden @ vectors.T) * self.d_model ** -0.5
+        return (hidden @ self._item_vectors(hidden.dtype).T) * self.d_model ** -0.5
+
+    def _item_vectors(self, dtype: torch.dtype) -> torch.Tensor:
+        """The items' output vectors (n_items, d), without the padding row."""
+        return self.item_output.weight[1:].to(dtype)
 
     def _item_scores(self, hidden: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
         """With item output vectors: (N, K) offsets of code position ``t`` after ``prefix_codes`` (N, t).
@@ -102,8 +105,7 @@ class CodeDecoding:
         if t == 0:  # every item is under the empty prefix: score them all at once, grouped by first code
             return self._first_item_scores(self.item_logits(hidden))
         rows, items = trie.items_under(trie.node_of(prefix_codes), t)  # below: the items under each prefix
-        vectors = self.item_output.weight[1:].to(hidden.dtype)
-        values = (hidden[rows] * vectors[items]).sum(-1) * self.d_model ** -0.5
+        values = (hidden[rows] * self._item_vectors(hidden.dtype)[items]).sum(-1) * self.d_model ** -0.5
         group = rows * self.code_num + trie.codes[items, t]  # (row, the item's code at t)
         return log_mean_exp(values, group, len(hidden) * self.code_num).view(len(hidden), self.code_num)
 
