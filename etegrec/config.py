@@ -141,6 +141,7 @@ class JointConfig:
     sample_fraction: float = 1.0  # share of the training samples drawn per epoch
     lr_rec: float = 5e-3
     lr_id: float = 1e-4
+    lr_item_embedding: float | None = None  # the history item vectors' rate (recommender.item_embedding); None: lr_rec
     weight_decay: float = 0.05
     lr_warmup_epochs: float = 1.0  # linear warm-up of the learning rates, then cosine decay, per optimiser
     max_grad_norm: float = 1.0

@@ -91,6 +91,8 @@ KEY_DOCS = {
     "joint.sample_fraction": "share of the training samples drawn per epoch, fresh each epoch",
     "joint.lr_rec": "recommender learning rate (AdamW; its repeat bias learns at 0.05)",
     "joint.lr_id": "tokenizer learning rate in joint training (AdamW)",
+    "joint.lr_item_embedding": "learning rate of the history item vectors (recommender.item_embedding; same schedule "
+                               "and weight decay); null: joint.lr_rec; 0 keeps them where they started",
     "joint.weight_decay": "AdamW weight decay of both models",
     "joint.lr_warmup_epochs": "epochs of linear learning-rate warm-up, then cosine decay, per optimiser",
     "joint.max_grad_norm": "gradient clipping norm; 0 = none",

@@ -34,7 +34,7 @@ _POSITIVE = {
     "negatives",
 }
 _NON_NEGATIVE = {
-    "lr", "lr_rec", "lr_id", "weight_decay", "dropout", "beta", "align_from_epoch", "lr_warmup_epochs", "max_grad_norm",
+    "lr", "lr_rec", "lr_id", "lr_item_embedding", "weight_decay", "dropout", "beta", "align_from_epoch", "lr_warmup_epochs", "max_grad_norm",
     "finetune_epochs", "probe_users", "valid_users", "log_every", "num_threads", "restart_dead_every", "id_vq_weight", "id_code_weight", "id_kl_weight",
     "id_dec_cl_weight", "rec_code_weight", "rec_kl_weight", "rec_dec_cl_weight", "rec_item_weight", "margin",
 }
@@ -52,7 +52,7 @@ def check_config(config: Any) -> None:
         value = getattr(getattr(config, section), name)
         if name in _POSITIVE and value is not None and value <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {value!r}")
-        if name in _NON_NEGATIVE and value < 0:
+        if name in _NON_NEGATIVE and value is not None and value < 0:
             raise ConfigError(f"config key {key!r} must not be negative, got {value!r}")
         if name == "hidden_dims" and (not value or any(v <= 0 for v in value)):
             raise ConfigError(f"config key {key!r} must be a non-empty list of positive sizes, got {value!r}")
@@ -80,6 +80,9 @@ def check_config(config: Any) -> None:
         raise ConfigError(f"config key 'recommender.item_embedding' is {config.recommender.item_embedding!r}, which "
                           f"needs recommender.encoder_input=items (got {config.recommender.encoder_input!r}): the "
                           "item vectors are added to one encoder token per item")
+    if config.joint.lr_item_embedding is not None and config.recommender.item_embedding == "none":
+        raise ConfigError(f"config key 'joint.lr_item_embedding' is {config.joint.lr_item_embedding!r}, which needs "
+                          "recommender.item_embedding (zero or embed): it is the history item vectors' learning rate")
     if config.losses.rec_item_weight > 0 and not config.recommender.item_output:
         raise ConfigError(f"config key 'losses.rec_item_weight' is {config.losses.rec_item_weight!r}, which needs "
                           "recommender.item_output=true: the item-level loss scores the item output vectors")

@@ -413,6 +413,41 @@ def test_the_item_level_loss_teaches_the_first_code_position_to_rank_each_target
         assert (out.item_logits.argmax(dim=1) + 1).tolist() == target.tolist()  # column i is item i + 1
 
 
+def test_lr_item_embedding_moves_the_history_item_vectors_at_their_own_rate(joint_run, tmp_path):
+    from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
+    data = load_stage_data(joint_run["config"])
+    embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
+    moved = {}
+    for rate in ("null", "0", "0.05"):
+        config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "recommender.encoder_input=items",
+                                      "recommender.item_embedding=embed", f"joint.lr_item_embedding={rate}",
+                                      "joint.lr_warmup_epochs=0", "joint.weight_decay=0"])
+        tokenizer = build_tokenizer(config.tokenizer, 256)
+        tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config.tokenizer, embeddings)[1:]))
+        with Run(config, RunOptions(output_dir=tmp_path / rate, console=False), stage=JOINT) as run:
+            trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
+            trainer.refresh_codes(0)
+            trainer.set_phase("rec")
+            vectors, codes = trainer.recommender.item_embedding.weight, trainer.recommender.code_embedding
+            start_vectors, start_codes = vectors.detach().clone(), codes.detach().clone()
+            trainer.opt_rec.zero_grad()
+            trainer.losses(np.arange(8), phase="rec", weights=trainer.weights("rec", 0))["loss"].backward()
+            assert vectors.grad[1:].abs().sum() > 0  # the loss reaches the vectors: only the rate can keep them
+            trainer.opt_rec.step()
+            # without weight decay, Adam's first step moves each parameter with a gradient by its learning rate
+            moved[rate] = (vectors.detach() - start_vectors)[vectors.grad.abs() > 0].abs().max().item()
+            assert not torch.equal(start_codes, codes.detach())  # the rest trains at joint.lr_rec either way
+    assert moved["0"] == 0.0
+    assert moved["null"] == pytest.approx(0.005, rel=0.05)  # joint.lr_rec
+    assert moved["0.05"] == pytest.approx(0.05, rel=0.05)
+
+
+def test_lr_item_embedding_without_item_vectors_is_refused():
+    from etegrec.config import ConfigError
+    with pytest.raises(ConfigError, match="joint.lr_item_embedding' is 0.001, which needs recommender.item_embedding"):
+        load_config("tiny", ["joint.lr_item_embedding=0.001"])
+
+
 def test_an_item_level_loss_without_item_output_vectors_is_refused():
     from etegrec.config import ConfigError
     with pytest.raises(ConfigError, match="losses.rec_item_weight' is 0.1, which needs recommender.item_output=true"):

@@ -84,12 +84,18 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         """The recommender's parameters; its repeat bias (one number per code position, in logit units)
         in a group of its own at :data:`REPEAT_BIAS_LR` without weight decay: Adam moves a parameter by
         about its learning rate per step, and at the recommender's rate the bias would need thousands of
-        steps to reach the large negative value ml-100k asks for (the SASRec stage's finding)."""
+        steps to reach the large negative value ml-100k asks for (the SASRec stage's finding). With
+        ``joint.lr_item_embedding`` set, the history item vectors get a group at that rate (on Beauty they
+        are where the recommender overfits: docs/results.md)."""
         bias = self.recommender.repeat_logit
-        rest = [p for p in self.recommender.parameters() if p is not bias]
-        groups = [{"params": rest}]
+        item_rate = self.config.joint.lr_item_embedding  # the config rules: set only with item vectors
+        vectors = self.recommender.item_embedding.weight if item_rate is not None else None
+        own = {id(p) for p in (bias, vectors) if p is not None}
+        groups = [{"params": [p for p in self.recommender.parameters() if id(p) not in own]}]
         if bias is not None:
             groups.append({"params": [bias], "lr": REPEAT_BIAS_LR, "weight_decay": 0.0})
+        if vectors is not None:
+            groups.append({"params": [vectors], "lr": item_rate})
         return groups
 
     def _samples(self, epoch: int) -> None:
