@@ -85,8 +85,8 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         in a group of its own at :data:`REPEAT_BIAS_LR` without weight decay: Adam moves a parameter by
         about its learning rate per step, and at the recommender's rate the bias would need thousands of
         steps to reach the large negative value ml-100k asks for (the SASRec stage's finding). With
-        ``joint.lr_item_embedding`` set, the history item vectors get a group at that rate (on Beauty they
-        are where the recommender overfits: docs/results.md)."""
+        ``joint.lr_item_embedding`` set, the history item vectors get a group at that rate (a lever against
+        the overfitting they bring on Beauty; freezing them did not help: docs/results.md)."""
         bias = self.recommender.repeat_logit
         item_rate = self.config.joint.lr_item_embedding  # the config rules: set only with item vectors
         vectors = self.recommender.item_embedding.weight if item_rate is not None else None
