@@ -73,6 +73,8 @@ KEY_DOCS = {
     "recommender.item_embedding": "none: items are their codes only (paper); zero / embed: add a learned vector per "
                                    "history item to its encoder token (items input), starting at zero / from the "
                                    "SASRec stage's embeddings",
+    "recommender.item_dropout": "in training, the share of history items (drawn afresh each batch) read without their "
+                                 "item vector, codes kept: against memorising the training windows by item identity",
     "recommender.item_output": "a learned output vector per item (zero at start): each code's score adds the "
                                "log-mean-exp of its items' scores (the decoder state dotted with their vectors)",
     "recommender.repeat_bias": "learn a logit offset for the codes that continue a history item",

@@ -34,7 +34,7 @@ _POSITIVE = {
     "negatives",
 }
 _NON_NEGATIVE = {
-    "lr", "lr_rec", "lr_id", "lr_item_embedding", "weight_decay", "dropout", "beta", "align_from_epoch", "lr_warmup_epochs", "max_grad_norm",
+    "lr", "lr_rec", "lr_id", "lr_item_embedding", "weight_decay", "dropout", "item_dropout", "beta", "align_from_epoch", "lr_warmup_epochs", "max_grad_norm",
     "finetune_epochs", "probe_users", "valid_users", "log_every", "num_threads", "restart_dead_every", "id_vq_weight", "id_code_weight", "id_kl_weight",
     "id_dec_cl_weight", "rec_code_weight", "rec_kl_weight", "rec_dec_cl_weight", "rec_item_weight", "margin",
 }
@@ -80,6 +80,10 @@ def check_config(config: Any) -> None:
         raise ConfigError(f"config key 'recommender.item_embedding' is {config.recommender.item_embedding!r}, which "
                           f"needs recommender.encoder_input=items (got {config.recommender.encoder_input!r}): the "
                           "item vectors are added to one encoder token per item")
+    item_dropout = config.recommender.item_dropout
+    if item_dropout >= 1 or (item_dropout > 0 and config.recommender.item_embedding == "none"):
+        raise ConfigError(f"config key 'recommender.item_dropout' is {item_dropout!r}, which must lie in [0, 1) and "
+                          "needs recommender.item_embedding (zero or embed): it leaves out history item vectors")
     if config.joint.lr_item_embedding is not None and config.recommender.item_embedding == "none":
         raise ConfigError(f"config key 'joint.lr_item_embedding' is {config.joint.lr_item_embedding!r}, which needs "
                           "recommender.item_embedding (zero or embed): it is the history item vectors' learning rate")

@@ -328,6 +328,40 @@ def test_item_vectors_tell_apart_items_with_the_same_codes() -> None:
         tiny_model(num_items=9)
 
 
+def test_item_dropout_leaves_out_whole_item_vectors_in_training_only() -> None:
+    model = _with_item_vectors(dropout=0.0, item_dropout=0.5)
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["inputs_embeds"]), with_kwargs=True)
+    codes, mask, _ = batch(size=300, history=4)
+    ids = torch.randint(1, 10, (300, 4), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model.encode(codes, mask, ids)  # eval: every vector in
+        torch.manual_seed(5)
+        model.train().encode(codes, mask, ids)
+    full, dropped = seen
+    missing = full - dropped  # per token: zero (kept) or exactly its item's vector (left out)
+    vectors = model.item_embedding.weight[ids.masked_fill(~mask, 0)].detach()
+    left_out = (missing - vectors).abs().amax(dim=-1) < 1e-5
+    kept = missing.abs().amax(dim=-1) < 1e-6
+    real = mask & (vectors.abs().amax(dim=-1) > 0)
+    assert bool((left_out | kept)[real].all())  # whole vectors, not rescaled ones
+    share = left_out[real].float().mean().item()
+    assert 0.4 < share < 0.6, share  # about half (1,198 items: std 0.015)
+    assert bool(kept[~mask].all())  # padding has no vector to leave out
+
+
+def test_item_dropout_is_refused_without_item_vectors_or_at_one() -> None:
+    from etegrec.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="'recommender.item_dropout' is 0.5, which must lie in"):
+        load_config("tiny", ["recommender.item_dropout=0.5"])
+    with pytest.raises(ConfigError, match="'recommender.item_dropout' is 1.0"):
+        load_config("tiny", ["recommender.encoder_input=items", "recommender.item_embedding=embed",
+                             "recommender.item_dropout=1.0"])
+    with pytest.raises(ValueError, match="item_dropout=0.2 must lie in"):
+        tiny_model(item_dropout=0.2)
+
+
 def test_forward_all_and_beam_search_read_the_item_ids_as_forward_does() -> None:
     from etegrec.models import CodeTrie, beam_search
 

@@ -68,6 +68,9 @@ class T5Recommender(CodeDecoding, nn.Module):
             ``1..num_items``, 0 = padding) is added to each history item's token: the encoder then
             tells apart items whose codes are near, as an ID model does (the codes stay the only
             output). Its calls then take the history's item ids (``history_items``).
+        item_dropout: in training, each history item's vector (``num_items``) is left out with this
+            probability, its codes kept: the encoder cannot lean on item identity alone to memorise the
+            training windows (no rescaling: a token holds the vector whole or not at all).
         output_items: with ``output_items > 0``, one learned output vector per item (ids
             ``1..output_items``): each item scores the decoder state's dot product with its vector, and
             every code's logit adds the log-mean-exp of the scores of the items it leads to
@@ -115,6 +118,7 @@ class T5Recommender(CodeDecoding, nn.Module):
         repeat_bias: bool = False,
         causal_encoder: bool = False,
         num_items: int = 0,
+        item_dropout: float = 0.0,
         output_items: int = 0,
     ) -> None:
         super().__init__()
@@ -133,6 +137,9 @@ class T5Recommender(CodeDecoding, nn.Module):
         if num_items < 0 or (num_items and encoder_input != "items"):
             raise ValueError(f"T5Recommender num_items={num_items!r} must be >= 0, and > 0 only with "
                              "encoder_input='items' (one token per item)")
+        if not 0.0 <= item_dropout < 1.0 or (item_dropout and not num_items):
+            raise ValueError(f"T5Recommender item_dropout={item_dropout!r} must lie in [0, 1), and be > 0 only "
+                             "with num_items > 0 (item vectors to leave out)")
         if attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"T5Recommender attn_implementation={attn_implementation!r} must be 'sdpa' or 'eager'.")
         self.code_num = code_num
@@ -167,6 +174,7 @@ class T5Recommender(CodeDecoding, nn.Module):
         self.repeat_logit = nn.Parameter(torch.zeros(code_length)) if repeat_bias else None  # (L,)
         # per-item input vectors; zero at start, so the model starts as the codes-only one
         self.item_embedding = nn.Embedding(num_items + 1, d_model, padding_idx=0) if num_items else None
+        self.item_dropout = item_dropout
         if self.item_embedding is not None:
             nn.init.zeros_(self.item_embedding.weight)
         # per-item output vectors; zero at start, so the model starts as the codes-only one
@@ -235,7 +243,10 @@ class T5Recommender(CodeDecoding, nn.Module):
             attention_mask = history_mask  # (B, H)
             inputs = tokens.sum(dim=2)  # (B, H, d)
             if self.item_embedding is not None:
-                inputs = inputs + self.item_embedding(history_items[:, first:].masked_fill(~history_mask, 0))
+                items = history_items[:, first:].masked_fill(~history_mask, 0)
+                if self.training and self.item_dropout:  # id 0 is padding: a zero vector
+                    items = items.masked_fill(torch.rand(items.shape, device=items.device) < self.item_dropout, 0)
+                inputs = inputs + self.item_embedding(items)
             if self.recency is not None:
                 inputs = inputs + self.recency(torch.arange(history - 1, -1, -1, device=codes.device))
         if self.causal_encoder:
