@@ -350,9 +350,15 @@ def test_item_dropout_leaves_out_whole_item_vectors_in_training_only() -> None:
     assert bool(kept[~mask].all())  # padding has no vector to leave out
 
 
-def test_item_dropout_is_refused_without_item_vectors_or_at_one() -> None:
+def test_item_dropout_reaches_the_model_and_is_refused_without_item_vectors_or_at_one() -> None:
     from etegrec.config import ConfigError, load_config
+    from etegrec.training.joint import build_recommender
+    from etegrec.training.rqvae import build_tokenizer
 
+    config = load_config("tiny", ["recommender.encoder_input=items", "recommender.item_embedding=zero",
+                                  "recommender.item_dropout=0.3"])
+    model = build_recommender(config, build_tokenizer(config.tokenizer, in_dim=8), semantic_dim=8, num_items=12)
+    assert model.item_dropout == 0.3
     with pytest.raises(ConfigError, match="'recommender.item_dropout' is 0.5, which must lie in"):
         load_config("tiny", ["recommender.item_dropout=0.5"])
     with pytest.raises(ConfigError, match="'recommender.item_dropout' is 1.0"):
