@@ -147,6 +147,7 @@ class JointConfig:
     lr_warmup_epochs: float = 1.0  # linear warm-up of the learning rates, then cosine decay, per optimiser
     max_grad_norm: float = 1.0
     mixed_precision: str = "fp32"  # "bf16": the recommender's training forward under bfloat16 autocast
+    ema_decay: float = 0.0  # > 0: validation, checkpoints and test score this moving average of the recommender's weights
 
 
 @dataclass

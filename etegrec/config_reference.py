@@ -99,6 +99,9 @@ KEY_DOCS = {
     "joint.lr_warmup_epochs": "epochs of linear learning-rate warm-up, then cosine decay, per optimiser",
     "joint.max_grad_norm": "gradient clipping norm; 0 = none",
     "joint.mixed_precision": "fp32, or bf16 autocast of the recommender's training forward (CPUs with AVX512-BF16, GPUs)",
+    "joint.ema_decay": "0: off; else each step's weight 1 - d in an exponential moving average of the recommender's "
+                       "weights, which validation, the best checkpoint and the test score (training goes on from "
+                       "the live weights)",
     "losses.id_vq_weight": "tokenizer epochs: weight of the RQ-VAE loss",
     "losses.id_code_weight": "tokenizer epochs: weight of the code loss",
     "losses.id_kl_weight": "tokenizer epochs: weight of the sequence-item alignment (symmetric KL)",

@@ -87,6 +87,9 @@ def check_config(config: Any) -> None:
     if config.joint.lr_item_embedding is not None and config.recommender.item_embedding == "none":
         raise ConfigError(f"config key 'joint.lr_item_embedding' is {config.joint.lr_item_embedding!r}, which needs "
                           "recommender.item_embedding (zero or embed): it is the history item vectors' learning rate")
+    if not 0 <= config.joint.ema_decay < 1:
+        raise ConfigError(f"config key 'joint.ema_decay' is {config.joint.ema_decay!r}, which must lie in [0, 1): the "
+                          "weight of the running average at each step (0: no average)")
     if config.losses.rec_item_weight > 0 and not config.recommender.item_output:
         raise ConfigError(f"config key 'losses.rec_item_weight' is {config.losses.rec_item_weight!r}, which needs "
                           "recommender.item_output=true: the item-level loss scores the item output vectors")

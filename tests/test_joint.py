@@ -474,3 +474,67 @@ def test_unknown_mixed_precision_is_refused():
     from etegrec.config import ConfigError
     with pytest.raises(ConfigError, match="joint.mixed_precision.*bf16.*'fp16'"):
         load_config("tiny", ["joint.mixed_precision=fp16"])
+
+
+def test_ema_decay_scores_the_averaged_weights_and_a_checkpoint_keeps_both_sets(joint_run, tmp_path):
+    from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
+    data = load_stage_data(joint_run["config"])
+    embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
+    config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "joint.ema_decay=0.5", "joint.lr_warmup_epochs=0"])
+    tokenizer = build_tokenizer(config.tokenizer, 256)
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config.tokenizer, embeddings)[1:]))
+
+    def weights(model):
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    with Run(config, RunOptions(output_dir=tmp_path / "ema", console=False), stage=JOINT) as run:
+        trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
+        trainer.refresh_codes(0)
+        trainer.set_phase("rec")
+        # one optimiser step: the average moves half way (decay 0.5) from the start to the new weights
+        start = weights(trainer.recommender)
+        trainer.opt_rec.zero_grad()
+        trainer.losses(np.arange(8), phase="rec", weights=trainer.weights("rec", 0))["loss"].backward()
+        trainer.opt_rec.step()
+        trainer.average.update()
+        stepped = weights(trainer.recommender)
+        for name, average in trainer.average.average.items():
+            assert torch.allclose(average, (start[name] + stepped[name]) / 2, atol=1e-6), name
+        assert any(not torch.equal(start[n], stepped[n]) for n in start)
+
+        # a training epoch updates the average after each of its steps
+        updates = []
+        update = trainer.average.update
+        trainer.average.update = lambda: (updates.append(1), update())
+        trainer.train_one_epoch(1, "rec")
+        assert len(updates) == len(trainer._batches(1)) > 1
+        live, average = weights(trainer.recommender), {n: a.clone() for n, a in trainer.average.average.items()}
+        assert any(not torch.allclose(live[n], average[n]) for n in live)
+
+        # validation scores the averaged weights; training goes on from the live ones
+        scored = []
+        trainer.evaluate = lambda split: (scored.append(weights(trainer.recommender)), {"ndcg@10": 0.0})[1]
+        trainer.validate(1)
+        assert all(torch.equal(scored[0][n], average[n]) for n in average)
+        assert all(torch.equal(p, live[n]) for n, p in weights(trainer.recommender).items())
+
+        # the checkpoint's "recommender" is what was scored; a resume restores the live weights and their average
+        state = trainer.state_dict()
+        assert all(torch.equal(state["recommender"][n], average[n]) for n in average)
+        assert all(torch.equal(state["recommender_live"][n], live[n]) for n in live)
+        resumed = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
+        resumed.load_state_dict(state, resume=True)
+        assert all(torch.equal(p, live[n]) for n, p in weights(resumed.recommender).items())
+        assert all(torch.equal(resumed.average.average[n], average[n]) for n in average)
+        # loading the best checkpoint for the test (or fine-tuning) takes the averaged weights, the average restarts there
+        best = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
+        best.load_state_dict(state)
+        assert all(torch.equal(p, average[n]) for n, p in weights(best.recommender).items())
+        assert all(torch.equal(best.average.average[n], average[n]) for n in average)
+
+
+@pytest.mark.parametrize("decay", ["1.0", "-0.1"])
+def test_an_ema_decay_outside_zero_to_one_is_refused(decay):
+    from etegrec.config import ConfigError
+    with pytest.raises(ConfigError, match=f"joint.ema_decay' is {decay}, which must lie in \\[0, 1\\)"):
+        load_config("tiny", [f"joint.ema_decay={decay}"])

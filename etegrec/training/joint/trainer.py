@@ -12,6 +12,7 @@ recommender alone on fixed codes (from the best checkpoint), and a final test wi
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from functools import partial
 
 import numpy as np
@@ -30,6 +31,7 @@ from ..rqvae.tokenizer import build_tokenizer, tokenizer_inputs
 from ..run import EarlyStopping, EpochProgress, LoopPosition, Run, StageTrainer, shuffled_batches, train_epoch
 from ..run.evaluation import check_same_on_every_rank
 from .alignment import Alignment
+from .averaging import WeightAverage
 from .evaluation import BeamEvaluation, items_of
 from .probing import Prober
 from .recommender import build_recommender
@@ -60,6 +62,8 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         self.tokenizer.load_state_dict(tokenizer_state)
         self.recommender = build_recommender(config, self.tokenizer, semantic_dim=self.item_emb.shape[1],
                                              num_items=data.n_items, embeddings=embeddings).to(device)
+        # with joint.ema_decay: validation, the best checkpoint and the test score the averaged weights
+        self.average = WeightAverage(self.recommender, cfg.ema_decay) if cfg.ema_decay else None
         self._samples(epoch=0)
         self.opt_id = torch.optim.AdamW(self.tokenizer.parameters(), lr=cfg.lr_id, weight_decay=cfg.weight_decay)
         self.opt_rec = torch.optim.AdamW(self._rec_param_groups(), lr=cfg.lr_rec, weight_decay=cfg.weight_decay)
@@ -260,7 +264,8 @@ class JointTrainer(BeamEvaluation, StageTrainer):
             schedulers=[t[2] for t in trained], accelerator=acc,
             parameters=[list(t[0].parameters()) for t in trained], max_grad_norm=cfg.max_grad_norm,
             log_every=self.config.run.log_every, global_step=epoch * self.steps_per_epoch,
-            lr_fn=self.learning_rates, progress=progress, should_stop=self.run.step_stop())
+            lr_fn=self.learning_rates, progress=progress, should_stop=self.run.step_stop(),
+            after_step=self.average.update if self.average is not None and self.trains_rec(phase) else None)
         self.hooks.epoch_end(epoch)
         signals.epoch_end.send(self, stage=self.stage, phase=phase, epoch=epoch, losses=result.losses,
                                lr=self.learning_rates(), seconds=result.seconds,
@@ -270,11 +275,12 @@ class JointTrainer(BeamEvaluation, StageTrainer):
             self.refresh_codes(epoch + 1)
 
     def validate(self, epoch: int) -> dict[str, float]:
-        valid = self.evaluate("valid")
-        signals.evaluated.send(self, stage=self.stage, split="valid", epoch=epoch, metrics=valid)
-        if self.prober is not None and signals.probed.receivers:
-            signals.probed.send(self, stage=self.stage, split="valid", epoch=epoch, users=len(self.prober),
-                                probes=self.prober.measure(self))
+        with self.average.applied() if self.average is not None else nullcontext():
+            valid = self.evaluate("valid")
+            signals.evaluated.send(self, stage=self.stage, split="valid", epoch=epoch, metrics=valid)
+            if self.prober is not None and signals.probed.receivers:
+                signals.probed.send(self, stage=self.stage, split="valid", epoch=epoch, users=len(self.prober),
+                                    probes=self.prober.measure(self))
         return valid
 
     def learning_rates(self) -> dict[str, float]:
@@ -282,16 +288,28 @@ class JointTrainer(BeamEvaluation, StageTrainer):
 
 
     def state_dict(self) -> dict:
-        return {"tokenizer": self.tokenizer.state_dict(), "recommender": self.recommender.state_dict(),
-                "codes": self.codes.cpu(), "codes_changed": self.codes_changed, "opt_id": self.opt_id.state_dict(),
-                "opt_rec": self.opt_rec.state_dict(), "sched_id": self.sched_id.state_dict(),
-                "sched_rec": self.sched_rec.state_dict()}
+        """Everything a resume needs. ``recommender`` holds the weights that are scored (with
+        ``joint.ema_decay`` the average, the live ones then under ``recommender_live``)."""
+        state = {"tokenizer": self.tokenizer.state_dict(), "recommender": self.recommender.state_dict(),
+                 "codes": self.codes.cpu(), "codes_changed": self.codes_changed, "opt_id": self.opt_id.state_dict(),
+                 "opt_rec": self.opt_rec.state_dict(), "sched_id": self.sched_id.state_dict(),
+                 "sched_rec": self.sched_rec.state_dict()}
+        if self.average is not None:
+            state["recommender_live"], state["recommender"] = state["recommender"], self.average.averaged_state_dict()
+        return state
 
     def load_state_dict(self, state: dict, *, resume: bool = False) -> None:
-        """The models and codes of a checkpoint (what evaluation needs); ``resume``: the optimisers too."""
+        """The models and codes of a checkpoint (what evaluation needs); ``resume``: the optimisers too, and
+        with ``joint.ema_decay`` the live weights and their average (otherwise the average restarts from the
+        loaded, averaged weights: fine-tuning goes on from them)."""
         self.tokenizer.load_state_dict(state["tokenizer"])
         self.alignment.forget()
-        self.recommender.load_state_dict(state["recommender"])
+        live = resume and self.average is not None and "recommender_live" in state
+        self.recommender.load_state_dict(state["recommender_live"] if live else state["recommender"])
+        if live:
+            self.average.load_average(state["recommender"])
+        elif self.average is not None:
+            self.average.restart()
         self.codes = state["codes"].to(self.run.accelerator.device)
         self._use_codes()
         if resume:

@@ -86,13 +86,15 @@ def train_epoch(*, sender, stage: str, phase: str, epoch: int, batches: list, lo
                 parameters: list | None = None, max_grad_norm: float = 0.0,
                 log_every: int = 0, lr_fn: Callable[[], dict[str, float]] | None = None,
                 global_step: int = 0, show_progress: bool = True, progress: EpochProgress | None = None,
-                should_stop: Callable[[], bool] | None = None) -> EpochResult:
+                should_stop: Callable[[], bool] | None = None,
+                after_step: Callable[[], None] | None = None) -> EpochResult:
     """Run one epoch: ``loss_fn(batch)`` returns loss parts; the part ``"loss"`` is optimised.
 
     Returns the epoch means of every part, reduced over processes. ``progress`` (from an
     interrupted run) skips the batches already done and starts from their loss sums.
     ``should_stop`` is asked after every step; when it says yes, :class:`TrainingInterrupted`
-    carries the epoch's progress out. ``parameters`` are clipped to ``max_grad_norm``: a list of
+    carries the epoch's progress out. ``after_step`` is called after every optimiser step (a weight
+    average's update). ``parameters`` are clipped to ``max_grad_norm``: a list of
     parameters, or a list of such lists (one per model), each clipped on its own.
 
     Raises:
@@ -129,6 +131,8 @@ def train_epoch(*, sender, stage: str, phase: str, epoch: int, batches: list, lo
             opt.step()
         for sched in schedulers:
             sched.step()
+        if after_step is not None:
+            after_step()
         size = len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch)
         samples += size
         for name, value in parts.items():
