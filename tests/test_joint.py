@@ -538,3 +538,19 @@ def test_an_ema_decay_outside_zero_to_one_is_refused(decay):
     from etegrec.config import ConfigError
     with pytest.raises(ConfigError, match=f"joint.ema_decay' is {decay}, which must lie in \\[0, 1\\)"):
         load_config("tiny", [f"joint.ema_decay={decay}"])
+
+
+def test_a_weight_average_writes_a_shared_parameter_under_each_of_its_names():
+    from etegrec.training.joint.averaging import WeightAverage
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[1].weight = model[0].weight  # tied: one parameter, two state_dict names
+    average = WeightAverage(model, decay=0.5)
+    with torch.no_grad():
+        model[0].weight.add_(2.0)
+    average.update()  # half way: +1
+    state = average.averaged_state_dict()
+    assert torch.equal(state["0.weight"], state["1.weight"])
+    assert torch.allclose(state["1.weight"], model[0].weight.detach() - 1.0)
+    with average.applied():
+        assert torch.allclose(model[1].weight, state["1.weight"])
+    assert torch.allclose(model[1].weight, state["1.weight"] + 1.0)  # the live weights are back

@@ -53,8 +53,13 @@ class WeightAverage:
             self._copy_into_model(live)
 
     def averaged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's ``state_dict`` with the averaged weights in place of the live ones."""
-        return {**self.model.state_dict(), **{name: a.clone() for name, a in self.average.items()}}
+        """The model's ``state_dict`` with the averaged weights in place of the live ones (under every name
+        a shared parameter has)."""
+        canonical = {id(p): name for name, p in self.model.named_parameters()}
+        state = self.model.state_dict()
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            state[name] = self.average[canonical[id(p)]].clone()
+        return state
 
     @torch.no_grad()
     def load_average(self, state: dict[str, torch.Tensor]) -> None:
