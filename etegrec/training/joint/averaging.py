@@ -36,11 +36,9 @@ class WeightAverage:
         for name, p in self.model.named_parameters():
             self.average[name].lerp_(p, 1 - self.decay)
 
-    @torch.no_grad()
     def restart(self) -> None:
         """Start the average afresh from the model's current weights (after loading other weights)."""
-        for name, p in self.model.named_parameters():
-            self.average[name].copy_(p)
+        self.load_average(dict(self.model.named_parameters()))
 
     @contextmanager
     def applied(self) -> Iterator[None]:
@@ -63,7 +61,7 @@ class WeightAverage:
 
     @torch.no_grad()
     def load_average(self, state: dict[str, torch.Tensor]) -> None:
-        """Take the average from a state dict written by :meth:`averaged_state_dict`."""
+        """Take the average from a state dict written by :meth:`averaged_state_dict` (or the model's own)."""
         for name, a in self.average.items():
             a.copy_(state[name])
 
