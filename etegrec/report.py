@@ -31,6 +31,7 @@ __all__ = ["FIGURES", "RunRecord", "figure_series", "load_run_record", "main", "
 FIGURES = {
     "losses": "Training losses by phase (epoch means)",
     "lr": "Learning rates",
+    "shares": "Each weighted loss part's share of what the tokenizer and the recommender train on",
     "ndcg": "NDCG@10: validation by epoch, test of the best checkpoint",
     "recall": "Recall@10: validation by epoch, test of the best checkpoint",
     "collision": "Collision rate (items sharing all RQ codes)",
@@ -104,6 +105,7 @@ def figure_series(run: RunRecord) -> dict[str, dict[str, Series]]:
             _add(out["losses"], e["phase"], part, e["epoch"], value)
         for name, value in (e.get("lr") or {}).items():
             _add(out["lr"], "learning rate", name, e["epoch"], value)
+    _shares(run, out["shares"])
     test = run.metrics.get("test") if run.metrics else None
     for metric, key in (("ndcg@10", "ndcg"), ("recall@10", "recall")):
         for e in _of(run, "evaluated"):
@@ -135,6 +137,30 @@ def figure_series(run: RunRecord) -> dict[str, dict[str, Series]]:
         for name in ("shuffle_overlap", "drop_last_overlap", "repeat_share", "data_repeat_rate"):
             _add(out["probes"], "shares", name, e["epoch"], p[name])
     return out
+
+
+# which weighted loss parts train each model: the RQ-VAE loss and the two alignment losses reach the
+# tokenizer; every part but the RQ-VAE loss reaches the recommender
+TRAINS = {"tokenizer": ("vq_loss", "kl_loss", "dec_cl_loss"),
+          "recommender": ("code_loss", "item_loss", "kl_loss", "dec_cl_loss")}
+
+
+def _shares(run: RunRecord, panels: dict[str, Series]) -> None:
+    """Per joint epoch, each weighted part's share of the weighted sum that trains each model: the
+    tokenizer in its (``id``) epochs, the recommender in the epochs it trains (all but the ``id`` ones
+    unless ``joint.id_trains_rec``). A part of weight 0 trains nothing and is left out."""
+    id_trains_rec = bool((run.config.get("joint") or {}).get("id_trains_rec", False))
+    for e in _of(run, "epoch_end"):
+        weights, losses = e.get("weights") or {}, e["losses"]
+        weighted = {k: w * losses[k] for k, w in weights.items() if w > 0 and k in losses}
+        trained = (["tokenizer"] if e["phase"] == "id" else []) + (
+            ["recommender"] if e["phase"] != "id" or id_trains_rec else [])
+        for model in trained:
+            parts = {k: v for k, v in weighted.items() if k in TRAINS[model]}
+            total = sum(parts.values())
+            for part, value in parts.items():
+                if total > 0:
+                    _add(panels, model, part, e["epoch"], value / total)
 
 
 def _add(panels: dict[str, Series], panel: str, label: str, x: float, y: float) -> None:

@@ -55,6 +55,28 @@ def test_figure_data_are_the_values_of_the_events(runs):
     assert dict((l, y) for l, _, y in series["losses"]["rec"])["code_loss"] == [e["losses"]["code_loss"] for e in rec]
 
 
+def test_loss_shares_are_each_weighted_part_over_what_trains_each_model(runs):
+    """The tiny config aligns from epoch 1 and freezes the recommender in tokenizer epochs: the tokenizer's
+    shares are its RQ-VAE and alignment parts in id epochs, the recommender's its code and alignment parts."""
+    events = read_events(runs / "seed1" / "events.jsonl")
+    shares = figure_series(load_run_record(runs / "seed1"))["shares"]
+    ends = [e for e in events if e["signal"] == "epoch_end" and e.get("weights")]
+    aligned_id = next(e for e in ends if e["phase"] == "id" and e["weights"]["kl_loss"] > 0)
+    w, l = aligned_id["weights"], aligned_id["losses"]
+    total = w["vq_loss"] * l["vq_loss"] + w["kl_loss"] * l["kl_loss"] + w["dec_cl_loss"] * l["dec_cl_loss"]
+    tokenizer = {label: dict(zip(xs, ys)) for label, xs, ys in shares["tokenizer"]}
+    assert set(tokenizer) == {"vq_loss", "kl_loss", "dec_cl_loss"}  # the code loss never reaches the tokenizer
+    assert tokenizer["kl_loss"][aligned_id["epoch"]] == pytest.approx(w["kl_loss"] * l["kl_loss"] / total)
+    recommender = {label: dict(zip(xs, ys)) for label, xs, ys in shares["recommender"]}
+    assert "vq_loss" not in recommender
+    rec_epochs = {e["epoch"] for e in ends if e["phase"] != "id"}  # frozen in id epochs (tiny: id_trains_rec off)
+    assert set(recommender["code_loss"]) == rec_epochs
+    for epoch in rec_epochs:  # each epoch's shares sum to one
+        assert sum(r.get(epoch, 0.0) for r in recommender.values()) == pytest.approx(1.0)
+    finetune = [e["epoch"] for e in ends if e["phase"] == "finetune"]  # the code loss alone: all of it
+    assert finetune and all(recommender["code_loss"][epoch] == 1.0 for epoch in finetune)
+
+
 @pytest.mark.parametrize("names", [["seed1"], ["seed1", "seed2"], ["killed"]], ids=["one", "two", "killed"])
 def test_the_page_has_every_figure_and_the_final_metrics(runs, names, tmp_path):
     assert main([str(runs / n) for n in names] + ["--output", str(tmp_path / "r.html")]) == 0
