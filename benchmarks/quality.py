@@ -32,7 +32,8 @@ resumed, so the benchmark can be stopped and restarted. Prints the table and wri
 Two runs of the same command and seed on two threads differ by several thousandths of NDCG@10 (float
 sums in another order), about as much as two models may differ. ``--repeats K`` runs every trained
 model K times per seed (``<model>-<seed>``, then ``<model>-<seed>-rep2`` ...); ``--pool FILE`` adds the
-per-seed values of an earlier results file as one more run of each model and seed it holds. A seed's
+per-seed values of an earlier results file as one more run of each model and seed it holds (a file
+whose runs used another config than this invocation's, key by key, is refused). A seed's
 value is then the mean of its runs; ``std`` is still over seeds, and ``run_std`` (the pooled std of
 runs within a seed) says how far one run is from another. With ``tiger`` and ``etegrec`` both in the
 table, ``gap`` compares them: the difference of the means, the pooled std over seeds
@@ -218,6 +219,38 @@ def gap(table: dict[str, dict], model: str = "etegrec", baseline: str = "tiger",
             "per_seed": [x - y for x, y in zip(va, vb)]}
 
 
+def resolved_configs(config_name: str, overrides: list[str], models: list[str]) -> dict[str, dict]:
+    """Per trained model: the config its runs use (the run section aside: seed and threads vary by run),
+    flattened to ``section.key``; written to the results file so that pooling can check it."""
+    from etegrec.config import load_config
+
+    out = {}
+    for model in models:
+        config = load_config(config_name, [*overrides, *VARIANTS[model][1]]).to_dict()
+        out[model] = {f"{section}.{key}": value for section, values in config.items() if section != "run"
+                      for key, value in values.items()}
+    return json.loads(json.dumps(out))  # as the results file holds it (tuples as lists)
+
+
+def check_pool(path: Path, expected: dict[str, dict]) -> str | None:
+    """Why ``path``'s runs cannot be pooled with this invocation's (a model's config differs; the keys named),
+    or None. A key the file does not hold was added later and is not compared; a file that records no
+    configs (written before they were recorded) is pooled as it is, and said so."""
+    recorded = json.loads(Path(path).read_text()).get("resolved")
+    if recorded is None:
+        print(f"--pool {path}: the file records no configs (written before they were recorded); its runs are "
+              "pooled as they are", flush=True)
+        return None
+    for model, config in expected.items():
+        differ = [k for k, v in (recorded.get(model) or {}).items() if k in config and config[k] != v]
+        if differ:
+            shown = ", ".join(f"{k}={recorded[model][k]!r} (now {config[k]!r})" for k in differ[:4])
+            return (f"--pool {path}: its {model} runs used another config: {shown}"
+                    + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+                    + "; pool only results of the same config")
+    return None
+
+
 def pooled_runs(path: Path, models: list[str], seeds: list[int]) -> dict[tuple[str, int], dict[str, float]]:
     """An earlier results file's per-seed test metrics, as one run per (model, seed) it holds."""
     earlier = json.loads(Path(path).read_text())["models"]
@@ -270,9 +303,13 @@ def main() -> None:
 
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, not {args.repeats}")
+    resolved = resolved_configs(args.config, args.overrides, [m for m in args.models if m in VARIANTS])
     for path in args.pool:
         if not Path(path).is_file():
             parser.error(f"--pool: no results file at {path}")
+        reason = check_pool(Path(path), resolved)
+        if reason:
+            parser.error(reason)
 
     def run(job):
         model, seed, repeat = job
@@ -331,7 +368,7 @@ def main() -> None:
               + " / ".join(f"{d:+.4f}" for d in comparison["per_seed"]) + ")")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps({"dataset": dataset, "config": args.config, "overrides": args.overrides, "seeds": args.seeds,
-                                             "repeats": args.repeats, "pooled": args.pool, "models": table,
+                                             "repeats": args.repeats, "pooled": args.pool, "models": table, "resolved": resolved,
                                              "gap": comparison, "published": anchors}, indent=2))
 
 

@@ -84,6 +84,47 @@ def test_a_missing_pool_file_is_named_before_anything_runs(quality, tmp_path, mo
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_pool_file_of_another_config_is_refused_naming_the_key(quality, tmp_path, monkeypatch, capsys):
+    """The results file records each model's config; pooling runs of other alignment weights into this
+    table would average two configs under one name."""
+    earlier = tmp_path / "earlier.json"
+    recorded = quality.resolved_configs("tiny", ["losses.rec_kl_weight=0.001"], ["etegrec", "tiger"])
+    assert recorded["etegrec"]["losses.rec_kl_weight"] == 0.001 and recorded["tiger"]["losses.rec_kl_weight"] == 0
+    earlier.write_text(json.dumps({"models": quality.summarise({"etegrec": {2024: [metrics(0.1)]}}),
+                                   "resolved": recorded}))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--config", "tiny", "--models", "tiger", "etegrec", "--seeds",
+                                      "2024", "--runs", str(tmp_path / "runs"), "--pool", str(earlier)])
+    with pytest.raises(SystemExit) as stopped:
+        quality.main()
+    assert stopped.value.code == 2
+    assert (f"--pool {earlier}: its etegrec runs used another config: losses.rec_kl_weight=0.001 (now 0.0001)"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
+    # the same config pools; a key the file does not hold (added to the config later) is not compared
+    same = quality.resolved_configs("tiny", [], ["etegrec", "tiger"])
+    del same["etegrec"]["losses.rec_kl_weight"]
+    earlier.write_text(json.dumps({"models": quality.summarise({"etegrec": {2024: [metrics(0.1)]}}),
+                                   "resolved": same}))
+    output = tmp_path / "out.json"
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--config", "tiny", "--summarise-only", "--models", "etegrec",
+                                      "--seeds", "2024", "--runs", str(tmp_path / "none"), "--pool", str(earlier),
+                                      "--output", str(output)])
+    quality.main()
+    result = json.loads(output.read_text())
+    assert result["models"]["etegrec"]["ndcg@10"]["values"] == [0.1]
+    assert result["resolved"]["etegrec"]["losses.rec_kl_weight"] == 0.0001  # what the next pooling checks
+
+
+def test_a_pool_file_that_records_no_config_is_pooled_and_said_so(quality, tmp_path, monkeypatch, capsys):
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"models": quality.summarise({"etegrec": {2024: [metrics(0.1)]}})}))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--config", "tiny", "--summarise-only", "--models", "etegrec",
+                                      "--seeds", "2024", "--runs", str(tmp_path / "none"), "--pool", str(earlier),
+                                      "--output", str(tmp_path / "out.json")])
+    quality.main()
+    assert f"--pool {earlier}: the file records no configs" in capsys.readouterr().out
+
+
 def test_summarise_only_from_earlier_results_alone_says_there_are_no_runs(quality, tmp_path, monkeypatch, capsys):
     earlier = tmp_path / "earlier.json"
     earlier.write_text(json.dumps({"models": quality.summarise({"etegrec": {2024: [metrics(0.1)]}})}))
