@@ -158,9 +158,8 @@ def _shares(run: RunRecord, panels: dict[str, Series]) -> None:
         for model in trained:
             parts = {k: v for k, v in weighted.items() if k in TRAINS[model]}
             total = sum(parts.values())
-            for part, value in parts.items():
-                if total > 0:
-                    _add(panels, model, part, e["epoch"], value / total)
+            for part, value in parts.items() if total > 0 else ():
+                _add(panels, model, part, e["epoch"], value / total)
 
 
 def _add(panels: dict[str, Series], panel: str, label: str, x: float, y: float) -> None:
