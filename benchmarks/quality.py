@@ -37,7 +37,9 @@ whose runs used another config than this invocation's, key by key, is refused). 
 value is then the mean of its runs; ``std`` is still over seeds, and ``run_std`` (the pooled std of
 runs within a seed) says how far one run is from another. With ``tiger`` and ``etegrec`` both in the
 table, ``gap`` compares them: the difference of the means, the pooled std over seeds
-(``sqrt((std_a^2 + std_b^2) / 2)``) and the difference per seed.
+(``sqrt((std_a^2 + std_b^2) / 2)``) and the difference per seed. ``seconds`` holds each run's wall
+time: every attempt of its own stage summed (the cached SASRec and tokenizer stages it reused are
+not in it; their own event logs under ``$ETEGREC_HOME/stages`` hold theirs).
 """
 from __future__ import annotations
 
@@ -166,6 +168,18 @@ def sasrec_metrics(seed: int, config: str, overrides: list[str]) -> dict[str, fl
 
     cfg = load_config(config, [*overrides, f"run.seed={seed}"])
     return json.loads((stage_dir(cfg, EMBED, load_stage_data(cfg)) / "metrics.json").read_text())["test"]
+
+
+def run_seconds(directory: Path) -> float | None:
+    """The wall time of the run in ``directory``: the ``seconds`` of every attempt's ``run_finished`` in its
+    event log summed (a stopped and resumed run has one per attempt; an attempt killed before it could send
+    one is not counted); None when the log holds none."""
+    log = directory / "events.jsonl"
+    if not log.exists():
+        return None
+    attempts = [record["seconds"] for line in log.read_text().splitlines() if '"run_finished"' in line
+                for record in [json.loads(line)] if record.get("signal") == "run_finished" and "seconds" in record]
+    return sum(attempts) if attempts else None
 
 
 def run_dir(root: Path, model: str, seed: int, repeat: int) -> Path:
@@ -352,6 +366,9 @@ def main() -> None:
 
     table = summarise(per_seed)
     comparison = gap(table)
+    seconds = {model: {str(s): [run_seconds(run_dir(root, model, s, r)) for r in range(1, args.repeats + 1)
+                                if (model, s, r) in done] for s in args.seeds}
+               for model in args.models if model in VARIANTS}
     print(f"{dataset} test metrics, mean ± std over seeds {args.seeds} ({args.config} config)")
     print(f"{'model (runs per seed)':<46}" + "".join(f"{m:>18}" for m in METRICS) + "   run-to-run std")
     for model, row in table.items():
@@ -366,10 +383,14 @@ def main() -> None:
         print(f"{comparison['model']} - {comparison['baseline']}, test {comparison['metric']}: "
               f"{comparison['difference']:+.4f} (pooled std over seeds {comparison['pooled_std']:.4f}; per seed "
               + " / ".join(f"{d:+.4f}" for d in comparison["per_seed"]) + ")")
+    timed = [f"{model}-{s} {t:,.0f} s" for model, by_seed in seconds.items() for s, runs in by_seed.items()
+             for t in runs if t is not None]
+    if timed:
+        print("each run's own stage, every attempt summed (cached earlier stages not counted): " + ", ".join(timed))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps({"dataset": dataset, "config": args.config, "overrides": args.overrides, "seeds": args.seeds,
                                              "repeats": args.repeats, "pooled": args.pool, "models": table, "resolved": resolved,
-                                             "gap": comparison, "published": anchors}, indent=2))
+                                             "seconds": seconds, "gap": comparison, "published": anchors}, indent=2))
 
 
 if __name__ == "__main__":

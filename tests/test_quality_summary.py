@@ -153,3 +153,25 @@ def test_another_dataset_prints_its_published_rows_marked_as_published(quality, 
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["dataset"] == "amazon-beauty" and result["config"] == "amazon"
     assert result["published"]["TIGER (GenRec library, 2026)"] == {"ndcg@10": 0.0354}
+
+
+def test_each_run_s_wall_time_sums_its_attempts_and_is_written_with_the_table(quality, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    for model in ("etegrec", "tiger"):
+        (quality.run_dir(runs, model, 2024, 1)).mkdir(parents=True)
+        (quality.run_dir(runs, model, 2024, 1) / "metrics.json").write_text(json.dumps({"test": metrics(0.04)}))
+    attempts = [{"signal": "run_started", "time": 0.0, "stage": "joint"},
+                {"signal": "epoch_end", "time": 5.0, "stage": "joint", "seconds": 999.0},  # not an attempt's time
+                {"signal": "run_finished", "time": 100.0, "stage": "joint", "status": "interrupted", "seconds": 1200.5},
+                {"signal": "run_started", "time": 200.0, "stage": "joint", "resumed": True},
+                {"signal": "run_finished", "time": 300.0, "stage": "joint", "status": "completed", "seconds": 2300.0}]
+    (quality.run_dir(runs, "etegrec", 2024, 1) / "events.jsonl").write_text(
+        "".join(json.dumps(record) + "\n" for record in attempts))
+    assert quality.run_seconds(quality.run_dir(runs, "etegrec", 2024, 1)) == pytest.approx(3500.5)
+    assert quality.run_seconds(quality.run_dir(runs, "tiger", 2024, 1)) is None  # no event log
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--summarise-only", "--models", "tiger", "etegrec", "--seeds", "2024",
+                                      "--runs", str(runs), "--output", str(tmp_path / "out.json")])
+    quality.main()
+    assert "etegrec-2024 3,500 s" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out.json").read_text())["seconds"] == {"tiger": {"2024": [None]},
+                                                                          "etegrec": {"2024": [3500.5]}}
