@@ -77,6 +77,8 @@ KEY_DOCS = {
                                  "item vector, codes kept: against memorising the training windows by item identity",
     "recommender.item_output": "a learned output vector per item (zero at start): each code's score adds the "
                                "log-mean-exp of its items' scores (the decoder state dotted with their vectors)",
+    "recommender.tie_item_vectors": "one vector per item for both sides: the output vectors (item_output) are the "
+                                    "history item vectors (item_embedding), as SASRec's tied output table",
     "recommender.repeat_bias": "learn a logit offset for the codes that continue a history item",
     "recommender.renormalize": "each code's softmax over the codes that lead to an item, in the joint loss and the "
                                "beam search",

@@ -93,6 +93,11 @@ def check_config(config: Any) -> None:
     if config.losses.rec_item_weight > 0 and not config.recommender.item_output:
         raise ConfigError(f"config key 'losses.rec_item_weight' is {config.losses.rec_item_weight!r}, which needs "
                           "recommender.item_output=true: the item-level loss scores the item output vectors")
+    if config.recommender.tie_item_vectors and (not config.recommender.item_output
+                                                or config.recommender.item_embedding == "none"):
+        raise ConfigError("config key 'recommender.tie_item_vectors' is true, which needs recommender.item_output=true "
+                          f"and recommender.item_embedding zero or embed (got {config.recommender.item_output!r} and "
+                          f"{config.recommender.item_embedding!r}): it makes the one table serve as both")
     if config.recommender.code_init == "tokenizer" and config.recommender.d_model != config.tokenizer.e_dim:
         raise ConfigError(f"config key 'recommender.code_init' is 'tokenizer', which needs recommender.d_model "
                           f"({config.recommender.d_model}) equal to tokenizer.e_dim ({config.tokenizer.e_dim}): "

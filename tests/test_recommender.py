@@ -476,6 +476,54 @@ def test_item_output_decodes_step_by_step_as_teacher_forced_and_trains() -> None
     assert fresh(codes, mask, ITEM_TABLE[:2]).logits.shape == (2, CODE_LEN, CODE_NUM)
 
 
+def test_tied_item_vectors_are_one_table_read_on_both_sides_and_trained_from_both() -> None:
+    from etegrec.config import ConfigError, load_config
+    from etegrec.models import CodeTrie
+    from etegrec.training.joint import build_recommender
+    from etegrec.training.rqvae import build_tokenizer
+
+    untied = tiny_model(encoder_input="items", max_history=6, num_items=5, output_items=5)
+    model = tiny_model(encoder_input="items", max_history=6, num_items=5, output_items=5, tie_item_vectors=True).eval()
+    assert model.item_output.weight is model.item_embedding.weight
+    assert sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in model.parameters()) == 6 * 16
+    with torch.no_grad():
+        model.item_embedding.weight[1:].normal_(generator=torch.Generator().manual_seed(4))
+    model.use_trie(CodeTrie(ITEM_TABLE, code_num=CODE_NUM))
+    ids = torch.tensor([[0, 1, 2], [2, 1, 2]])  # histories of items 1 and 2 only
+    history, mask = ITEM_TABLE[ids.clamp_min(1) - 1], ids != 0
+    target = ITEM_TABLE[[3, 4]]  # items 4 and 5
+    out = model(history, mask, target, ids)
+    hidden = model.decoder(inputs_embeds=model._decoder_inputs(target[:, :-1]),
+                           encoder_hidden_states=model.encode(history, mask, ids)[0],
+                           encoder_attention_mask=model.encode(history, mask, ids)[1]).last_hidden_state
+    # the output scores read the input table (row i + 1 = item i + 1)
+    torch.testing.assert_close(out.item_logits, hidden[:, 0] @ model.item_embedding.weight[1:].T / 16 ** 0.5)
+    code_loss(out.logits, target).backward()
+    grad = model.item_embedding.weight.grad.abs().sum(dim=1)
+    assert grad[0] == 0 and (grad[3:] > 0).all()  # items 3-5 are never read: their gradient comes from the output
+    read_only = tiny_model(encoder_input="items", max_history=6, num_items=5).eval()
+    code_loss(read_only(history, mask, target, ids).logits, target).backward()
+    assert not read_only.item_embedding.weight.grad[3:].any()  # untied, nothing but reading moves them
+    state = model.state_dict()  # both names, one tensor; a fresh tied model takes it back whole
+    assert torch.equal(state["item_output.weight"], state["item_embedding.weight"])
+    again = tiny_model(encoder_input="items", max_history=6, num_items=5, output_items=5, tie_item_vectors=True).eval()
+    again.load_state_dict(state)
+    again.use_trie(CodeTrie(ITEM_TABLE, code_num=CODE_NUM))
+    with torch.no_grad():
+        torch.testing.assert_close(again(history, mask, target, ids).logits, model(history, mask, target, ids).logits)
+    with pytest.raises(ValueError, match="tie_item_vectors=True needs num_items and output_items equal"):
+        tiny_model(encoder_input="items", num_items=5, tie_item_vectors=True)
+    # from a config: the SASRec stage's geometry starts both sides
+    config = load_config("tiny", ["recommender.encoder_input=items", "recommender.item_embedding=embed",
+                                  "recommender.item_output=true", "recommender.tie_item_vectors=true"])
+    emb = torch.randn(13, 8, generator=torch.Generator().manual_seed(4)).numpy()
+    built = build_recommender(config, build_tokenizer(config.tokenizer, in_dim=8), semantic_dim=8, num_items=12, embeddings=emb)
+    assert built.item_output.weight is built.item_embedding.weight and built.item_output.weight[1:, :8].abs().sum() > 0
+    with pytest.raises(ConfigError, match="'recommender.tie_item_vectors' is true, which needs recommender.item_output=true"):
+        load_config("tiny", ["recommender.encoder_input=items", "recommender.item_embedding=embed",
+                             "recommender.tie_item_vectors=true"])
+
+
 def test_log_mean_exp_is_stable_and_an_empty_group_is_zero_without_nan_gradients() -> None:
     from etegrec.models.code_decoding import log_mean_exp
 

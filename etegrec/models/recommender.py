@@ -77,6 +77,10 @@ class T5Recommender(CodeDecoding, nn.Module):
             (:meth:`CodeDecoding._item_scores`): what an ID model's output table holds, inside the
             code-by-code generation. The vectors start at zero (the codes-only model); the model
             must be told the codes in use (:meth:`use_trie`).
+        tie_item_vectors: one table for both: the output vectors are the history item vectors
+            (``num_items`` and ``output_items`` both set, equal), as SASRec's tied output table. An item
+            then learns from being read and from being predicted, and the model keeps one vector per
+            item instead of two; the output starts from wherever the input vectors start.
         repeat_bias: learn one logit offset per code position for the codes that continue an item of
             the history (:meth:`history_bias`); it is part of the scores of both training and beam
             search, so the model learns how likely a repeat is (no evaluation mask).
@@ -120,6 +124,7 @@ class T5Recommender(CodeDecoding, nn.Module):
         num_items: int = 0,
         item_dropout: float = 0.0,
         output_items: int = 0,
+        tie_item_vectors: bool = False,
     ) -> None:
         super().__init__()
         _check_positive(
@@ -140,6 +145,9 @@ class T5Recommender(CodeDecoding, nn.Module):
         if not 0.0 <= item_dropout < 1.0 or (item_dropout and not num_items):
             raise ValueError(f"T5Recommender item_dropout={item_dropout!r} must lie in [0, 1), and be > 0 only "
                              "with num_items > 0 (item vectors to leave out)")
+        if tie_item_vectors and not (num_items and output_items == num_items):
+            raise ValueError(f"T5Recommender tie_item_vectors=True needs num_items and output_items equal and > 0 "
+                             f"(got {num_items!r} and {output_items!r}): one table serves both sides")
         if attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"T5Recommender attn_implementation={attn_implementation!r} must be 'sdpa' or 'eager'.")
         self.code_num = code_num
@@ -177,10 +185,12 @@ class T5Recommender(CodeDecoding, nn.Module):
         self.item_dropout = item_dropout
         if self.item_embedding is not None:
             nn.init.zeros_(self.item_embedding.weight)
-        # per-item output vectors; zero at start, so the model starts as the codes-only one
-        self.item_output = nn.Embedding(output_items + 1, d_model) if output_items else None
+        # per-item output vectors; zero at start, so the model starts as the codes-only one (tied: the input ones)
+        self.item_output = nn.Embedding(output_items + 1, d_model) if output_items and not tie_item_vectors else None
         if self.item_output is not None:
             nn.init.zeros_(self.item_output.weight)
+        if tie_item_vectors:
+            self.item_output = self.item_embedding  # the same module under both names (state dicts hold both keys)
         self.output_trie: CodeTrie | None = None  # the codes in use (use_trie), read by the item output vectors
         self._history_checked = False  # see _check_history
 
