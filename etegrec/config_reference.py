@@ -136,6 +136,9 @@ KEY_DOCS = {
     "run.name": "W&B run name (the spec's ckpt_name); null = the run directory's unique name",
     "run.log_every": "emit step_end every N steps; 0 = never",
     "run.num_threads": "torch threads; 0 = torch's default (every core)",
+    "run.deterministic": "torch's deterministic kernels (`torch.use_deterministic_algorithms`): the same command, seed "
+                         "and thread count repeat every loss and metric on the same machine; false: torch's "
+                         "nondeterministic ones, whose multi-thread gradient sums land in any order",
 }
 
 

@@ -176,6 +176,21 @@ def test_every_record_after_a_resume_carries_the_uninterrupted_runs_payload(work
         assert event == expected
 
 
+def test_the_same_command_on_two_threads_repeats_every_record(workspace):
+    # two threads add the gradients of repeated rows (code embeddings, gathered encoder states) in parallel
+    # once a batch has enough of them (64 samples here; 16 stay on one thread); run.deterministic (the
+    # default) keeps their order, so a rerun repeats every float. Measured with it off: the records differ
+    runs = [workspace / f"two-threads-{i}" for i in (1, 2)]
+    for run_dir in runs:
+        result = _joint(workspace, run_dir.name, "--wandb-mode", "disabled",
+                        "--set", "run.num_threads=2", "--set", "joint.batch_size=64")
+        assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (_payloads(read_events(run_dir / "events.jsonl"), run_dir) for run_dir in runs)
+    assert [e["signal"] for e in first] == [e["signal"] for e in second]
+    for event, expected in zip(second, first):
+        assert event == expected
+
+
 def test_a_checkpoint_written_before_the_one_fit_loop_still_resumes_and_ends_like_an_uninterrupted_run(workspace):
     # tests/data/joint-run-v1: this workspace's run (same data, config and seed) stopped by Ctrl-C in
     # epoch 2, written by the code of commit bc4d9e8, when each stage kept its own position dict and
