@@ -214,7 +214,7 @@ class RunConfig:
     name: str | None = None  # the W&B run name (the spec's ckpt_name); None: the run directory's unique name
     log_every: int = 0  # emit step_end every N steps; 0 = never
     num_threads: int = 0  # torch threads; 0 = torch's default
-    deterministic: bool = True  # torch's deterministic kernels: the same command repeats its numbers on any thread count
+    deterministic: bool = True  # torch's deterministic kernels: the same command and thread count repeat their numbers
 
 
 @dataclass

@@ -154,6 +154,13 @@ def _payloads(events: list[dict], run_dir: Path) -> list[dict]:
     return out
 
 
+def _assert_same_records(events: list[dict], reference: list[dict]) -> None:
+    """The same signals in the same order, each with the reference's payload."""
+    assert [e["signal"] for e in events] == [e["signal"] for e in reference]
+    for event, expected in zip(events, reference):
+        assert event == expected
+
+
 def test_every_record_after_a_resume_carries_the_uninterrupted_runs_payload(workspace):
     # one thread (the tiny config's run.num_threads=1): every float comes out bit for bit, so payloads compare with ==
     run_dir = workspace / "stopped-events"
@@ -171,9 +178,7 @@ def test_every_record_after_a_resume_carries_the_uninterrupted_runs_payload(work
     assert finished["status"] == "interrupted"
     assert (started["signal"], started["resumed"], started["start_epoch"]) == ("run_started", True, 3)
     del events[end - 1:end + 2]
-    assert [e["signal"] for e in events] == [e["signal"] for e in reference]
-    for event, expected in zip(events, reference):
-        assert event == expected
+    _assert_same_records(events, reference)
 
 
 def test_the_same_command_on_two_threads_repeats_every_record(workspace):
@@ -186,9 +191,7 @@ def test_the_same_command_on_two_threads_repeats_every_record(workspace):
                         "--set", "run.num_threads=2", "--set", "joint.batch_size=64")
         assert result.returncode == 0, result.stderr[-3000:]
     first, second = (_payloads(read_events(run_dir / "events.jsonl"), run_dir) for run_dir in runs)
-    assert [e["signal"] for e in first] == [e["signal"] for e in second]
-    for event, expected in zip(second, first):
-        assert event == expected
+    _assert_same_records(second, first)
 
 
 def test_a_checkpoint_written_before_the_one_fit_loop_still_resumes_and_ends_like_an_uninterrupted_run(workspace):
