@@ -29,9 +29,13 @@ under ``--runs``; a finished run (its ``metrics.json``) is not run again and a s
 resumed, so the benchmark can be stopped and restarted. Prints the table and writes
 ``benchmarks/results/quality.json``.
 
-Two runs of the same command and seed on two threads differ by several thousandths of NDCG@10 (float
-sums in another order), about as much as two models may differ. ``--repeats K`` runs every trained
-model K times per seed (``<model>-<seed>``, then ``<model>-<seed>-rep2`` ...); ``--pool FILE`` adds the
+With ``run.deterministic`` on (the default since 2026-12-05) a rerun of the same command and seed on
+the same machine and thread count repeats its numbers to the last digit, so the spread between runs
+is the spread between seeds: add seeds. Before it, two runs of one command on two threads differed by
+several thousandths of NDCG@10 (float sums in another order), about as much as two models may
+differ; ``--repeats K`` measured that: it runs every trained model K times per seed, and is refused
+unless ``--set run.deterministic=false`` lets the runs differ (``<model>-<seed>``, then
+``<model>-<seed>-rep2`` ...). ``--pool FILE`` adds the
 per-seed values of an earlier results file as one more run of each model and seed it holds (a file
 whose runs used another config than this invocation's, key by key, is refused). A seed's
 value is then the mean of its runs; ``std`` is still over seeds, and ``run_std`` (the pooled std of
@@ -317,6 +321,10 @@ def main() -> None:
 
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, not {args.repeats}")
+    if args.repeats > 1 and not args.summarise_only and load_config(args.config, args.overrides).run.deterministic:
+        parser.error(f"--repeats {args.repeats} would train the same numbers {args.repeats} times: run.deterministic "
+                     "is on, so a rerun on this machine and thread count repeats its run to the last digit; add "
+                     "--seeds instead, or --set run.deterministic=false to measure how far the thread order moves a run")
     resolved = resolved_configs(args.config, args.overrides, [m for m in args.models if m in VARIANTS])
     for path in args.pool:
         if not Path(path).is_file():

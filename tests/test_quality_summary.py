@@ -84,6 +84,20 @@ def test_a_missing_pool_file_is_named_before_anything_runs(quality, tmp_path, mo
     assert not (tmp_path / "runs").exists()
 
 
+def test_repeats_are_refused_while_a_rerun_repeats_its_numbers(quality, tmp_path, monkeypatch, capsys):
+    """Under run.deterministic a second run of a seed is the first one again: K repeats would spend K times
+    the time for a run_std of zero."""
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--config", "tiny", "--models", "etegrec", "--seeds", "2024",
+                                      "--repeats", "2", "--runs", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit) as stopped:
+        quality.main()
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "--repeats 2 would train the same numbers 2 times: run.deterministic is on" in err
+    assert "--set run.deterministic=false" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_pool_file_of_another_config_is_refused_naming_the_key(quality, tmp_path, monkeypatch, capsys):
     """The results file records each model's config; pooling runs of other alignment weights into this
     table would average two configs under one name."""
