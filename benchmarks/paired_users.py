@@ -15,7 +15,7 @@ with its paired standard error on
 
 and the correlation of the two runs' per-user test NDCG@10. With several pairs on one dataset, one more
 line averages each test user's difference over the pairs. The data is the prepared dataset of each run's
-config, from ``$ETEGREC_HOME``. One thread; about a minute per run and split on Amazon Beauty.
+config, from ``$ETEGREC_HOME``. One thread; about two minutes per run and split on Amazon Beauty (a pair: 8.5 min).
 """
 from __future__ import annotations
 
