@@ -26,14 +26,9 @@ import numpy as np
 import torch
 
 import etegrec
+from etegrec.metrics import user_ndcg
 from etegrec.training.joint.evaluation import validation_subsample
 from etegrec.training.run.cache import load_stage_data
-
-
-def user_ndcg(ranks: np.ndarray) -> np.ndarray:
-    """Per-user NDCG@10 of 1-based ``ranks`` (0: not in the top 10), one relevant item per user."""
-    ranks = np.asarray(ranks)
-    return np.where(ranks > 0, 1.0 / np.log2(np.maximum(ranks, 1) + 1), 0.0)
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

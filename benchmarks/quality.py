@@ -310,7 +310,8 @@ def main() -> None:
     from etegrec.config import load_config
     from etegrec.data import DATASETS
     args.config = args.config or (DATASETS[args.dataset].config if args.dataset in DATASETS else "ml-100k")
-    dataset = load_config(args.config, args.overrides).data.dataset
+    config = load_config(args.config, args.overrides)
+    dataset = config.data.dataset
     suffix = "" if dataset == "ml-100k" else f"-{dataset}"
     root = Path(args.runs or f"runs/quality{suffix}")
     args.output = args.output or str(RESULTS / f"quality{suffix}.json")
@@ -321,7 +322,7 @@ def main() -> None:
 
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, not {args.repeats}")
-    if args.repeats > 1 and not args.summarise_only and load_config(args.config, args.overrides).run.deterministic:
+    if args.repeats > 1 and not args.summarise_only and config.run.deterministic:
         parser.error(f"--repeats {args.repeats} would train the same numbers {args.repeats} times: run.deterministic "
                      "is on, so a rerun on this machine and thread count repeats its run to the last digit; add "
                      "--seeds instead, or --set run.deterministic=false to measure how far the thread order moves a run")

@@ -24,6 +24,7 @@ __all__ = [
     "gini",
     "perplexity",
     "ranking_metrics",
+    "user_ndcg",
     "usage_stats",
     "usage_stats_rows",
     "utilization",
@@ -145,6 +146,31 @@ def collision_rate(codes: Any) -> float:
     return float((n - distinct) / n)
 
 
+def _checked_ranks(ranks: Any) -> np.ndarray:
+    """``ranks`` as a 1-d int64 array, or a ValueError naming what is wrong with it."""
+    r = _as_numpy(ranks)
+    if r.ndim != 1 or r.size == 0:
+        raise ValueError(f"ranks must be a non-empty 1-d array (one rank per user), got shape {r.shape!r}")
+    if not np.all(np.isfinite(r)) or np.any(r < 0) or np.any(r != np.floor(r)):
+        raise ValueError("ranks must be integers >= 1 for a hit and 0 for a miss (not inf or -1)")
+    return r.astype(np.int64)
+
+
+def _ndcg_gain(r: np.ndarray, k: int) -> np.ndarray:
+    """Per-user NDCG@k of checked ranks ``r``: ``1 / log2(r + 1)`` for a hit within ``k``, else 0."""
+    return np.where((r >= 1) & (r <= k), 1.0 / np.log2(np.maximum(r, 1) + 1.0), 0.0)
+
+
+def user_ndcg(ranks: Any, k: int = 10) -> np.ndarray:
+    """Per-user NDCG@k for one relevant item per user (``ranks`` as in :func:`ranking_metrics`); its
+    mean is ``ranking_metrics(ranks)[f"ndcg@{k}"]``.
+
+    Raises:
+        ValueError: as :func:`ranking_metrics`.
+    """
+    return _ndcg_gain(_checked_ranks(ranks), k)
+
+
 def ranking_metrics(
     ranks: Any, ks: Iterable[int] = (1, 5, 10), ndcg_ks: Iterable[int] = (5, 10)
 ) -> dict[str, float]:
@@ -162,19 +188,11 @@ def ranking_metrics(
     Raises:
         ValueError: when ``ranks`` is empty, not 1-d, or holds negative or non-integer values.
     """
-    r = _as_numpy(ranks)
-    if r.ndim != 1 or r.size == 0:
-        raise ValueError(f"ranks must be a non-empty 1-d array (one rank per user), got shape {r.shape!r}")
-    if not np.all(np.isfinite(r)) or np.any(r < 0) or np.any(r != np.floor(r)):
-        raise ValueError("ranks must be integers >= 1 for a hit and 0 for a miss (not inf or -1)")
-    r = r.astype(np.int64)
+    r = _checked_ranks(ranks)
     hit = r >= 1
-    gain = np.zeros(r.size, dtype=np.float64)
-    gain[hit] = 1.0 / np.log2(r[hit] + 1.0)
-
     out: dict[str, float] = {}
     for k in ks:
         out[f"recall@{k}"] = float(np.mean(hit & (r <= k)))
     for k in ndcg_ks:
-        out[f"ndcg@{k}"] = float(np.mean(np.where(r <= k, gain, 0.0)))
+        out[f"ndcg@{k}"] = float(np.mean(_ndcg_gain(r, k)))
     return out
