@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -158,10 +159,15 @@ def stage_run(stage: str, run_dir: Path, seed: int, config: str, overrides: list
         if (run_dir / "checkpoints" / "last.pt").exists():
             cmd.append("--resume")
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
+        log_path = run_dir.parent / f"{run_dir.name}.log"
+        with open(log_path, "a") as log:
             print(f"running {run_dir.name}: {' '.join(cmd[1:])}", flush=True)
-            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True,
-                           env={**os.environ, "WANDB_SILENT": "true"})
+            returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "WANDB_SILENT": "true"}).returncode
+        if returncode:
+            how = "was stopped (Ctrl-C)" if returncode in (130, -signal.SIGINT) else f"failed (exit status {returncode})"
+            raise SystemExit(f"{run_dir.name} {how}: its log is {log_path}; the same command resumes the unfinished "
+                             "runs from their last checkpoints")
     return json.loads(metrics_path.read_text())
 
 
@@ -354,9 +360,12 @@ def main() -> None:
         elif missing:
             print(f"not finished (left out): {', '.join(missing)}")
     else:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            done = dict(pool.map(run, first))
-            done.update(pool.map(run, rest))
+        try:
+            with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                done = dict(pool.map(run, first))
+                done.update(pool.map(run, rest))
+        except KeyboardInterrupt:  # the runs got the Ctrl-C too and stop at their last checkpoint
+            raise SystemExit(f"stopped (Ctrl-C); the same command resumes the unfinished runs under {root}") from None
     pooled = [pooled_runs(path, list(VARIANTS), args.seeds) for path in args.pool]
     per_seed: dict[str, dict[int, list[dict[str, float]]]] = {}
     if "pop" in args.models:

@@ -189,3 +189,15 @@ def test_each_run_s_wall_time_sums_its_attempts_and_is_written_with_the_table(qu
     assert "etegrec-2024 3,500 s" in capsys.readouterr().out
     assert json.loads((tmp_path / "out.json").read_text())["seconds"] == {"tiger": {"2024": [None]},
                                                                           "etegrec": {"2024": [3500.5]}}
+
+
+def test_a_run_that_fails_is_named_with_its_log_in_one_line(quality, tmp_path):
+    """A child run's failure (or Ctrl-C) ends the benchmark with the run, how it ended and its log, not a
+    traceback of the subprocess call."""
+    with pytest.raises(SystemExit) as stopped:
+        quality.stage_run("joint", tmp_path / "runs" / "etegrec-2024", 2024, "tiny", ["nosuch.key=1"], 1)
+    message = str(stopped.value.code)
+    log = tmp_path / "runs" / "etegrec-2024.log"
+    assert message == (f"etegrec-2024 failed (exit status 2): its log is {log}; the same command resumes the "
+                       "unfinished runs from their last checkpoints")
+    assert "unknown config key 'nosuch.key'" in log.read_text()
