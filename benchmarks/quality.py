@@ -164,10 +164,12 @@ def stage_run(stage: str, run_dir: Path, seed: int, config: str, overrides: list
             print(f"running {run_dir.name}: {' '.join(cmd[1:])}", flush=True)
             returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
                                         env={**os.environ, "WANDB_SILENT": "true"}).returncode
+        if returncode in (130, -signal.SIGINT):
+            raise SystemExit(f"{run_dir.name} was stopped (Ctrl-C): the same command resumes it from its last "
+                             f"checkpoint; its log is {log_path}")
         if returncode:
-            how = "was stopped (Ctrl-C)" if returncode in (130, -signal.SIGINT) else f"failed (exit status {returncode})"
-            raise SystemExit(f"{run_dir.name} {how}: its log is {log_path}; the same command resumes the unfinished "
-                             "runs from their last checkpoints")
+            raise SystemExit(f"{run_dir.name} failed (exit status {returncode}): its log {log_path} says why; once "
+                             "that is mended, the same command resumes the unfinished runs")
     return json.loads(metrics_path.read_text())
 
 

@@ -198,6 +198,15 @@ def test_a_run_that_fails_is_named_with_its_log_in_one_line(quality, tmp_path):
         quality.stage_run("joint", tmp_path / "runs" / "etegrec-2024", 2024, "tiny", ["nosuch.key=1"], 1)
     message = str(stopped.value.code)
     log = tmp_path / "runs" / "etegrec-2024.log"
-    assert message == (f"etegrec-2024 failed (exit status 2): its log is {log}; the same command resumes the "
-                       "unfinished runs from their last checkpoints")
+    assert message == (f"etegrec-2024 failed (exit status 2): its log {log} says why; once that is mended, the same "
+                       "command resumes the unfinished runs")
     assert "unknown config key 'nosuch.key'" in log.read_text()
+
+
+def test_a_run_stopped_with_ctrl_c_says_the_same_command_resumes_it(quality, tmp_path, monkeypatch):
+    import subprocess
+    monkeypatch.setattr(quality.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 130))
+    with pytest.raises(SystemExit) as stopped:
+        quality.stage_run("joint", tmp_path / "etegrec-2024", 2024, "tiny", [], 1)
+    assert str(stopped.value.code) == (f"etegrec-2024 was stopped (Ctrl-C): the same command resumes it from its last "
+                                       f"checkpoint; its log is {tmp_path / 'etegrec-2024.log'}")
