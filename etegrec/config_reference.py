@@ -108,6 +108,9 @@ KEY_DOCS = {
     "losses.id_code_weight": "tokenizer epochs: weight of the code loss",
     "losses.id_kl_weight": "tokenizer epochs: weight of the sequence-item alignment (symmetric KL)",
     "losses.id_dec_cl_weight": "tokenizer epochs: weight of the preference-semantic alignment (InfoNCE)",
+    "losses.id_usage_weight": "tokenizer epochs: weight of the code-usage deficit, per level log K minus the entropy "
+                               "of the batch's mean code distribution (keeps a strong sequence-item alignment from "
+                               "collapsing a codebook); off before align_from_epoch like the alignment",
     "losses.rec_code_weight": "recommender and fine-tuning epochs: weight of the code loss",
     "losses.rec_kl_weight": "recommender epochs: weight of the sequence-item alignment",
     "losses.rec_dec_cl_weight": "recommender epochs: weight of the preference-semantic alignment",

@@ -36,7 +36,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "lr", "lr_rec", "lr_id", "lr_item_embedding", "weight_decay", "dropout", "item_dropout", "beta", "align_from_epoch", "lr_warmup_epochs", "max_grad_norm",
     "finetune_epochs", "probe_users", "valid_users", "log_every", "num_threads", "restart_dead_every", "id_vq_weight", "id_code_weight", "id_kl_weight",
-    "id_dec_cl_weight", "rec_code_weight", "rec_kl_weight", "rec_dec_cl_weight", "rec_item_weight", "margin",
+    "id_dec_cl_weight", "id_usage_weight", "rec_code_weight", "rec_kl_weight", "rec_dec_cl_weight", "rec_item_weight", "margin",
 }
 
 

@@ -139,9 +139,9 @@ def figure_series(run: RunRecord) -> dict[str, dict[str, Series]]:
     return out
 
 
-# which weighted loss parts train each model: the RQ-VAE loss and the two alignment losses reach the
-# tokenizer; every part but the RQ-VAE loss reaches the recommender
-TRAINS = {"tokenizer": ("vq_loss", "kl_loss", "dec_cl_loss"),
+# which weighted loss parts train each model: the RQ-VAE loss, the two alignment losses and the usage deficit
+# reach the tokenizer; every part but those of the tokenizer alone reaches the recommender
+TRAINS = {"tokenizer": ("vq_loss", "kl_loss", "dec_cl_loss", "usage_loss"),
           "recommender": ("code_loss", "item_loss", "kl_loss", "dec_cl_loss")}
 
 

@@ -385,6 +385,36 @@ def test_catalogue_negatives_contrast_the_decoder_state_with_every_items_reconst
             torch.testing.assert_close(fresh, trainer.tokenizer(trainer.item_emb[1:]).recon)
 
 
+def test_the_usage_deficit_trains_the_tokenizer_in_its_epochs_once_the_alignment_is_on(joint_run, tmp_path):
+    from etegrec.models import usage_deficit
+    from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
+    data = load_stage_data(joint_run["config"])
+    embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
+    config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "losses.id_usage_weight=0.5",
+                                  "tokenizer.dropout=0"])
+    tokenizer = build_tokenizer(config.tokenizer, 256)
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(config.tokenizer, embeddings)[1:]))
+    with Run(config, RunOptions(output_dir=tmp_path / "run", console=False), stage=JOINT) as run:
+        trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
+        align_from = config.losses.align_from_epoch
+        assert trainer.weights("id", align_from)["usage_loss"] == 0.5
+        assert trainer.weights("id", align_from - 1)["usage_loss"] == 0.0  # off with the alignment
+        assert "usage_loss" not in trainer.weights("rec", align_from)  # the tokenizer's alone
+        with trainer.hooks:
+            trainer.refresh_codes(0)
+            trainer.set_phase("id")
+            trainer.tokenizer.zero_grad()
+            index = np.arange(16)
+            parts = trainer.losses(index, phase="id", weights={"usage_loss": 1.0})
+            with torch.no_grad():
+                _, target = trainer._forward(torch.as_tensor(index))
+                expected = usage_deficit(trainer.tokenizer(trainer.item_emb[target]).logits)
+            assert parts["usage_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+            assert parts["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+            parts["loss"].backward()
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.tokenizer.encoder.parameters())
+
+
 def test_the_item_level_loss_teaches_the_first_code_position_to_rank_each_target_item_first(joint_run, tmp_path):
     from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
     data = load_stage_data(joint_run["config"])

@@ -1,4 +1,5 @@
-"""The models' losses: code cross-entropy lives in test_recommender; here the alignment losses."""
+"""The models' losses: code cross-entropy lives in test_recommender; here the alignment losses and the
+tokenizer's code-usage deficit."""
 from __future__ import annotations
 
 import math
@@ -6,7 +7,7 @@ import math
 import pytest
 import torch
 
-from etegrec.models import catalogue_nce, info_nce, symmetric_kl
+from etegrec.models import catalogue_nce, info_nce, symmetric_kl, usage_deficit
 
 
 def test_symmetric_kl_is_zero_for_equal_logits_and_symmetric_otherwise():
@@ -44,3 +45,23 @@ def test_catalogue_nce_never_takes_a_repeated_target_for_a_negative():
 def test_catalogue_nce_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match="catalogue_nce needs"):
         catalogue_nce(torch.zeros(2, 4), torch.zeros(6, 3), torch.tensor([0, 1]), 0.1)
+
+
+def test_usage_deficit_is_zero_for_even_usage_and_log_k_when_every_row_picks_one_code():
+    even = torch.full((6, 4), 3.0)  # every row spreads evenly over 4 codes
+    one_hot = torch.tensor([[0.0, -1e4, -1e4, -1e4]] * 6)  # every row on code 0
+    spread = torch.tensor([[0.0, -1e4]] + [[-1e4, 0.0]])  # two rows, one on each of 2 codes: even usage
+    assert usage_deficit([even]).item() == pytest.approx(0.0, abs=1e-6)
+    assert usage_deficit([one_hot]).item() == pytest.approx(math.log(4), abs=1e-6)
+    assert usage_deficit([spread]).item() == pytest.approx(0.0, abs=1e-6)
+    assert usage_deficit([even, one_hot]).item() == pytest.approx(math.log(4), abs=1e-6)  # summed over levels
+    three_of_four = torch.tensor([[0.0, -1e4], [0.0, -1e4], [0.0, -1e4], [-1e4, 0.0]])  # usage (3/4, 1/4)
+    assert usage_deficit([three_of_four]).item() == pytest.approx(
+        math.log(2) + 0.75 * math.log(0.75) + 0.25 * math.log(0.25), abs=1e-6)
+
+
+def test_usage_deficit_pulls_crowded_rows_towards_unused_codes():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 2.0]], requires_grad=True)
+    usage_deficit([logits]).backward()
+    # code 1 is used least: descending the gradient raises its logit in every row
+    assert (logits.grad[:, 1] < 0).all()

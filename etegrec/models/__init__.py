@@ -16,7 +16,7 @@ from etegrec.models.rqvae import (
     kmeans,
 )
 from etegrec.models.sasrec import SASRec, window_targets
-from etegrec.models.losses import catalogue_nce, code_loss, info_nce, symmetric_kl
+from etegrec.models.losses import catalogue_nce, code_loss, info_nce, symmetric_kl, usage_deficit
 from etegrec.models.recommender import DecoderCache, RecommenderOutput, T5Recommender
 from etegrec.models.beam import BeamSearchOutput, CodeTrie, beam_search
 
@@ -39,5 +39,6 @@ __all__ = [
     "catalogue_nce",
     "info_nce",
     "symmetric_kl",
+    "usage_deficit",
     "window_targets",
 ]

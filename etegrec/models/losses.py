@@ -1,10 +1,12 @@
 """Losses of the generative recommender and of its alignment with the tokenizer."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["catalogue_nce", "code_loss", "info_nce", "symmetric_kl"]
+__all__ = ["catalogue_nce", "code_loss", "info_nce", "symmetric_kl", "usage_deficit"]
 
 
 def code_loss(logits: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
@@ -43,3 +45,14 @@ def catalogue_nce(a: torch.Tensor, items: torch.Tensor, target: torch.Tensor, te
                          f"{tuple(a.shape)!r}, {tuple(items.shape)!r} and {tuple(target.shape)!r}")
     logits = F.normalize(a, dim=-1) @ F.normalize(items, dim=-1).T / temperature  # (batch, n_items)
     return F.cross_entropy(logits, target)
+
+
+def usage_deficit(logits: list[torch.Tensor]) -> torch.Tensor:
+    """How far a batch's soft code usage is from uniform, summed over levels: for each level's logits
+    (batch, K), ``log K`` minus the entropy of the batch's mean code distribution (0 when the batch
+    spreads evenly over the K codes, ``log K`` when it all falls on one)."""
+    deficit = logits[0].new_zeros(())
+    for level in logits:
+        usage = level.softmax(-1).mean(0)
+        deficit = deficit + math.log(level.shape[-1]) + (usage * usage.clamp_min(1e-12).log()).sum()
+    return deficit

@@ -25,7 +25,7 @@ from etegrec.config import Config, ConfigError
 from etegrec.data import SequenceData
 from etegrec.forge import get_code
 from etegrec.hooks.codebook import CodebookHooks
-from etegrec.models import CodeTrie, RecommenderOutput, code_loss, window_targets
+from etegrec.models import CodeTrie, RecommenderOutput, code_loss, usage_deficit, window_targets
 
 from ..rqvae.tokenizer import build_tokenizer, tokenizer_inputs
 from ..run import EarlyStopping, EpochProgress, LoopPosition, Run, StageTrainer, shuffled_batches, train_epoch
@@ -41,6 +41,7 @@ __all__ = ["JointTrainer", "REPEAT_BIAS_LR", "phase_of"]
 REPEAT_BIAS_LR = 0.05  # as the SASRec stage's (etegrec.training.embed.REPEAT_BIAS_LR)
 
 ALIGNMENT_LOSSES = ("kl_loss", "dec_cl_loss")
+DELAYED_LOSSES = (*ALIGNMENT_LOSSES, "usage_loss")  # off before losses.align_from_epoch; usage_loss guards the KL
 
 
 def phase_of(epoch: int, cycle: int, train_tokenizer: bool = True) -> str:
@@ -133,11 +134,13 @@ class JointTrainer(BeamEvaluation, StageTrainer):
 
     def weights(self, phase: str, epoch: int) -> dict[str, float]:
         """Each loss part's weight in ``phase`` (id, rec, finetune) at ``epoch``; the alignment losses are
-        off before ``losses.align_from_epoch``."""
+        off before ``losses.align_from_epoch``, and so is the tokenizer's code-usage deficit."""
         cfg = self.config.losses
         if phase == "id":
             weights = {"vq_loss": cfg.id_vq_weight, "code_loss": cfg.id_code_weight, "kl_loss": cfg.id_kl_weight,
                        "dec_cl_loss": cfg.id_dec_cl_weight}
+            if cfg.id_usage_weight:
+                weights["usage_loss"] = cfg.id_usage_weight
         elif phase == "rec":
             weights = {"code_loss": cfg.rec_code_weight, "kl_loss": cfg.rec_kl_weight,
                        "dec_cl_loss": cfg.rec_dec_cl_weight}
@@ -146,7 +149,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         if cfg.rec_item_weight and self.trains_rec(phase):
             weights["item_loss"] = cfg.rec_item_weight
         if epoch < cfg.align_from_epoch:
-            weights.update({k: 0.0 for k in ALIGNMENT_LOSSES if k in weights})
+            weights.update({k: 0.0 for k in DELAYED_LOSSES if k in weights})
         return weights
 
     def _autocast(self):
@@ -201,6 +204,8 @@ class JointTrainer(BeamEvaluation, StageTrainer):
                 parts["vq_loss"] = tok.loss
             if align:
                 parts.update(self.alignment.losses(out, tok, target, train_tokenizer=phase == "id"))
+            if weights.get("usage_loss", 0) > 0:
+                parts["usage_loss"] = usage_deficit(tok.logits)
         parts["loss"] = sum(weights[k] * v for k, v in parts.items() if weights.get(k, 0) > 0)
         return parts
 
