@@ -177,6 +177,7 @@ class CodesConfig:
     use_forge: bool = True
     forge_policy: str = "round_robin"
     margin: float = 0.0  # sticky codes: keep an item's code at a refresh unless the nearest is this much closer
+    shuffled: bool = False  # a control: the tokenizer reads the items' embeddings under a fixed permutation
 
 
 @dataclass

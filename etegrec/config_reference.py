@@ -124,6 +124,9 @@ KEY_DOCS = {
                            "others)",
     "codes.use_forge": "rebalance the last RQ code with FORGE when codes are (re)computed",
     "codes.forge_policy": "FORGE policy: round_robin or nearest_free",
+    "codes.shuffled": "a control for what the codes say: the tokenizer reads item i's embedding from another item "
+                      "(a fixed permutation seeded by run.seed), so the codes keep their number, balance and prefix "
+                      "tree but not their meaning; the recommender's own item vectors are not permuted",
     "codes.margin": "sticky codes: at a refresh an item keeps its code at each level unless the nearest is closer "
                     "by more than this relative margin (squared distances); 0 = always the nearest (paper)",
     "evaluation.every_epochs": "joint epochs between validations",

@@ -415,6 +415,36 @@ def test_the_usage_deficit_trains_the_tokenizer_in_its_epochs_once_the_alignment
             assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.tokenizer.encoder.parameters())
 
 
+def test_shuffled_codes_give_each_item_another_items_codes_and_keep_its_own_item_vector(joint_run, tmp_path):
+    from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
+    data = load_stage_data(joint_run["config"])
+    embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
+    tokenizer = build_tokenizer(joint_run["config"].tokenizer, 256)  # one pretrained tokenizer for both runs
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(joint_run["config"].tokenizer, embeddings)[1:]))
+    trainers = {}
+    for shuffled in (False, True):
+        config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "recommender.item_output=true",
+                                      "recommender.encoder_input=items", "recommender.item_embedding=embed",
+                                      f"codes.shuffled={str(shuffled).lower()}"])
+        torch.manual_seed(0)  # the recommender's initial weights: the same in both runs
+        with Run(config, RunOptions(output_dir=tmp_path / f"run-{shuffled}", console=False), stage=JOINT) as run:
+            trainers[shuffled] = trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
+            trainer.refresh_codes(0)
+    plain, shuffled = trainers[False], trainers[True]
+    # the tokenizer reads a permutation of the items: find it from its inputs, then check the codes follow it
+    rows = {tuple(row.tolist()): i for i, row in enumerate(plain.item_emb[1:].numpy().round(5))}
+    order = np.array([rows[tuple(row.tolist())] for row in shuffled.item_emb[1:].numpy().round(5)])
+    assert sorted(order) == list(range(data.n_items)) and (order != np.arange(data.n_items)).mean() > 0.9
+    rq = plain.codes.shape[1] - 2  # the RQ levels FORGE leaves alone (it rebalances the last one)
+    assert torch.equal(shuffled.codes[1:, :rq], plain.codes[1:][torch.as_tensor(order), :rq])
+    assert len({tuple(c) for c in shuffled.codes[1:].tolist()}) == data.n_items  # still one code per item
+    # the recommender's item vectors are its own items', not permuted
+    assert any(name.startswith("item_embedding") for name in plain.recommender.state_dict())
+    for (name, a), (_, b) in zip(plain.recommender.state_dict().items(), shuffled.recommender.state_dict().items()):
+        if "item" in name:
+            assert torch.equal(a, b), name
+
+
 def test_the_item_level_loss_teaches_the_first_code_position_to_rank_each_target_item_first(joint_run, tmp_path):
     from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
     data = load_stage_data(joint_run["config"])

@@ -59,6 +59,9 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         acc, cfg = run.accelerator, config.joint
         device = acc.device
         self.item_emb = torch.as_tensor(tokenizer_inputs(config.tokenizer, embeddings), device=device)  # (n_items + 1, d)
+        if config.codes.shuffled:  # the control of codes.shuffled: item i's codes are those of another item's embedding
+            order = np.random.default_rng([config.run.seed, 0x5EED]).permutation(data.n_items) + 1
+            self.item_emb[1:] = self.item_emb[torch.as_tensor(order, device=device)]
         self.tokenizer = build_tokenizer(config.tokenizer, self.item_emb.shape[1]).to(device)
         self.tokenizer.load_state_dict(tokenizer_state)
         self.recommender = build_recommender(config, self.tokenizer, semantic_dim=self.item_emb.shape[1],
