@@ -122,6 +122,7 @@ class RecommenderConfig:
     item_dropout: float = 0.0  # in training, the share of history items read without their item vector (codes only)
     item_output: bool = False  # a learned output vector per item: its score joins the scores of the codes that lead to it
     tie_item_vectors: bool = False  # the output vectors are the history item vectors (one table, as SASRec's tied output)
+    item_state: str = "each"  # the decoder state the output vectors score at each code: "each" position's, or the "first" one's
     repeat_bias: bool = False  # learn a logit offset for codes that continue a history item
     renormalize: bool = False  # each code's softmax over the codes that lead to an item, in the loss and the beam search
 

@@ -79,6 +79,10 @@ KEY_DOCS = {
                                "log-mean-exp of its items' scores (the decoder state dotted with their vectors)",
     "recommender.tie_item_vectors": "one vector per item for both sides: the output vectors (item_output) are the "
                                     "history item vectors (item_embedding), as SASRec's tied output table",
+    "recommender.item_state": "which decoder state the item output vectors score at each code: each: the state "
+                              "after the code's prefix; first: the state before any code, at every code, so that "
+                              "the codes split one ranking of the whole catalogue (SASRec's softmax when the code "
+                              "logits are zero)",
     "recommender.repeat_bias": "learn a logit offset for the codes that continue a history item",
     "recommender.renormalize": "each code's softmax over the codes that lead to an item, in the joint loss and the "
                                "beam search",

@@ -18,6 +18,7 @@ ENCODER_INPUTS = ("codes", "items")  # as etegrec.models.ENCODER_INPUTS (config 
 JOINT_TARGETS = ("last", "all")
 CODE_INITS = ("random", "tokenizer")
 ITEM_EMBEDDINGS = ("none", "zero", "embed")
+ITEM_STATES = ("each", "first")  # as etegrec.models.ITEM_STATES (a test keeps them equal)
 CL_NEGATIVES = ("batch", "catalogue")
 EMBED_LOSSES = ("full", "sampled")
 FORGE_POLICIES = ("round_robin", "nearest_free")  # as etegrec.forge.POLICIES (a test keeps them equal)
@@ -26,7 +27,7 @@ SEED_RANGE = (0, 2**32 - 1)  # what numpy's and Python's generators are seeded w
 _CHOICES = {"joint.mixed_precision": MIXED_PRECISION, "recommender.encoder_input": ENCODER_INPUTS,
             "codes.forge_policy": FORGE_POLICIES, "losses.cl_negatives": CL_NEGATIVES, "joint.targets": JOINT_TARGETS,
             "recommender.code_init": CODE_INITS, "recommender.item_embedding": ITEM_EMBEDDINGS,
-            "embed.loss": EMBED_LOSSES}
+            "recommender.item_state": ITEM_STATES, "embed.loss": EMBED_LOSSES}
 _POSITIVE = {
     "min_count", "max_his_len", "max_users", "hidden", "n_layers", "n_heads", "batch_size", "epochs", "patience",
     "eval_step", "e_dim", "num_layers", "codebook_size", "num_decoder_layers", "d_model", "d_ff", "num_heads",
@@ -93,6 +94,9 @@ def check_config(config: Any) -> None:
     if config.losses.rec_item_weight > 0 and not config.recommender.item_output:
         raise ConfigError(f"config key 'losses.rec_item_weight' is {config.losses.rec_item_weight!r}, which needs "
                           "recommender.item_output=true: the item-level loss scores the item output vectors")
+    if config.recommender.item_state != "each" and not config.recommender.item_output:
+        raise ConfigError(f"config key 'recommender.item_state' is {config.recommender.item_state!r}, which needs "
+                          "recommender.item_output=true: it says which decoder state the item output vectors score")
     if config.recommender.tie_item_vectors and (not config.recommender.item_output
                                                 or config.recommender.item_embedding == "none"):
         raise ConfigError("config key 'recommender.tie_item_vectors' is true, which needs recommender.item_output=true "

@@ -212,3 +212,14 @@ def test_embed_loss_is_full_or_sampled():
     assert load_config("tiny", ["embed.loss=sampled"]).embed.loss == "sampled"
     with pytest.raises(ConfigError, match=r"'embed\.loss' must be one of full, sampled, got 'chunked'"):
         load_config("tiny", ["embed.loss=chunked"])
+
+
+def test_the_configs_choices_are_the_models_and_forges_own():
+    # config_rules imports no model code, so it repeats these tuples; they must not drift apart
+    from etegrec.config_rules import ENCODER_INPUTS, FORGE_POLICIES, ITEM_STATES
+    from etegrec.forge.assign import POLICIES
+    from etegrec.models import recommender
+
+    assert ENCODER_INPUTS == recommender.ENCODER_INPUTS
+    assert ITEM_STATES == recommender.ITEM_STATES
+    assert FORGE_POLICIES == POLICIES

@@ -535,3 +535,64 @@ def test_log_mean_exp_is_stable_and_an_empty_group_is_zero_without_nan_gradients
     got.sum().backward()
     torch.testing.assert_close(values.grad[:2], torch.tensor([0.5, 0.5]))  # softmax weights inside each group
     assert torch.isfinite(values.grad).all()
+
+
+BALANCED_TABLE = torch.tensor([[a, b, c] for a in (1, 4) for b in (0, 2) for c in (3, 5)])  # 8 items, 2 per node
+
+
+def test_item_state_first_scores_every_code_with_the_first_state_and_sums_to_its_item_softmax() -> None:
+    model = _with_item_output(BALANCED_TABLE, item_state="first")
+    each = _with_item_output(BALANCED_TABLE)  # the same weights, item scores of each position's state
+    codes, mask, _ = batch(size=len(BALANCED_TABLE))
+    target = BALANCED_TABLE  # row n: item n + 1
+    with torch.no_grad():
+        out, other = model(codes, mask, target), each(codes, mask, target)
+        torch.testing.assert_close(out.item_logits, other.item_logits)  # the first position reads the same state
+        torch.testing.assert_close(out.logits[:, 0], other.logits[:, 0])
+        assert not torch.allclose(out.logits[:, 1:], other.logits[:, 1:])
+        model.code_embedding.zero_()  # no code logits (and no code inputs): the item vectors alone
+        out = model(codes, mask, target)
+    # each position's softmax over the codes that lead to an item, summed: the item's softmax over every item
+    trie_codes = torch.zeros(CODE_LEN, CODE_NUM, dtype=torch.bool)
+    for t in range(CODE_LEN):
+        trie_codes[t, BALANCED_TABLE[:, t].unique()] = True
+    allowed = out.logits.masked_fill(~trie_codes, float("-inf")).log_softmax(-1)
+    summed = allowed.gather(2, target[..., None]).squeeze(-1).sum(1)  # (items,)
+    item_softmax = out.item_logits.log_softmax(-1).diagonal()  # row n scores its own target, item n + 1
+    torch.testing.assert_close(summed, item_softmax, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="item_state='last' must be one of"):
+        tiny_model(output_items=8, item_state="last")
+    with pytest.raises(ValueError, match="other than 'each' only with output_items > 0"):
+        tiny_model(item_state="first")
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["incremental", "rerun"])
+def test_item_state_first_decodes_step_by_step_as_teacher_forced(incremental: bool) -> None:
+    model = _with_item_output(WIDE_TABLE, item_state="first")
+    codes, mask, _ = batch(size=2)
+    target = WIDE_TABLE[[0, 1, 2, 4, 6, 9, 10, 11]]  # four rows per history, prefixes shared and not
+    assert_decodes_as_teacher_forced(model, codes, mask, target, incremental=incremental)
+    # beam search reorders the cache between steps: the kept first states follow their rows
+    with torch.no_grad():
+        expected = model(codes.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), target).logits
+        states, attention_mask = model.encode(codes, mask)
+        cache = model.decoder_cache(states, attention_mask, incremental=incremental)
+        model.decode_logits(states, attention_mask, target[:, :0], cache=cache)
+        rows = torch.tensor([3, 2, 1, 0, 7, 6, 5, 4])  # each history's beams in reverse
+        cache.reorder(rows)
+        step = model.decode_logits(states, attention_mask, target[rows, :1], cache=cache)
+        torch.testing.assert_close(step, expected[rows, 1], rtol=1e-5, atol=1e-5)
+
+
+def test_item_state_is_a_config_key_that_needs_item_output() -> None:
+    from etegrec.config import ConfigError, load_config
+    from etegrec.training.joint import build_recommender
+    from etegrec.training.rqvae import build_tokenizer
+
+    config = load_config("tiny", ["recommender.item_output=true", "recommender.item_state=first"])
+    built = build_recommender(config, build_tokenizer(config.tokenizer, in_dim=8), semantic_dim=8, num_items=12)
+    assert built.item_state == "first"
+    with pytest.raises(ConfigError, match="'recommender.item_state' is 'first', which needs recommender.item_output=true"):
+        load_config("tiny", ["recommender.item_state=first"])
+    with pytest.raises(ConfigError, match="recommender.item_state"):
+        load_config("tiny", ["recommender.item_output=true", "recommender.item_state=last"])

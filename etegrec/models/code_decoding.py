@@ -47,6 +47,7 @@ class CodeDecoding:
     repeat_logit: torch.Tensor | None
     cross_recency: torch.Tensor | None
     item_output: nn.Embedding | None
+    item_state: str  # "each" or "first": the decoder state the item output vectors score at each position
     output_trie: CodeTrie | None
     code_num: int
     code_length: int
@@ -109,15 +110,20 @@ class CodeDecoding:
         group = rows * self.code_num + trie.codes[items, t]  # (row, the item's code at t)
         return log_mean_exp(values, group, len(hidden) * self.code_num).view(len(hidden), self.code_num)
 
+    def _item_state(self, hidden: torch.Tensor, t: int) -> torch.Tensor:
+        """The decoder state (N, d) the item vectors score at position ``t`` of teacher-forced ``hidden`` (N, L, d)."""
+        return hidden[:, 0] if self.item_state == "first" else hidden[:, t]
+
     def _first_item_scores(self, item_logits: torch.Tensor) -> torch.Tensor:
         """The first code's offsets (N, K) from every item's score (N, n_items)."""
         return log_mean_exp(item_logits, self._output_trie().codes[:, 0], self.code_num)
 
     def _item_scores_all(self, hidden: torch.Tensor, target_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_item_scores` of every teacher-forced position, (N, L, d) -> (N, L, K), and the first
-        position's :meth:`item_logits` (N, n_items) they were computed from."""
+        position's :meth:`item_logits` (N, n_items) (with ``item_state`` "first", every position's offsets
+        come from them)."""
         first = self.item_logits(hidden[:, 0])
-        offsets = [self._first_item_scores(first)] + [self._item_scores(hidden[:, t], target_codes[:, :t])
+        offsets = [self._first_item_scores(first)] + [self._item_scores(self._item_state(hidden, t), target_codes[:, :t])
                                                       for t in range(1, self.code_length)]
         return torch.stack(offsets, dim=1), first
 
@@ -214,5 +220,10 @@ class CodeDecoding:
         hidden = T5Decoding(self.decoder).step(new_inputs, cache, group=rows // batch)  # (N, s, d)
         logits = self._score(hidden[:, -1], t)
         if self.item_output is not None:
-            logits = logits + self._item_scores(hidden[:, -1], prefix_codes)
+            state = hidden[:, -1]
+            if self.item_state == "first":  # the BOS position's output: this call's at t = 0, else kept by the cache
+                if t == 0 or not cache.incremental:
+                    cache.first_state = hidden[:, 0]
+                state = cache.first_state
+            logits = logits + self._item_scores(state, prefix_codes)
         return logits

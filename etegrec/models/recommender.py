@@ -27,9 +27,10 @@ from etegrec.models.code_history import additive_mask, causal_mask, check_histor
 from etegrec.models.losses import code_loss
 from etegrec.models.t5_decoding import DecoderCache, t5_stacks
 
-__all__ = ["DecoderCache", "ENCODER_INPUTS", "RecommenderOutput", "T5Recommender", "code_loss"]
+__all__ = ["DecoderCache", "ENCODER_INPUTS", "ITEM_STATES", "RecommenderOutput", "T5Recommender", "code_loss"]
 
 ENCODER_INPUTS = ("codes", "items")
+ITEM_STATES = ("each", "first")  # the decoder state the item output vectors score at each code position
 
 
 class RecommenderOutput(NamedTuple):
@@ -81,6 +82,13 @@ class T5Recommender(CodeDecoding, nn.Module):
             (``num_items`` and ``output_items`` both set, equal), as SASRec's tied output table. An item
             then learns from being read and from being predicted, and the model keeps one vector per
             item instead of two; the output starts from wherever the input vectors start.
+        item_state: which decoder state the item output vectors score at code position ``t``:
+            ``"each"``, the state of position ``t`` (after the prefix ``c_<t``); ``"first"``, the first
+            state (before any code) at every position, so that the item scores are one ranking of the
+            whole catalogue per history, SASRec's, which the code positions then split: with the code
+            logits at zero the summed positions give each item its softmax probability over all
+            items (up to the group sizes of the log-mean-exp), and every position's loss trains that
+            one state to tell the target from every other item, not only from its siblings.
         repeat_bias: learn one logit offset per code position for the codes that continue an item of
             the history (:meth:`history_bias`); it is part of the scores of both training and beam
             search, so the model learns how likely a repeat is (no evaluation mask).
@@ -125,6 +133,7 @@ class T5Recommender(CodeDecoding, nn.Module):
         item_dropout: float = 0.0,
         output_items: int = 0,
         tie_item_vectors: bool = False,
+        item_state: str = "each",
     ) -> None:
         super().__init__()
         _check_positive(
@@ -148,6 +157,9 @@ class T5Recommender(CodeDecoding, nn.Module):
         if tie_item_vectors and not (num_items and output_items == num_items):
             raise ValueError(f"T5Recommender tie_item_vectors=True needs num_items and output_items equal and > 0 "
                              f"(got {num_items!r} and {output_items!r}): one table serves both sides")
+        if item_state not in ITEM_STATES or (item_state != "each" and not output_items):
+            raise ValueError(f"T5Recommender item_state={item_state!r} must be one of {ITEM_STATES!r}, and other "
+                             "than 'each' only with output_items > 0 (item output vectors to score)")
         if attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"T5Recommender attn_implementation={attn_implementation!r} must be 'sdpa' or 'eager'.")
         self.code_num = code_num
@@ -191,6 +203,7 @@ class T5Recommender(CodeDecoding, nn.Module):
             nn.init.zeros_(self.item_output.weight)
         if tie_item_vectors:
             self.item_output = self.item_embedding  # the same module under both names (state dicts hold both keys)
+        self.item_state = item_state
         self.output_trie: CodeTrie | None = None  # the codes in use (use_trie), read by the item output vectors
         self._history_checked = False  # see _check_history
 

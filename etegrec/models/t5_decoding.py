@@ -77,6 +77,7 @@ class DecoderCache:
     cross_bias: torch.Tensor
     incremental: bool = True
     self_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # layers x 2 x (N, heads, t, d_kv)
+    first_state: torch.Tensor | None = None  # (N, d) the decoder's output at BOS, for models that score with it
 
     @property
     def length(self) -> int:
@@ -87,6 +88,8 @@ class DecoderCache:
         """Keep (and repeat) cached rows: new row i continues old row ``rows[i]`` (``rows``: (N',))."""
         if self.self_kv is not None:
             self.self_kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.self_kv]
+        if self.first_state is not None:
+            self.first_state = self.first_state.index_select(0, rows)
 
 
 class T5Decoding:
