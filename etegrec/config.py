@@ -124,6 +124,7 @@ class RecommenderConfig:
     tie_item_vectors: bool = False  # the output vectors are the history item vectors (one table, as SASRec's tied output)
     item_state: str = "each"  # the decoder state the output vectors score at each code: "each" position's, or the "first" one's
     repeat_bias: bool = False  # learn a logit offset for codes that continue a history item
+    repeat_item_bias: bool = False  # learn an offset for the output score of each history item (item_output, by id)
     renormalize: bool = False  # each code's softmax over the codes that lead to an item, in the loss and the beam search
 
 

@@ -84,6 +84,9 @@ KEY_DOCS = {
                               "the codes split one ranking of the whole catalogue (SASRec's softmax when the code "
                               "logits are zero)",
     "recommender.repeat_bias": "learn a logit offset for the codes that continue a history item",
+    "recommender.repeat_item_bias": "learn an offset for the output score of each history item, inside each code's "
+                                    "log-mean-exp (item_output; by id, so item_embedding): a repeat is pushed down "
+                                    "alone, not with the items that share its codes",
     "recommender.renormalize": "each code's softmax over the codes that lead to an item, in the joint loss and the "
                                "beam search",
     "joint.epochs": "joint epochs (tokenizer and recommender epochs together) at most",

@@ -94,6 +94,12 @@ def check_config(config: Any) -> None:
     if config.losses.rec_item_weight > 0 and not config.recommender.item_output:
         raise ConfigError(f"config key 'losses.rec_item_weight' is {config.losses.rec_item_weight!r}, which needs "
                           "recommender.item_output=true: the item-level loss scores the item output vectors")
+    if config.recommender.repeat_item_bias and (not config.recommender.item_output
+                                                or config.recommender.item_embedding == "none"):
+        raise ConfigError("config key 'recommender.repeat_item_bias' is true, which needs recommender.item_output=true "
+                          f"and recommender.item_embedding zero or embed (got {config.recommender.item_output!r} and "
+                          f"{config.recommender.item_embedding!r}): it offsets the output scores of the history's items, "
+                          "which it reads by id")
     if config.recommender.item_state != "each" and not config.recommender.item_output:
         raise ConfigError(f"config key 'recommender.item_state' is {config.recommender.item_state!r}, which needs "
                           "recommender.item_output=true: it says which decoder state the item output vectors score")

@@ -596,3 +596,104 @@ def test_item_state_is_a_config_key_that_needs_item_output() -> None:
         load_config("tiny", ["recommender.item_state=first"])
     with pytest.raises(ConfigError, match="recommender.item_state"):
         load_config("tiny", ["recommender.item_output=true", "recommender.item_state=last"])
+
+
+def _with_repeat_items(table: torch.Tensor, offset: float, **overrides: object) -> T5Recommender:
+    """A tiny model reading item ids, with output vectors for the items of ``table`` (random) and the
+    item-level repeat offset set to ``offset``."""
+    from etegrec.models import CodeTrie
+
+    model = tiny_model(encoder_input="items", max_history=6, num_items=len(table), output_items=len(table),
+                       repeat_item_bias=True, **overrides).eval()
+    with torch.no_grad():
+        model.item_output.weight.normal_(generator=torch.Generator().manual_seed(4))
+        model.item_embedding.weight.normal_(generator=torch.Generator().manual_seed(5))
+        model.repeat_item_logit.fill_(offset)
+    model.use_trie(CodeTrie(table, code_num=CODE_NUM))
+    return model
+
+
+REPEAT_IDS = torch.tensor([[0, 0, 2, 7], [1, 3, 9, 12], [5, 5, 11, 4]])  # histories of item ids (0: padding)
+
+
+@pytest.mark.parametrize("state", ["each", "first"])
+def test_the_item_repeat_offset_moves_the_history_items_score_inside_each_codes_log_mean_exp(state: str) -> None:
+    model = _with_repeat_items(WIDE_TABLE, -2.5, item_state=state)
+    target = WIDE_TABLE[[1, 6, 10]]
+    history, mask = WIDE_TABLE[REPEAT_IDS.clamp_min(1) - 1], REPEAT_IDS != 0
+    vectors = model.item_output.weight.detach()[1:]
+    with torch.no_grad():
+        out = model(history, mask, target, REPEAT_IDS)
+        model.repeat_item_logit.zero_()
+        plain = model(history, mask, target, REPEAT_IDS)
+        states, attention = model.encode(history, mask, REPEAT_IDS)
+        hidden = model.decoder(inputs_embeds=model._decoder_inputs(target[:, :-1]), encoder_hidden_states=states,
+                               encoder_attention_mask=model._cross_mask(attention, torch.full((CODE_LEN,), states.shape[1] - 1))
+                               ).last_hidden_state
+    seen = torch.zeros(3, len(WIDE_TABLE), dtype=torch.bool)
+    for n, row in enumerate(REPEAT_IDS.tolist()):
+        seen[n, [i - 1 for i in row if i]] = True
+    torch.testing.assert_close(out.item_logits, plain.item_logits - 2.5 * seen)  # the item scores, first state
+    diff = out.logits - plain.logits
+    expected = torch.zeros_like(diff)
+    for n in range(3):
+        for t in range(CODE_LEN):
+            h = hidden[n, 0 if state == "first" else t]
+            for k in range(CODE_NUM):
+                under = [i for i, row in enumerate(WIDE_TABLE.tolist()) if row[:t] == target[n, :t].tolist() and row[t] == k]
+                if under:
+                    scores = vectors[under] @ h / 16 ** 0.5
+                    moved = torch.logsumexp(scores - 2.5 * seen[n, under], 0) - torch.logsumexp(scores, 0)
+                    expected[n, t, k] = moved
+    torch.testing.assert_close(diff, expected, rtol=1e-4, atol=1e-5)
+    assert (diff <= 1e-6).all() and (diff < -1e-3).any()  # only codes over history items move, and only down
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["incremental", "rerun"])
+def test_the_item_repeat_offset_decodes_step_by_step_as_teacher_forced(incremental: bool) -> None:
+    model = _with_repeat_items(WIDE_TABLE, -1.5, item_state="first", causal_encoder=True)
+    history, mask = WIDE_TABLE[REPEAT_IDS.clamp_min(1) - 1], REPEAT_IDS != 0
+    target = WIDE_TABLE[[0, 1, 2, 4, 6, 9, 10, 11, 3, 5, 7, 8]]  # four rows per history, as beam search lays them
+    ids = REPEAT_IDS.repeat_interleave(4, 0)
+    with torch.no_grad():
+        expected = model(history.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), target, ids).logits
+        states, attention_mask = model.encode(history, mask, REPEAT_IDS)
+        cache = model.decoder_cache(states, attention_mask, incremental=incremental, history_items=REPEAT_IDS)
+        for t in range(CODE_LEN):
+            logits = model.decode_logits(states, attention_mask, target[:, :t], cache=cache)
+            torch.testing.assert_close(logits, expected[:, t], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="pass the history's item ids"):
+            model.decode_logits(states, attention_mask, target[:, :0])
+        torch.testing.assert_close(model.decode_logits(states, attention_mask, target[:, :1], history_items=REPEAT_IDS),
+                                   expected[:, 1], rtol=1e-5, atol=1e-5)
+        out = model.forward_all(history, mask, WIDE_TABLE[torch.tensor([[1, 1, 1, 6], [2, 8, 11, 3], [4, 10, 3, 9]])],
+                                mask, REPEAT_IDS)
+        for n, (row, i) in enumerate(mask.nonzero().tolist()):  # each target's history is the items up to it
+            h = REPEAT_IDS[[row], : i + 1]
+            tgt = WIDE_TABLE[torch.tensor([[1, 1, 1, 6], [2, 8, 11, 3], [4, 10, 3, 9]])][[row], i]
+            one = model(WIDE_TABLE[h.clamp_min(1) - 1], h != 0, tgt, h)
+            torch.testing.assert_close(out.logits[n], one.logits[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_strong_item_repeat_offset_keeps_the_history_out_of_the_beam() -> None:
+    from etegrec.config import ConfigError, load_config
+    from etegrec.models import beam_search
+
+    history, mask = WIDE_TABLE[REPEAT_IDS.clamp_min(1) - 1], REPEAT_IDS != 0
+    found = {}
+    for offset in (0.0, -50.0):
+        model = _with_repeat_items(WIDE_TABLE, offset, item_state="first")
+        with torch.no_grad():  # history items score highest of all, unless pushed down
+            model.item_output.weight[1:] += 40 * torch.zeros(len(WIDE_TABLE), 16).index_fill_(
+                0, REPEAT_IDS[REPEAT_IDS > 0].unique() - 1, 1.0) * model.bos.sign()
+        found[offset] = beam_search(model, history, mask, model.output_trie, history_items=REPEAT_IDS,
+                                    beam_size=12, top_k=3).items
+    def repeats(items):
+        return (items[:, :, None] == REPEAT_IDS[:, None, :]).any(2).sum()
+    assert repeats(found[0.0]) > 0 and repeats(found[-50.0]) == 0
+    with pytest.raises(ValueError, match="repeat_item_bias=True needs num_items and output_items"):
+        tiny_model(output_items=5, repeat_item_bias=True)
+    with pytest.raises(ConfigError, match="'recommender.repeat_item_bias' is true, which needs recommender.item_output"):
+        load_config("tiny", ["recommender.repeat_item_bias=true"])
+    assert load_config("tiny", ["recommender.encoder_input=items", "recommender.item_embedding=zero",
+                                "recommender.item_output=true", "recommender.repeat_item_bias=true"]).recommender.repeat_item_bias

@@ -12,7 +12,8 @@ A model fit for :func:`beam_search` has two methods (as :class:`~etegrec.models.
 Optionally ``history_bias(history_codes, history_mask, prefix_codes) -> (N, code_num) | None``
 adds the model's own offsets (its learned repeat bias) to the logits of every step.
 
-Optionally ``decoder_cache(encoder_states, attention_mask)`` returns a cache with a
+Optionally ``decoder_cache(encoder_states, attention_mask)`` (and ``history_items=`` when passed to
+:func:`beam_search`) returns a cache with a
 ``reorder(rows)`` method; :func:`beam_search` then passes it as ``decode_logits(..., cache=cache)``
 and re-aligns it after every step, so each step runs only the newest token.
 
@@ -213,7 +214,7 @@ def beam_search(
             f"the trie is on {trie.leaf_item.device} but the model's states are on {device}; "
             "move it with trie.to(device)."
         )
-    cache = model.decoder_cache(states, attention_mask) if hasattr(model, "decoder_cache") else None
+    cache = model.decoder_cache(states, attention_mask, **items) if hasattr(model, "decoder_cache") else None
     history_bias = getattr(model, "history_bias", None)
     extra = {} if cache is None else {"cache": cache}
     scores = torch.zeros(batch, 1, device=device)  # (B, G) one empty beam per history

@@ -45,6 +45,7 @@ class CodeDecoding:
     code_embedding: torch.Tensor
     bos: torch.Tensor
     repeat_logit: torch.Tensor | None
+    repeat_item_logit: torch.Tensor | None
     cross_recency: torch.Tensor | None
     item_output: nn.Embedding | None
     item_state: str  # "each" or "first": the decoder state the item output vectors score at each position
@@ -87,12 +88,29 @@ class CodeDecoding:
         :attr:`item_output` vector, on the tied logits' scale (column ``i`` = item ``i + 1``)."""
         return (hidden @ self._item_vectors(hidden.dtype).T) * self.d_model ** -0.5
 
+    def _with_repeats(self, item_logits: torch.Tensor, history_items: torch.Tensor | None) -> torch.Tensor:
+        """``item_logits`` (N, n_items) plus :attr:`repeat_item_logit` for the items of each row's history
+        ``history_items`` (N, H) (ids, 0 = padding); unchanged without that offset."""
+        if self.repeat_item_logit is None:
+            return item_logits
+        seen = torch.zeros(len(item_logits), item_logits.shape[1] + 1, dtype=torch.bool, device=item_logits.device)
+        seen = seen.scatter_(1, self._repeat_history(history_items), True)[:, 1:]  # column 0: padding
+        return item_logits + seen.to(item_logits.dtype) * self.repeat_item_logit
+
+    def _repeat_history(self, history_items: torch.Tensor | None) -> torch.Tensor:
+        if history_items is None:
+            raise ValueError("this recommender pushes repeats down at the item (repeat_item_bias): pass the "
+                             "history's item ids (history_items, or decoder_cache(..., history_items=...))")
+        return history_items
+
     def _item_vectors(self, dtype: torch.dtype) -> torch.Tensor:
         """The items' output vectors (n_items, d), without the padding row."""
         return self.item_output.weight[1:].to(dtype)
 
-    def _item_scores(self, hidden: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
-        """With item output vectors: (N, K) offsets of code position ``t`` after ``prefix_codes`` (N, t).
+    def _item_scores(self, hidden: torch.Tensor, prefix_codes: torch.Tensor,
+                     history_items: torch.Tensor | None = None) -> torch.Tensor:
+        """With item output vectors: (N, K) offsets of code position ``t`` after ``prefix_codes`` (N, t)
+        (``history_items`` (N, H): each row's history, read by :attr:`repeat_item_logit`).
 
         Each item scores ``hidden`` (N, d) by :meth:`item_logits`; code ``k`` gets the log-mean-exp of the
         scores of the items whose codes start with the prefix and ``k``, 0 where no item does. As SASRec's
@@ -104,9 +122,12 @@ class CodeDecoding:
         trie = self._output_trie()
         t = prefix_codes.shape[1]
         if t == 0:  # every item is under the empty prefix: score them all at once, grouped by first code
-            return self._first_item_scores(self.item_logits(hidden))
+            return self._first_item_scores(self._with_repeats(self.item_logits(hidden), history_items))
         rows, items = trie.items_under(trie.node_of(prefix_codes), t)  # below: the items under each prefix
         values = (hidden[rows] * self._item_vectors(hidden.dtype)[items]).sum(-1) * self.d_model ** -0.5
+        if self.repeat_item_logit is not None:  # item items + 1 is in row rows' history
+            seen = (self._repeat_history(history_items)[rows] == items[:, None] + 1).any(1)
+            values = values + seen.to(values.dtype) * self.repeat_item_logit
         group = rows * self.code_num + trie.codes[items, t]  # (row, the item's code at t)
         return log_mean_exp(values, group, len(hidden) * self.code_num).view(len(hidden), self.code_num)
 
@@ -118,13 +139,15 @@ class CodeDecoding:
         """The first code's offsets (N, K) from every item's score (N, n_items)."""
         return log_mean_exp(item_logits, self._output_trie().codes[:, 0], self.code_num)
 
-    def _item_scores_all(self, hidden: torch.Tensor, target_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _item_scores_all(self, hidden: torch.Tensor, target_codes: torch.Tensor,
+                         history_items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_item_scores` of every teacher-forced position, (N, L, d) -> (N, L, K), and the first
-        position's :meth:`item_logits` (N, n_items) (with ``item_state`` "first", every position's offsets
-        come from them)."""
-        first = self.item_logits(hidden[:, 0])
-        offsets = [self._first_item_scores(first)] + [self._item_scores(self._item_state(hidden, t), target_codes[:, :t])
-                                                      for t in range(1, self.code_length)]
+        position's item scores (N, n_items) (:meth:`item_logits` plus the repeat offsets; with ``item_state``
+        "first", every position's offsets come from them)."""
+        first = self._with_repeats(self.item_logits(hidden[:, 0]), history_items)
+        offsets = [self._first_item_scores(first)] + [
+            self._item_scores(self._item_state(hidden, t), target_codes[:, :t], history_items)
+            for t in range(1, self.code_length)]
         return torch.stack(offsets, dim=1), first
 
     def _cross_mask(self, attention_mask: torch.Tensor, target_at: torch.Tensor) -> torch.Tensor:
@@ -159,16 +182,20 @@ class CodeDecoding:
                             for t in range(self.code_length)], dim=1)
 
     def decoder_cache(
-        self, encoder_states: torch.Tensor, attention_mask: torch.Tensor, *, incremental: bool = True
+        self, encoder_states: torch.Tensor, attention_mask: torch.Tensor, *, incremental: bool = True,
+        history_items: torch.Tensor | None = None,
     ) -> DecoderCache:
-        """Cross-attention keys/values of ``encoder_states`` (B, T, d) for :meth:`decode_logits`."""
+        """Cross-attention keys/values of ``encoder_states`` (B, T, d) for :meth:`decode_logits`, and the
+        histories' item ids ``history_items`` (B, H) that :attr:`repeat_item_logit` reads."""
         dtype = encoder_states.dtype
         if self.cross_recency is not None:  # the target follows the last position
             last = torch.full((1,), encoder_states.shape[1] - 1, device=encoder_states.device)
             bias = self._cross_mask(attention_mask.bool(), last).to(dtype)  # (B, heads, 1, T)
         else:
             bias = additive_mask(attention_mask.bool(), dtype)[:, None, None, :]  # (B, 1, 1, T)
-        return T5Decoding(self.decoder).cache(encoder_states, bias, incremental=incremental)
+        cache = T5Decoding(self.decoder).cache(encoder_states, bias, incremental=incremental)
+        cache.history_items = history_items
+        return cache
 
     def decode_logits(
         self,
@@ -177,13 +204,16 @@ class CodeDecoding:
         prefix_codes: torch.Tensor,
         *,
         cache: DecoderCache | None = None,
+        history_items: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (N, K) of code position ``t`` after ``prefix_codes`` (N, t); inference, no dropout.
 
         ``encoder_states`` (B, T, d) and ``attention_mask`` (B, T) come from :meth:`encode`, once per
         history; N must be a multiple G of B and row ``n`` of ``prefix_codes`` continues history
         ``n // G`` (the beams of a history are consecutive rows, as ``repeat_interleave`` lays them
-        out). Without ``cache`` the cross-attention keys and values are computed in this call; with an
+        out); ``history_items`` (B, H), the histories' item ids, serve a model with :attr:`repeat_item_logit`
+        when no ``cache`` is given (a cache holds its own). Without ``cache`` the cross-attention keys and
+        values are computed in this call; with an
         incremental ``cache`` (from :meth:`decoder_cache`) only the newest prefix token is run, the
         cache must hold exactly t tokens and the caller re-aligns it with ``cache.reorder`` whenever
         it reorders or repeats rows.
@@ -206,7 +236,7 @@ class CodeDecoding:
                 "per row and a whole number of rows per history."
             )
         if cache is None:
-            cache = self.decoder_cache(encoder_states, attention_mask, incremental=False)
+            cache = self.decoder_cache(encoder_states, attention_mask, incremental=False, history_items=history_items)
         if cache.incremental:
             if cache.length != t:
                 raise ValueError(
@@ -225,5 +255,6 @@ class CodeDecoding:
                 if t == 0 or not cache.incremental:
                     cache.first_state = hidden[:, 0]
                 state = cache.first_state
-            logits = logits + self._item_scores(state, prefix_codes)
+            history = None if cache.history_items is None else cache.history_items.repeat_interleave(rows // batch, 0)
+            logits = logits + self._item_scores(state, prefix_codes, history)
         return logits

@@ -92,6 +92,11 @@ class T5Recommender(CodeDecoding, nn.Module):
         repeat_bias: learn one logit offset per code position for the codes that continue an item of
             the history (:meth:`history_bias`); it is part of the scores of both training and beam
             search, so the model learns how likely a repeat is (no evaluation mask).
+        repeat_item_bias: learn one offset for the item output score of every history item, inside the
+            log-mean-exp of each code (needs ``output_items`` and ``num_items``: the history's ids). A
+            code offset pushes down every item that shares the repeated item's codes, and with
+            meaningful codes those are the items most like it, the likeliest next ones; this one
+            pushes down the repeated item alone.
         gradient_checkpointing: recompute each T5 block's activations in the backward pass instead
             of keeping them (PyTorch activation checkpointing, dropout masks replayed exactly):
             much less memory for the same gradients, at the price of a second forward pass.
@@ -134,6 +139,7 @@ class T5Recommender(CodeDecoding, nn.Module):
         output_items: int = 0,
         tie_item_vectors: bool = False,
         item_state: str = "each",
+        repeat_item_bias: bool = False,
     ) -> None:
         super().__init__()
         _check_positive(
@@ -160,6 +166,9 @@ class T5Recommender(CodeDecoding, nn.Module):
         if item_state not in ITEM_STATES or (item_state != "each" and not output_items):
             raise ValueError(f"T5Recommender item_state={item_state!r} must be one of {ITEM_STATES!r}, and other "
                              "than 'each' only with output_items > 0 (item output vectors to score)")
+        if repeat_item_bias and not (num_items and output_items):
+            raise ValueError(f"T5Recommender repeat_item_bias=True needs num_items and output_items > 0 (got {num_items!r} "
+                             f"and {output_items!r}): it offsets the output scores of the history's items, read by id")
         if attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"T5Recommender attn_implementation={attn_implementation!r} must be 'sdpa' or 'eager'.")
         self.code_num = code_num
@@ -192,6 +201,7 @@ class T5Recommender(CodeDecoding, nn.Module):
             slopes = 2.0 ** -torch.arange(num_heads, dtype=torch.float32)
             self.cross_recency = nn.Parameter(-slopes[:, None] * torch.arange(max_history, dtype=torch.float32))
         self.repeat_logit = nn.Parameter(torch.zeros(code_length)) if repeat_bias else None  # (L,)
+        self.repeat_item_logit = nn.Parameter(torch.zeros(())) if repeat_item_bias else None  # ()
         # per-item input vectors; zero at start, so the model starts as the codes-only one
         self.item_embedding = nn.Embedding(num_items + 1, d_model, padding_idx=0) if num_items else None
         self.item_dropout = item_dropout
@@ -301,7 +311,8 @@ class T5Recommender(CodeDecoding, nn.Module):
         pooled = (states * weights).sum(dim=1) / weights.sum(dim=1)  # (B, d)
         logits, item_logits = self._score(hidden), None
         if self.item_output is not None:
-            offsets, item_logits = self._item_scores_all(hidden, target_codes)
+            history = None if history_items is None else history_items.masked_fill(~history_mask.bool(), 0)
+            offsets, item_logits = self._item_scores_all(hidden, target_codes, history)
             logits = logits + offsets
         if self.repeat_logit is not None:
             logits = logits + self._history_bias_all(history_codes, history_mask.bool(), target_codes)
@@ -357,8 +368,9 @@ class T5Recommender(CodeDecoding, nn.Module):
             use_cache=False,
         ).last_hidden_state  # (N, L, d)
         logits, item_logits = self._score(hidden), None
-        if self.item_output is not None:
-            offsets, item_logits = self._item_scores_all(hidden, codes)
+        if self.item_output is not None:  # target i's history is items <= i
+            history = None if items is None else items[gather].masked_fill(~mask, 0)
+            offsets, item_logits = self._item_scores_all(hidden, codes, history)
             logits = logits + offsets
         if self.repeat_logit is not None:  # target i's history is items <= i
             logits = logits + self._history_bias_all(items_codes[gather], mask, codes)

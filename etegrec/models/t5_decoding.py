@@ -78,6 +78,7 @@ class DecoderCache:
     incremental: bool = True
     self_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # layers x 2 x (N, heads, t, d_kv)
     first_state: torch.Tensor | None = None  # (N, d) the decoder's output at BOS, for models that score with it
+    history_items: torch.Tensor | None = None  # (B, H) the histories' item ids, for models that score with them
 
     @property
     def length(self) -> int:

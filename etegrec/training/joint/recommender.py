@@ -32,7 +32,8 @@ def build_recommender(config: Config, tokenizer: RQVAE, *, semantic_dim: int, nu
         # under bf16 autocast SDPA falls back to an fp32 path on CPU; plain attention is ~1.7x faster
         attn_implementation="eager" if cfg.mixed_precision == "bf16" else "sdpa",
         num_items=num_items if r.item_embedding != "none" else 0, item_dropout=r.item_dropout, output_items=num_items if r.item_output else 0,
-        tie_item_vectors=r.tie_item_vectors, item_state=r.item_state)
+        tie_item_vectors=r.tie_item_vectors, item_state=r.item_state,
+        repeat_item_bias=r.repeat_item_bias)
     if r.code_init == "tokenizer":
         init_codes_from_codebooks(model, tokenizer)
     if r.item_embedding == "embed" and embeddings is not None:
