@@ -11,7 +11,10 @@ checkpoint this prints NDCG@10 and Recall@10 on the same users of
 * the same beam search with the code logits scaled by 0 (the item vectors alone route the beam), kept at
   the first level only, or halved;
 * the first decoder state's item scores as a full ranking over every item (no codes at all), with and
-  without the history's items pushed down (users of the Amazon sets never repeat one).
+  without the history's items pushed down (users of the Amazon sets never repeat one);
+* how many of the beam's top 10 are history items, and the beam's ranking with them dropped (a top 30 of
+  40 beams, the history's items removed: an evaluation mask, which the protocol does not use; it says what
+  the repeats cost).
 
 A part whose removal costs little carries little of the ranking; the full ranking of the first state
 says how much of the item-level signal the decoder holds before any code is chosen. The users are the
@@ -27,6 +30,8 @@ import numpy as np
 import torch
 
 import etegrec
+from dataclasses import replace
+
 from etegrec.metrics import ranking_metrics
 from etegrec.training.joint.evaluation import beam_recommend, items_of, validation_subsample
 from etegrec.training.run.cache import load_stage_data
@@ -45,6 +50,25 @@ def metrics(items: torch.Tensor, target: np.ndarray) -> str:
     ranks = torch.where(hit.any(1), hit.float().argmax(1) + 1, 0).numpy()
     m = ranking_metrics(ranks)
     return f"N@10 {m['ndcg@10']:.4f}  R@10 {m['recall@10']:.4f}"
+
+
+def in_history(items: torch.Tensor, history: np.ndarray) -> torch.Tensor:
+    """(n, k) bool: which of the recommended ``items`` (n, k) are in the row's ``history`` (n, H)."""
+    return (items[:, :, None] == torch.as_tensor(history)[:, None, :]).any(2) & (items > 0)
+
+
+def without_history(run, history: np.ndarray) -> tuple[torch.Tensor, float]:
+    """The beam's top 10 (n, 10) once the history's items are dropped from a top 30 of 40 beams (-1 where
+    fewer are left), and the share of history items in its plain top 10."""
+    cfg = replace(run.config.evaluation, beam_size=max(40, run.config.evaluation.beam_size), top_k=30)
+    items = beam_recommend(run.recommender, run.codes, run.trie, history, cfg,
+                           renormalize=run.config.recommender.renormalize)[0].cpu()
+    seen = in_history(items, history)
+    kept = torch.full((len(items), 10), -1, dtype=items.dtype)
+    for n, (row, drop) in enumerate(zip(items, seen)):
+        left = row[~drop][:10]
+        kept[n, :len(left)] = left
+    return kept, float(seen[:, :10].float().mean())
 
 
 def scaled_beam(run, history: np.ndarray, scale: tuple[float, ...]) -> torch.Tensor:
@@ -98,6 +122,9 @@ def main() -> None:
         print(f"{run_dir} ({len(target)} {args.split} users)")
         for name, scale in SCALES.items():
             print(f"  {name:<47} {metrics(scaled_beam(run, history, scale), target)}")
+        kept, share = without_history(run, history)
+        print(f"  {'beam, history items dropped':<47} {metrics(kept, target)}  ({share:.1%} of the plain top 10 "
+              "were history items)")
         for mask in (False, True):
             name = "first state's item scores" + (", history pushed down" if mask else "")
             print(f"  {name:<47} {metrics(first_state_ranking(run, history, mask_history=mask), target)}")

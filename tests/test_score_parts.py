@@ -48,6 +48,9 @@ def test_the_first_states_ranking_pushes_the_history_down_when_asked(parts, item
     assert not (masked[:, :, None] == seen[:, None, :]).any()  # no history item among the ten
     clean = ~(plain[:, :, None] == seen[:, None, :]).any(2).any(1)  # rows whose plain top 10 had none
     assert clean.any() and torch.equal(plain[clean], masked[clean])
+    kept, share = parts.without_history(run, history)
+    assert not parts.in_history(kept, history).any() and 0.0 <= share <= 1.0
+    assert ((kept > 0).sum(1) == 10).all()  # the tiny catalogue leaves ten items besides any history
 
 
 def test_the_command_prints_each_part_and_refuses_a_run_without_item_vectors(parts, item_output_run, monkeypatch,
@@ -58,7 +61,7 @@ def test_the_command_prints_each_part_and_refuses_a_run_without_item_vectors(par
     printed = capsys.readouterr().out
     for name in parts.SCALES:
         assert name in printed
-    assert "first state's item scores, history pushed down" in printed
+    assert "first state's item scores, history pushed down" in printed and "history items dropped" in printed
     tiny_command(tmp_path, "joint", "--wandb-mode", "disabled", "--set", "embed.epochs=1", "--set", "rqvae.epochs=2",
                  "--set", "joint.epochs=1", "--output-dir", str(tmp_path / "codes-only"))
     monkeypatch.setattr(sys, "argv", ["score_parts.py", str(tmp_path / "codes-only")])
