@@ -72,7 +72,8 @@ def without_history(run, history: np.ndarray) -> tuple[torch.Tensor, float]:
 
 
 def scaled_beam(run, history: np.ndarray, scale: tuple[float, ...]) -> torch.Tensor:
-    """The evaluation's beam search with the code logits of level ``t`` times ``scale[min(t, -1)]``."""
+    """The evaluation's beam search with the code logits of level ``t`` times ``scale[t]`` (the last entry for
+    levels past the end of ``scale``)."""
     rec, plain = run.recommender, run.recommender._score
 
     def score(hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:

@@ -255,6 +255,8 @@ class CodeDecoding:
                 if t == 0 or not cache.incremental:
                     cache.first_state = hidden[:, 0]
                 state = cache.first_state
-            history = None if cache.history_items is None else cache.history_items.repeat_interleave(rows // batch, 0)
+            history = None  # each row's history, for the item repeat offset only
+            if self.repeat_item_logit is not None and cache.history_items is not None:
+                history = cache.history_items.repeat_interleave(rows // batch, 0)
             logits = logits + self._item_scores(state, prefix_codes, history)
         return logits
