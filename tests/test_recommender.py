@@ -634,6 +634,9 @@ def test_the_item_repeat_offset_moves_the_history_items_score_inside_each_codes_
     for n, row in enumerate(REPEAT_IDS.tolist()):
         seen[n, [i - 1 for i in row if i]] = True
     torch.testing.assert_close(out.item_logits, plain.item_logits - 2.5 * seen)  # the item scores, first state
+    model.repeat_item_logit.grad = None  # a repeated history item (5, 5) gets the offset, and its gradient, once
+    model(history, mask, target, REPEAT_IDS).item_logits.sum().backward()
+    assert model.repeat_item_logit.grad.item() == seen.sum().item() == 9
     diff = out.logits - plain.logits
     expected = torch.zeros_like(diff)
     for n in range(3):

@@ -93,9 +93,14 @@ class CodeDecoding:
         ``history_items`` (N, H) (ids, 0 = padding); unchanged without that offset."""
         if self.repeat_item_logit is None:
             return item_logits
-        seen = torch.zeros(len(item_logits), item_logits.shape[1] + 1, dtype=torch.bool, device=item_logits.device)
-        seen = seen.scatter_(1, self._repeat_history(history_items), True)[:, 1:]  # column 0: padding
-        return item_logits + seen.to(item_logits.dtype) * self.repeat_item_logit
+        # Each distinct history item once (no padding), added at its own column: no dense (N, n_items) mask
+        # to build, multiply and add, and the same values and gradients as that mask.
+        ids = self._repeat_history(history_items).sort(1).values
+        first = ids != 0
+        first[:, 1:] &= ids[:, 1:] != ids[:, :-1]
+        rows, at = first.nonzero(as_tuple=True)
+        offsets = self.repeat_item_logit.to(item_logits.dtype).expand(len(rows))
+        return item_logits.index_put((rows, ids[rows, at] - 1), offsets, accumulate=True)
 
     def _repeat_history(self, history_items: torch.Tensor | None) -> torch.Tensor:
         if history_items is None:
