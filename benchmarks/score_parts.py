@@ -24,14 +24,13 @@ on Amazon Beauty.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import etegrec
-from dataclasses import replace
-
 from etegrec.metrics import ranking_metrics
 from etegrec.training.joint.evaluation import beam_recommend, items_of, validation_subsample
 from etegrec.training.run.cache import load_stage_data
