@@ -163,6 +163,7 @@ class LossesConfig:
     id_kl_weight: float = 1e-4
     id_dec_cl_weight: float = 3e-4
     id_usage_weight: float = 0.0  # how far the batch's soft code usage is from uniform (a guard for larger id_kl_weight)
+    id_vq_items: str = "targets"  # which items the tokenizer's RQ-VAE loss reads: "targets" (paper) or "catalogue"
     rec_code_weight: float = 1.0
     rec_kl_weight: float = 1e-4
     rec_dec_cl_weight: float = 3e-4

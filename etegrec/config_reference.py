@@ -118,6 +118,9 @@ KEY_DOCS = {
     "losses.id_usage_weight": "tokenizer epochs: weight of the code-usage deficit, per level log K minus the entropy "
                                "of the batch's mean code distribution (keeps a strong sequence-item alignment from "
                                "collapsing a codebook); off before align_from_epoch like the alignment",
+    "losses.id_vq_items": "tokenizer epochs: the items the RQ-VAE loss reads; targets (paper): the batch's targets, "
+                          "each item as often as it is a target, so the codebook moves toward popular items; "
+                          "catalogue: as many items drawn uniformly from the catalogue, the diet it was pretrained on",
     "losses.rec_code_weight": "recommender and fine-tuning epochs: weight of the code loss",
     "losses.rec_kl_weight": "recommender epochs: weight of the sequence-item alignment",
     "losses.rec_dec_cl_weight": "recommender epochs: weight of the preference-semantic alignment",

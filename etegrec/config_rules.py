@@ -7,7 +7,7 @@ import typing
 from typing import Any
 
 __all__ = ["CL_NEGATIVES", "EMBED_LOSSES", "ENCODER_INPUTS", "FORGE_POLICIES", "JOINT_TARGETS", "MIXED_PRECISION", "SEED_RANGE",
-           "ConfigError", "check_config"]
+           "VQ_ITEMS", "ConfigError", "check_config"]
 
 
 class ConfigError(ValueError):
@@ -20,12 +20,13 @@ CODE_INITS = ("random", "tokenizer")
 ITEM_EMBEDDINGS = ("none", "zero", "embed")
 ITEM_STATES = ("each", "first")  # as etegrec.models.ITEM_STATES (a test keeps them equal)
 CL_NEGATIVES = ("batch", "catalogue")
+VQ_ITEMS = ("targets", "catalogue")
 EMBED_LOSSES = ("full", "sampled")
 FORGE_POLICIES = ("round_robin", "nearest_free")  # as etegrec.forge.POLICIES (a test keeps them equal)
 MIXED_PRECISION = ("fp32", "bf16")  # not "no": YAML reads that as False
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's and Python's generators are seeded with
 _CHOICES = {"joint.mixed_precision": MIXED_PRECISION, "recommender.encoder_input": ENCODER_INPUTS,
-            "codes.forge_policy": FORGE_POLICIES, "losses.cl_negatives": CL_NEGATIVES, "joint.targets": JOINT_TARGETS,
+            "codes.forge_policy": FORGE_POLICIES, "losses.cl_negatives": CL_NEGATIVES, "losses.id_vq_items": VQ_ITEMS, "joint.targets": JOINT_TARGETS,
             "recommender.code_init": CODE_INITS, "recommender.item_embedding": ITEM_EMBEDDINGS,
             "recommender.item_state": ITEM_STATES, "embed.loss": EMBED_LOSSES}
 _POSITIVE = {

@@ -524,6 +524,50 @@ def test_window_targets_score_real_next_items_among_the_rows_last_counted_positi
     assert targets[scored].tolist() == [6, 7, 4, 8]
 
 
+def test_catalogue_vq_items_train_the_tokenizer_on_items_drawn_uniformly_and_the_same_on_a_rerun(joint_run, tmp_path):
+    from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
+    data = load_stage_data(joint_run["config"])
+    embeddings = np.random.default_rng(0).normal(size=(data.n_items + 1, 256)).astype(np.float32)
+    tokenizer = build_tokenizer(joint_run["config"].tokenizer, 256)
+    tokenizer.kmeans_init_from(torch.as_tensor(tokenizer_inputs(joint_run["config"].tokenizer, embeddings)[1:]))
+    vq = {}
+    for items in ("targets", "catalogue"):
+        config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, f"losses.id_vq_items={items}",
+                                      "recommender.dropout=0", "tokenizer.dropout=0"])
+        with Run(config, RunOptions(output_dir=tmp_path / items, console=False), stage=JOINT) as run:
+            trainer = JointTrainer(config, run, data, embeddings, tokenizer.state_dict())
+            with trainer.hooks:
+                trainer.refresh_codes(0)
+                trainer.set_phase("id")
+                index = np.arange(5, 21)
+                weights = trainer.weights("id", 100)
+                before = [c.clone() for c in trainer.hooks.counts]
+                vq[items] = [trainer.losses(index, phase="id", weights=weights, epoch=e)["vq_loss"].item()
+                             for e in (3, 3, 4)]
+                counted = [(c - b).sum().item() for c, b in zip(trainer.hooks.counts, before)]
+                with torch.no_grad():
+                    _, target = trainer._forward(torch.as_tensor(index))
+                    on_targets = trainer.tokenizer(trainer.item_emb[target]).loss.item()
+                    drawn = np.random.default_rng([config.run.seed, 3, 5]).choice(
+                        data.n_items, size=min(len(target), data.n_items), replace=False) + 1
+                    on_drawn = trainer.tokenizer(trainer.item_emb[torch.as_tensor(drawn)]).loss.item()
+            # the codebook hooks count the targets' codes only (three calls), whichever items the loss reads
+            assert counted == [3 * len(target)] * len(counted), items
+        if items == "targets":
+            assert vq[items] == pytest.approx([on_targets] * 3, rel=1e-5)
+        else:  # distinct items of the whole catalogue, seeded by run seed, epoch and the batch's first sample
+            assert len(set(drawn.tolist())) == len(drawn) and drawn.min() >= 1 and drawn.max() <= data.n_items
+            assert vq[items][0] == pytest.approx(on_drawn, rel=1e-5) and vq[items][1] == vq[items][0]
+            assert vq[items][2] != vq[items][0]  # another epoch draws other items
+            assert on_drawn != pytest.approx(on_targets, rel=1e-3)
+
+
+def test_unknown_vq_items_is_refused():
+    from etegrec.config import ConfigError
+    with pytest.raises(ConfigError, match="losses.id_vq_items.*catalogue.*'uniform'"):
+        load_config("tiny", ["losses.id_vq_items=uniform"])
+
+
 def test_unknown_cl_negatives_is_refused():
     from etegrec.config import ConfigError
     with pytest.raises(ConfigError, match="losses.cl_negatives.*catalogue.*'items'"):

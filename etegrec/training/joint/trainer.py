@@ -189,8 +189,10 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         self.trie = CodeTrie(self.codes[1:], code_num=self.recommender.code_num).to(self.run.accelerator.device)
         self.recommender.use_trie(self.trie)
 
-    def losses(self, index: np.ndarray, *, phase: str, weights: dict[str, float]) -> dict[str, torch.Tensor]:
-        """Loss parts of one batch and their weighted sum ``loss``; both phases use this."""
+    def losses(self, index: np.ndarray, *, phase: str, weights: dict[str, float], epoch: int = 0
+               ) -> dict[str, torch.Tensor]:
+        """Loss parts of one batch (samples ``index`` of ``epoch``) and their weighted sum ``loss``; both phases
+        use this."""
         idx = torch.as_tensor(index, device=self.codes.device)
         with torch.set_grad_enabled(self.trains_rec(phase)), self._autocast():  # a frozen recommender needs no graph
             out, target = self._forward(idx)  # one row per scored target
@@ -204,13 +206,27 @@ class JointTrainer(BeamEvaluation, StageTrainer):
             with torch.set_grad_enabled(phase == "id"):  # the frozen tokenizer only gives targets
                 tok = self.tokenizer(self.item_emb[target])
             if phase == "id":
-                parts["vq_loss"] = tok.loss
+                parts["vq_loss"] = tok.loss if self.config.losses.id_vq_items == "targets" else \
+                    self._catalogue_vq_loss(index, epoch, len(target))
             if align:
                 parts.update(self.alignment.losses(out, tok, target, train_tokenizer=phase == "id"))
             if weights.get("usage_loss", 0) > 0:
                 parts["usage_loss"] = usage_deficit(tok.logits)
         parts["loss"] = sum(weights[k] * v for k, v in parts.items() if weights.get(k, 0) > 0)
         return parts
+
+    def _catalogue_vq_loss(self, index: np.ndarray, epoch: int, n: int) -> torch.Tensor:
+        """The tokenizer's RQ-VAE loss on ``n`` distinct items drawn uniformly from the catalogue
+        (``losses.id_vq_items=catalogue``), as in its pretraining: on the batch's targets each item counts as often
+        as it is a target, and the codebook moves its resolution toward the popular items. The draw is seeded by
+        the run's seed, the epoch and the batch's first sample, so a resumed run draws the same items. The
+        codebook hooks do not count it: the epoch's code usage stays that of the targets, in both settings."""
+        n_items = self.item_emb.shape[0] - 1
+        rng = np.random.default_rng([self.config.run.seed, epoch, int(index[0])])
+        items = torch.as_tensor(rng.choice(n_items, size=min(n, n_items), replace=False) + 1,
+                                device=self.item_emb.device)
+        with self.hooks.pause():
+            return self.tokenizer(self.item_emb[items]).loss
 
     def _forward(self, idx: torch.Tensor) -> tuple[RecommenderOutput, torch.Tensor]:
         """The recommender's outputs for the samples ``idx`` and their target items (N,), one row per target."""
@@ -268,7 +284,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
             [(self.recommender, self.opt_rec, self.sched_rec)] if self.trains_rec(phase) else [])
         result = train_epoch(
             sender=self, stage=self.stage, phase=phase, epoch=epoch, batches=self._batches(epoch),
-            loss_fn=partial(self.losses, phase=phase, weights=weights), optimizers=[t[1] for t in trained],
+            loss_fn=partial(self.losses, phase=phase, weights=weights, epoch=epoch), optimizers=[t[1] for t in trained],
             schedulers=[t[2] for t in trained], accelerator=acc,
             parameters=[list(t[0].parameters()) for t in trained], max_grad_norm=cfg.max_grad_norm,
             log_every=self.config.run.log_every, global_step=epoch * self.steps_per_epoch,
