@@ -223,8 +223,8 @@ def test_a_nan_loss_names_stage_epoch_step_and_parts_and_keeps_the_last_checkpoi
     original = joint.JointTrainer.losses
     calls = {"n": 0}
 
-    def poisoned(self, index, *, phase, weights):
-        parts = original(self, index, phase=phase, weights=weights)
+    def poisoned(self, index, *, phase, weights, epoch=0):
+        parts = original(self, index, phase=phase, weights=weights, epoch=epoch)
         if phase == "rec" and self.run.checkpoint_dir.joinpath("last.pt").exists():
             calls["n"] += 1
             if calls["n"] == 4:  # the 4th step of epoch 1 (steps count from 0)
