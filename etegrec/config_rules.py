@@ -26,7 +26,8 @@ FORGE_POLICIES = ("round_robin", "nearest_free")  # as etegrec.forge.POLICIES (a
 MIXED_PRECISION = ("fp32", "bf16")  # not "no": YAML reads that as False
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's and Python's generators are seeded with
 _CHOICES = {"joint.mixed_precision": MIXED_PRECISION, "recommender.encoder_input": ENCODER_INPUTS,
-            "codes.forge_policy": FORGE_POLICIES, "losses.cl_negatives": CL_NEGATIVES, "losses.id_vq_items": VQ_ITEMS, "joint.targets": JOINT_TARGETS,
+            "codes.forge_policy": FORGE_POLICIES, "losses.cl_negatives": CL_NEGATIVES, "losses.id_vq_items": VQ_ITEMS,
+            "joint.targets": JOINT_TARGETS,
             "recommender.code_init": CODE_INITS, "recommender.item_embedding": ITEM_EMBEDDINGS,
             "recommender.item_state": ITEM_STATES, "embed.loss": EMBED_LOSSES}
 _POSITIVE = {

@@ -216,11 +216,11 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         return parts
 
     def _catalogue_vq_loss(self, index: np.ndarray, epoch: int, n: int) -> torch.Tensor:
-        """The tokenizer's RQ-VAE loss on ``n`` distinct items drawn uniformly from the catalogue
-        (``losses.id_vq_items=catalogue``), as in its pretraining: on the batch's targets each item counts as often
-        as it is a target, and the codebook moves its resolution toward the popular items. The draw is seeded by
-        the run's seed, the epoch and the batch's first sample, so a resumed run draws the same items. The
-        codebook hooks do not count it: the epoch's code usage stays that of the targets, in both settings."""
+        """The tokenizer's RQ-VAE loss on ``n`` distinct items drawn uniformly from the catalogue, the diet of its
+        pretraining (``losses.id_vq_items=catalogue``); on the batch's targets instead, each item counts as often as
+        it is a target and the codebook moves its resolution toward the popular items. The draw is seeded by the
+        run's seed, the epoch and the batch's first sample, so a resumed run draws the same items. The codebook
+        hooks do not count this forward: the epoch's code usage stays that of the targets, in both settings."""
         n_items = self.item_emb.shape[0] - 1
         rng = np.random.default_rng([self.config.run.seed, epoch, int(index[0])])
         items = torch.as_tensor(rng.choice(n_items, size=min(n, n_items), replace=False) + 1,
@@ -284,7 +284,8 @@ class JointTrainer(BeamEvaluation, StageTrainer):
             [(self.recommender, self.opt_rec, self.sched_rec)] if self.trains_rec(phase) else [])
         result = train_epoch(
             sender=self, stage=self.stage, phase=phase, epoch=epoch, batches=self._batches(epoch),
-            loss_fn=partial(self.losses, phase=phase, weights=weights, epoch=epoch), optimizers=[t[1] for t in trained],
+            loss_fn=partial(self.losses, phase=phase, weights=weights, epoch=epoch),
+            optimizers=[t[1] for t in trained],
             schedulers=[t[2] for t in trained], accelerator=acc,
             parameters=[list(t[0].parameters()) for t in trained], max_grad_norm=cfg.max_grad_norm,
             log_every=self.config.run.log_every, global_step=epoch * self.steps_per_epoch,
