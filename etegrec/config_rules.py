@@ -7,7 +7,7 @@ import typing
 from typing import Any
 
 __all__ = ["CL_NEGATIVES", "EMBED_LOSSES", "ENCODER_INPUTS", "FORGE_POLICIES", "JOINT_TARGETS", "MIXED_PRECISION", "SEED_RANGE",
-           "VQ_ITEMS", "ConfigError", "check_config"]
+           "ConfigError", "check_config"]
 
 
 class ConfigError(ValueError):
