@@ -8,9 +8,9 @@ every validation and test user through ``etegrec.load_run`` (the evaluation's be
 figure here is its own), and for each pair this prints, A minus B, the mean per-user NDCG@10 difference
 with its paired standard error on
 
-* the fixed validation users that model selection scores (``evaluation.valid_users``: one draw for
-  every run and seed on a dataset),
-* the other validation users,
+* the validation users that model selection scores (``evaluation.valid_users``: one draw for every run
+  and seed on a dataset; where the two runs drew differently, the users either scored),
+* the other validation users (none where a run selected on every validation user),
 * every test user,
 
 and the correlation of the two runs' per-user test NDCG@10. With several pairs on one dataset, one more
@@ -58,14 +58,17 @@ def scored(run_dir: Path) -> dict[str, np.ndarray]:
 
 
 def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
-    """A minus B (mean, standard error) on the fixed validation users, the other validation users and every
-    test user."""
-    if len(a["test"]) != len(b["test"]) or not np.array_equal(a["fixed"], b["fixed"]):
-        raise SystemExit("the two runs of a pair were evaluated on other users (another dataset or config)")
-    fixed = a["fixed"]
-    return {"valid, fixed users": paired(a["valid"][fixed], b["valid"][fixed]),
-            "valid, other users": paired(a["valid"][~fixed], b["valid"][~fixed]),
-            "test, every user": paired(a["test"], b["test"])}
+    """A minus B (mean, standard error) on the validation users model selection scored in either run, on the
+    other validation users (none when either run selected on every user: ``evaluation.valid_users=0``) and on
+    every test user."""
+    if len(a["test"]) != len(b["test"]) or len(a["valid"]) != len(b["valid"]):
+        raise SystemExit("the two runs of a pair were evaluated on other users (another dataset)")
+    selection = a["fixed"] | b["fixed"]
+    result = {"valid, selection users": paired(a["valid"][selection], b["valid"][selection])}
+    if not selection.all():
+        result["valid, other users"] = paired(a["valid"][~selection], b["valid"][~selection])
+    result["test, every user"] = paired(a["test"], b["test"])
+    return result
 
 
 def main() -> None:

@@ -30,6 +30,25 @@ def test_the_paired_difference_and_its_standard_error(paired_users) -> None:
     assert se == pytest.approx(np.std([1, 0, 0, -1], ddof=1) / 2)
 
 
+def test_runs_that_selected_on_other_validation_users_compare_on_both_sets_and_the_rest(paired_users) -> None:
+    valid_a, valid_b = np.array([1.0, 0.5, 0.0, 1.0]), np.array([0.0, 0.5, 0.0, 0.0])
+    test = np.array([0.5, 0.0, 1.0])
+
+    def run(valid, fixed):
+        return {"valid": valid, "test": test, "fixed": np.array(fixed)}
+
+    two_draws = paired_users.compare(run(valid_a, [True, False, False, False]),
+                                     run(valid_b, [False, True, False, False]))
+    assert two_draws["valid, selection users"] == pytest.approx(paired_users.paired(valid_a[:2], valid_b[:2]))
+    assert two_draws["valid, other users"] == pytest.approx(paired_users.paired(valid_a[2:], valid_b[2:]))
+    assert two_draws["test, every user"] == (0.0, 0.0)
+    every_user = paired_users.compare(run(valid_a, [True] * 4), run(valid_b, [True, False, False, False]))
+    assert list(every_user) == ["valid, selection users", "test, every user"]  # no one is left over: no empty line
+    assert every_user["valid, selection users"][0] == pytest.approx(0.5)
+    with pytest.raises(SystemExit, match="other users"):
+        paired_users.compare(run(valid_a, [True] * 4), run(valid_b[:3], [True] * 3))
+
+
 def test_a_run_scored_per_user_gives_its_own_metrics_and_no_difference_with_itself(paired_users, tmp_path_factory,
                                                                                    monkeypatch, capsys) -> None:
     root = tmp_path_factory.mktemp("paired")
