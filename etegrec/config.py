@@ -137,6 +137,7 @@ class JointConfig:
     cycle: int = 2  # C: one id epoch then C - 1 rec epochs
     train_tokenizer: bool = True  # False: no id epochs, codes fixed by the pretrained tokenizer (TIGER-style)
     id_trains_rec: bool = False  # tokenizer epochs train the recommender too (paper: it is frozen in them)
+    id_until_epoch: int | None = None  # tokenizer epochs only before this epoch, fixed codes from it on; None: all run
     finetune_epochs: int = 0
     targets: str = "last"  # "last": one target per history (paper); "all": a target after every item of a window
     window_stride: int | None = None  # with targets "all": new targets per window; None = data.max_his_len

@@ -15,7 +15,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from conftest import write_structured_inter
 from etegrec import signals
-from etegrec.config import load_config
+from etegrec.config import ConfigError, load_config
 from etegrec.forge import assign_codes
 from etegrec.training.joint import JointTrainer
 from etegrec.training.run.options import RunOptions
@@ -280,6 +280,24 @@ def test_without_tokenizer_training_codes_stay_those_of_the_pretrained_tokenizer
     first = next(e for e in joint_events(joint_run, "codes_assigned"))
     assert np.array_equal(np.asarray(assigned[0].payload["codes"]), np.asarray(first.payload["codes"]))
     assert all(set(e.payload["losses"]) == {"code_loss", "loss_total"} for e in events if e.signal == "epoch_end")
+
+
+def test_id_until_epoch_ends_the_tokenizer_epochs_and_the_codes_stay_those_of_its_last_refresh(joint_run, tmp_path,
+                                                                                                  monkeypatch):
+    monkeypatch.setenv("ETEGREC_HOME", str(joint_run["root"] / "home"))  # reuse the cached earlier stages
+    config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "joint.id_until_epoch=1"])
+    with signals.recording(signals.run_started, signals.epoch_end, signals.codes_assigned) as events:
+        run_stage(JOINT, config, output_dir=tmp_path / "run", wandb_mode="disabled")
+    events = [e for e in events if e.payload.get("stage") == "joint"]
+    phases = [e.payload["phase"] for e in events if e.signal == "epoch_end"]
+    assert phases == ["id", "rec", "rec", "rec", "finetune"]  # the cycle of 2 would make epoch 2 a tokenizer epoch
+    assert next(e for e in events if e.signal == "run_started").payload["phases"] == phases
+    assigned = [e for e in events if e.signal == "codes_assigned"]
+    assert [e.payload["epoch"] for e in assigned] == [0, 1]  # the start's, then the one after epoch 0
+    in_use = np.loadtxt(tmp_path / "run" / "item_codes.tsv", dtype=str, delimiter="\t", skiprows=1)
+    assert in_use[:, 1:].astype(int).tolist() == np.asarray(assigned[-1].payload["codes"]).tolist()
+    with pytest.raises(ConfigError, match="joint.id_until_epoch.*must be positive"):
+        load_config("tiny", ["joint.id_until_epoch=0"])
 
 
 def test_tokenizer_epochs_train_the_recommender_too_with_id_trains_rec_and_sticky_codes_move_fewer_items(

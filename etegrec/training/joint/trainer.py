@@ -44,10 +44,11 @@ ALIGNMENT_LOSSES = ("kl_loss", "dec_cl_loss")
 DELAYED_LOSSES = (*ALIGNMENT_LOSSES, "usage_loss")  # off before losses.align_from_epoch; usage_loss guards the KL
 
 
-def phase_of(epoch: int, cycle: int, train_tokenizer: bool = True) -> str:
-    """``id`` for the first epoch of every cycle of ``cycle`` epochs, ``rec`` for the others
-    (every epoch when the tokenizer is not trained)."""
-    return "id" if train_tokenizer and epoch % cycle == 0 else "rec"
+def phase_of(epoch: int, cycle: int, train_tokenizer: bool = True, until: int | None = None) -> str:
+    """``id`` for the first epoch of every cycle of ``cycle`` epochs, ``rec`` for the others (every
+    epoch when the tokenizer is not trained, and from epoch ``until`` on when that is set)."""
+    trains = train_tokenizer and (until is None or epoch < until)
+    return "id" if trains and epoch % cycle == 0 else "rec"
 
 
 class JointTrainer(BeamEvaluation, StageTrainer):
@@ -72,7 +73,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         self.opt_id = torch.optim.AdamW(self.tokenizer.parameters(), lr=cfg.lr_id, weight_decay=cfg.weight_decay)
         self.opt_rec = torch.optim.AdamW(self._rec_param_groups(), lr=cfg.lr_rec, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = len(self._batches(0))
-        id_epochs = sum(phase_of(e, cfg.cycle, cfg.train_tokenizer) == "id" for e in range(cfg.epochs))
+        id_epochs = sum(phase == "id" for phase in self.segments()[0])
         rec_epochs = cfg.epochs - (0 if cfg.id_trains_rec else id_epochs) + cfg.finetune_epochs
         self.sched_id = self._schedule(self.opt_id, id_epochs)
         self.sched_rec = self._schedule(self.opt_rec, rec_epochs)
@@ -256,7 +257,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
     def segments(self) -> list[list[str]]:
         """The alternating epochs, then the fine-tuning epochs."""
         cfg = self.config.joint
-        return [[phase_of(e, cfg.cycle, cfg.train_tokenizer) for e in range(cfg.epochs)],
+        return [[phase_of(e, cfg.cycle, cfg.train_tokenizer, cfg.id_until_epoch) for e in range(cfg.epochs)],
                 ["finetune"] * cfg.finetune_epochs]
 
     def begin(self, resumed: bool) -> None:
