@@ -95,7 +95,8 @@ KEY_DOCS = {
     "joint.id_trains_rec": "true: tokenizer epochs train the recommender as well, on the codes in use; false: it is "
                            "frozen in them (paper)",
     "joint.id_until_epoch": "tokenizer epochs only before this epoch: from it on the codes stay fixed and every "
-                            "joint epoch trains the recommender; null: the whole joint phase",
+                            "joint epoch trains the recommender; the tokenizer's cosine schedule spans only its "
+                            "epochs before it; null: the whole joint phase",
     "joint.finetune_epochs": "recommender-only epochs on fixed codes after the joint phase",
     "joint.targets": "last: one target per history (paper); all: a target after every item of a window",
     "joint.window_stride": "with targets all: new targets per window; null = data.max_his_len",
