@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from conftest import tiny_command, write_structured_inter
 from etegrec import signals
 from etegrec.config import load_config
+from etegrec.hooks.eventlog import read_events
 from etegrec.training import joint
 from etegrec.training.run.rundir import default_run_dir, hold_run_dir
 from etegrec.training.run.cache import load_stage_data, stage_dir
@@ -170,3 +172,43 @@ def test_every_stage_takes_format_as_the_readers_error_says(tmp_path):
                             ["--config", "tiny", "--data-path", str(inter), "--format", "inter",
                              "--output-dir", str(tmp_path / "run")])
     assert args.config.data.format == "inter" and args.config.data.dataset == "walk.txt"
+
+
+def test_a_run_that_needs_a_stage_another_run_is_training_waits_for_it_and_reuses_it(tmp_path):
+    inter = write_structured_inter(tmp_path / "walk.inter")
+    argv = [*TINY, "--data-path", str(inter)]
+    holder = subprocess.Popen([sys.executable, "-c", (  # another command, building the cached item embeddings
+        "import sys; from accelerate import Accelerator; "
+        "from etegrec.training.embed import EMBED; "
+        "from etegrec.training.run.cache import load_stage_data, stage_dir; "
+        "from etegrec.training.run.cli import common_parser, parse_stage_args; "
+        "from etegrec.training.run.pipeline import ensure; "
+        "from etegrec.training.run.rundir import hold_run_dir; "
+        f"config = parse_stage_args(common_parser('x', 'x'), {argv!r}).config; "
+        "data = load_stage_data(config); folder = stage_dir(config, EMBED, data); folder.mkdir(parents=True); "
+        "hold_run_dir(folder); print(folder, flush=True); sys.stdin.readline(); "
+        "ensure(EMBED, config, data, Accelerator(cpu=True))")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    log = tmp_path / "waiting.log"
+    try:
+        folder = Path(holder.stdout.readline().strip())
+        with open(log, "w") as out:
+            waiting = subprocess.Popen([sys.executable, "-m", "etegrec.training.joint", *argv, "--output-dir",
+                                        str(tmp_path / "run")], stdout=out, stderr=subprocess.STDOUT, text=True)
+            for _ in range(600):  # the waiting line comes once the data is read
+                if "waiting for it to end" in log.read_text() or waiting.poll() is not None:
+                    break
+                time.sleep(0.1)
+            assert waiting.poll() is None, log.read_text()  # not refused: it waits
+            holder.stdin.write("go\n")
+            holder.stdin.close()
+            assert holder.wait(timeout=120) == 0
+            assert waiting.wait(timeout=300) == 0, log.read_text()
+    finally:
+        holder.kill()
+    lines = log.read_text().splitlines()
+    assert lines[0] == (f"[embed] another run (pid {holder.pid}) is training the cached item embeddings for this "
+                        f"config in {folder}; waiting for it to end")
+    assert not any(line.startswith("[embed]") for line in lines[1:])  # reused: never trained a second time
+    started = [e for e in read_events(folder / "events.jsonl") if e["signal"] == "run_started"]
+    assert len(started) == 1

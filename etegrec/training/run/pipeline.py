@@ -21,6 +21,7 @@ from etegrec.data import SequenceData
 from .cache import load_stage_data, stage_dir
 from .options import RunOptions
 from .run import Run, prepare_process
+from .rundir import wait_while_held
 from ..stage import Stage
 
 __all__ = ["ensure", "print_summary", "run_stage"]
@@ -41,7 +42,8 @@ def ensure(stage: Stage, config: Config, data: SequenceData, accelerator, *, reb
     """The product of ``stage`` for this config and data, from its cached run, training that run first
     when it has not finished (or always, with ``rebuild``); the stages it needs are ensured first.
 
-    A cached run that was stopped before the end (killed, Ctrl-C) is resumed from its checkpoint.
+    A cached run that was stopped before the end (killed, Ctrl-C) is resumed from its checkpoint; one that
+    another live command is training is waited for, then reused (or resumed, if that command stopped first).
     ``pipeline``: the stages of the command being run (the console numbers the stage within them);
     ``products``: what this command has ensured so far, by stage (each stage is ensured once).
 
@@ -56,6 +58,12 @@ def ensure(stage: Stage, config: Config, data: SequenceData, accelerator, *, reb
     folder = stage_dir(config, stage, data)
     if rebuild:
         _rebuild(folder, accelerator)
+    if not (folder / stage.produces).exists():  # another command may be training it (a sweep's twin): wait
+        def say_waiting(pid: str) -> None:
+            if accelerator.is_main_process:
+                print(f"[{stage.name}] another run (pid {pid}) is training the cached {stage.label} for this "
+                      f"config in {folder}; waiting for it to end", flush=True)
+        wait_while_held(folder, say_waiting)
     if not (folder / stage.produces).exists():
         resume = (folder / "checkpoints" / "last.pt").exists()
         if accelerator.is_main_process:

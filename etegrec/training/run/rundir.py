@@ -14,7 +14,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ from .checkpoint import read_checkpoint, write_checkpoint
 from .item_codes import format_item_codes
 from .resume import absolute_data_path, rng_state
 
-__all__ = ["RunDir", "atomic_write_bytes", "atomic_write_text", "check_writable", "default_run_dir", "hold_run_dir"]
+__all__ = ["RunDir", "atomic_write_bytes", "atomic_write_text", "check_writable", "default_run_dir", "hold_run_dir",
+           "wait_while_held"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,34 @@ def hold_run_dir(path: str | Path) -> None:
     os.write(fd, f"{os.getpid()}\n".encode())
     _HELD[path] = fd
     _remove_stale_temps(path)
+
+
+def wait_while_held(path: str | Path, on_wait: Callable[[str], None]) -> bool:
+    """Block while another live process holds ``path/.lock``; True when it had to wait.
+
+    ``on_wait(pid)`` is called once, before waiting, with the holder's pid. Nothing is waited for when
+    there is no lock file, when it is not a plain file, or when this process holds it itself.
+    """
+    import fcntl
+
+    path = Path(path).resolve()
+    lock = path / ".lock"
+    if path in _HELD or lock.is_symlink() or not lock.is_file():
+        return False
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False  # whoever opens it to write will say what is wrong with it
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            on_wait(os.read(fd, 32).decode(errors="replace").strip() or "?")
+            fcntl.flock(fd, fcntl.LOCK_SH)  # until the holder ends, however it ends
+            return True
+    finally:
+        os.close(fd)  # releases the shared lock too
 
 
 def _remove_stale_temps(path: Path) -> None:
