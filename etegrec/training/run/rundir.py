@@ -96,8 +96,8 @@ def hold_run_dir(path: str | Path) -> None:
     _remove_stale_temps(path)
 
 
-def wait_while_held(path: str | Path, on_wait: Callable[[str], None]) -> bool:
-    """Block while another live process holds ``path/.lock``; True when it had to wait.
+def wait_while_held(path: str | Path, on_wait: Callable[[str], None]) -> None:
+    """Block while another live process holds ``path/.lock``.
 
     ``on_wait(pid)`` is called once, before waiting, with the holder's pid. Nothing is waited for when
     there is no lock file, when it is not a plain file, or when this process holds it itself.
@@ -107,19 +107,17 @@ def wait_while_held(path: str | Path, on_wait: Callable[[str], None]) -> bool:
     path = Path(path).resolve()
     lock = path / ".lock"
     if path in _HELD or lock.is_symlink() or not lock.is_file():
-        return False
+        return
     try:
         fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
-        return False  # whoever opens it to write will say what is wrong with it
+        return  # whoever opens it to write will say what is wrong with it
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
         except BlockingIOError:
             on_wait(os.read(fd, 32).decode(errors="replace").strip() or "?")
             fcntl.flock(fd, fcntl.LOCK_SH)  # until the holder ends, however it ends
-            return True
     finally:
         os.close(fd)  # releases the shared lock too
 
