@@ -15,7 +15,15 @@ from conftest import make_accelerator, write_structured_inter
 from etegrec.hooks.eventlog import read_events
 
 RECORDER = """
-import hashlib, json, os
+import hashlib, json, os, time
+
+from etegrec.training.run import pipeline
+
+if os.environ.get("RANK") == "1" and float(os.environ["RANK1_LATE"]):  # rank 1 comes late to each cached stage
+    def late_stage_dir(*args, _stage_dir=pipeline.stage_dir):
+        time.sleep(float(os.environ["RANK1_LATE"]))
+        return _stage_dir(*args)
+    pipeline.stage_dir = late_stage_dir
 
 class Recorder:
     # every rank writes what it saw into its own file
@@ -47,13 +55,14 @@ def launch(tmp_path_factory):
     write_structured_inter(root / "data.inter", n_users=60)
     (root / "recorder.py").write_text(RECORDER)
 
-    def run(module: str, name: str, *extra: str) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    def run(module: str, name: str, *extra: str, home: str = "home",
+            rank1_late: float = 0) -> tuple[Path, Path, subprocess.CompletedProcess]:
         records = root / f"{name}-records"
         records.mkdir()
         # two CPU processes on any machine: on a one-GPU machine both ranks would share the GPU,
         # which NCCL refuses ("invalid usage")
-        env = {**os.environ, "ETEGREC_HOME": str(root / "home"), "RANK_RECORDS": str(records),
-               "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        env = {**os.environ, "ETEGREC_HOME": str(root / home), "RANK_RECORDS": str(records),
+               "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "RANK1_LATE": str(rank1_late)}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", module, "--config", "tiny", "--data-path", str(root / "data.inter"),
                "--output-dir", str(root / name), "--wandb-mode", "offline",
@@ -146,7 +155,11 @@ def test_test_metrics_equal_a_one_process_evaluation_of_the_same_checkpoint(join
 
 
 def test_tokenizer_pretraining_on_two_processes(launch):
-    run_dir, records, _ = launch("etegrec.training.rqvae", "rqvae")
+    # its own ETEGREC_HOME, so that the item embeddings it needs are trained as a cached stage, with rank 1
+    # coming to that stage late: it must join rank 0's training of it, not wait for rank 0's lock to go
+    run_dir, records, result = launch("etegrec.training.rqvae", "rqvae", home="rqvae-home", rank1_late=5)
+    assert result.stdout.count("[embed] no cached item embeddings for this config; training it in") == 1
+    assert "waiting for it to end" not in result.stdout
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
     rank0, rank1 = _records(records)
     mine = [r for r in rank0 if r.get("stage") == "rqvae"]

@@ -58,12 +58,15 @@ def ensure(stage: Stage, config: Config, data: SequenceData, accelerator, *, reb
     folder = stage_dir(config, stage, data)
     if rebuild:
         _rebuild(folder, accelerator)
-    if not (folder / stage.produces).exists():  # another command may be training it (a sweep's twin): wait
+    if accelerator.is_main_process and not (folder / stage.produces).exists():
+        # another command may be training it (a sweep's twin): wait. Only the main rank waits: the lock it
+        # would find may be its own run's (rank 0 holds it while the stage trains), which the other ranks
+        # must join rather than wait out; they wait for the main rank here instead.
         def say_waiting(pid: str) -> None:
-            if accelerator.is_main_process:
-                print(f"[{stage.name}] another run (pid {pid}) is training the cached {stage.label} for this "
-                      f"config in {folder}; waiting for it to end", flush=True)
+            print(f"[{stage.name}] another run (pid {pid}) is training the cached {stage.label} for this "
+                  f"config in {folder}; waiting for it to end", flush=True)
         wait_while_held(folder, say_waiting)
+    accelerator.wait_for_everyone()
     if not (folder / stage.produces).exists():
         resume = (folder / "checkpoints" / "last.pt").exists()
         if accelerator.is_main_process:
