@@ -58,14 +58,14 @@ def ensure(stage: Stage, config: Config, data: SequenceData, accelerator, *, reb
     folder = stage_dir(config, stage, data)
     if rebuild:
         _rebuild(folder, accelerator)
-    if accelerator.is_main_process and not (folder / stage.produces).exists():
-        # another command may be training it (a sweep's twin): wait. Only the main rank waits: the lock it
-        # would find may be its own run's (rank 0 holds it while the stage trains), which the other ranks
-        # must join rather than wait out; they wait for the main rank here instead.
+    if not (folder / stage.produces).exists():  # another command may be training it (a sweep's twin): wait
         def say_waiting(pid: str) -> None:
-            print(f"[{stage.name}] another run (pid {pid}) is training the cached {stage.label} for this "
-                  f"config in {folder}; waiting for it to end", flush=True)
-        wait_while_held(folder, say_waiting)
+            if accelerator.is_main_process:
+                print(f"[{stage.name}] another run (pid {pid}) is training the cached {stage.label} for this "
+                      f"config in {folder}; waiting for it to end", flush=True)
+        wait_while_held(folder, say_waiting)  # every rank: a collective could time out during a long wait
+    # no rank of this run takes the stage's lock (the main rank, training it below) before every rank has
+    # looked: a rank that looked later would find its own run's lock and wait for it forever
     accelerator.wait_for_everyone()
     if not (folder / stage.produces).exists():
         resume = (folder / "checkpoints" / "last.pt").exists()
