@@ -90,6 +90,28 @@ def tiny_command(root: Path, stage: str, *args: str) -> Path:
     return inter
 
 
+def hold_embed_stage(argv: list[str], env: dict[str, str] | None = None):
+    """Start another command that holds the cached item-embedding stage's folder for the config of
+    ``argv`` (``$ETEGREC_HOME`` from ``env``), as a command training it does, until a line is written to
+    its stdin; then it builds that stage and ends. Returns the process and the folder."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from accelerate import Accelerator; "
+        "from etegrec.training.embed import EMBED; "
+        "from etegrec.training.run.cache import load_stage_data, stage_dir; "
+        "from etegrec.training.run.cli import common_parser, parse_stage_args; "
+        "from etegrec.training.run.pipeline import ensure; "
+        "from etegrec.training.run.rundir import hold_run_dir; "
+        f"config = parse_stage_args(common_parser('x', 'x'), {argv!r}).config; "
+        "data = load_stage_data(config); folder = stage_dir(config, EMBED, data); folder.mkdir(parents=True); "
+        "hold_run_dir(folder); print(folder, flush=True); sys.stdin.readline(); "
+        "ensure(EMBED, config, data, Accelerator(cpu=True))")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    return holder, Path(holder.stdout.readline().strip())
+
+
 def make_accelerator(**kwargs) -> Accelerator:
     """An Accelerator on the device a Run picks (the GPU when there is one).
 

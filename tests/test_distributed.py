@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_accelerator, write_structured_inter
+from conftest import hold_embed_stage, make_accelerator, write_structured_inter
 from etegrec.hooks.eventlog import read_events
 
 RECORDER = """
@@ -55,23 +56,27 @@ def launch(tmp_path_factory):
     write_structured_inter(root / "data.inter", n_users=60)
     (root / "recorder.py").write_text(RECORDER)
 
-    def run(module: str, name: str, *extra: str, home: str = "home",
-            rank1_late: float = 0) -> tuple[Path, Path, subprocess.CompletedProcess]:
-        records = root / f"{name}-records"
-        records.mkdir()
+    def command(module: str, name: str, *extra: str, home: str = "home",
+                rank1_late: float = 0) -> tuple[list[str], dict[str, str]]:
+        (root / f"{name}-records").mkdir()
         # two CPU processes on any machine: on a one-GPU machine both ranks would share the GPU,
         # which NCCL refuses ("invalid usage")
-        env = {**os.environ, "ETEGREC_HOME": str(root / home), "RANK_RECORDS": str(records),
+        env = {**os.environ, "ETEGREC_HOME": str(root / home), "RANK_RECORDS": str(root / f"{name}-records"),
                "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "RANK1_LATE": str(rank1_late)}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", module, "--config", "tiny", "--data-path", str(root / "data.inter"),
                "--output-dir", str(root / name), "--wandb-mode", "offline",
                "--subscriber", f"{root / 'recorder.py'}:Recorder", *extra]
+        return cmd, env
+
+    def run(module: str, name: str, *extra: str, **how) -> tuple[Path, Path, subprocess.CompletedProcess]:
+        cmd, env = command(module, name, *extra, **how)
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-4000:]
-        return root / name, records, result
+        return root / name, root / f"{name}-records", result
 
     run.root = root
+    run.command = command
     return run
 
 
@@ -167,6 +172,31 @@ def test_tokenizer_pretraining_on_two_processes(launch):
     assert [r["epoch"] for r in mine if r["signal"] == "epoch_end"] == list(range(6))
     logged = [e["losses"] for e in read_events(run_dir / "events.jsonl") if e["signal"] == "epoch_end"]
     assert logged == [r["losses"] for r in mine if r["signal"] == "epoch_end"]
+
+
+def test_a_two_process_run_waits_for_another_command_training_a_stage_it_needs(launch):
+    cmd, env = launch.command("etegrec.training.rqvae", "rqvae-waits", home="waiting-home")
+    holder, folder = hold_embed_stage(["--config", "tiny", "--data-path", str(launch.root / "data.inter")], env)
+    log = launch.root / "rqvae-waits.log"
+    try:
+        with open(log, "w") as out:
+            waiting = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+            for _ in range(600):
+                if "waiting for it to end" in log.read_text() or waiting.poll() is not None:
+                    break
+                time.sleep(0.1)
+            assert waiting.poll() is None, log.read_text()  # not refused: both ranks wait
+            holder.stdin.write("go\n")
+            holder.stdin.close()
+            assert holder.wait(timeout=120) == 0
+            assert waiting.wait(timeout=300) == 0, log.read_text()[-4000:]
+    finally:
+        holder.kill()
+    text = log.read_text()
+    assert text.count(f"[embed] another run (pid {holder.pid}) is training the cached item embeddings for this "
+                      f"config in {folder}; waiting for it to end") == 1  # the main rank says it
+    assert "[embed] no cached" not in text  # reused, not trained again
+    assert (launch.root / "rqvae-waits" / "metrics.json").exists()
 
 
 def test_a_half_set_launch_environment_is_one_clear_error(tmp_path):

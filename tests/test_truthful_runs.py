@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_command, write_structured_inter
+from conftest import hold_embed_stage, tiny_command, write_structured_inter
 from etegrec import signals
 from etegrec.config import load_config
 from etegrec.hooks.eventlog import read_events
@@ -177,21 +177,9 @@ def test_every_stage_takes_format_as_the_readers_error_says(tmp_path):
 def test_a_run_that_needs_a_stage_another_run_is_training_waits_for_it_and_reuses_it(tmp_path):
     inter = write_structured_inter(tmp_path / "walk.inter")
     argv = [*TINY, "--data-path", str(inter)]
-    holder = subprocess.Popen([sys.executable, "-c", (  # another command, building the cached item embeddings
-        "import sys; from accelerate import Accelerator; "
-        "from etegrec.training.embed import EMBED; "
-        "from etegrec.training.run.cache import load_stage_data, stage_dir; "
-        "from etegrec.training.run.cli import common_parser, parse_stage_args; "
-        "from etegrec.training.run.pipeline import ensure; "
-        "from etegrec.training.run.rundir import hold_run_dir; "
-        f"config = parse_stage_args(common_parser('x', 'x'), {argv!r}).config; "
-        "data = load_stage_data(config); folder = stage_dir(config, EMBED, data); folder.mkdir(parents=True); "
-        "hold_run_dir(folder); print(folder, flush=True); sys.stdin.readline(); "
-        "ensure(EMBED, config, data, Accelerator(cpu=True))")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder, folder = hold_embed_stage(argv)  # another command, building the cached item embeddings
     log = tmp_path / "waiting.log"
     try:
-        folder = Path(holder.stdout.readline().strip())
         with open(log, "w") as out:
             waiting = subprocess.Popen([sys.executable, "-m", "etegrec.training.joint", *argv, "--output-dir",
                                         str(tmp_path / "run")], stdout=out, stderr=subprocess.STDOUT, text=True)
