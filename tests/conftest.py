@@ -90,12 +90,15 @@ def tiny_command(root: Path, stage: str, *args: str) -> Path:
     return inter
 
 
-def hold_embed_stage(argv: list[str], env: dict[str, str] | None = None):
-    """Start another command that holds the cached item-embedding stage's folder for the config of
-    ``argv`` (``$ETEGREC_HOME`` from ``env``), as a command training it does, until a line is written to
-    its stdin; then it builds that stage and ends. Returns the process and the folder."""
+def run_while_embed_stage_held(argv: list[str], cmd: list[str], log: Path,
+                               env: dict[str, str] | None = None) -> tuple[int, Path]:
+    """Run ``cmd`` (its output into ``log``) while another command holds the cached item-embedding stage's
+    folder for the config of ``argv`` (``$ETEGREC_HOME`` from ``env``), as a command training it does.
+    Once ``cmd`` says it waits, the other command builds the stage and ends; both must end with 0.
+    Returns the other command's pid and the stage's folder."""
     import subprocess
     import sys
+    import time
 
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys; from accelerate import Accelerator; "
@@ -109,7 +112,25 @@ def hold_embed_stage(argv: list[str], env: dict[str, str] | None = None):
         "hold_run_dir(folder); print(folder, flush=True); sys.stdin.readline(); "
         "ensure(EMBED, config, data, Accelerator(cpu=True))")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    return holder, Path(holder.stdout.readline().strip())
+    waiting = None
+    try:
+        folder = Path(holder.stdout.readline().strip())
+        with open(log, "w") as out:
+            waiting = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+            for _ in range(600):  # the waiting line comes once the data is read
+                if "waiting for it to end" in log.read_text() or waiting.poll() is not None:
+                    break
+                time.sleep(0.1)
+            assert waiting.poll() is None, log.read_text()  # not refused: it waits
+            holder.stdin.write("go\n")
+            holder.stdin.close()
+            assert holder.wait(timeout=120) == 0
+            assert waiting.wait(timeout=300) == 0, log.read_text()[-4000:]
+    finally:
+        for process in (holder, waiting):
+            if process is not None and process.poll() is None:
+                process.kill()
+    return holder.pid, folder
 
 
 def make_accelerator(**kwargs) -> Accelerator:

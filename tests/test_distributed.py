@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import hold_embed_stage, make_accelerator, write_structured_inter
+from conftest import make_accelerator, run_while_embed_stage_held, write_structured_inter
 from etegrec.hooks.eventlog import read_events
 
 RECORDER = """
@@ -176,24 +175,11 @@ def test_tokenizer_pretraining_on_two_processes(launch):
 
 def test_a_two_process_run_waits_for_another_command_training_a_stage_it_needs(launch):
     cmd, env = launch.command("etegrec.training.rqvae", "rqvae-waits", home="waiting-home")
-    holder, folder = hold_embed_stage(["--config", "tiny", "--data-path", str(launch.root / "data.inter")], env)
-    log = launch.root / "rqvae-waits.log"
-    try:
-        with open(log, "w") as out:
-            waiting = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-            for _ in range(600):
-                if "waiting for it to end" in log.read_text() or waiting.poll() is not None:
-                    break
-                time.sleep(0.1)
-            assert waiting.poll() is None, log.read_text()  # not refused: both ranks wait
-            holder.stdin.write("go\n")
-            holder.stdin.close()
-            assert holder.wait(timeout=120) == 0
-            assert waiting.wait(timeout=300) == 0, log.read_text()[-4000:]
-    finally:
-        holder.kill()
+    log = launch.root / "rqvae-waits.log"  # both ranks wait, then reuse what the other command built
+    holder, folder = run_while_embed_stage_held(["--config", "tiny", "--data-path", str(launch.root / "data.inter")],
+                                                cmd, log, env)
     text = log.read_text()
-    assert text.count(f"[embed] another run (pid {holder.pid}) is training the cached item embeddings for this "
+    assert text.count(f"[embed] another run (pid {holder}) is training the cached item embeddings for this "
                       f"config in {folder}; waiting for it to end") == 1  # the main rank says it
     assert "[embed] no cached" not in text  # reused, not trained again
     assert (launch.root / "rqvae-waits" / "metrics.json").exists()

@@ -8,12 +8,11 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import hold_embed_stage, tiny_command, write_structured_inter
+from conftest import run_while_embed_stage_held, tiny_command, write_structured_inter
 from etegrec import signals
 from etegrec.config import load_config
 from etegrec.hooks.eventlog import read_events
@@ -177,25 +176,11 @@ def test_every_stage_takes_format_as_the_readers_error_says(tmp_path):
 def test_a_run_that_needs_a_stage_another_run_is_training_waits_for_it_and_reuses_it(tmp_path):
     inter = write_structured_inter(tmp_path / "walk.inter")
     argv = [*TINY, "--data-path", str(inter)]
-    holder, folder = hold_embed_stage(argv)  # another command, building the cached item embeddings
     log = tmp_path / "waiting.log"
-    try:
-        with open(log, "w") as out:
-            waiting = subprocess.Popen([sys.executable, "-m", "etegrec.training.joint", *argv, "--output-dir",
-                                        str(tmp_path / "run")], stdout=out, stderr=subprocess.STDOUT, text=True)
-            for _ in range(600):  # the waiting line comes once the data is read
-                if "waiting for it to end" in log.read_text() or waiting.poll() is not None:
-                    break
-                time.sleep(0.1)
-            assert waiting.poll() is None, log.read_text()  # not refused: it waits
-            holder.stdin.write("go\n")
-            holder.stdin.close()
-            assert holder.wait(timeout=120) == 0
-            assert waiting.wait(timeout=300) == 0, log.read_text()
-    finally:
-        holder.kill()
+    holder, folder = run_while_embed_stage_held(argv, [sys.executable, "-m", "etegrec.training.joint", *argv,
+                                                       "--output-dir", str(tmp_path / "run")], log)
     lines = log.read_text().splitlines()
-    assert lines[0] == (f"[embed] another run (pid {holder.pid}) is training the cached item embeddings for this "
+    assert lines[0] == (f"[embed] another run (pid {holder}) is training the cached item embeddings for this "
                         f"config in {folder}; waiting for it to end")
     assert not any(line.startswith("[embed]") for line in lines[1:])  # reused: never trained a second time
     started = [e for e in read_events(folder / "events.jsonl") if e["signal"] == "run_started"]
