@@ -182,6 +182,7 @@ class CodesConfig:
     forge_policy: str = "round_robin"
     margin: float = 0.0  # sticky codes: keep an item's code at a refresh unless the nearest is this much closer
     shuffled: bool = False  # a control: the tokenizer reads the items' embeddings under a fixed permutation
+    file: str | None = None  # every item's codes from a file in item_codes.tsv's format, fixed all through training
 
 
 @dataclass

@@ -140,6 +140,10 @@ KEY_DOCS = {
     "codes.shuffled": "a control for what the codes say: the tokenizer reads item i's embedding from another item "
                       "(a fixed permutation seeded by run.seed), so the codes keep their number, balance and prefix "
                       "tree but not their meaning; the recommender's own item vectors are not permuted",
+    "codes.file": "train on these codes, fixed: a file in item_codes.tsv's format (a finished run's, or your own: a "
+                  "header line, then per line a raw item id and its codes, tab-separated) naming every item of the "
+                  "dataset once; needs joint.train_tokenizer=false, losses.rec_kl_weight=0, losses.rec_dec_cl_weight=0 "
+                  "and recommender.code_init=random, since the tokenizer's codes are not these",
     "codes.margin": "sticky codes: at a refresh an item keeps its code at each level unless the nearest is closer "
                     "by more than this relative margin (squared distances); 0 = always the nearest (paper)",
     "evaluation.every_epochs": "joint epochs between validations",

@@ -114,6 +114,8 @@ def check_config(config: Any) -> None:
         raise ConfigError(f"config key 'recommender.code_init' is 'tokenizer', which needs recommender.d_model "
                           f"({config.recommender.d_model}) equal to tokenizer.e_dim ({config.tokenizer.e_dim}): "
                           "the code embeddings start as the codebooks' vectors")
+    if config.codes.file is not None:
+        _check_code_file(config)
     joint_stride = config.joint.window_stride
     if joint_stride is not None and joint_stride > config.data.max_his_len:
         raise ConfigError(f"config key 'joint.window_stride' ({joint_stride}) must not exceed data.max_his_len "
@@ -121,6 +123,20 @@ def check_config(config: Any) -> None:
     if config.evaluation.top_k > config.evaluation.beam_size:
         raise ConfigError(f"config key 'evaluation.top_k' ({config.evaluation.top_k}) must not exceed "
                           f"evaluation.beam_size ({config.evaluation.beam_size})")
+
+
+def _check_code_file(config: Any) -> None:
+    """``codes.file`` replaces the tokenizer's codes: nothing may read the tokenizer as if it had made them."""
+    clashes = {"joint.train_tokenizer": (config.joint.train_tokenizer, False),
+               "losses.rec_kl_weight": (config.losses.rec_kl_weight, 0),
+               "losses.rec_dec_cl_weight": (config.losses.rec_dec_cl_weight, 0),
+               "recommender.code_init": (config.recommender.code_init, "random"),
+               "codes.shuffled": (config.codes.shuffled, False)}
+    wrong = [f"{key}={str(need).lower()} (got {value!r})" for key, (value, need) in clashes.items() if value != need]
+    if wrong:
+        raise ConfigError(f"config key 'codes.file' is {config.codes.file!r}, which needs {', '.join(wrong)}: the "
+                          "codes come from the file and stay fixed, so the tokenizer must neither train, align nor "
+                          "seed the code embeddings")
 
 
 def _check_feed_forward(value: str) -> None:

@@ -56,6 +56,15 @@ def _bad_yaml(tmp_path, data_file):
     return ["--config", str(path)]
 
 
+def _codes_file_short_of_an_item(tmp_path, data_file):
+    items = load_stage_data(_config(data_file)).item_map
+    path = tmp_path / "codes.tsv"
+    path.write_text("item_id\tc0\tc1\tc2\tsuffix\n" + "".join(f"{item}\t{i % 16}\t{i // 16}\t0\t0\n"
+                                                            for i, item in enumerate(items[1:])))
+    return ["--data-path", str(data_file), "--set", f"codes.file={path}", "--set", "joint.train_tokenizer=false",
+            "--set", "losses.rec_kl_weight=0", "--set", "losses.rec_dec_cl_weight=0"]
+
+
 def _short_embeddings(tmp_path, data_file):
     config = _config(data_file)
     folder = stage_dir(config, EMBED, load_stage_data(config))
@@ -185,6 +194,10 @@ BAD_INPUTS = [
     ("unsafe checkpoint on resume", _crafted_last, r"--resume: .*last\.pt' was refused: loading it would call builtins\.exec"),
     ("unsafe cached tokenizer", _crafted_cached_tokenizer, r"stages/rqvae-.*best\.pt' was refused.*builtins\.exec"),
     ("lock file is a link", _linked_lock, r"run/\.lock' is a symbolic link .*victim\.txt.*remove the link"),
+    ("codes file short of an item", _codes_file_short_of_an_item,
+     r"codes\.tsv \(codes\.file\): 1 of the dataset's \d+ items have no codes there"),
+    ("codes file beside a training tokenizer", _args("--set", "codes.file={tmp}/codes.tsv"),
+     r"'codes\.file' is '.*codes\.tsv', which needs joint\.train_tokenizer=false"),
     ("resume on other data", lambda tmp_path, data_file: _resumable(tmp_path, data_file, data_digest="0" * 16),
      r"--resume: the data .*data\.inter' changed since the run .*it trained on 0000000000000000"),
     ("checkpoint of a newer format", lambda tmp_path, data_file: _resumable(tmp_path, data_file, format=99),

@@ -433,6 +433,70 @@ def test_the_usage_deficit_trains_the_tokenizer_in_its_epochs_once_the_alignment
             assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.tokenizer.encoder.parameters())
 
 
+FILE_CODES = ["joint.train_tokenizer=false", "losses.rec_kl_weight=0", "losses.rec_dec_cl_weight=0"]
+
+
+def _codes_file(path: Path, item_ids, codes) -> Path:
+    path.write_text("item_id\tc0\tc1\tc2\tsuffix\n" + "".join(
+        "\t".join([item, *map(str, row)]) + "\n" for item, row in zip(item_ids, np.asarray(codes).tolist())))
+    return path
+
+
+def test_a_run_on_codes_from_a_file_trains_on_them_fixed_and_serves_them(joint_run, tmp_path, monkeypatch, capsys):
+    from etegrec.training.trained import load_run
+    monkeypatch.setenv("ETEGREC_HOME", str(joint_run["root"] / "home"))  # reuse the cached earlier stages
+    items = list(load_stage_data(joint_run["config"]).item_map)
+    k = np.arange(len(items))
+    mine = np.stack([k % 16, k // 16 % 16, np.full_like(k, 5), np.ones_like(k)], axis=1)  # no tokenizer gives these
+    path = _codes_file(tmp_path / "mine.tsv", items[::-1], mine[::-1])  # rows in another order than the data's
+    config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, *FILE_CODES,
+                                  f"codes.file={path}"])
+    with signals.recording(signals.run_started, signals.epoch_end, signals.codes_assigned) as events:
+        result = run_stage(JOINT, config, output_dir=tmp_path / "run", wandb_mode="disabled")
+    events = [e for e in events if e.payload.get("stage") == "joint"]
+    assert not [e for e in events if e.signal == "codes_assigned"]  # nothing assigned them: they are the file's
+    assert next(e for e in events if e.signal == "run_started").payload["config"]["codes"]["file"] == str(path)
+    assert f"run started in {tmp_path / 'run'} (1 process), on the codes of {path} (codes.file, fixed)" in \
+        "".join(capsys.readouterr())
+    assert [e.payload["phase"] for e in events if e.signal == "epoch_end"] == ["rec"] * 4 + ["finetune"]
+    assert set(result["test"]) >= {"ndcg@10", "recall@10"}
+    trained = load_run(tmp_path / "run")  # item_codes.tsv and the best checkpoint agree on the file's codes
+    assert trained.item_ids == tuple(items) and trained.codes[1:].tolist() == mine.tolist()
+
+
+def _bad_codes(items):
+    k = np.arange(len(items))
+    good = np.stack([k % 16, k // 16 % 16, np.zeros_like(k), np.zeros_like(k)], axis=1)
+    shared = good.copy()
+    shared[1] = shared[0]
+    wide = np.concatenate([good, good[:, :1]], axis=1)
+    high = good.copy()
+    high[2, 0] = 16
+    return [
+        ("an item missing", items[1:], good[1:], r"1 of the dataset's \d+ items have no codes there \['"),
+        ("an item the data lacks", [*items, "ghost"], [*good, [0, 0, 9, 9]],
+         r"0 of the dataset's \d+ items .* 1 of its items are not in the dataset \['ghost'\]"),
+        ("an item twice", [*items, items[0]], [*good, [0, 0, 9, 9]], r"item '.*' has two rows \(lines 2 and \d+\)"),
+        ("five codes per item", items, wide, r"5 codes per item, the recommender reads 4"),
+        ("a code past the codebook", items, high, r"item '.*' has codes \[16, 0, 0, 0\], outside \[0, 16\)"),
+        ("two items with one code", items, shared, r"items \['.*', '.*'\] share the codes \[0, 0, 0, 0\]"),
+    ]
+
+
+def test_a_codes_file_that_cannot_give_every_item_its_own_codes_is_one_line_naming_it(joint_run, tmp_path):
+    from etegrec.training.run.item_codes import codes_for_items
+    items = load_stage_data(joint_run["config"]).item_map
+    for name, ids, codes, message in _bad_codes(list(items)):
+        path = _codes_file(tmp_path / "codes.tsv", ids, codes)
+        with pytest.raises(ConfigError, match=r"codes\.tsv \(codes\.file\): " + message):
+            codes_for_items(path, items, code_num=16, width=4)
+    with pytest.raises(ConfigError, match=r"nowhere\.tsv' does not exist: config key 'codes\.file' names no file"):
+        codes_for_items(tmp_path / "nowhere.tsv", items, code_num=16, width=4)
+    with pytest.raises(ConfigError, match=r"'codes\.file' is 'x\.tsv', which needs joint\.train_tokenizer=false "
+                                          r"\(got True\), losses\.rec_kl_weight=0 \(got 0\.0001\)"):
+        load_config("tiny", ["codes.file=x.tsv", "losses.rec_dec_cl_weight=0"])
+
+
 def test_shuffled_codes_give_each_item_another_items_codes_and_keep_its_own_item_vector(joint_run, tmp_path):
     from etegrec.training.rqvae import build_tokenizer, tokenizer_inputs
     data = load_stage_data(joint_run["config"])

@@ -56,10 +56,13 @@ class ConsoleSubscriber(Subscriber):
     def _print(self, text: str) -> None:
         tqdm.write(text, file=self.file or sys.stderr)
 
-    def on_run_started(self, sender, *, stage, run_dir, world_size=1, resumed=False, phases=(), **extra):
+    def on_run_started(self, sender, *, stage, run_dir, world_size=1, resumed=False, phases=(), config=None,
+                       **extra):
         self._stage, self._last_end, self._durations = (stage, list(phases)), self._clock(), {}
         how = "resumed" if resumed else "started"
-        self._print(f"[{stage}] run {how} in {run_dir} ({world_size} process{'es' if world_size > 1 else ''})")
+        codes = ((config or {}).get("codes") or {}).get("file") if stage == "joint" else None
+        fixed = f", on the codes of {codes} (codes.file, fixed)" if codes else ""
+        self._print(f"[{stage}] run {how} in {run_dir} ({world_size} process{'es' if world_size > 1 else ''}){fixed}")
 
     def on_epoch_end(self, sender, *, stage, phase, epoch, losses, lr=None, seconds=0.0,
                      samples_per_second=0.0, **extra):

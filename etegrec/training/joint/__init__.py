@@ -18,7 +18,7 @@ from ..run.cli import stage_main
 from ..stage import Stage
 from .evaluation import beam_recommend
 from .recommender import build_recommender
-from .trainer import JointTrainer, phase_of
+from .trainer import JointTrainer, file_codes, phase_of
 
 __all__ = ["JOINT", "JointTrainer", "beam_recommend", "build_recommender", "main", "phase_of"]
 
@@ -27,7 +27,8 @@ JOINT = Stage(
     summary="ETEGRec joint training of the tokenizer and the T5 recommender, the main job (builds what it needs)",
     sections=("recommender", "joint", "losses", "codes", "evaluation"), needs=(EMBED, RQVAE), trainer=JointTrainer,
     project="ETEGRec-Joint",
-    key_map=KeyMap(loss_key=phase_loss_key, split_prefix={"valid": "eval", "test": "test"}), recommends=True)
+    key_map=KeyMap(loss_key=phase_loss_key, split_prefix={"valid": "eval", "test": "test"}), recommends=True,
+    check=file_codes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,13 +30,14 @@ from etegrec.models import CodeTrie, RecommenderOutput, code_loss, usage_deficit
 from ..rqvae.tokenizer import build_tokenizer, tokenizer_inputs
 from ..run import EarlyStopping, EpochProgress, LoopPosition, Run, StageTrainer, shuffled_batches, train_epoch
 from ..run.evaluation import check_same_on_every_rank
+from ..run.item_codes import codes_for_items
 from .alignment import Alignment
 from .averaging import WeightAverage
 from .evaluation import BeamEvaluation, items_of
 from .probing import Prober
 from .recommender import build_recommender
 
-__all__ = ["JointTrainer", "REPEAT_BIAS_LR", "phase_of"]
+__all__ = ["JointTrainer", "REPEAT_BIAS_LR", "file_codes", "phase_of"]
 
 REPEAT_BIAS_LR = 0.05  # as the SASRec stage's (etegrec.training.embed.REPEAT_BIAS_LR)
 
@@ -49,6 +50,18 @@ def phase_of(epoch: int, cycle: int, train_tokenizer: bool = True, until: int | 
     epoch when the tokenizer is not trained, and from epoch ``until`` on when that is set)."""
     trains = train_tokenizer and (until is None or epoch < until)
     return "id" if trains and epoch % cycle == 0 else "rec"
+
+
+def file_codes(config: Config, data: SequenceData) -> torch.Tensor | None:
+    """The codes ``codes.file`` gives (n_items + 1, L + 1; row 0 padding), None without it.
+
+    Raises:
+        ConfigError: the file cannot give every item of ``data`` codes of its own (:func:`codes_for_items`)."""
+    if config.codes.file is None:
+        return None
+    tok = config.tokenizer
+    codes = codes_for_items(config.codes.file, data.item_map, code_num=tok.codebook_size, width=tok.num_layers + 1)
+    return torch.as_tensor(np.concatenate([np.zeros((1, codes.shape[1]), dtype=np.int64), codes]))
 
 
 class JointTrainer(BeamEvaluation, StageTrainer):
@@ -261,8 +274,14 @@ class JointTrainer(BeamEvaluation, StageTrainer):
                 ["finetune"] * cfg.finetune_epochs]
 
     def begin(self, resumed: bool) -> None:
-        if not resumed:
+        if resumed:
+            return
+        codes = file_codes(self.config, self.data)  # codes.file: fixed, never refreshed (train_tokenizer is off)
+        if codes is None:
             self.refresh_codes(0)
+            return
+        self.codes, self.codes_changed = codes.to(self.run.accelerator.device), 0.0
+        self._use_codes()
 
     def start_segment(self, segment: int) -> None:
         if segment == 1 and self.stopping.best_epoch >= 0:  # fine-tuning starts from the best checkpoint

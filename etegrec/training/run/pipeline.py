@@ -88,6 +88,9 @@ def run_stage(stage: Stage, config: Config, options: RunOptions | None = None, *
     options = options or RunOptions.resolve(config, **option_args)
     prepare_process(config)
     data = load_stage_data(config)
+    for checked in stage.chain:
+        if checked.check is not None:
+            checked.check(config, data)
     run = Run(config, options, stage=stage, accelerator=accelerator, data_digest=data.digest)
     products: dict[Stage, Any] = {}
     inputs = [ensure(need, config, data, run.accelerator, rebuild=options.rebuild, pipeline=stage.chain,
