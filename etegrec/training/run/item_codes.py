@@ -83,7 +83,7 @@ def codes_for_items(path: str | Path, item_ids: Sequence[str], *, code_num: int,
     extra = sorted(set(row_of) - set(item_ids))
     if missing or extra:
         raise ConfigError(f"{where}: {len(missing)} of the dataset's {len(item_ids)} items have no codes there "
-                          f"{missing[:3]!r} and {len(extra)} of its items are not in the dataset {extra[:3]!r}; "
+                          f"{missing[:3]!r}, and it holds {len(extra)} items the dataset lacks {extra[:3]!r}; "
                           "use the codes of a run on the same data")
     if table.shape[1] != width:
         raise ConfigError(f"{where}: {table.shape[1]} codes per item, the recommender reads {width} (tokenizer.num_layers "
