@@ -58,9 +58,10 @@ def _bad_yaml(tmp_path, data_file):
 
 def _codes_file_short_of_an_item(tmp_path, data_file):
     items = load_stage_data(_config(data_file)).item_map
+    from etegrec.training.run.item_codes import format_item_codes
+    k = np.arange(len(items) - 1)
     path = tmp_path / "codes.tsv"
-    path.write_text("item_id\tc0\tc1\tc2\tsuffix\n" + "".join(f"{item}\t{i % 16}\t{i // 16}\t0\t0\n"
-                                                            for i, item in enumerate(items[1:])))
+    path.write_text(format_item_codes(np.stack([k % 16, k // 16, 0 * k, 0 * k], axis=1), items[1:]))
     return ["--data-path", str(data_file), "--set", f"codes.file={path}", "--set", "joint.train_tokenizer=false",
             "--set", "losses.rec_kl_weight=0", "--set", "losses.rec_dec_cl_weight=0"]
 

@@ -437,8 +437,8 @@ FILE_CODES = ["joint.train_tokenizer=false", "losses.rec_kl_weight=0", "losses.r
 
 
 def _codes_file(path: Path, item_ids, codes) -> Path:
-    path.write_text("item_id\tc0\tc1\tc2\tsuffix\n" + "".join(
-        "\t".join([item, *map(str, row)]) + "\n" for item, row in zip(item_ids, np.asarray(codes).tolist())))
+    from etegrec.training.run.item_codes import format_item_codes
+    path.write_text(format_item_codes(np.asarray(codes), list(item_ids)))
     return path
 
 
