@@ -94,8 +94,9 @@ def run_while_embed_stage_held(argv: list[str], cmd: list[str], log: Path,
                                env: dict[str, str] | None = None) -> tuple[int, Path]:
     """Run ``cmd`` (its output into ``log``) while another command holds the cached item-embedding stage's
     folder for the config of ``argv`` (``$ETEGREC_HOME`` from ``env``), as a command training it does.
-    Once ``cmd`` says it waits, the other command builds the stage and ends; both must end with 0.
-    Returns the other command's pid and the stage's folder."""
+    Once ``cmd`` says it waits, the other command builds the stage and goes on living, as a command would
+    that trains its own model next: ``cmd`` must end with 0 before it does. Returns the other command's
+    pid and the stage's folder."""
     import subprocess
     import sys
     import time
@@ -110,7 +111,7 @@ def run_while_embed_stage_held(argv: list[str], cmd: list[str], log: Path,
         f"config = parse_stage_args(common_parser('x', 'x'), {argv!r}).config; "
         "data = load_stage_data(config); folder = stage_dir(config, EMBED, data); folder.mkdir(parents=True); "
         "hold_run_dir(folder); print(folder, flush=True); sys.stdin.readline(); "
-        "ensure(EMBED, config, data, Accelerator(cpu=True))")],
+        "ensure(EMBED, config, data, Accelerator(cpu=True)); print('built', flush=True); sys.stdin.readline()")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     waiting = None
     try:
@@ -123,9 +124,11 @@ def run_while_embed_stage_held(argv: list[str], cmd: list[str], log: Path,
                 time.sleep(0.1)
             assert waiting.poll() is None, log.read_text()  # not refused: it waits
             holder.stdin.write("go\n")
+            holder.stdin.flush()
+            assert "built" in (line.strip() for line in holder.stdout)  # (after the stage's own lines)
+            assert waiting.wait(timeout=300) == 0, log.read_text()[-4000:]  # while the other command lives
             holder.stdin.close()
             assert holder.wait(timeout=120) == 0
-            assert waiting.wait(timeout=300) == 0, log.read_text()[-4000:]
     finally:
         for process in (holder, waiting):
             if process is not None and process.poll() is None:

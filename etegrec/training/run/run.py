@@ -220,6 +220,7 @@ class Run:
                 log.exception("subscriber %s failed to finish", type(sub).__name__)
         if self._owns_accelerator:  # trackers are finished already (with their exit codes); this ends the rest
             self.accelerator.end_training()
+        self.files.close()  # a run waiting for this stage's product goes on now, not when this command ends
 
     def started_payload(self, start_epoch: int = 0) -> dict[str, Any]:
         """The ``run_started`` payload: this run's config and processes (the trainer's loop sends it)."""

@@ -30,7 +30,7 @@ from .item_codes import format_item_codes
 from .resume import absolute_data_path, rng_state
 
 __all__ = ["RunDir", "atomic_write_bytes", "atomic_write_text", "check_writable", "default_run_dir", "hold_run_dir",
-           "wait_while_held"]
+           "release_run_dir", "wait_while_held"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ _HELD: dict[Path, int] = {}  # run directories this process holds: their lock fi
 
 
 def hold_run_dir(path: str | Path) -> None:
-    """Hold ``path/.lock`` (an exclusive ``flock``) for as long as this process lives.
+    """Hold ``path/.lock`` (an exclusive ``flock``) until :func:`release_run_dir` or the end of this process.
 
     Idempotent within a process. The lock goes with the process, however it ends (a SIGKILL too).
 
@@ -94,6 +94,14 @@ def hold_run_dir(path: str | Path) -> None:
     os.write(fd, f"{os.getpid()}\n".encode())
     _HELD[path] = fd
     _remove_stale_temps(path)
+
+
+def release_run_dir(path: str | Path) -> None:
+    """Let go of ``path/.lock`` if this process holds it: a run that needs the directory's product (a cached
+    stage this process has finished) stops waiting now, not when this whole command ends."""
+    fd = _HELD.pop(Path(path).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock; the file stays for the next holder
 
 
 def wait_while_held(path: str | Path, on_wait: Callable[[str], None]) -> None:
@@ -178,6 +186,11 @@ class RunDir:
             if fresh:
                 self._move_aside_records()
             atomic_write_text(self.path / "config.yaml", yaml.safe_dump(absolute_data_path(config.to_dict()), sort_keys=False))
+
+    def close(self) -> None:
+        """Let go of the directory once the run has written its last file."""
+        if self.is_main:
+            release_run_dir(self.path)
 
     def _move_aside_records(self) -> None:
         events, config = self.path / "events.jsonl", self.path / "config.yaml"
