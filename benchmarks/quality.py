@@ -56,9 +56,11 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from etegrec.training.embed import EMBED
 
 import numpy as np
+
+from etegrec.config import ConfigError
+from etegrec.training.embed import EMBED
 
 RESULTS = Path(__file__).parent / "results"
 METRICS = ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
@@ -252,7 +254,10 @@ def resolved_configs(config_name: str, overrides: list[str], models: list[str]) 
 
     out = {}
     for model in models:
-        config = load_config(config_name, [*overrides, *VARIANTS[model][1]]).to_dict()
+        try:
+            config = load_config(config_name, [*overrides, *VARIANTS[model][1]]).to_dict()
+        except ConfigError as exc:
+            raise ConfigError(f"--models {model}: {exc}") from None
         out[model] = {f"{section}.{key}": value for section, values in config.items() if section != "run"
                       for key, value in values.items()}
     return json.loads(json.dumps(out))  # as the results file holds it (tuples as lists)
@@ -318,7 +323,13 @@ def main() -> None:
     from etegrec.config import load_config
     from etegrec.data import DATASETS
     args.config = args.config or (DATASETS[args.dataset].config if args.dataset in DATASETS else "ml-100k")
-    config = load_config(args.config, args.overrides)
+    trained = [m for m in args.models if m in VARIANTS]
+    try:  # each model's runs add their own keys to --set (the ablation's tokenizer is off): a --set that only
+        # the ablation can run (codes.file) is checked with them, for each model that will run it
+        resolved = resolved_configs(args.config, args.overrides, trained)
+        config = load_config(args.config, [*args.overrides, *(VARIANTS[trained[0]][1] if trained else [])])
+    except ConfigError as exc:
+        parser.error(str(exc))
     dataset = config.data.dataset
     suffix = "" if dataset == "ml-100k" else f"-{dataset}"
     root = Path(args.runs or f"runs/quality{suffix}")
@@ -334,7 +345,6 @@ def main() -> None:
         parser.error(f"--repeats {args.repeats} would train the same numbers {args.repeats} times: run.deterministic "
                      "is on, so a rerun on this machine and thread count repeats its run to the last digit; add "
                      "--seeds instead, or --set run.deterministic=false to measure how far the thread order moves a run")
-    resolved = resolved_configs(args.config, args.overrides, [m for m in args.models if m in VARIANTS])
     for path in args.pool:
         if not Path(path).is_file():
             parser.error(f"--pool: no results file at {path}")
@@ -407,6 +417,9 @@ def main() -> None:
              for t in runs if t is not None]
     if timed:
         print("each run's own stage, every attempt summed (cached earlier stages not counted): " + ", ".join(timed))
+    if not table:  # a --summarise-only before any run finished: an empty table must not replace a results file
+        print(f"nothing measured: {args.output} not written")
+        return
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps({"dataset": dataset, "config": args.config, "overrides": args.overrides, "seeds": args.seeds,
                                              "repeats": args.repeats, "pooled": args.pool, "models": table, "resolved": resolved,

@@ -210,3 +210,26 @@ def test_a_run_stopped_with_ctrl_c_says_the_same_command_resumes_it(quality, tmp
         quality.stage_run("joint", tmp_path / "etegrec-2024", 2024, "tiny", [], 1)
     assert str(stopped.value.code) == (f"etegrec-2024 was stopped (Ctrl-C): the same command resumes it from its last "
                                        f"checkpoint; its log is {tmp_path / 'etegrec-2024.log'}")
+
+
+def test_a_set_only_the_ablation_can_run_is_checked_with_its_own_keys(quality, tmp_path, monkeypatch, capsys):
+    """``codes.file`` needs the tokenizer off, which the ablation's runs add to every --set: accepted for
+    ``--models tiger``, refused for ETEGRec in one line naming the model, before anything runs."""
+    codes = tmp_path / "item_codes.tsv"
+    codes.write_text("item_id\tc0\n")
+    argv = ["quality.py", "--config", "tiny", "--seeds", "2024", "--runs", str(tmp_path / "runs"),
+            "--output", str(tmp_path / "quality.json"), "--summarise-only", "--set", f"codes.file={codes}"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--models", "tiger"])
+    quality.main()  # accepted: it summarises (no runs yet)
+    out = capsys.readouterr()
+    assert f"no runs under {tmp_path / 'runs'}" in out.out and not out.err
+    assert f"nothing measured: {tmp_path / 'quality.json'} not written" in out.out  # no empty table over a results file
+    assert not (tmp_path / "quality.json").exists()
+    monkeypatch.setattr(sys, "argv", [*argv, "--models", "tiger", "etegrec"])
+    with pytest.raises(SystemExit) as stopped:
+        quality.main()
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"quality.py: error: --models etegrec: config key 'codes.file' is {str(codes)!r}, which "
+                          "needs joint.train_tokenizer=false (got True)")
+    assert not (tmp_path / "runs").exists()
