@@ -139,6 +139,7 @@ class JointConfig:
     id_trains_rec: bool = False  # tokenizer epochs train the recommender too (paper: it is frozen in them)
     id_until_epoch: int | None = None  # tokenizer epochs only before this epoch, fixed codes from it on; None: all run
     finetune_epochs: int = 0
+    second_pass: bool = False  # a fresh recommender trains on the codes the alternating epochs chose (fixed)
     targets: str = "last"  # "last": one target per history (paper); "all": a target after every item of a window
     window_stride: int | None = None  # with targets "all": new targets per window; None = data.max_his_len
     shuffle_ties: bool = False  # reorder same-timestamp training items at random every epoch

@@ -98,6 +98,9 @@ KEY_DOCS = {
                             "joint epoch trains the recommender; the tokenizer's cosine schedule spans only its "
                             "epochs before it; null: the whole joint phase",
     "joint.finetune_epochs": "recommender-only epochs on fixed codes after the joint phase",
+    "joint.second_pass": "true: the alternating epochs only choose the codes; a fresh recommender then trains on the "
+                         "codes of their best checkpoint, fixed, for joint.epochs epochs (phase 'second') and the "
+                         "fine-tuning, and is the run's model (needs joint.train_tokenizer)",
     "joint.targets": "last: one target per history (paper); all: a target after every item of a window",
     "joint.window_stride": "with targets all: new targets per window; null = data.max_his_len",
     "joint.shuffle_ties": "reorder same-timestamp training items at random every epoch",

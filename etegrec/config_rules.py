@@ -114,6 +114,9 @@ def check_config(config: Any) -> None:
         raise ConfigError(f"config key 'recommender.code_init' is 'tokenizer', which needs recommender.d_model "
                           f"({config.recommender.d_model}) equal to tokenizer.e_dim ({config.tokenizer.e_dim}): "
                           "the code embeddings start as the codebooks' vectors")
+    if config.joint.second_pass and not config.joint.train_tokenizer:
+        raise ConfigError("config key 'joint.second_pass' is true, which needs joint.train_tokenizer=true: the second "
+                          "pass trains a fresh recommender on the codes the tokenizer epochs chose")
     if config.codes.file is not None:
         _check_code_file(config)
     joint_stride = config.joint.window_stride

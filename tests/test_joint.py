@@ -433,6 +433,55 @@ def test_the_usage_deficit_trains_the_tokenizer_in_its_epochs_once_the_alignment
             assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.tokenizer.encoder.parameters())
 
 
+def test_a_second_pass_trains_a_fresh_recommender_on_the_codes_the_alternating_epochs_chose(joint_run, tmp_path,
+                                                                                            monkeypatch):
+    monkeypatch.setenv("ETEGREC_HOME", str(joint_run["root"] / "home"))  # reuse the cached earlier stages
+    config = load_config("tiny", [f"data.data_path={joint_run['inter']}", *OVERRIDES, "joint.second_pass=true",
+                                  "recommender.encoder_input=items", "recommender.item_embedding=embed"])
+    started = {}
+    original = JointTrainer.start_second_pass
+
+    def spy(trainer):  # what the second pass starts from, against a recommender built afresh from the same seed
+        before = torch.get_rng_state()
+        original(trainer)
+        after = torch.get_rng_state()
+        torch.set_rng_state(before)
+        started["fresh"] = trainer._new_recommender().state_dict()
+        torch.set_rng_state(after)
+        started["model"] = {k: v.clone() for k, v in trainer.recommender.state_dict().items()}
+        started["optimiser"], started["step"] = dict(trainer.opt_rec.state), trainer.sched_rec.last_epoch
+        started["best_epoch"], started["codes"] = trainer.stopping.best_epoch, trainer.codes[1:].tolist()
+
+    monkeypatch.setattr(JointTrainer, "start_second_pass", spy)
+    with signals.recording(signals.epoch_end, signals.codes_assigned, signals.evaluated) as events:
+        result = run_stage(JOINT, config, output_dir=tmp_path / "run", wandb_mode="disabled")
+    events = [e for e in events if e.payload.get("stage") == "joint"]
+    ends = [e.payload for e in events if e.signal == "epoch_end"]
+    assert [e["phase"] for e in ends] == ["id", "rec", "id", "rec", "second", "second", "second", "second", "finetune"]
+    assert all(set(e["losses"]) == {"code_loss", "loss_total"} for e in ends[4:])  # no tokenizer, no alignment
+    assigned = [e.payload for e in events if e.signal == "codes_assigned"]
+    assert [e["epoch"] for e in assigned] == [0, 1, 3]  # codes move in the alternating epochs only
+    # the fresh start: the weights a new build gives (item vectors from the SASRec stage), a new optimiser and
+    # schedule, and model selection from scratch
+    assert started["model"].keys() == started["fresh"].keys()
+    assert all(torch.equal(started["model"][k], started["fresh"][k]) for k in started["fresh"])
+    assert started["optimiser"] == {} and started["step"] == 0 and started["best_epoch"] == -1
+    # on the codes of the alternating epochs' best checkpoint: those in use after the last refresh before it
+    valid = {e.payload["epoch"]: e.payload["metrics"]["ndcg@10"] for e in events
+             if e.signal == "evaluated" and e.payload["split"] == "valid"}
+    first_best = max(range(4), key=lambda epoch: (valid[epoch], -epoch))
+    chosen = [e for e in assigned if e["epoch"] <= first_best + 1][-1]
+    assert started["codes"] == np.asarray(chosen["codes"]).tolist()
+    in_use = np.loadtxt(tmp_path / "run" / "item_codes.tsv", dtype=str, delimiter="\t", skiprows=1)
+    assert in_use[:, 1:].astype(int).tolist() == started["codes"]
+    # the run's model is the second pass's: its best epoch and its validation score
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["best_epoch"] >= 4
+    assert result["valid"]["ndcg@10"] == max(valid[epoch] for epoch in range(4, 9))
+    with pytest.raises(ConfigError, match="'joint.second_pass' is true, which needs joint.train_tokenizer=true"):
+        load_config("tiny", ["joint.second_pass=true", "joint.train_tokenizer=false"])
+
+
 FILE_CODES = ["joint.train_tokenizer=false", "losses.rec_kl_weight=0", "losses.rec_dec_cl_weight=0"]
 
 

@@ -181,6 +181,28 @@ def test_every_record_after_a_resume_carries_the_uninterrupted_runs_payload(work
     _assert_same_records(events, reference)
 
 
+def test_a_run_stopped_in_its_second_pass_resumes_with_the_fresh_recommender_and_repeats_every_record(workspace):
+    # joint.second_pass: epochs 0-3 alternate, 4-7 train a fresh recommender (its own optimiser, schedule and
+    # model selection, none of which the first pass's state holds), 8 fine-tunes; Ctrl-C in the middle of epoch 4
+    second = ("--wandb-mode", "disabled", "--set", "joint.second_pass=true")
+    reference = _joint(workspace, "second-reference", *second)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_dir = workspace / "second-stopped"
+    stopped = _joint(workspace, run_dir.name, *second, "--subscriber", _stopper(workspace, "SIGINT", epoch=4))
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    state = read_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["second_pass"] and state["progress"]["step"] > 0 and state["early_stopping"]["best_epoch"] == -1
+    resumed = _joint(workspace, run_dir.name, *second, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    events = _payloads(read_events(run_dir / "events.jsonl"), run_dir)
+    ref = _payloads(read_events(workspace / "second-reference" / "events.jsonl"), workspace / "second-reference")
+    assert [e["phase"] for e in ref if e["signal"] == "epoch_end"] == ["id", "rec"] * 2 + ["second"] * 4 + ["finetune"]
+    end = next(i for i, e in enumerate(events) if e["signal"] == "run_finished")
+    assert [e["signal"] for e in events[end - 1:end + 2]] == ["checkpoint_saved", "run_finished", "run_started"]
+    del events[end - 1:end + 2]
+    _assert_same_records(events, ref)
+
+
 def test_the_same_command_on_two_threads_repeats_every_record(workspace):
     # two threads add the gradients of repeated rows (code embeddings, gathered encoder states) in parallel
     # once a batch has enough of them (64 samples here; 16 stay on one thread); run.deterministic (the

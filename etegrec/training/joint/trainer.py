@@ -8,6 +8,10 @@ weights (``losses``). Item codes come from ``etegrec.forge.get_code`` (with FORG
 after every tokenizer epoch; with ``codes.margin`` an item keeps its code unless the nearest is clearly
 closer. Validation by beam search, early stopping on NDCG@10, optional fine-tuning of the
 recommender alone on fixed codes (from the best checkpoint), and a final test with the best checkpoint.
+
+With ``joint.second_pass`` the alternating epochs only choose the codes: a fresh recommender then trains on
+the codes of their best checkpoint, fixed, for ``joint.epochs`` epochs (phase ``second``) and the fine-tuning,
+and validation, the best checkpoint and the test are its own.
 """
 from __future__ import annotations
 
@@ -78,18 +82,19 @@ class JointTrainer(BeamEvaluation, StageTrainer):
             self.item_emb[1:] = self.item_emb[torch.as_tensor(order, device=device)]
         self.tokenizer = build_tokenizer(config.tokenizer, self.item_emb.shape[1]).to(device)
         self.tokenizer.load_state_dict(tokenizer_state)
-        self.recommender = build_recommender(config, self.tokenizer, semantic_dim=self.item_emb.shape[1],
-                                             num_items=data.n_items, embeddings=embeddings).to(device)
+        self.embeddings = embeddings  # the SASRec stage's: a second pass's fresh recommender starts from them too
+        self.recommender = self._new_recommender()
         # with joint.ema_decay: validation, the best checkpoint and the test score the averaged weights
         self.average = WeightAverage(self.recommender, cfg.ema_decay) if cfg.ema_decay else None
         self._samples(epoch=0)
         self.opt_id = torch.optim.AdamW(self.tokenizer.parameters(), lr=cfg.lr_id, weight_decay=cfg.weight_decay)
-        self.opt_rec = torch.optim.AdamW(self._rec_param_groups(), lr=cfg.lr_rec, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = len(self._batches(0))
         id_epochs = sum(phase == "id" for phase in self.segments()[0])
-        rec_epochs = cfg.epochs - (0 if cfg.id_trains_rec else id_epochs) + cfg.finetune_epochs
         self.sched_id = self._schedule(self.opt_id, id_epochs)
-        self.sched_rec = self._schedule(self.opt_rec, rec_epochs)
+        # the schedule of a run without the second pass (its fine-tuning included), so that the alternating
+        # epochs, and the codes they choose, are the same with and without it
+        self._rec_optimiser(cfg.epochs - (0 if cfg.id_trains_rec else id_epochs) + cfg.finetune_epochs)
+        self.second_pass_started = False
         self.codes: torch.Tensor | None = None  # (n_items + 1, L + 1), row 0 = padding
         self.trie: CodeTrie | None = None
         self.codes_changed = 1.0  # share of items whose code changed at the last refresh
@@ -101,6 +106,33 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         self.alignment = Alignment(config, self.tokenizer, self.item_emb, self.hooks)
 
     # --- pieces of the loop -------------------------------------------------------------------
+
+    def _new_recommender(self):
+        """A recommender with freshly initialised weights (its item vectors from the SASRec stage's embeddings)."""
+        return build_recommender(self.config, self.tokenizer, semantic_dim=self.item_emb.shape[1],
+                                 num_items=self.data.n_items, embeddings=self.embeddings
+                                 ).to(self.run.accelerator.device)
+
+    def _rec_optimiser(self, epochs: int) -> None:
+        """A new optimiser for the recommender, its learning rate warmed up then decayed over ``epochs``."""
+        cfg = self.config.joint
+        self.opt_rec = torch.optim.AdamW(self._rec_param_groups(), lr=cfg.lr_rec, weight_decay=cfg.weight_decay)
+        self.sched_rec = self._schedule(self.opt_rec, epochs)
+
+    def start_second_pass(self) -> None:
+        """``joint.second_pass``: keep the codes of the alternating epochs' best checkpoint and start the
+        recommender afresh on them (new weights, optimiser, schedule, weight average and model selection)."""
+        cfg = self.config.joint
+        self.load_state_dict(self.run.files.load_best())  # its codes (and tokenizer) are the ones kept
+        with torch.no_grad():
+            self.recommender.load_state_dict(self._new_recommender().state_dict())
+        self._use_codes()
+        self._rec_optimiser(cfg.epochs + cfg.finetune_epochs)
+        if self.average is not None:
+            self.average.restart()
+        evaluation = self.config.evaluation
+        self.stopping = EarlyStopping("ndcg@10", mode="max", patience=evaluation.patience)
+        self.second_pass_started, self.codes_changed = True, 0.0
 
     def _rec_param_groups(self) -> list[dict]:
         """The recommender's parameters; its repeat bias (one number per code position, in logit units)
@@ -150,7 +182,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         return batches[:keep]
 
     def weights(self, phase: str, epoch: int) -> dict[str, float]:
-        """Each loss part's weight in ``phase`` (id, rec, finetune) at ``epoch``; the alignment losses are
+        """Each loss part's weight in ``phase`` (id, rec, second, finetune) at ``epoch``; the alignment losses are
         off before ``losses.align_from_epoch``, and so is the tokenizer's code-usage deficit."""
         cfg = self.config.losses
         if phase == "id":
@@ -161,7 +193,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         elif phase == "rec":
             weights = {"code_loss": cfg.rec_code_weight, "kl_loss": cfg.rec_kl_weight,
                        "dec_cl_loss": cfg.rec_dec_cl_weight}
-        else:  # fine-tuning: the recommender alone, on fixed codes
+        else:  # fine-tuning and the second pass: the recommender alone, on fixed codes
             weights = {"code_loss": cfg.rec_code_weight}
         if cfg.rec_item_weight and self.trains_rec(phase):
             weights["item_loss"] = cfg.rec_item_weight
@@ -268,10 +300,11 @@ class JointTrainer(BeamEvaluation, StageTrainer):
     # --- what fit_stage asks for ----------------------------------------------------------------
 
     def segments(self) -> list[list[str]]:
-        """The alternating epochs, then the fine-tuning epochs."""
+        """The alternating epochs, (with ``joint.second_pass``: the second pass's,) then the fine-tuning epochs."""
         cfg = self.config.joint
-        return [[phase_of(e, cfg.cycle, cfg.train_tokenizer, cfg.id_until_epoch) for e in range(cfg.epochs)],
-                ["finetune"] * cfg.finetune_epochs]
+        alternating = [phase_of(e, cfg.cycle, cfg.train_tokenizer, cfg.id_until_epoch) for e in range(cfg.epochs)]
+        second = [["second"] * cfg.epochs] if cfg.second_pass else []
+        return [alternating, *second, ["finetune"] * cfg.finetune_epochs]
 
     def begin(self, resumed: bool) -> None:
         if resumed:
@@ -284,13 +317,18 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         self._use_codes()
 
     def start_segment(self, segment: int) -> None:
-        if segment == 1 and self.stopping.best_epoch >= 0:  # fine-tuning starts from the best checkpoint
+        if segment == 1 and self.config.joint.second_pass:
+            self.start_second_pass()
+        elif segment >= 1 and self.stopping.best_epoch >= 0:  # fine-tuning starts from the best checkpoint
             self.load_state_dict(self.run.files.load_best())
 
     def check_lengthened(self, position: LoopPosition) -> None:
-        """Raises: ConfigError: ``joint.epochs`` raised after fine-tuning has begun (lengthen the fine-tuning)."""
-        if position.segment == 1 and "joint.epochs" in self.run.lengthened and self.config.joint.finetune_epochs:
-            raise ConfigError("--resume: joint.epochs cannot grow once fine-tuning has begun; raise "
+        """Raises: ConfigError: ``joint.epochs`` raised after the alternating epochs have ended, where it would
+        lengthen epochs already trained (lengthen the fine-tuning instead)."""
+        cfg = self.config.joint
+        if position.segment >= 1 and "joint.epochs" in self.run.lengthened and (cfg.finetune_epochs or cfg.second_pass):
+            later = "the second pass" if cfg.second_pass else "fine-tuning"
+            raise ConfigError(f"--resume: joint.epochs cannot grow once {later} has begun; raise "
                               "joint.finetune_epochs to train this run longer")
 
     def train_one_epoch(self, epoch: int, phase: str, progress: EpochProgress | None = None) -> None:
@@ -338,7 +376,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         state = {"tokenizer": self.tokenizer.state_dict(), "recommender": self.recommender.state_dict(),
                  "codes": self.codes.cpu(), "codes_changed": self.codes_changed, "opt_id": self.opt_id.state_dict(),
                  "opt_rec": self.opt_rec.state_dict(), "sched_id": self.sched_id.state_dict(),
-                 "sched_rec": self.sched_rec.state_dict()}
+                 "sched_rec": self.sched_rec.state_dict(), "second_pass": self.second_pass_started}
         if self.average is not None:
             state["recommender_live"], state["recommender"] = state["recommender"], self.average.averaged_state_dict()
         return state
@@ -358,6 +396,9 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         self.codes = state["codes"].to(self.run.accelerator.device)
         self._use_codes()
         if resume:
+            if state.get("second_pass") and not self.second_pass_started:  # its optimiser, with its schedule
+                self._rec_optimiser(self.config.joint.epochs + self.config.joint.finetune_epochs)
+                self.second_pass_started = True
             for name in ("opt_id", "opt_rec", "sched_id", "sched_rec"):
                 getattr(self, name).load_state_dict(state[name])
             # what the probes report until the next refresh; unknown in checkpoints written before it was kept
