@@ -441,13 +441,13 @@ def test_a_second_pass_trains_a_fresh_recommender_on_the_codes_the_alternating_e
     started = {}
     original = JointTrainer.start_second_pass
 
-    def spy(trainer):  # what the second pass starts from, against a recommender built afresh from the same seed
+    def spy(trainer):  # what the second pass starts from, against a recommender built afresh from the run's seed
         before = torch.get_rng_state()
         original(trainer)
-        after = torch.get_rng_state()
-        torch.set_rng_state(before)
-        started["fresh"] = trainer._new_recommender().state_dict()
-        torch.set_rng_state(after)
+        started["rng_untouched"] = torch.equal(torch.get_rng_state(), before)  # training's random stream goes on
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(trainer.config.run.seed)
+            started["fresh"] = trainer._new_recommender().state_dict()
         started["model"] = {k: v.clone() for k, v in trainer.recommender.state_dict().items()}
         started["optimiser"], started["step"] = dict(trainer.opt_rec.state), trainer.sched_rec.last_epoch
         started["best_epoch"], started["codes"] = trainer.stopping.best_epoch, trainer.codes[1:].tolist()
@@ -466,6 +466,7 @@ def test_a_second_pass_trains_a_fresh_recommender_on_the_codes_the_alternating_e
     assert started["model"].keys() == started["fresh"].keys()
     assert all(torch.equal(started["model"][k], started["fresh"][k]) for k in started["fresh"])
     assert started["optimiser"] == {} and started["step"] == 0 and started["best_epoch"] == -1
+    assert started["rng_untouched"]
     # on the codes of the alternating epochs' best checkpoint: those in use after the last refresh before it
     valid = {e.payload["epoch"]: e.payload["metrics"]["ndcg@10"] for e in events
              if e.signal == "evaluated" and e.payload["split"] == "valid"}

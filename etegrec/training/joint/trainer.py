@@ -124,7 +124,8 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         recommender afresh on them (new weights, optimiser, schedule, weight average and model selection)."""
         cfg = self.config.joint
         self.load_state_dict(self.run.files.load_best())  # its codes (and tokenizer) are the ones kept
-        with torch.no_grad():
+        with torch.random.fork_rng(devices=[]):  # drawn from the run's seed: the same weights on every rank and
+            torch.manual_seed(self.config.run.seed)  # after a resume, and training's own random stream goes on as it was
             self.recommender.load_state_dict(self._new_recommender().state_dict())
         self._use_codes()
         self._rec_optimiser(cfg.epochs + cfg.finetune_epochs)
