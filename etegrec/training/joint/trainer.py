@@ -101,7 +101,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         evaluation = config.evaluation
         self.prober = Prober(data, users=evaluation.probe_users, seed=config.run.seed) if evaluation.probe_users else None
         self.eval_every = evaluation.every_epochs
-        self.stopping = EarlyStopping("ndcg@10", mode="max", patience=evaluation.patience)
+        self.stopping = self._new_stopping()
         self.hooks = CodebookHooks(self.tokenizer, stage=self.stage, sender=self)
         self.alignment = Alignment(config, self.tokenizer, self.item_emb, self.hooks)
 
@@ -113,6 +113,13 @@ class JointTrainer(BeamEvaluation, StageTrainer):
                                  num_items=self.data.n_items, embeddings=self.embeddings
                                  ).to(self.run.accelerator.device)
 
+    def _new_stopping(self) -> EarlyStopping:
+        return EarlyStopping("ndcg@10", mode="max", patience=self.config.evaluation.patience)
+
+    def _second_pass_epochs(self) -> int:
+        """The epochs the second pass's learning-rate schedule spans: its own and the fine-tuning."""
+        return self.config.joint.epochs + self.config.joint.finetune_epochs
+
     def _rec_optimiser(self, epochs: int) -> None:
         """A new optimiser for the recommender, its learning rate warmed up then decayed over ``epochs``."""
         cfg = self.config.joint
@@ -122,17 +129,14 @@ class JointTrainer(BeamEvaluation, StageTrainer):
     def start_second_pass(self) -> None:
         """``joint.second_pass``: keep the codes of the alternating epochs' best checkpoint and start the
         recommender afresh on them (new weights, optimiser, schedule, weight average and model selection)."""
-        cfg = self.config.joint
         self.load_state_dict(self.run.files.load_best())  # its codes (and tokenizer) are the ones kept
         with torch.random.fork_rng(devices=[]):  # drawn from the run's seed: the same weights on every rank and
             torch.manual_seed(self.config.run.seed)  # after a resume, and training's own random stream goes on as it was
-            self.recommender.load_state_dict(self._new_recommender().state_dict())
-        self._use_codes()
-        self._rec_optimiser(cfg.epochs + cfg.finetune_epochs)
+            self.recommender.load_state_dict(self._new_recommender().state_dict())  # the trie in use stays
+        self._rec_optimiser(self._second_pass_epochs())
         if self.average is not None:
             self.average.restart()
-        evaluation = self.config.evaluation
-        self.stopping = EarlyStopping("ndcg@10", mode="max", patience=evaluation.patience)
+        self.stopping = self._new_stopping()
         self.second_pass_started, self.codes_changed = True, 0.0
 
     def _rec_param_groups(self) -> list[dict]:
@@ -398,7 +402,7 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         self._use_codes()
         if resume:
             if state.get("second_pass") and not self.second_pass_started:  # its optimiser, with its schedule
-                self._rec_optimiser(self.config.joint.epochs + self.config.joint.finetune_epochs)
+                self._rec_optimiser(self._second_pass_epochs())
                 self.second_pass_started = True
             for name in ("opt_id", "opt_rec", "sched_id", "sched_rec"):
                 getattr(self, name).load_state_dict(state[name])
