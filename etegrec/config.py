@@ -88,6 +88,8 @@ class TokenizerConfig:
     dropout: float = 0.0
     kmeans_init: bool = True
     standardize: bool = True  # feed the tokenizer z-scored item embeddings (each dimension mean 0, std 1)
+    attributes: str | None = None  # item attributes file appended to what it reads; "dataset": the named dataset's
+    attribute_dims: int = 128  # width of the attribute block (principal directions of the items' attributes)
 
 
 @dataclass

@@ -51,6 +51,11 @@ KEY_DOCS = {
     "tokenizer.dropout": "RQ-VAE MLP dropout",
     "tokenizer.kmeans_init": "initialise each codebook by k-means on its layer's residuals",
     "tokenizer.standardize": "z-score the item embeddings (each dimension) before the tokenizer reads them",
+    "tokenizer.attributes": "item attributes the tokenizer reads beside each embedding: a file in S3-Rec's "
+                            "item2attributes.json format, or 'dataset' for the named dataset's (amazon-beauty, "
+                            "amazon-sports); null: the embeddings alone",
+    "tokenizer.attribute_dims": "width of the attribute block: the items' TF-IDF attributes on their first N "
+                                "principal directions, scaled to weigh as much as the embedding",
     "rqvae.lr": "tokenizer pretraining learning rate (AdamW)",
     "rqvae.weight_decay": "tokenizer pretraining weight decay",
     "rqvae.batch_size": "items per pretraining batch",

@@ -34,7 +34,7 @@ _POSITIVE = {
     "min_count", "max_his_len", "max_users", "hidden", "n_layers", "n_heads", "batch_size", "epochs", "patience",
     "eval_step", "e_dim", "num_layers", "codebook_size", "num_decoder_layers", "d_model", "d_ff", "num_heads",
     "d_kv", "cycle", "sample_fraction", "cl_temperature", "beam_size", "top_k", "window_stride", "every_epochs",
-    "negatives", "id_until_epoch",
+    "negatives", "id_until_epoch", "attribute_dims",
 }
 _NON_NEGATIVE = {
     "lr", "lr_rec", "lr_id", "lr_item_embedding", "weight_decay", "dropout", "item_dropout", "beta", "align_from_epoch", "lr_warmup_epochs", "max_grad_norm",

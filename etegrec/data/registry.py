@@ -1,7 +1,8 @@
 """The named datasets that are downloaded on first use: where each file comes from and its sha256.
 
 ``amazon-beauty`` and ``amazon-sports`` are the Amazon 2014 sets as S3-Rec prepared them (the
-files TIGER, P5 and LETTER measure on), with P5's id maps; ``amazon-instruments`` is LC-Rec's Amazon
+files TIGER, P5 and LETTER measure on), with P5's id maps and, fetched only when a config asks for
+them (``tokenizer.attributes: dataset``), S3-Rec's item attributes; ``amazon-instruments`` is LC-Rec's Amazon
 2018 Musical Instruments set (LETTER, LC-Rec) with its id maps. Each file is fetched from the
 repository and commit named here and checked against its sha256, so a moved branch or a changed
 file can never change the data silently. ``$ETEGREC_DATA_MIRROR`` replaces the base URL
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from .errors import DataError
 
-__all__ = ["DATASETS", "MIRROR_ENV", "NamedDataset", "RemoteFile", "fetch_named"]
+__all__ = ["DATASETS", "MIRROR_ENV", "NamedDataset", "RemoteFile", "fetch_attributes", "fetch_named", "file_sha256"]
 
 MIRROR_ENV = "ETEGREC_DATA_MIRROR"
 DEFAULT_MIRROR = "https://raw.githubusercontent.com"
@@ -44,17 +45,19 @@ class RemoteFile:
 
 @dataclass(frozen=True)
 class NamedDataset:
-    """A dataset known by name: its files (the interaction file first, then its id maps) and the
-    named config it is meant to run with."""
+    """A dataset known by name: its files (the interaction file first, then its id maps), the
+    named config it is meant to run with, and its item attributes file, if one is published."""
 
     files: tuple[RemoteFile, ...]
     config: str
+    attributes: RemoteFile | None = None
 
 
 _ICLREC = ("salesforce/ICLRec", "2890e6c3ff6a22c6699fc19cb863b66786c1cde4")  # S3-Rec's sequence files
 _P5 = ("Wenyueh/LLM-RecSys-ID", "2200ad9fef647ef755c01d6d7e5c5de3082606c5")  # P5's datamaps.json
 _LETTER = ("HonghuiBao2000/LETTER", "8d0154e28de37dbb6e24871c508ad8ddb1921cda")
 _GENREC = ("WncFht/GenRec", "6b50a813e071f6e31b4052319f1b723ea01a934f")  # LC-Rec's id maps for it
+_S3REC = ("aHuiWang/CIKM2020-S3Rec", "e6c774da92dba847b00ac89e8bfc5c55cc44d378")  # item attributes
 
 DATASETS: dict[str, NamedDataset] = {
     "amazon-beauty": NamedDataset(config="amazon", files=(
@@ -62,13 +65,16 @@ DATASETS: dict[str, NamedDataset] = {
                    "226cce9c3105299ca0db9615d7d3fb32b3175e90da43100ae352599f0f0107b8"),
         RemoteFile("datamaps.json", *_P5, "data/beauty/datamaps.json",
                    "715ab04838ff1ba21238475ed453a89e8c30aa6214b904d27a79e4168fc7b612"),
-    )),
+    ), attributes=RemoteFile("Beauty_item2attributes.json", *_S3REC, "data/Beauty_item2attributes.json",
+                             "129e40f67486f6877eff0f5318cfa8530ee8ac23d8b0d1de04e1bb7a2ba0b2d4")),
     "amazon-sports": NamedDataset(config="amazon", files=(
         RemoteFile("Sports_and_Outdoors.txt", *_ICLREC, "data/Sports_and_Outdoors.txt",
                    "2a095e0648872beb9982408958290f5d655db5be2911c3756b5446de9f0b8de2"),
         RemoteFile("datamaps.json", *_P5, "data/sports/datamaps.json",
                    "4a4d9785ab99a89a499f25023892a647a2280086041c9c9d7169c9dc2ee0b715"),
-    )),
+    ), attributes=RemoteFile("Sports_and_Outdoors_item2attributes.json", *_S3REC,
+                             "data/Sports_and_Outdoors_item2attributes.json",
+                             "7fb10733ac4f1811384a52144cdefa7fcc7536fa80a7232c5da9bd789155c34b")),
     "amazon-instruments": NamedDataset(config="amazon", files=(
         RemoteFile("Instruments.inter.json", *_LETTER, "data/Instruments/Instruments.inter.json",
                    "0a11d47791d90483005da93c36d826679e20e4592d1d2b86518d5f56f218e743"),
@@ -80,7 +86,8 @@ DATASETS: dict[str, NamedDataset] = {
 }
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of the file at ``path``, in hex."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -99,17 +106,36 @@ def fetch_named(name: str, raw_dir: Path) -> Path:
             (the message says which file to put where, from which URL).
     """
     dataset = DATASETS[name]
-    for file in dataset.files:
+    _fetch(name, dataset.files, raw_dir)
+    return raw_dir / dataset.files[0].name
+
+
+def fetch_attributes(name: str, raw_dir: Path) -> Path:
+    """The item attributes file of named dataset ``name`` in ``raw_dir``, verified (fetched like :func:`fetch_named`).
+
+    Raises:
+        DataError: ``name`` publishes no attributes file, or as :func:`fetch_named`.
+    """
+    dataset = DATASETS.get(name)
+    if dataset is None or dataset.attributes is None:
+        having = ", ".join(n for n, d in DATASETS.items() if d.attributes is not None)
+        raise DataError(f"dataset {name!r} has no published item attributes file (tokenizer.attributes: dataset "
+                        f"is for {having}); give the path of an attributes file instead")
+    _fetch(name, (dataset.attributes,), raw_dir)
+    return raw_dir / dataset.attributes.name
+
+
+def _fetch(name: str, files: tuple[RemoteFile, ...], raw_dir: Path) -> None:
+    for file in files:
         dest = raw_dir / file.name
         if dest.exists():
-            got = _sha256(dest)
+            got = file_sha256(dest)
             if got != file.sha256:
                 raise DataError(f"{dest}: sha256 {got} is not the expected {file.sha256} of {name}'s {file.name}; "
                                 f"delete it to download it again, or put the file from {file.url()} there")
-    missing = [file for file in dataset.files if not (raw_dir / file.name).exists()]
+    missing = [file for file in files if not (raw_dir / file.name).exists()]
     for file in missing:
         _download(name, file, raw_dir, missing)
-    return raw_dir / dataset.files[0].name
 
 
 def _download(name: str, file: RemoteFile, raw_dir: Path, missing: list[RemoteFile]) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import DataError
 
-__all__ = ["IdMap", "lcrec_rows", "map_files", "s3rec_rows"]
+__all__ = ["IdMap", "item_id_map", "lcrec_rows", "map_files", "s3rec_rows"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,15 @@ def map_files(source: Path, fmt: str) -> list[Path]:
     elif fmt == "lcrec":
         files = list(_lcrec_files(source).values())
     return [file for file in files if file.exists()]
+
+
+def item_id_map(source: Path, fmt: str) -> IdMap | None:
+    """The item id map the reader of ``fmt`` applies to ``source``'s items; None when it applies none."""
+    if fmt == "s3rec":
+        return _p5_datamaps(source)[1]
+    if fmt == "lcrec":
+        return _lcrec_maps(source)[1]
+    return None
 
 
 def _p5_file(source: Path) -> Path:

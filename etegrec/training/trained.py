@@ -20,7 +20,7 @@ from etegrec.models import RQVAE, CodeTrie, T5Recommender
 from .joint import JOINT
 from .joint.evaluation import beam_recommend
 from .joint.recommender import build_recommender
-from .rqvae.tokenizer import build_tokenizer
+from .rqvae.tokenizer import build_tokenizer, input_width
 from .run.checkpoint import read_checkpoint
 from .run.item_codes import read_item_codes
 
@@ -118,9 +118,9 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Trai
         raise ConfigError(f"{str(run_dir / 'item_codes.tsv')!r} does not hold the codes of checkpoints/best.pt; "
                           "the directory mixes two runs")
     try:
-        tokenizer = build_tokenizer(config.tokenizer, config.embed.hidden)
+        tokenizer = build_tokenizer(config.tokenizer, input_width(config))
         tokenizer.load_state_dict(state["tokenizer"])
-        recommender = build_recommender(config, tokenizer, semantic_dim=config.embed.hidden, num_items=len(item_ids))
+        recommender = build_recommender(config, tokenizer, semantic_dim=input_width(config), num_items=len(item_ids))
         recommender.load_state_dict(state["recommender"])
     except (RuntimeError, KeyError) as exc:  # the models the config builds are not the checkpoint's
         first = " ".join(str(exc).split())[:160]

@@ -31,7 +31,7 @@ from etegrec.forge import get_code
 from etegrec.hooks.codebook import CodebookHooks
 from etegrec.models import CodeTrie, RecommenderOutput, code_loss, usage_deficit, window_targets
 
-from ..rqvae.tokenizer import build_tokenizer, tokenizer_inputs
+from ..rqvae.tokenizer import attribute_block, build_tokenizer, tokenizer_inputs
 from ..run import EarlyStopping, EpochProgress, LoopPosition, Run, StageTrainer, shuffled_batches, train_epoch
 from ..run.evaluation import check_same_on_every_rank
 from ..run.item_codes import codes_for_items
@@ -76,7 +76,8 @@ class JointTrainer(BeamEvaluation, StageTrainer):
         self.config, self.run, self.data = config, run, data
         acc, cfg = run.accelerator, config.joint
         device = acc.device
-        self.item_emb = torch.as_tensor(tokenizer_inputs(config.tokenizer, embeddings), device=device)  # (n_items + 1, d)
+        inputs = tokenizer_inputs(config.tokenizer, embeddings, attribute_block(config, data))
+        self.item_emb = torch.as_tensor(inputs, device=device)  # (n_items + 1, d)
         if config.codes.shuffled:  # the control of codes.shuffled: item i's codes are those of another item's embedding
             order = np.random.default_rng([config.run.seed, 0x5EED]).permutation(data.n_items) + 1
             self.item_emb[1:] = self.item_emb[torch.as_tensor(order, device=device)]

@@ -1,7 +1,7 @@
 """Stage 2: RQ-VAE tokenizer pretraining (``python -m etegrec.training.rqvae``).
 
 Trains the RQ-VAE (built in :mod:`.tokenizer`) on the SASRec item embeddings (built first, and
-cached, when missing); the trainer is :class:`.trainer.RQVAETrainer`. Every ``eval_step`` epochs
+cached, when missing), and the items' attributes where ``tokenizer.attributes`` names them; the trainer is :class:`.trainer.RQVAETrainer`. Every ``eval_step`` epochs
 it reports the collision rate and the Gini coefficient of code usage per layer; keeps the
 best-collision and the last checkpoint; stops after ``patience`` evaluations without improvement.
 Its product, for the joint stage, is the best checkpoint's tokenizer (:func:`load_tokenizer`).
@@ -20,11 +20,11 @@ from ..embed import EMBED
 from ..run.checkpoint import read_checkpoint
 from ..run.cli import stage_main
 from ..stage import Stage
-from .tokenizer import build_tokenizer, tokenizer_inputs
+from .tokenizer import attribute_block, build_tokenizer, input_width, tokenizer_inputs
 from .trainer import RQVAETrainer, code_quality, tokenize_all
 
-__all__ = ["RQVAE", "RQVAETrainer", "build_tokenizer", "code_quality", "load_tokenizer", "main", "tokenize_all",
-           "tokenizer_inputs"]
+__all__ = ["RQVAE", "RQVAETrainer", "attribute_block", "build_tokenizer", "code_quality", "input_width",
+           "load_tokenizer", "main", "tokenize_all", "tokenizer_inputs"]
 
 
 def load_tokenizer(run_dir: Path, config: Config, data: SequenceData, embeddings: np.ndarray) -> dict:
@@ -32,11 +32,11 @@ def load_tokenizer(run_dir: Path, config: Config, data: SequenceData, embeddings
 
     Raises:
         DataError: a checkpoint whose tensors do not fit the tokenizer the config builds for
-            ``embeddings``, named with both shapes.
+            ``embeddings`` (and the attributes it names), named with both shapes.
     """
     path = Path(run_dir) / "checkpoints" / "best.pt"
     state = read_checkpoint(path, stage=RQVAE.name)["model"]
-    for name, tensor in build_tokenizer(config.tokenizer, embeddings.shape[1]).state_dict().items():
+    for name, tensor in build_tokenizer(config.tokenizer, input_width(config)).state_dict().items():
         found = state.get(name)
         if found is None or tuple(found.shape) != tuple(tensor.shape):
             shape = "missing" if found is None else f"of shape {list(found.shape)}"
@@ -51,10 +51,12 @@ RQVAE = Stage(
     summary="pretrain the RQ-VAE item tokenizer on the item embeddings (built first when missing)",
     sections=("tokenizer", "rqvae"), needs=(EMBED,),
     trainer=lambda config, run, data, embeddings: RQVAETrainer(config.tokenizer, config.rqvae, config.run, run,
-                                                                embeddings, data.item_map),
+                                                                embeddings, data.item_map,
+                                                                attributes=attribute_block(config, data)),
     load=load_tokenizer, project="ETEGRec-RQVAE-Pretrain",
     run_name=lambda config: f"{config.data.dataset}_layers{config.tokenizer.num_layers}_edim{config.tokenizer.e_dim}",
-    key_map=KeyMap(loss_key=plain_loss_key, split_prefix={"valid": "val", "test": "test"}))
+    key_map=KeyMap(loss_key=plain_loss_key, split_prefix={"valid": "val", "test": "test"}),
+    check=attribute_block)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,11 +54,12 @@ class RQVAETrainer(StageTrainer):
     epoch_bar = True
 
     def __init__(self, tokenizer: TokenizerConfig, cfg: RQVAEConfig, run_cfg: RunConfig, run: Run,
-                 embeddings: np.ndarray, item_ids: Sequence[str] | None = None) -> None:
+                 embeddings: np.ndarray, item_ids: Sequence[str] | None = None, *,
+                 attributes: np.ndarray | None = None) -> None:
         self.cfg, self.run_cfg, self.run = cfg, run_cfg, run
         self.item_ids = item_ids  # raw ids of items 1..n, for item_codes.tsv
         device = run.accelerator.device
-        inputs = tokenizer_inputs(tokenizer, embeddings)
+        inputs = tokenizer_inputs(tokenizer, embeddings, attributes)
         self.items = torch.as_tensor(inputs[1:], device=device)  # (n_items, d); row 0 = padding dropped
         self.model = build_tokenizer(tokenizer, self.items.shape[1]).to(device)
         if tokenizer.kmeans_init:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from etegrec.config import Config
-from etegrec.data import SequenceData, data_home, load_dataset
+from etegrec.data import SequenceData, attributes_path, data_home, file_sha256, load_dataset
 
 from ..stage import Stage
 
@@ -29,7 +29,8 @@ def load_stage_data(config: Config) -> SequenceData:
 
 # Keys added after stage caches existed, with the value that means "as before": left out of the
 # cache key at that value, so that adding them does not orphan every cached stage.
-ADDED_LATER = {"embed.repeat_bias": False, "embed.loss": "full", "embed.negatives": 1024}
+ADDED_LATER = {"embed.repeat_bias": False, "embed.loss": "full", "embed.negatives": 1024,
+               "tokenizer.attributes": None, "tokenizer.attribute_dims": 128}
 
 
 # Digests of prepared data that stage caches were made from before the digest joined the key (the
@@ -42,7 +43,8 @@ def stage_dir(config: Config, stage: Stage, data: SequenceData | str) -> Path:
     (:attr:`~etegrec.training.stage.Stage.key_sections`), the seed and the digest of the prepared
     ``data`` (a :class:`SequenceData` or its ``digest``) the stage trains on, so an edited data file
     never reuses a stage trained on the old content, and the same content under another
-    ``--data-path`` reuses it (the path itself is not in the key)."""
+    ``--data-path`` reuses it (the path itself is not in the key); ``tokenizer.attributes`` is
+    keyed the same way, by its file's sha256."""
     digest = data if isinstance(data, str) else data.digest
     payload = {s: dataclasses.asdict(getattr(config, s)) for s in ("data", *stage.key_sections)}
     if payload["data"]["data_path"] is not None:  # the digest stands for the file: a copy elsewhere is the same data
@@ -51,8 +53,12 @@ def stage_dir(config: Config, stage: Stage, data: SequenceData | str) -> Path:
         section, name = key.split(".")
         if section in payload and payload[section][name] == neutral:
             del payload[section][name]
+    if payload.get("tokenizer", {}).get("attributes"):  # the file's content, not its name, decides the tokenizer
+        path = attributes_path(config.tokenizer.attributes, config.data.dataset)
+        payload["tokenizer"]["attributes"] = "sha256:" + file_sha256(path)
     payload["seed"] = config.run.seed
     if KNOWN_DATA.get(config.data.dataset) != digest:
         payload["data_digest"] = digest
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
     return data_home() / "stages" / f"{stage.name}-{config.data.dataset}-{key}"
+
