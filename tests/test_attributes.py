@@ -105,7 +105,8 @@ def test_a_file_of_other_ids_than_the_datas_is_refused(tmp_path):
         read_item_attributes(path, ["i0", "i1"])
 
 
-def test_the_named_datasets_attributes_are_downloaded_verified_and_mapped(tmp_path, monkeypatch, mirror, etegrec_home):
+def test_the_named_datasets_attributes_are_downloaded_verified_and_mapped(tmp_path, monkeypatch, mirror,
+                                                                         etegrec_home):
     from etegrec.data import registry
     from etegrec.data.registry import RemoteFile
     from etegrec.training.rqvae import attribute_block
@@ -183,13 +184,15 @@ def test_the_tokenizer_stage_is_keyed_by_the_attribute_files_content_not_its_pat
     assert stage_dir(config, RQVAE, data) != trained
 
 
-def test_a_missing_attributes_file_is_one_line_before_any_training(tmp_path, capsys):
+def test_a_missing_attributes_file_is_one_line_before_any_training(tmp_path, capsys, etegrec_home):
     from etegrec.training import joint
 
     inter = write_structured_inter(tmp_path / "walk.inter")
+    absent = tmp_path / "absent.json"
     code = joint.main(["--config", "tiny", "--data-path", str(inter), "--wandb-mode", "disabled",
-                       "--set", f"tokenizer.attributes={tmp_path / 'absent.json'}", "--output-dir", str(tmp_path / "run")])
+                       "--set", f"tokenizer.attributes={absent}", "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"item attributes file '{tmp_path / 'absent.json'}' (tokenizer.attributes) does not exist" in err
-    assert not (tmp_path / "home" / "stages").exists() or not any((tmp_path / "home" / "stages").iterdir())
+    assert f"item attributes file '{absent}' (tokenizer.attributes) does not exist" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (etegrec_home / "stages").exists()  # no stage trained

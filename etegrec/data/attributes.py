@@ -60,12 +60,13 @@ def read_item_attributes(path: Path, items: Sequence[str], id_map=None) -> list[
         raise DataError(f"{path}: not JSON ({exc}); expected an item attributes file, "
                         '{"item id": [attribute, ...], ...}') from None
     if not isinstance(table, dict):
-        raise DataError(f"{path}: a JSON {type(table).__name__}; expected an object from item id to a list of attributes")
+        raise DataError(f"{path}: a JSON {type(table).__name__}; expected an object from item id to a list of "
+                        "attributes")
     index = {token: i for i, token in enumerate(items)}
     out: list[list[str]] = [[] for _ in items]
     found = 0
     for key, values in table.items():
-        if not isinstance(values, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values):
+        if not isinstance(values, list) or not all(type(v) in (str, int) for v in values):
             raise DataError(f"{path}: item {key!r}: expected a list of attribute ids (numbers or strings), "
                             f"found {json.dumps(values)[:60]}")
         token = id_map.token(str(key).strip(), path, lambda: f"key {key!r}") if id_map is not None else str(key)
@@ -74,6 +75,7 @@ def read_item_attributes(path: Path, items: Sequence[str], id_map=None) -> list[
             out[row] = list(dict.fromkeys(str(v) for v in values))
             found += 1
     if not found:
-        raise DataError(f"{path}: none of its {len(table)} items is an item of the dataset (e.g. {next(iter(table), None)!r} "
-                        f"against {items[0]!r}); its keys must be the item ids the interaction file uses")
+        example = next(iter(table), None)
+        raise DataError(f"{path}: none of its {len(table)} items is an item of the dataset (e.g. {example!r} against "
+                        f"{items[0]!r}); its keys must be the item ids the interaction file uses")
     return out

@@ -48,8 +48,9 @@ class Stage:
         key_map: how its ``epoch_end`` losses and ``evaluated`` splits are keyed on the trackers.
         run_name: its tracked run's name from the config (None: the run directory's name).
         recommends: a finished run serves recommendations (``python -m etegrec.recommend``).
-        check: ``check(config, data)`` reads the input files its config names and raises ConfigError (or DataError) on a bad
-            one: run once the data is loaded, before any stage of its chain trains, so an error costs no training.
+        check: ``check(config, data)`` reads the input files its config names and raises ConfigError (or
+            DataError) on a bad one: run once the data is loaded, before any stage of its chain trains, so an
+            error costs no training.
     """
 
     name: str

@@ -46,9 +46,10 @@ def attribute_features(attributes: list[list[str]], dims: int) -> np.ndarray:
     weights = idf[cols] / np.sqrt(np.bincount(rows, weights=idf[cols] ** 2))[rows]
     mean = np.bincount(cols, weights=weights, minlength=n_vocab) / has.sum()
     # the Gram matrix of the centred rows, from every pair of entries of one item
-    pairs = lengths[rows]
+    pairs = lengths[rows]  # entry e pairs with every entry of its item: the item's first entry, then on
     left = np.repeat(np.arange(len(rows)), pairs)
-    right = np.repeat(np.cumsum(lengths)[rows] - pairs, pairs) + np.arange(len(left)) - np.repeat(np.cumsum(pairs) - pairs, pairs)
+    offset = np.arange(len(left)) - np.repeat(np.cumsum(pairs) - pairs, pairs)  # 0, 1, ... within each entry's run
+    right = np.repeat(np.cumsum(lengths)[rows] - pairs, pairs) + offset
     gram = np.bincount(cols[left] * n_vocab + cols[right], weights=weights[left] * weights[right],
                        minlength=n_vocab * n_vocab).reshape(n_vocab, n_vocab) - has.sum() * np.outer(mean, mean)
     values, vectors = np.linalg.eigh(gram)  # ascending
