@@ -1,9 +1,10 @@
 """Stage 2: RQ-VAE tokenizer pretraining (``python -m etegrec.training.rqvae``).
 
 Trains the RQ-VAE (built in :mod:`.tokenizer`) on the SASRec item embeddings (built first, and
-cached, when missing), and the items' attributes where ``tokenizer.attributes`` names them; the trainer is :class:`.trainer.RQVAETrainer`. Every ``eval_step`` epochs
-it reports the collision rate and the Gini coefficient of code usage per layer; keeps the
-best-collision and the last checkpoint; stops after ``patience`` evaluations without improvement.
+cached, when missing), with the items' attributes where ``tokenizer.attributes`` names them; the
+trainer is :class:`.trainer.RQVAETrainer`. Every ``eval_step`` epochs it reports the collision rate
+and the Gini coefficient of code usage per layer; keeps the best-collision and the last checkpoint;
+stops after ``patience`` evaluations without improvement.
 Its product, for the joint stage, is the best checkpoint's tokenizer (:func:`load_tokenizer`).
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ def load_tokenizer(run_dir: Path, config: Config, data: SequenceData, embeddings
     """
     path = Path(run_dir) / "checkpoints" / "best.pt"
     state = read_checkpoint(path, stage=RQVAE.name)["model"]
-    for name, tensor in build_tokenizer(config.tokenizer, input_width(config)).state_dict().items():
+    for name, tensor in build_tokenizer(config.tokenizer, input_width(config, embeddings.shape[1])).state_dict().items():
         found = state.get(name)
         if found is None or tuple(found.shape) != tuple(tensor.shape):
             shape = "missing" if found is None else f"of shape {list(found.shape)}"

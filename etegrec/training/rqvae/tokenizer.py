@@ -24,9 +24,11 @@ def build_tokenizer(t: TokenizerConfig, in_dim: int) -> RQVAE:
                  codebook_size=t.codebook_size, beta=t.beta, dropout=t.dropout, kmeans_init=t.kmeans_init)
 
 
-def input_width(config: Config) -> int:
-    """The width of the item vectors the tokenizer reads: the SASRec embedding's, plus the attribute block's."""
-    return config.embed.hidden + (config.tokenizer.attribute_dims if config.tokenizer.attributes else 0)
+def input_width(config: Config, embedding_width: int | None = None) -> int:
+    """The width of the item vectors the tokenizer reads: the embeddings' (``embed.hidden`` unless given), plus the
+    attribute block's."""
+    width = config.embed.hidden if embedding_width is None else embedding_width
+    return width + (config.tokenizer.attribute_dims if config.tokenizer.attributes else 0)
 
 
 def attribute_features(attributes: list[list[str]], dims: int) -> np.ndarray:
