@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import DataError
 from .readers import detect_format
 from .registry import fetch_attributes
-from .sequences import item_id_map
+from .sequences import IdMap, item_id_map
 from .sources import data_home, resolve_source
 
 __all__ = ["attributes_path", "load_item_attributes", "read_item_attributes"]
@@ -47,7 +47,7 @@ def load_item_attributes(value: str, *, dataset: str, data_path: str | None, fmt
     return read_item_attributes(path, items, item_id_map(source, fmt or detect_format(source)))
 
 
-def read_item_attributes(path: Path, items: Sequence[str], id_map=None) -> list[list[str]]:
+def read_item_attributes(path: Path, items: Sequence[str], id_map: IdMap | None = None) -> list[list[str]]:
     """Each item's attributes (as strings, in the file's order), for the items whose tokens are ``items``.
 
     Raises:
